@@ -1,0 +1,111 @@
+"""The backend interface: the one seam between the policy layer and the machine.
+
+Decision (see README, "Architecture"): drivers are Python generators that submit ops to
+streams and ``yield`` what they must wait for, exactly as host code drives a GPU:
+
+    t_copy = backend.submit(Copy(...), Stream.H2D)
+    t_attn = backend.submit(Attention(...), Stream.COMPUTE, after=[t_copy])
+    yield backend.wait([t_attn])           # the host blocks here, nowhere else
+
+Streams run their ops in submission order; ``after`` makes an op wait for tickets of
+other streams (CUDA: ``cuStreamWaitEvent``). On the simulator a ticket is a SimPy event,
+the generator is a SimPy process and time comes from the hardware profile. On the
+hardware backends a ticket wraps a CUDA event (or a finished host call) and a small
+executor (``run_sync``) runs the same generator, synchronising on what it yields. The
+policy layer never sees which backend it drives, and a scenario is literally the same
+code path on all of them.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Generator, Sequence
+
+from .ops import Op, OpRecord, Stream
+
+
+class Backend(abc.ABC):
+    """What every backend implements. Memory comes from ``memory``; work from ``submit``."""
+
+    name: str = "base"
+    moves_data: bool = False   # True: ops carry real bytes (workloads must build payloads)
+    simulated: bool = False    # True: time is simulated (``sim_time_s`` in results)
+
+    @abc.abstractmethod
+    def memory(self, space: str, nbytes: int, kind: str):
+        """Memory for one space ("l1", "staging", "l2", "ring") with the slab/ring over it.
+
+        ``kind`` is "device" or "pinned_host". Returns an object with ``nbytes``,
+        ``zero(offset, nbytes)`` and ``address(offset)`` (synapse.hw.memory.Memory).
+        """
+
+    @abc.abstractmethod
+    def submit(self, op: Op, stream: Stream, after: Sequence[Any] = ()) -> Any:
+        """Enqueue ``op`` on ``stream`` after ``after`` completed; return its ticket."""
+
+    @abc.abstractmethod
+    def wait(self, tickets: Sequence[Any]) -> Any:
+        """Something a driver yields to block until all ``tickets`` completed."""
+
+    def result(self, ticket: Any) -> Any:
+        """The op's output (attention output on the hardware; None on the simulator)."""
+        return None
+
+    def activation(self, x0):
+        """A device activation buffer initialised from host array ``x0`` (hardware only)."""
+        raise NotImplementedError(f"{self.name} keeps no activations")
+
+    def read_activation(self, act):
+        """The activation's current value as a host array, once its ops completed."""
+        raise NotImplementedError(f"{self.name} keeps no activations")
+
+    @abc.abstractmethod
+    def now(self) -> float:
+        """Seconds since the backend started (simulated or measured)."""
+
+    def host_work(self, seconds: float) -> None:
+        """Host-side work the simulator should charge (the hardware just does it)."""
+
+    @abc.abstractmethod
+    def run(self, process: Generator) -> None:
+        """Run a driver generator to completion."""
+
+    @abc.abstractmethod
+    def records(self) -> list[OpRecord]:
+        """Every op's timing, in completion order."""
+
+    def environment(self) -> dict:
+        """Device, versions and profile facts to store with a result."""
+        return {}
+
+    def close(self) -> None:
+        """Release memory and streams."""
+
+
+class _Wait:
+    __slots__ = ("tickets",)
+
+    def __init__(self, tickets):
+        self.tickets = list(tickets)
+
+
+def run_sync(process: Generator, synchronize) -> None:
+    """Execute a driver generator on real hardware: each yielded wait blocks the host.
+
+    ``synchronize(ticket)`` must block until the ticket's work completed (and raise
+    KernelError naming the op if it failed).
+    """
+    error: BaseException | None = None
+    while True:
+        try:
+            waited = process.throw(error) if error is not None else process.send(None)
+        except StopIteration:
+            return
+        error = None
+        if not isinstance(waited, _Wait):
+            raise TypeError(f"a driver yielded {waited!r}; yield backend.wait([...])")
+        try:
+            for t in waited.tickets:
+                synchronize(t)
+        except Exception as e:  # delivered at the driver's yield, as SimPy does
+            error = e

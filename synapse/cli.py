@@ -1,0 +1,116 @@
+"""The ``synapse`` command: thin wrappers over the library; results are files.
+
+Every ``SynapseError`` (bad scenario, unknown name, missing backend) ends the command
+with one line on stderr and exit code 2; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import SynapseError
+
+
+def one_line_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SynapseError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="synapse")
+def main():
+    """Tiered GPU memory for LLM inference: simulate a policy, then run it on the GPU.
+
+    Start with `synapse run` (the needle scenario on the simulator) and `synapse list`.
+    """
+
+
+SET_HELP = "Override a scenario field, e.g. --set memory.l1_budget=10% (repeatable)."
+
+
+@main.command()
+@click.argument("scenario", required=False)
+@click.option("--backend", "backend", default="sim", show_default=True,
+              type=click.Choice(["sim", "cpu", "cuda"]),
+              help="sim: SimPy model of the hardware profile. cpu: real bytes through the "
+                   "hardware path's allocator, ring and INT4 layout with NumPy (a reference, "
+                   "not a performance path). cuda: PyCUDA on an NVIDIA GPU.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for result.json, decisions.jsonl and ops.json "
+                   "(default: runs/<scenario>-<policy>-<backend>, never overwritten).")
+@click.option("--prometheus", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the metrics in Prometheus text format to this file.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary table.")
+@one_line_errors
+def run(scenario, backend, overrides, out, prometheus, quiet):
+    """Run SCENARIO (a YAML path or a shipped name; default: needle) on a backend.
+
+    Prints a summary table and writes result.json with the same fields from every
+    backend, so runs can be compared (`synapse compare`) and plotted (`synapse dashboard`).
+    """
+    from .runner import default_out_dir, run_scenario, write_result
+    from .scenarios.loader import load_scenario, resolve_path
+
+    source = str(resolve_path(scenario))
+    sc = load_scenario(scenario, overrides)
+    res = run_scenario(sc, backend, source, progress=not quiet and sys.stderr.isatty())
+    out_dir = out or default_out_dir(sc, backend)
+    path = write_result(res, out_dir)
+    if prometheus:
+        from .telemetry import prometheus_text
+        prometheus.write_text(prometheus_text(res.metrics, {"scenario": sc.name,
+                                                            "backend": backend,
+                                                            "policy": sc.policy.eviction}))
+    if not quiet:
+        from .report import summary_table
+        click.echo(summary_table(res.result))
+    click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("scenario", required=False)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@one_line_errors
+def validate(scenario, overrides):
+    """Check SCENARIO and print its resolved configuration (defaults, file, --set)."""
+    import yaml
+
+    from .config import to_dict
+    from .scenarios.loader import load_scenario, resolve_path
+    from .sim.profile import load_profile
+
+    sc = load_scenario(scenario, overrides)
+    load_profile(sc.profile)
+    click.echo(yaml.safe_dump(to_dict(sc), sort_keys=False).rstrip())
+    click.echo(f"ok: {resolve_path(scenario)} is a valid {sc.kind} scenario")
+
+
+@main.command("list")
+@one_line_errors
+def list_cmd():
+    """List shipped scenarios, eviction policies, hardware profiles and backends."""
+    from .policy import POLICIES
+    from .runner import BACKENDS
+    from .scenarios.loader import builtin_scenarios
+    from .sim.profile import available_profiles
+
+    click.echo("scenarios: " + ", ".join(builtin_scenarios()))
+    click.echo("policies:  " + ", ".join(POLICIES))
+    click.echo("profiles:  " + ", ".join(f"{n} ({p})" for n, p in available_profiles().items()))
+    click.echo("backends:  " + ", ".join(BACKENDS))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""The needle-in-a-haystack driver: one long sequence, block-level eviction.
+
+Per step (the same generator on every backend):
+1. demand: the blocks the step uses are L1 hits, L2 hits (fetched before compute) or
+   misses (dropped earlier); at the question step the needle's tier is recorded;
+2. room: if the step's new blocks and fetches do not fit, forced eviction (synchronous);
+3. fetch from L2 and ingest the new KV (prompt chunk or one decode token), then wait;
+4. attention over everything resident in L1 (the output is real on the hardware);
+5. the policy observes the attention masses of the resident blocks;
+6. background: demotion down to the low watermark and prefetch into the headroom,
+   overlapping the attention; then commit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..blocks import BlockSpec, Fmt, Tier
+from ..ops import Attention, Ingest, Region, Stream
+from ..telemetry import Recorder
+from ..workloads.needle import NeedleTrace
+from .kv_common import build_kv
+
+
+class NeedleDriver:
+    def __init__(self, scenario, backend, profile, source: str = "scenario"):
+        s = scenario
+        self.s, self.backend = s, backend
+        self.trace = NeedleTrace(s.workload, s.memory.block_tokens, s.seed)
+        tr = self.trace
+        from .kv_common import BlockSizes
+        sizes = BlockSizes.of(s)
+        working = tr.num_blocks * sizes.fp16
+        self.kv = build_kv(s, backend, profile, working, tr.chunk_blocks + 2, source)
+        self.mgr, self.mover, self.table = self.kv.manager, self.kv.mover, self.kv.table
+        if self.mgr.policy.needs_future:
+            self.mgr.policy.bind_future(self._next_use)
+        self.pos2id = np.full(tr.num_blocks, -1, np.int64)
+        self.rec = Recorder()
+        self.m = s.model
+        self._mean_v: dict[int, np.ndarray] = {}
+        self.needle_tier: str | None = None
+        self.errors: list[tuple[int, float]] = []
+        self.score_err = 0.0
+        self.tail: int | None = None
+
+    def _next_use(self, ids: np.ndarray, step: int) -> np.ndarray:
+        # Block ids are assigned in position order for a single sequence.
+        return self.trace.next_use(self.table.token_start[ids] // self.trace.bt, step)
+
+    # -- payloads (hardware backends only) ----------------------------------------------
+    def _payload(self, pos: int) -> np.ndarray:
+        kv = self.trace.block_payload(pos, self.m.layers, self.m.kv_heads, self.m.head_dim)
+        return kv
+
+    def _ingest_source(self, items):
+        def source(i: int) -> np.ndarray:
+            pos, tok_lo, tok_hi = items[i]
+            kv = self._payload(pos)
+            if pos not in self._mean_v and tok_hi == self.trace.bt and tok_lo == 0:
+                self._mean_v[pos] = kv[:, 1].astype(np.float64).mean(axis=0)
+            return np.ascontiguousarray(kv[tok_lo:tok_hi]).view(np.uint8).reshape(-1)
+        return source
+
+    # -- the process ----------------------------------------------------------------------
+    def process(self):
+        tr, mgr, mover, table, be = self.trace, self.mgr, self.mover, self.table, self.backend
+        c = mgr.counters
+        bt, tb = tr.bt, self.kv.sizes.token_bytes
+        for t in range(tr.num_steps):
+            st = tr.step(t)
+            # 1. demand
+            needed_pos = tr.needed(t)
+            needed_pos = needed_pos[self.pos2id[needed_pos] >= 0]  # new blocks are not hits
+            needed = self.pos2id[needed_pos]
+            tiers = table.tier[needed]
+            in_l1, in_l2 = needed[tiers == Tier.L1], needed[tiers == Tier.L2]
+            c.l1_hits += len(in_l1)
+            c.misses += int((tiers == Tier.NONE).sum())
+            if st.is_question:
+                nid = self.pos2id[tr.needle]
+                self.needle_tier = Tier(table.tier[nid]).name if nid >= 0 else "NONE"
+            mgr.policy.on_access(in_l1, t)
+            # 2. room for new blocks and fetches (most-attended fetches first)
+            if len(in_l2):
+                order = np.argsort(-tr.logits(t, table.token_start[in_l2] // bt), kind="stable")
+                in_l2 = in_l2[order]
+            new_sizes = [self.kv.sizes.fp16] * len(st.new_blocks)
+            protected = np.concatenate([in_l1, [self.tail] if self.tail is not None else []]).astype(np.int64)
+            while True:
+                sizes = new_sizes + table.nbytes[in_l2].tolist()
+                if mgr.fits(sizes):
+                    break
+                if len(mgr._evictable(protected)) == 0 and len(in_l2):
+                    in_l2 = in_l2[:-1]  # cannot make room: the least attended stays in L2
+                    c.misses += 1
+                    continue
+                yield from mover.execute(mgr.make_room(sizes, protected, t), t)
+            c.l2_hits += len(in_l2)
+            # 3. fetch + ingest
+            fetch = mgr.plan_fetch(in_l2, t)
+            tickets = mover.submit(fetch)
+            ingest = self._insert_and_ingest(st, t)
+            if ingest is not None:
+                tickets.append(ingest)
+            yield from mover.finish(fetch, tickets, t)
+            # 4. attention over L1
+            resident = mgr.resident()
+            pos = table.token_start[resident] // bt
+            nvalid = tr.n_valid(t, pos)
+            att = self._attention(t, resident, nvalid)
+            # 5. observe
+            mass = tr.masses(t, pos)
+            mgr.policy.on_attention(resident, mass, t)
+            # 6. background demotion + prefetch, overlapping the attention
+            demote, prefetch = mgr.plan_background(
+                t, np.asarray([self.tail] if self.tail is not None else [], np.int64))
+            bg = mover.submit(demote + prefetch)
+            yield from mover.finish(demote + prefetch, [att] + bg, t)
+            if self.backend.moves_data and (st.is_question or (
+                    self.s.workload.check_every and t % self.s.workload.check_every == 0)):
+                self._check_output(t, att, pos, nvalid)
+            if self.s.checks.invariants:
+                mgr.check()
+            self.rec.step(t, be.now(), l1_bytes=table.bytes_in(Tier.L1),
+                          l2_bytes=table.bytes_in(Tier.L2), resident_blocks=len(resident),
+                          l1_hits=c.l1_hits, l2_hits=c.l2_hits, misses=c.misses)
+
+    def _insert_and_ingest(self, st, t):
+        tr, table, mgr = self.trace, self.table, self.mgr
+        bt, tb = tr.bt, self.kv.sizes.token_bytes
+        regions, items = [], []
+        if len(st.new_blocks):
+            specs = []
+            for p in st.new_blocks.tolist():
+                lo = p * bt
+                hi = min(lo + bt, st.tokens)
+                specs.append(BlockSpec(self.kv.sizes.fp16, token_start=lo, token_end=hi,
+                                       content_hash=f"needle:{self.s.seed}:{p}"))
+            ids = mgr.insert(specs, t, st.new_blocks)
+            self.pos2id[st.new_blocks] = ids
+            for p, b in zip(st.new_blocks.tolist(), ids.tolist()):
+                n = int(table.token_end[b] - table.token_start[b])
+                slab = table.handle[b]
+                regions.append(Region("l1", slab.offset, n * tb))
+                items.append((p, 0, n))
+        if st.append is not None:
+            p, off = st.append
+            b = int(self.pos2id[p])
+            table.token_end[b] = p * bt + off + 1
+            if not (len(st.new_blocks) and st.new_blocks[-1] == p):
+                slab = table.handle[b]
+                regions.append(Region("l1", slab.offset + off * tb, tb))
+                items.append((p, off, off + 1))
+        # The block still being written is never a victim until it is full.
+        last = int(self.pos2id[(st.tokens - 1) // bt])
+        full = table.token_end[last] - table.token_start[last] == bt
+        if self.tail is not None and self.tail != last:
+            mgr.pinned.discard(self.tail)
+        self.tail = None if full else last
+        if self.tail is not None:
+            mgr.pinned.add(self.tail)
+        if not regions:
+            return None
+        source = self._ingest_source(items) if self.backend.moves_data else None
+        return self.backend.submit(Ingest(purpose="ingest", dst=tuple(regions), source=source),
+                                   Stream.H2D)
+
+    def _attention(self, t, resident, nvalid):
+        m = self.m
+        blocks = []
+        for b, nv in zip(resident.tolist(), nvalid.tolist()):
+            region, fmt = self.mover.block_region(b)
+            blocks.append((region, fmt, int(nv)))
+        q = self.trace.query_vector(t, m.layers, m.kv_heads, m.head_dim) \
+            if self.backend.moves_data else None
+        flops = 4.0 * m.layers * m.kv_heads * m.head_dim * float(nvalid.sum())
+        return self.backend.submit(Attention(purpose="decode", blocks=tuple(blocks), query=q,
+                                             layout=self.kv.sizes, flops=flops), Stream.COMPUTE)
+
+    # -- checks against dense attention (hardware backends) ---------------------------------
+    def _mean_v_of(self, pos: int, n_valid: int) -> np.ndarray:
+        if n_valid == self.trace.bt and pos in self._mean_v:
+            return self._mean_v[pos]
+        kv = self._payload(pos)
+        return kv[:n_valid, 1].astype(np.float64).mean(axis=0)
+
+    def _check_output(self, t, att, pos, nvalid):
+        tr = self.trace
+        out, lse = self.backend.result(att)
+        live = int(np.ceil(tr._tokens[t] / tr.bt))
+        all_pos = np.arange(live)
+        mass = tr.masses(t, all_pos)
+        nv_all = tr.n_valid(t, all_pos)
+        dense = np.zeros_like(out, dtype=np.float64)
+        for p, w, nv in zip(all_pos.tolist(), mass.tolist(), nv_all.tolist()):
+            if w > 1e-12:
+                dense += w * self._mean_v_of(p, nv)
+        err = float(np.linalg.norm(out - dense) / np.linalg.norm(dense))
+        self.errors.append((t, err))
+        # The kernel's own per-block masses against the model the policy observed.
+        lse = np.asarray(lse, np.float64)
+        k_mass = np.exp(lse - lse.max(axis=-1, keepdims=True))
+        k_mass /= k_mass.sum(axis=-1, keepdims=True)
+        model = tr.masses(t, pos)
+        fp16_blocks = self.table.fmt[self.mgr.resident()] == Fmt.FP16
+        if fp16_blocks.any():
+            diff = np.abs(k_mass[..., fp16_blocks] - model[fp16_blocks]).max()
+            self.score_err = max(self.score_err, float(diff))
+
+    # -- results --------------------------------------------------------------------------
+    def metrics(self) -> dict:
+        c = self.mgr.counters
+        q_err = next((e for t, e in self.errors if t == self.trace.question_step), None)
+        out = {
+            "needle_retained": self.needle_tier == "L1",
+            "needle_tier_at_question": self.needle_tier,
+            "output_rel_error": q_err,
+            "output_rel_error_mean": float(np.mean([e for _, e in self.errors])) if self.errors else None,
+            "score_model_max_abs_err": self.score_err if self.errors else None,
+        }
+        return out
+
+    def decisions(self):
+        return self.mgr.log.entries
+
+    def lost_blocks(self) -> int:
+        # Dropped blocks left on purpose (counted as drops); nothing else may be missing.
+        ids = self.pos2id[self.pos2id >= 0]
+        state = self.table.state[ids]
+        from ..blocks import State
+        return int((state != State.LIVE).sum()) - self.table.num_dropped

@@ -1,0 +1,423 @@
+"""The serving driver: many requests sharing L1 (memory tsunami, tenants).
+
+Requests arrive, are admitted or refused, prefill, decode one token per step and finish.
+Admission reserves a request's largest footprint against L1 + L2 together, so an admitted
+request can always be swapped out and no block is ever lost; a request that cannot be
+reserved is refused with ``AdmissionRefused`` (counted, never dropped in silence).
+Backpressure works on whole requests: above the high watermark the policy picks running
+requests to swap out to L2 (demote every block) until L1 is at most the low watermark;
+swapped requests come back when there is headroom. With tenants, victims come from
+tenants above their guaranteed share first, and every so often one tenant tries to read
+another's block, which the allocator must refuse.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..blocks import BlockSpec, State, Tier
+from ..errors import AccessDenied, AdmissionRefused, ScenarioError
+from ..ops import Attention, Ingest, Region, Stream
+from ..telemetry import Recorder
+from .kv_common import BlockSizes, build_kv
+
+
+@dataclass
+class Request:
+    rid: int
+    tenant: str
+    prompt: int
+    decode: int
+    arrival: int
+    state: str = "waiting"   # waiting -> running <-> swapped -> finished | refused
+    generated: int = 0
+    blocks: list = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt + self.generated
+
+    def max_blocks(self, bt: int) -> int:
+        return math.ceil((self.prompt + self.decode) / bt)
+
+
+class ServingDriver:
+    def __init__(self, scenario, backend, profile, source: str = "scenario"):
+        s = scenario
+        if s.policy.demote == "drop":
+            raise ScenarioError(f"{source}: policy.demote: got 'drop', expected l2 or l2_int4 "
+                                f"(the {s.kind} scenario swaps whole requests and must not lose "
+                                f"their blocks)")
+        self.s, self.backend = s, backend
+        self.bt = s.memory.block_tokens
+        self.requests = self._requests()
+        sizes = BlockSizes.of(s)
+        working = sum(r.max_blocks(self.bt) for r in self.requests) * sizes.fp16
+        self.max_running = s.workload.max_running
+        self.kv = build_kv(s, backend, profile, working, 2, source)
+        self.mgr, self.mover, self.table = self.kv.manager, self.kv.mover, self.kv.table
+        self.sizes = sizes
+        self.capacity_blocks = (self.kv.l1_bytes + self.kv.l2_bytes) // sizes.fp16
+        self.reserved = 0
+        self.rec = Recorder()
+        self.num_steps = None
+        self.shares = {}
+        if s.kind == "tenants":
+            self.shares = {t.name: t.share for t in s.workload.tenants}
+        self.denied = 0
+        self.leaks = 0
+        self.peak_l1_fraction = 0.0
+        self.roundtrip_checked = 0
+        self.roundtrip_mismatch = 0
+        self.zero_checked = 0
+        self.zero_violations = 0
+        self.tenant_stats = {t: {"l1_hits": 0, "l2_hits": 0, "swapped_out": 0, "refused": 0,
+                                 "finished": 0, "peak_l1_bytes": 0}
+                             for t in sorted({r.tenant for r in self.requests})}
+
+    def _requests(self) -> list[Request]:
+        s, w = self.s, self.s.workload
+        rng = np.random.default_rng([s.seed, 0x7265])
+        reqs = []
+        if s.kind == "tsunami":
+            arrivals = np.sort(rng.integers(0, w.arrival_steps, w.requests))
+            for i, a in enumerate(arrivals.tolist()):
+                reqs.append(Request(i, "default", w.prompt_tokens, w.decode_tokens, a))
+        else:
+            for t in w.tenants:
+                for _ in range(t.requests):
+                    reqs.append(Request(0, t.name, t.prompt_tokens, t.decode_tokens,
+                                        int(rng.integers(0, 8))))
+            reqs.sort(key=lambda r: (r.arrival, r.tenant))
+            for i, r in enumerate(reqs):
+                r.rid = i
+        return reqs
+
+    # -- helpers -------------------------------------------------------------------------
+    def _l1_fraction(self) -> float:
+        return self.mgr.l1_used() / self.mgr.l1_capacity
+
+    def _tenant_l1(self) -> dict[str, int]:
+        return self.mgr.spaces.l1.stats().bytes_per_tenant
+
+    def _payload(self, rid: int, pos: int) -> np.ndarray:
+        m = self.s.model
+        rng = np.random.default_rng([self.s.seed, 0x7271, rid, pos])
+        return rng.standard_normal((self.bt, 2, m.layers, m.kv_heads, m.head_dim),
+                                   np.float32).astype(np.float16)
+
+    def _admit(self, r: Request, t: int) -> None:
+        need = r.max_blocks(self.bt)
+        if self.reserved + need > self.capacity_blocks:
+            raise AdmissionRefused(f"request {r.rid} needs {need} blocks; {self.reserved} of "
+                                   f"{self.capacity_blocks} (L1 + L2) are reserved")
+        self.reserved += need
+        r.state = "queued"
+
+    def _victims(self, running: list[Request], exclude: set[int], t: int) -> list[Request]:
+        """Running requests in the order the policy would swap them out."""
+        cand = [r for r in running if r.rid not in exclude and r.blocks]
+        if self.shares:
+            used = self._tenant_l1()
+            cap = self.mgr.l1_capacity
+            over = [r for r in cand if used.get(r.tenant, 0) > self.shares[r.tenant] * cap]
+            cand = over or cand
+        if not cand:
+            return []
+        rids = np.array([r.rid for r in cand], np.int64)
+        order = np.argsort(self.policy_scores(rids, t), kind="stable")
+        return [cand[i] for i in order]
+
+    def policy_scores(self, rids, t):
+        return self._req_policy.scores(rids, t)
+
+    # -- the process -----------------------------------------------------------------------
+    def process(self):
+        from ..policy import make_policy
+        p = self.s.policy
+        self._req_policy = make_policy(p.eviction)
+        self._req_policy.bind(self.max_running)
+        mgr, be, c = self.mgr, self.backend, self.mgr.counters
+        high, low = p.high_watermark, p.low_watermark
+        pending = list(self.requests)
+        running: list[Request] = []
+        swapped: list[Request] = []
+        queued: list[Request] = []
+        t = 0
+        while pending or running or swapped or queued:
+            # 1. arrivals: admit or refuse
+            while pending and pending[0].arrival <= t:
+                r = pending.pop(0)
+                try:
+                    self._admit(r, t)
+                    queued.append(r)
+                except AdmissionRefused:
+                    r.state = "refused"
+                    c.refusals += 1
+                    self.tenant_stats[r.tenant]["refused"] += 1
+                    mgr.log.add(t, "refuse", [r.rid])
+            # 2. swap in (oldest first), then start queued requests, while below high
+            moves = []
+            for r in list(swapped):
+                if len(running) >= self.max_running:
+                    break
+                ids = np.asarray(r.blocks, np.int64)
+                sizes = self.table.nbytes[ids].tolist()
+                if (mgr.l1_used() + sum(sizes)) > high * mgr.l1_capacity or not mgr.fits(sizes):
+                    break
+                moves += mgr.plan_fetch(ids, t, "fetch")
+                c.l2_hits += len(ids)
+                self.tenant_stats[r.tenant]["l2_hits"] += len(ids)
+                swapped.remove(r)
+                running.append(r)
+                r.state = "running"
+                self._req_policy.on_fetch(np.array([r.rid]), t)
+            tickets = self.mover.submit(moves)
+            ingests = []
+            for r in list(queued):
+                nb = math.ceil(r.prompt / self.bt)
+                if len(running) >= self.max_running:
+                    break
+                sizes = [self.sizes.fp16] * nb
+                if (mgr.l1_used() + sum(sizes)) > high * mgr.l1_capacity or not mgr.fits(sizes):
+                    break
+                queued.remove(r)
+                ingests.append(self._start(r, t))
+                running.append(r)
+            ingest = self._ingest(ingests)
+            if ingest is not None:
+                tickets.append(ingest)
+            yield from self.mover.finish(moves, tickets, t)
+            if self.backend.moves_data and moves:
+                self._check_roundtrip(moves)
+            # 3. decode: one token per running request; a new block when one fills
+            appends, grow = [], []
+            for r in running:
+                pos = r.tokens // self.bt
+                if r.tokens % self.bt == 0:
+                    grow.append((r, pos))
+                else:
+                    appends.append((r, pos, r.tokens % self.bt))
+            sizes = [self.sizes.fp16] * len(grow)
+            protected = np.asarray([b for r, _ in grow for b in r.blocks], np.int64)
+            while grow and not mgr.fits(sizes):
+                yield from self._swap_out(running, swapped, {r.rid for r, _ in grow}, t,
+                                          need_bytes=sum(sizes), forced=True)
+            items = []
+            for r, pos in grow:
+                spec = BlockSpec(self.sizes.fp16, tenant=r.tenant, token_start=pos * self.bt,
+                                 token_end=pos * self.bt + 1, owner=r.rid,
+                                 content_hash=f"req:{r.rid}:{pos}")
+                b = int(mgr.insert([spec], t, np.array([pos]))[0])
+                r.blocks.append(b)
+                items.append((r, b, pos, 0))
+            for r, pos, off in appends:
+                b = r.blocks[pos]
+                self.table.token_end[b] = pos * self.bt + off + 1
+                items.append((r, b, pos, off))
+            tok = self._ingest_tokens(items)
+            # 4. attention per running request over its blocks (all in L1)
+            atts = []
+            for r in running:
+                ids = np.asarray(r.blocks, np.int64)
+                c.l1_hits += len(ids)
+                self.tenant_stats[r.tenant]["l1_hits"] += len(ids)
+                atts.append(self._attention(r, ids, t, [tok] if tok is not None else []))
+                r.generated += 1
+            self._req_policy.on_access(np.array([r.rid for r in running], np.int64), t)
+            yield be.wait(atts + ([tok] if tok is not None else []))
+            # 5. finished requests leave
+            for r in [r for r in running if r.generated >= r.decode]:
+                running.remove(r)
+                mgr.release(np.asarray(r.blocks, np.int64))
+                self.reserved -= r.max_blocks(self.bt)
+                r.state = "finished"
+                self.tenant_stats[r.tenant]["finished"] += 1
+                mgr.log.add(t, "finish", [r.rid])
+            # 6. backpressure: above high, swap out down to low
+            if self._l1_fraction() > high:
+                need = mgr.l1_used() - int(low * mgr.l1_capacity)
+                yield from self._swap_out(running, swapped, set(), t, need_bytes=need)
+            # 7. isolation probe
+            if self.shares and self.s.workload.probe_every and t % self.s.workload.probe_every == 0:
+                self._probe(running, t)
+            frac = self._l1_fraction()
+            self.peak_l1_fraction = max(self.peak_l1_fraction, frac)
+            for tenant, nbytes in self._tenant_l1().items():
+                st = self.tenant_stats[tenant]
+                st["peak_l1_bytes"] = max(st["peak_l1_bytes"], nbytes)
+            if self.s.checks.invariants:
+                mgr.check()
+                assert self.lost_blocks() == 0, "an admitted request lost a block"
+            self.rec.step(t, be.now(), l1_bytes=self.table.bytes_in(Tier.L1),
+                          l2_bytes=self.table.bytes_in(Tier.L2), l1_fraction=frac,
+                          running=len(running), swapped=len(swapped), queued=len(queued),
+                          refused=c.refusals)
+            t += 1
+
+    def _start(self, r: Request, t: int):
+        nb = math.ceil(r.prompt / self.bt)
+        specs = [BlockSpec(self.sizes.fp16, tenant=r.tenant, token_start=p * self.bt,
+                           token_end=min((p + 1) * self.bt, r.prompt), owner=r.rid,
+                           content_hash=f"req:{r.rid}:{p}") for p in range(nb)]
+        ids = self.mgr.insert(specs, t, np.arange(nb))
+        r.blocks = ids.tolist()
+        r.state = "running"
+        self._req_policy.on_insert(np.array([r.rid]), t, np.array([r.rid]))
+        self.mgr.log.add(t, "start", [r.rid])
+        return r
+
+    def _ingest(self, started: list[Request]):
+        regions, items = [], []
+        for r in started:
+            for p, b in enumerate(r.blocks):
+                n = int(self.table.token_end[b] - self.table.token_start[b])
+                region, _ = self.mover.block_region(b)
+                regions.append(Region("l1", region.offset, n * self.sizes.token_bytes, r.tenant))
+                items.append((r.rid, p, 0, n))
+        return self._submit_ingest(regions, items)
+
+    def _ingest_tokens(self, items):
+        regions, src = [], []
+        tb = self.sizes.token_bytes
+        for r, b, pos, off in items:
+            region, _ = self.mover.block_region(b)
+            if off == 0 and self.backend.moves_data:
+                self._check_zero(b)
+            regions.append(Region("l1", region.offset + off * tb, tb, r.tenant))
+            src.append((r.rid, pos, off, off + 1))
+        return self._submit_ingest(regions, src)
+
+    def _submit_ingest(self, regions, items):
+        if not regions:
+            return None
+        source = None
+        if self.backend.moves_data:
+            def source(i, items=items):
+                rid, pos, lo, hi = items[i]
+                kv = self._payload(rid, pos)
+                return np.ascontiguousarray(kv[lo:hi]).view(np.uint8).reshape(-1)
+        return self.backend.submit(Ingest(purpose="ingest", dst=tuple(regions), source=source),
+                                   Stream.H2D)
+
+    def _attention(self, r: Request, ids, t: int, after):
+        m = self.s.model
+        blocks, total = [], 0
+        for b in ids.tolist():
+            region, fmt = self.mover.block_region(b)
+            nv = int(self.table.token_end[b] - self.table.token_start[b])
+            blocks.append((region, fmt, nv))
+            total += nv
+        q = None
+        if self.backend.moves_data:
+            rng = np.random.default_rng([self.s.seed, 0x71, r.rid, t])
+            q = rng.standard_normal((m.layers, m.kv_heads, m.head_dim), np.float32)
+        flops = 4.0 * m.layers * m.kv_heads * m.head_dim * total
+        return self.backend.submit(Attention(purpose="decode", blocks=tuple(blocks), query=q,
+                                             layout=self.sizes, flops=flops,
+                                             softmax_scale=m.head_dim ** -0.5),
+                                   Stream.COMPUTE, after)
+
+    def _swap_out(self, running, swapped, exclude, t, need_bytes: int, forced: bool = False):
+        mgr = self.mgr
+        victims, freed = [], 0
+        for r in self._victims(running, exclude, t):
+            if freed >= need_bytes:
+                break
+            victims.append(r)
+            freed += int(self.table.nbytes[np.asarray(r.blocks, np.int64)].sum())
+        if not victims:
+            raise AdmissionRefused(f"L1 cannot make room for {need_bytes} bytes: every running "
+                                   f"request is protected this step")
+        for r in victims:
+            ids = np.asarray(r.blocks, np.int64)
+            while True:  # INT4 staging may take a request in several rounds
+                left = ids[self.table.tier[ids] == Tier.L1]
+                if not len(left):
+                    break
+                moves = mgr._evict(left, t, forced)
+                if not moves:
+                    raise AdmissionRefused("no INT4 staging slot is free for a swap-out")
+                yield from self.mover.execute(moves, t)
+            running.remove(r)
+            swapped.append(r)
+            r.state = "swapped"
+            self.tenant_stats[r.tenant]["swapped_out"] += 1
+            mgr.log.add(t, "swap_out", [r.rid])
+
+    def _probe(self, running, t):
+        """One tenant asks for another tenant's block; the allocator must refuse."""
+        owners = {}
+        for r in running:
+            if r.blocks:
+                owners.setdefault(r.tenant, r.blocks[0])
+        names = sorted(owners)
+        if len(names) < 2:
+            return
+        thief, victim = names[t % len(names)], names[(t + 1) % len(names)]
+        try:
+            self.mover.read_as(thief, owners[victim])
+            self.leaks += 1
+        except AccessDenied:
+            self.denied += 1
+
+    def _check_zero(self, b: int) -> None:
+        """A block's fresh slab must read zeros before its first token lands."""
+        region, _ = self.mover.block_region(b)
+        data = self.backend.read_region(region)
+        self.zero_checked += 1
+        if data.any():
+            self.zero_violations += 1
+
+    def _check_roundtrip(self, moves) -> None:
+        """Blocks back from L2 hold the bytes they left with (fp16 path: bit-exact)."""
+        from ..blocks import Fmt
+        for m in moves:
+            if m.dst_fmt != Fmt.FP16:
+                continue
+            b = m.block
+            r = self.requests[int(self.table.owner[b])]
+            pos = int(self.table.token_start[b]) // self.bt
+            n = int(self.table.token_end[b] - self.table.token_start[b])
+            want = np.ascontiguousarray(self._payload(r.rid, pos)[:n]).view(np.uint8).reshape(-1)
+            region, _ = self.mover.block_region(b)
+            got = self.backend.read_region(Region(region.space, region.offset, want.size))
+            self.roundtrip_checked += 1
+            if not np.array_equal(got, want):
+                self.roundtrip_mismatch += 1
+
+    # -- results ----------------------------------------------------------------------------
+    def metrics(self) -> dict:
+        served = sum(r.state == "finished" for r in self.requests)
+        out = {
+            "requests": len(self.requests),
+            "served": served,
+            "refused": sum(r.state == "refused" for r in self.requests),
+            "unaccounted_requests": len(self.requests) - served
+                                    - sum(r.state == "refused" for r in self.requests),
+            "peak_l1_fraction": self.peak_l1_fraction,
+            "high_watermark": self.s.policy.high_watermark,
+        }
+        if self.backend.moves_data:
+            out.update(roundtrip_checked=self.roundtrip_checked,
+                       roundtrip_mismatches=self.roundtrip_mismatch,
+                       zero_on_free_checked=self.zero_checked,
+                       zero_on_free_violations=self.zero_violations)
+        if self.shares:
+            out.update(cross_tenant_denied=self.denied, cross_tenant_leaks=self.leaks,
+                       tenants=self.tenant_stats)
+        return out
+
+    def decisions(self):
+        return self.mgr.log.entries
+
+    def lost_blocks(self) -> int:
+        lost = 0
+        for r in self.requests:
+            if r.state in ("running", "swapped") and r.blocks:
+                ids = np.asarray(r.blocks, np.int64)
+                lost += int((self.table.state[ids] != State.LIVE).sum())
+        return lost

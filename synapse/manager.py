@@ -1,0 +1,325 @@
+"""The tier manager: owns the page table and the tiers' allocators, asks the policy to
+rank, and returns the moves that must happen. It does no I/O: a driver turns moves into
+backend ops (``mover.py``) and reports back with ``commit`` or ``abort``.
+
+Operations:
+- ``insert``        new blocks into L1 (space must have been made)
+- ``fits``          whether blocks of these sizes can be allocated in L1 now
+- ``make_room``     forced victims so that ``fits`` becomes true (demote or drop)
+- ``plan_fetch``    L2 -> L1 for blocks needed now (demand) or predicted (prefetch)
+- ``plan_background``  demotion down to the low watermark, then prefetch into headroom
+- ``commit`` / ``abort``  apply or undo in-flight moves once their ops finished or failed
+- ``release``       the owner is done with blocks
+A move keeps both its source and destination allocated until it is committed, so no byte
+range is reused while a copy may still read it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from .blocks import BlockSpec, Fmt, Tier
+from .errors import CapacityError
+from .page_table import PageTable
+from .policy import Demotion, EvictionPolicy, KVPrefetch, Watermarks
+
+
+@dataclass
+class Move:
+    """One block changing tier (or leaving the tiers, for a drop)."""
+
+    block: int
+    purpose: str            # demote | drop | fetch | prefetch
+    src_tier: Tier
+    dst_tier: Tier
+    src_fmt: Fmt
+    dst_fmt: Fmt
+    src: object             # slab the bytes are in now
+    dst: object | None      # slab they go to (None for a drop)
+    staging: object | None = None  # INT4 staging slab on the device (quantize-on-demote)
+
+
+@dataclass
+class Counters:
+    l1_hits: int = 0
+    l2_hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    demotions: int = 0
+    drops: int = 0
+    fetches: int = 0
+    prefetches: int = 0
+    prefetch_hits: int = 0
+    refusals: int = 0
+    forced_evictions: int = 0
+
+
+@dataclass
+class DecisionLog:
+    """Every placement decision, in order: what parity tests and ``compare`` diff."""
+
+    entries: list = field(default_factory=list)
+
+    def add(self, step: int, action: str, ids) -> None:
+        ids = [int(i) for i in np.atleast_1d(ids)]
+        if ids:
+            self.entries.append((int(step), action, ids))
+
+
+class Spaces:
+    """The allocators of one run: L1 (device budget), L2 (pinned pool), INT4 staging."""
+
+    def __init__(self, l1, l2, staging=None):
+        self.l1, self.l2, self.staging = l1, l2, staging
+
+    def of(self, tier: Tier):
+        return self.l1 if tier == Tier.L1 else self.l2
+
+
+def can_allocate_all(alloc, sizes: Sequence[int]) -> bool:
+    """Whether every size can be allocated at once (objects in partial pages, then pages)."""
+    if hasattr(alloc, "can_allocate_all"):
+        return alloc.can_allocate_all(sizes)
+    need: dict[int, int] = {}
+    for n in sizes:
+        ci = alloc._class_index_or_none(int(n))
+        if ci is None:
+            return False
+        need[ci] = need.get(ci, 0) + 1
+    pages = len(alloc._free_pages) + alloc.num_pages - len(alloc._pages)
+    for ci, k in need.items():
+        opp = alloc._objects_per_page[ci]
+        spare = sum(opp - alloc._pages[p].num_live for p in alloc._partial[ci])
+        extra = k - spare
+        if extra > 0:
+            pages -= -(-extra // opp)
+    return pages >= 0
+
+
+class TierManager:
+    def __init__(self, table: PageTable, spaces: Spaces, policy: EvictionPolicy,
+                 demotion: Demotion, watermarks: Watermarks, prefetch: KVPrefetch | None,
+                 sizes: dict[Fmt, int], log: DecisionLog | None = None):
+        self.table = table
+        self.spaces = spaces
+        self.policy = policy
+        self.demotion = demotion
+        self.watermarks = watermarks
+        self.prefetch = prefetch
+        self.sizes = sizes
+        self.log = log or DecisionLog()
+        self.counters = Counters()
+        self._in_flight: set[int] = set()
+        self.pinned: set[int] = set()  # blocks never chosen as victims (a partial tail)
+        policy.bind(spaces.l1.capacity_bytes // sizes[Fmt.FP16])
+
+    # -- queries --------------------------------------------------------------------
+    @property
+    def l1_capacity(self) -> int:
+        return self.spaces.l1.capacity_bytes
+
+    def l1_used(self) -> int:
+        return self.spaces.l1.stats().used_bytes
+
+    def fits(self, sizes: Sequence[int]) -> bool:
+        return can_allocate_all(self.spaces.l1, sizes)
+
+    def resident(self, owner: int | None = None) -> np.ndarray:
+        return self.table.ids_in(Tier.L1, owner)
+
+    def _evictable(self, protected: np.ndarray) -> np.ndarray:
+        l1 = self.table.ids_in(Tier.L1)
+        skip = set(self._in_flight) | self.pinned
+        if skip:
+            l1 = l1[~np.isin(l1, np.fromiter(skip, np.int64, len(skip)))]
+        if len(protected):
+            l1 = l1[~np.isin(l1, protected)]
+        return l1
+
+    # -- insertion ------------------------------------------------------------------
+    def insert(self, specs: Sequence[BlockSpec], step: int, positions: np.ndarray) -> np.ndarray:
+        if not specs:
+            return np.zeros(0, np.int64)
+        if not self.fits([s.nbytes for s in specs]):
+            raise CapacityError(f"no room in L1 for {len(specs)} new blocks of "
+                                f"{sum(s.nbytes for s in specs)} bytes (L1 budget "
+                                f"{self.l1_capacity} bytes, {self.l1_used()} in use); "
+                                f"make_room first")
+        slabs = [self.spaces.l1.allocate(s.nbytes, s.tenant) for s in specs]
+        ids = self.table.add(specs, Tier.L1, slabs)
+        self.policy.on_insert(ids, step, positions)
+        self.log.add(step, "insert", ids)
+        return ids
+
+    # -- eviction -------------------------------------------------------------------
+    def make_room(self, sizes: Sequence[int], protected: np.ndarray, step: int) -> list[Move]:
+        """Victims whose leaving frees at least ``sum(sizes)`` bytes of L1 (forced eviction).
+
+        Raises CapacityError when even evicting every unprotected block cannot make room.
+        """
+        need = sum(sizes) - (self.l1_capacity - self.l1_used())
+        cand = self._evictable(protected)
+        if need <= 0:
+            need = min(sizes) if len(sizes) else 0  # fragmentation: free at least one object
+        victims = self._lowest_covering(cand, need, step)
+        if len(victims) == 0:
+            raise CapacityError(
+                f"L1 cannot take {len(sizes)} blocks of {sum(sizes)} bytes: budget "
+                f"{self.l1_capacity} bytes, {self.l1_used()} in use, and every resident "
+                f"block is needed by the current step or in flight")
+        moves = self._evict(victims, step, forced=True)
+        return moves
+
+    def _lowest_covering(self, cand: np.ndarray, need_bytes: int, step: int) -> np.ndarray:
+        """The lowest-scoring candidates whose bytes add up to at least ``need_bytes``."""
+        if need_bytes <= 0 or len(cand) == 0:
+            return cand[:0]
+        nbytes = self.table.nbytes[cand]
+        upper = min(len(cand), int(math.ceil(need_bytes / max(1, int(nbytes.min())))))
+        chosen = self.policy.victims(cand, upper, step)
+        if len(chosen) > 1:
+            order = np.argsort(self.policy.scores(chosen, step), kind="stable")
+            chosen = chosen[order]
+        covered = np.cumsum(self.table.nbytes[chosen])
+        k = int(np.searchsorted(covered, need_bytes)) + 1
+        return np.sort(chosen[:k])
+
+    def _evict(self, victims: np.ndarray, step: int, forced: bool) -> list[Move]:
+        moves: list[Move] = []
+        drops, demotes = [], []
+        for b in victims.tolist():
+            src_fmt = Fmt(self.table.fmt[b])
+            tier, fmt = self.demotion.target(src_fmt)
+            src = self.table.handle[b]
+            if tier == Tier.NONE:
+                moves.append(Move(b, "drop", Tier.L1, Tier.NONE, src_fmt, src_fmt, src, None))
+                drops.append(b)
+                continue
+            staging = None
+            if fmt != src_fmt:
+                if self.spaces.staging is None or not self.spaces.staging.can_allocate(self.sizes[fmt]):
+                    break  # staging full: the rest waits for the next round
+                staging = self.spaces.staging.allocate(self.sizes[fmt], src.tenant)
+            l2 = self.spaces.l2
+            if not l2.can_allocate(self.sizes[fmt]):
+                if staging is not None:
+                    self.spaces.staging.free(staging)
+                raise CapacityError(
+                    f"L2 is full ({l2.stats().used_bytes} of {l2.capacity_bytes} bytes): "
+                    f"cannot demote block {b}; raise memory.l2_budget or use demote: drop")
+            dst = l2.allocate(self.sizes[fmt], src.tenant)
+            moves.append(Move(b, "demote", Tier.L1, Tier.L2, src_fmt, fmt, src, dst, staging))
+            demotes.append(b)
+        for m in moves:
+            self._in_flight.add(m.block)
+        c = self.counters
+        c.evictions += len(moves)
+        c.drops += len(drops)
+        c.demotions += len(demotes)
+        if forced:
+            c.forced_evictions += len(moves)
+        self.log.add(step, "drop", drops)
+        self.log.add(step, "demote", demotes)
+        return moves
+
+    # -- fetch ----------------------------------------------------------------------
+    def plan_fetch(self, ids: np.ndarray, step: int, purpose: str = "fetch") -> list[Move]:
+        """L1 destinations for L2 blocks, in order, for as many as L1 can take now."""
+        moves = []
+        for b in np.asarray(ids, np.int64).tolist():
+            fmt = Fmt(self.table.fmt[b])
+            nbytes = int(self.table.nbytes[b])
+            if not self.spaces.l1.can_allocate(nbytes):
+                break
+            src = self.table.handle[b]
+            dst = self.spaces.l1.allocate(nbytes, src.tenant)
+            moves.append(Move(b, purpose, Tier.L2, Tier.L1, fmt, fmt, src, dst))
+            self._in_flight.add(b)
+        done = [m.block for m in moves]
+        if purpose == "prefetch":
+            self.counters.prefetches += len(done)
+        else:
+            self.counters.fetches += len(done)
+        self.log.add(step, purpose, done)
+        return moves
+
+    def plan_background(self, step: int, protected: np.ndarray) -> tuple[list[Move], list[Move]]:
+        """Demote down to the low watermark; then prefetch L2 blocks the policy ranks above
+        L1's weakest into the headroom below the high watermark."""
+        used = self.l1_used()
+        to_free = self.watermarks.bytes_to_free(used, self.l1_capacity)
+        cand = self._evictable(protected)
+        demotions = self._evict(self._lowest_covering(cand, to_free, step), step, False) \
+            if to_free > 0 else []
+        prefetches: list[Move] = []
+        if self.prefetch is not None and self.prefetch.max_blocks > 0 and not demotions \
+                and self.demotion is not Demotion.DROP:
+            l2 = self.table.ids_in(Tier.L2)
+            headroom = self.watermarks.headroom_bytes(used, self.l1_capacity)
+            if len(l2) and len(cand) and headroom > 0:
+                prefetches = self._plan_prefetch(l2, cand, headroom, step)
+        return demotions, prefetches
+
+    def _plan_prefetch(self, l2, cand, headroom, step) -> list[Move]:
+        k = min(len(l2), self.prefetch.max_blocks)
+        s = self.policy.scores(l2, step)
+        idx = np.argpartition(-s, k - 1)[:k] if k < len(l2) else np.arange(len(l2))
+        order = idx[np.argsort(-s[idx], kind="stable")]
+        weakest = float(self.policy.scores(cand, step).min())
+        top = l2[order][s[order] > weakest]
+        chosen = self.prefetch.choose(top, self.table.nbytes[top], headroom)
+        return self.plan_fetch(chosen, step, "prefetch")
+
+    # -- completion -----------------------------------------------------------------
+    def commit(self, moves: Sequence[Move], step: int) -> None:
+        """The ops of these moves finished: the page table follows, sources are freed."""
+        removed = []
+        fetched = []
+        for m in moves:
+            self._in_flight.discard(m.block)
+            if m.purpose == "drop":
+                self.table.drop(m.block)
+                self.spaces.l1.free(m.src)
+                removed.append(m.block)
+                continue
+            self.table.move(m.block, m.dst_tier, m.dst_fmt, m.dst.nbytes, m.dst)
+            self.spaces.of(m.src_tier).free(m.src)
+            if m.staging is not None:
+                self.spaces.staging.free(m.staging)
+            if m.dst_tier == Tier.L1:
+                fetched.append(m.block)
+        if removed:
+            self.policy.on_remove(np.asarray(removed, np.int64))
+        if fetched:
+            self.policy.on_fetch(np.asarray(fetched, np.int64), step)
+
+    def abort(self, moves: Sequence[Move]) -> None:
+        """The ops failed: destinations are released and every block stays where it was."""
+        for m in moves:
+            self._in_flight.discard(m.block)
+            if m.dst is not None:
+                self.spaces.of(m.dst_tier).free(m.dst)
+            if m.staging is not None:
+                self.spaces.staging.free(m.staging)
+
+    def release(self, ids: np.ndarray) -> None:
+        for b in np.asarray(ids, np.int64).tolist():
+            tier = self.table.where(b)
+            handle = self.table.handle[b]
+            self.table.free(b)
+            if tier != Tier.NONE:
+                self.spaces.of(tier).free(handle)
+        self.policy.on_remove(np.asarray(ids, np.int64))
+
+    def check(self) -> None:
+        """Invariants across the page table and the allocators (tests, check_invariants)."""
+        self.table.check()
+        for tier in (Tier.L1, Tier.L2):
+            space = self.spaces.of(tier)
+            ids = self.table.ids_in(tier)
+            for b in ids.tolist():
+                assert space.is_live(self.table.handle[b]), f"block {b}: stale handle in {tier.name}"

@@ -1,0 +1,200 @@
+"""What a driver asks a backend to do: operation descriptors, one per batch of work.
+
+Drivers build these from the tier manager's decisions and submit them to a stream; the
+simulator turns each into simulated time from the hardware profile, the hardware backends
+into copies and kernel launches. An op carries what both need: byte counts and FLOPs for
+the simulator, regions (tier + offset in that tier's memory) and payload sources for the
+hardware. Ops are batched per step so the simulator handles a few events per step, not
+one per block.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from .blocks import Fmt, Tier
+
+
+class Stream(enum.Enum):
+    COMPUTE = "compute"
+    H2D = "h2d"
+    D2H = "d2h"
+
+
+@dataclass(frozen=True)
+class Region:
+    """A byte range in one tier's memory (L1 arena, L1 staging, L2 pool or the ring)."""
+
+    space: str       # "l1", "staging", "l2", "ring"
+    offset: int
+    nbytes: int
+    tenant: str = "default"
+
+
+@dataclass(frozen=True)
+class Op:
+    """Base: every op names a kind (for telemetry) and a purpose (why it was issued)."""
+
+    purpose: str = ""
+
+    @property
+    def kind(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        return 0
+
+    @property
+    def count(self) -> int:
+        return 1
+
+
+@dataclass(frozen=True)
+class Copy(Op):
+    """A batch of copies in one direction; each pair is (src region, dst region)."""
+
+    direction: str = "h2d"  # "h2d" or "d2h"
+    pairs: tuple = ()
+
+    @property
+    def kind(self):
+        return f"copy_{self.direction}"
+
+    @property
+    def nbytes(self):
+        return sum(s.nbytes for s, _ in self.pairs)
+
+    @property
+    def count(self):
+        return len(self.pairs)
+
+
+@dataclass(frozen=True)
+class Ingest(Op):
+    """New data from the host (a prompt's KV, a model's weights) into device regions.
+
+    ``source(i)`` returns the bytes (uint8 array) for region ``i``; the simulator never
+    calls it, so large workloads cost it nothing.
+    """
+
+    dst: tuple = ()
+    source: Optional[Callable[[int], np.ndarray]] = None
+
+    @property
+    def kind(self):
+        return "copy_h2d"
+
+    @property
+    def nbytes(self):
+        return sum(r.nbytes for r in self.dst)
+
+    @property
+    def count(self):
+        return len(self.dst)
+
+
+@dataclass(frozen=True)
+class Quantize(Op):
+    """fp16 regions -> INT4 regions (same numel), on the GPU."""
+
+    pairs: tuple = ()
+    numel: tuple = ()
+    group_size: int = 64
+
+    @property
+    def kind(self):
+        return "int4_quantize"
+
+    @property
+    def nbytes(self):  # bytes read + written, the kernel's traffic
+        return sum(s.nbytes + d.nbytes for s, d in self.pairs)
+
+    @property
+    def count(self):
+        return len(self.pairs)
+
+
+@dataclass(frozen=True)
+class Attention(Op):
+    """One decode attention step over the listed KV blocks (fp16 or INT4 regions).
+
+    ``query`` is [layers, heads, head_dim] float32 (None on the simulator); the result is
+    the attention output [layers, heads, head_dim] and per-block log-sum-exp.
+    """
+
+    blocks: tuple = ()       # (Region, Fmt, n_valid)
+    query: Optional[np.ndarray] = None
+    layout: object = None    # synapse.hw.kv_layout.KVLayout
+    flops: float = 0.0
+    softmax_scale: float = 1.0
+
+    @property
+    def kind(self):
+        return "attention"
+
+    @property
+    def nbytes(self):
+        return sum(r.nbytes for r, _, _ in self.blocks)
+
+
+@dataclass(frozen=True)
+class LayerCompute(Op):
+    """One layer of a weight-streamed model, reading its weights from ``weights``."""
+
+    layer: int = 0
+    weights: Optional[Region] = None
+    act: object = None       # the activation handle the layer updates in place
+    hidden: int = 0
+    ffn: int = 0
+    flops: float = 0.0
+    weight_bytes: int = 0
+
+    @property
+    def kind(self):
+        return "layer"
+
+    @property
+    def nbytes(self):
+        return self.weight_bytes
+
+
+@dataclass(frozen=True)
+class Zero(Op):
+    """Clear freed regions before reuse (zero-on-free, tenant isolation)."""
+
+    regions: tuple = ()
+
+    @property
+    def kind(self):
+        return "memset"
+
+    @property
+    def nbytes(self):
+        return sum(r.nbytes for r in self.regions)
+
+    @property
+    def count(self):
+        return len(self.regions)
+
+
+@dataclass
+class OpRecord:
+    """When an op ran, as the backend saw it (simulated or measured), in seconds."""
+
+    kind: str
+    purpose: str
+    stream: str
+    submit_s: float
+    start_s: float
+    end_s: float
+    nbytes: int
+    count: int
+
+    @property
+    def duration_s(self) -> float:
+        return self.end_s - self.start_s

@@ -1,0 +1,166 @@
+"""The page table: one row per block id, recording tier, format, size and owner.
+
+Columns are NumPy arrays indexed by block id so that policies and drivers can work on
+thousands of blocks at once (masks, sums, argpartition) instead of looping in Python.
+Operations: ``add`` (new ids, placed in a tier), ``move`` (change tier/format/size),
+``drop`` and ``free`` (leave the tiers, counted), ``ids_in``/``bytes_in`` (queries) and
+``check`` (the invariants, used by tests and by the scenario option ``check_invariants``).
+
+Invariant: every LIVE block is in exactly one tier (L1 or L2); a block that left the
+tiers did so through ``drop`` or ``free`` and is counted there.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .blocks import BlockSpec, Fmt, Kind, State, Tier
+
+
+class PageTable:
+    def __init__(self, initial_capacity: int = 1024):
+        self._n = 0
+        cap = max(16, initial_capacity)
+        self.tier = np.zeros(cap, np.int8)
+        self.state = np.zeros(cap, np.int8)
+        self.fmt = np.zeros(cap, np.int8)
+        self.kind = np.zeros(cap, np.int8)
+        self.nbytes = np.zeros(cap, np.int64)
+        self.owner = np.zeros(cap, np.int64)
+        self.tenant = np.zeros(cap, np.int32)
+        self.layer = np.zeros(cap, np.int32)
+        self.token_start = np.zeros(cap, np.int64)
+        self.token_end = np.zeros(cap, np.int64)
+        self.content_hash: list[str] = []
+        self.handle: list[object | None] = []  # the slab (or ring slot) holding the bytes
+        self.tenants: list[str] = []
+        self._tenant_index: dict[str, int] = {}
+        self._bytes = {Tier.L1: 0, Tier.L2: 0}
+        self.num_dropped = 0
+        self.num_freed = 0
+
+    # -- growth -------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._n
+
+    def _grow(self, need: int) -> None:
+        cap = len(self.tier)
+        if need <= cap:
+            return
+        new = max(need, cap * 2)
+        for name in ("tier", "state", "fmt", "kind", "nbytes", "owner", "tenant", "layer",
+                     "token_start", "token_end"):
+            old = getattr(self, name)
+            arr = np.zeros(new, old.dtype)
+            arr[:cap] = old
+            setattr(self, name, arr)
+
+    def tenant_id(self, name: str) -> int:
+        if name not in self._tenant_index:
+            self._tenant_index[name] = len(self.tenants)
+            self.tenants.append(name)
+        return self._tenant_index[name]
+
+    # -- mutation -----------------------------------------------------------------
+    def add(self, specs: Sequence[BlockSpec], tier: Tier, handles: Sequence[object]) -> np.ndarray:
+        """Register new blocks, already placed in ``tier`` with the given handles."""
+        k = len(specs)
+        lo, hi = self._n, self._n + k
+        self._grow(hi)
+        ids = np.arange(lo, hi, dtype=np.int64)
+        self.tier[lo:hi] = tier
+        self.state[lo:hi] = State.LIVE
+        for i, s in enumerate(specs):
+            j = lo + i
+            self.fmt[j] = s.fmt
+            self.kind[j] = s.kind
+            self.nbytes[j] = s.nbytes
+            self.owner[j] = s.owner
+            self.tenant[j] = self.tenant_id(s.tenant)
+            self.layer[j] = s.layer
+            self.token_start[j] = s.token_start
+            self.token_end[j] = s.token_end
+            self.content_hash.append(s.content_hash)
+            self.handle.append(handles[i])
+        self._n = hi
+        self._bytes[tier] += int(sum(s.nbytes for s in specs))
+        return ids
+
+    def move(self, block: int, tier: Tier, fmt: Fmt, nbytes: int, handle: object) -> None:
+        """The block's bytes now live in ``tier`` (possibly re-encoded)."""
+        self._require_live(block)
+        old = Tier(self.tier[block])
+        self._bytes[old] -= int(self.nbytes[block])
+        self.tier[block] = tier
+        self.fmt[block] = fmt
+        self.nbytes[block] = nbytes
+        self.handle[block] = handle
+        self._bytes[tier] += nbytes
+
+    def drop(self, block: int) -> None:
+        """Leave the tiers on purpose (no lower tier to demote to); counted."""
+        self._leave(block, State.DROPPED)
+        self.num_dropped += 1
+
+    def free(self, block: int) -> None:
+        """The owner released the block."""
+        self._leave(block, State.FREED)
+        self.num_freed += 1
+
+    def _leave(self, block: int, state: State) -> None:
+        self._require_live(block)
+        self._bytes[Tier(self.tier[block])] -= int(self.nbytes[block])
+        self.tier[block] = Tier.NONE
+        self.state[block] = state
+        self.handle[block] = None
+
+    def _require_live(self, block: int) -> None:
+        if not (0 <= block < self._n) or self.state[block] != State.LIVE:
+            raise KeyError(f"block {block} is not live")
+
+    # -- queries ------------------------------------------------------------------
+    def ids_in(self, tier: Tier, owner: int | None = None) -> np.ndarray:
+        mask = self.tier[: self._n] == tier
+        if owner is not None:
+            mask &= self.owner[: self._n] == owner
+        return np.flatnonzero(mask)
+
+    def bytes_in(self, tier: Tier) -> int:
+        return self._bytes[tier]
+
+    def is_live(self, ids: np.ndarray) -> np.ndarray:
+        return self.state[ids] == State.LIVE
+
+    def live_ids(self) -> np.ndarray:
+        return np.flatnonzero(self.state[: self._n] == State.LIVE)
+
+    def where(self, block: int) -> Tier:
+        return Tier(self.tier[block])
+
+    # -- invariants ---------------------------------------------------------------
+    def check(self, expected_live: Iterable[int] | None = None) -> None:
+        """Raise AssertionError if the table is inconsistent (an internal bug, not user input)."""
+        n = self._n
+        live = self.state[:n] == State.LIVE
+        placed = np.isin(self.tier[:n], (Tier.L1, Tier.L2))
+        assert np.array_equal(live, placed), "a live block is not in exactly one tier"
+        for tier in (Tier.L1, Tier.L2):
+            total = int(self.nbytes[:n][self.tier[:n] == tier].sum())
+            assert total == self._bytes[tier], f"{tier.name} byte count drifted"
+        for i in np.flatnonzero(live):
+            assert self.handle[i] is not None, f"live block {i} has no handle"
+        if expected_live is not None:
+            missing = set(expected_live) - set(np.flatnonzero(live).tolist())
+            assert not missing, f"blocks lost: {sorted(missing)[:10]}"
+
+    def lost_blocks(self, expected_live: Iterable[int]) -> int:
+        """Blocks the caller still owns that are no longer in any tier (must be 0)."""
+        exp = np.fromiter(expected_live, np.int64)
+        if exp.size == 0:
+            return 0
+        return int((self.state[exp] != State.LIVE).sum())
+
+
+__all__ = ["PageTable", "Tier", "State", "Fmt", "Kind", "BlockSpec"]

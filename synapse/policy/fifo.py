@@ -1,0 +1,34 @@
+"""First in, first out: the block that entered the cache first goes first.
+
+A re-fetched block counts as entering again, so FIFO over a tiered cache is "oldest
+arrival in L1", not "oldest token".
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Column, EvictionPolicy
+
+
+class FIFO(EvictionPolicy):
+    name = "fifo"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arrival = Column(np.int64)
+        self._n = 0
+
+    def _arrive(self, ids):
+        self.arrival.set(ids, np.arange(self._n, self._n + len(ids)))
+        self._n += len(ids)
+
+    def on_insert(self, ids, step, positions):
+        super().on_insert(ids, step, positions)
+        self._arrive(ids)
+
+    def on_fetch(self, ids, step):
+        self._arrive(ids)
+
+    def scores(self, ids, step):
+        return self.arrival.get(ids).astype(np.float64)

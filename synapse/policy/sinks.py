@@ -1,0 +1,31 @@
+"""Attention sinks plus a recent window (Xiao et al., "Efficient Streaming Language Models
+with Attention Sinks", ICLR 2024, arXiv:2309.17453, StreamingLLM).
+
+The first ``sink_blocks`` blocks of the sequence are always kept, everything else is a
+sliding window: the oldest non-sink block goes first. Whatever lies in the middle of a
+long context (a needle) is lost once the window has passed it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import PROTECTED, EvictionPolicy
+
+
+class AttentionSinks(EvictionPolicy):
+    name = "sinks"
+
+    def __init__(self, sink_blocks: int = 1) -> None:
+        super().__init__()
+        if sink_blocks < 0:
+            raise ValueError(f"sink_blocks must be >= 0, got {sink_blocks}")
+        self.sink_blocks = sink_blocks
+
+    def scores(self, ids, step):
+        pos = self.position.get(ids).astype(np.float64)
+        pos[pos < self.sink_blocks] += PROTECTED
+        return pos
+
+    def describe(self):
+        return {"name": self.name, "sink_blocks": self.sink_blocks}

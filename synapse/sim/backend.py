@@ -1,0 +1,141 @@
+"""The SimPy backend: HBM, the host link and the GPU's streams as a discrete-event model.
+
+Streams execute ops in submission order; ``after`` tickets of other streams gate an op's
+start (the CUDA stream/event model). The host is modelled too: every ``submit`` costs
+``host.submit_us`` of host time, and an op cannot start before the host has issued it, so
+launch-bound regimes are visible. Copies go through ``LinkModel``; kernels take
+``fixed_us + bytes / rate`` (a roofline with FLOPs where the profile gives a TFLOP/s
+ceiling). Nothing here moves bytes: ops' payload sources are never called.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import simpy
+
+from ..backend import Backend
+from ..ops import Attention, Copy, Ingest, LayerCompute, Op, OpRecord, Quantize, Stream, Zero
+from .link import LinkModel
+from .profile import Profile
+
+
+class SimMemory:
+    """Bookkeeping-only memory: zeroing a freed device range costs a memset on the stream
+    that next writes the space; zeroing pinned host memory costs host time."""
+
+    def __init__(self, backend: "SimBackend", space: str, nbytes: int, kind: str):
+        self.backend, self.space, self.nbytes, self.kind = backend, space, nbytes, kind
+
+    def zero(self, offset: int, nbytes: int) -> None:
+        self.backend.queue_zero(self, offset, nbytes)
+
+    def address(self, offset: int) -> int:
+        return offset
+
+
+# Which stream next writes each space, so a memset queued there is ordered before reuse.
+ZERO_STREAM = {"l1": Stream.H2D, "staging": Stream.COMPUTE}
+
+
+class SimBackend(Backend):
+    name = "sim"
+    simulated = True
+    moves_data = False
+
+    def __init__(self, profile: Profile):
+        self.profile = profile
+        self.env = simpy.Environment()
+        self.link = LinkModel(self.env, profile.link)
+        self._tail: dict[Stream, simpy.Event | None] = {s: None for s in Stream}
+        self._records: list[OpRecord] = []
+        self._host_s = 0.0
+        self._submit_s = profile.host.submit_us * 1e-6
+        self._pending_zero: dict[str, list] = {}
+
+    # -- memory -------------------------------------------------------------------
+    def memory(self, space: str, nbytes: int, kind: str) -> SimMemory:
+        return SimMemory(self, space, nbytes, kind)
+
+    def queue_zero(self, mem: SimMemory, offset: int, nbytes: int) -> None:
+        if mem.kind == "pinned_host":
+            self.host_work(nbytes / (self.profile.host.memset_gb_per_s * 1e9))
+        else:
+            self._pending_zero.setdefault(mem.space, []).append((offset, nbytes))
+
+    def _flush_zero(self) -> None:
+        from ..ops import Region
+        pending, self._pending_zero = self._pending_zero, {}
+        for space, ranges in pending.items():
+            regions = tuple(Region(space, o, n) for o, n in ranges)
+            self._enqueue(Zero(purpose="zero_on_free", regions=regions),
+                          ZERO_STREAM.get(space, Stream.COMPUTE), ())
+
+    # -- work ---------------------------------------------------------------------
+    def submit(self, op: Op, stream: Stream, after: Sequence = ()) -> simpy.Event:
+        if self._pending_zero:
+            self._flush_zero()
+        return self._enqueue(op, stream, after)
+
+    def _enqueue(self, op: Op, stream: Stream, after: Sequence) -> simpy.Event:
+        now = self.env.now
+        self._host_s = max(self._host_s, now) + self._submit_s
+        deps = [t for t in after if t is not None]
+        prev = self._tail[stream]
+        if prev is not None:
+            deps.append(prev)
+        proc = self.env.process(self._run(op, stream, deps, self._host_s, now))
+        self._tail[stream] = proc
+        return proc
+
+    def _run(self, op: Op, stream: Stream, deps, launch_s: float, submit_s: float):
+        pending = [d for d in deps if not d.processed]
+        if pending:
+            yield self.env.all_of(pending)
+        if launch_s > self.env.now:
+            yield self.env.timeout(launch_s - self.env.now)
+        start = self.env.now
+        yield from self._execute(op)
+        self._records.append(OpRecord(op.kind, op.purpose, stream.value, submit_s, start,
+                                      self.env.now, op.nbytes, op.count))
+
+    def _execute(self, op: Op):
+        k = self.profile.kernels
+        if isinstance(op, Copy):
+            yield from self.link.transfer(op.direction, op.nbytes, op.count)
+        elif isinstance(op, Ingest):
+            yield from self.link.transfer("h2d", op.nbytes, op.count)
+        elif isinstance(op, Quantize):
+            yield self.env.timeout(k.int4_quantize.seconds(op.nbytes, op.count))
+        elif isinstance(op, Attention):
+            yield self.env.timeout(k.attention.seconds(op.nbytes, 1, op.flops))
+        elif isinstance(op, LayerCompute):
+            yield self.env.timeout(k.gemm.seconds(op.weight_bytes, 1, op.flops))
+        elif isinstance(op, Zero):
+            yield self.env.timeout(k.memset.seconds(op.nbytes, op.count))
+        else:
+            raise TypeError(f"the simulator has no cost model for {type(op).__name__}")
+
+    def wait(self, tickets: Sequence) -> simpy.Event:
+        return self.env.all_of([t for t in tickets if t is not None])
+
+    def now(self) -> float:
+        return max(self.env.now, self._host_s)
+
+    def host_work(self, seconds: float) -> None:
+        self._host_s = max(self._host_s, self.env.now) + seconds
+
+    def run(self, process) -> None:
+        proc = self.env.process(process)
+        self.env.run()
+        if not proc.processed:
+            raise RuntimeError("the driver process never finished (a wait on an op that "
+                               "can never complete)")
+        if not proc.ok:
+            raise proc.value
+
+    def records(self) -> list[OpRecord]:
+        return self._records
+
+    def environment(self) -> dict:
+        return {"profile": self.profile.name, "profile_device": self.profile.device}

@@ -1,0 +1,101 @@
+"""Hardware profiles: the numbers the simulator turns into time.
+
+A profile is a YAML file (``synapse/profiles/*.yaml`` ship with the package; ``synapse
+calibrate`` writes new ones from a real GPU). Each rate is in GB/s (1e9 bytes/s) and each
+fixed cost in microseconds. An operation takes ``fixed_us + bytes / rate`` (and, for
+kernels that also do arithmetic, the larger of the byte time and ``flops / tflops``, a
+roofline). Profiles are looked up by name in ``./profiles`` first, then in the package.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from ..config import build, checked, load_yaml, non_negative, positive
+from ..errors import ScenarioError
+
+
+@dataclass(frozen=True)
+class Rate:
+    """A fixed cost per call plus a transfer rate (and an optional arithmetic ceiling)."""
+
+    fixed_us: float = checked(5.0, non_negative, "fixed cost per call, microseconds")
+    gb_per_s: float = checked(1000.0, positive, "bytes moved per second, in GB/s (1e9)")
+    tflops: float = checked(0.0, non_negative, "arithmetic ceiling, TFLOP/s (0: bytes only)")
+
+    def seconds(self, nbytes: float, calls: int = 1, flops: float = 0.0) -> float:
+        t = nbytes / (self.gb_per_s * 1e9)
+        if self.tflops > 0 and flops > 0:
+            t = max(t, flops / (self.tflops * 1e12))
+        return calls * self.fixed_us * 1e-6 + t
+
+
+@dataclass(frozen=True)
+class Link:
+    """The host link (PCIe) as two directions with a shared cap when both are busy."""
+
+    h2d_gb_per_s: float = checked(55.0, positive, "pinned host-to-device bandwidth, GB/s")
+    d2h_gb_per_s: float = checked(55.0, positive, "pinned device-to-host bandwidth, GB/s")
+    duplex_gb_per_s: float = checked(83.0, positive, "both directions at once, together, GB/s")
+    copy_latency_us: float = checked(4.0, non_negative, "fixed cost of one copy, microseconds")
+    copy_engines: int = checked(2, positive, "copies that can be in flight at once")
+
+
+@dataclass(frozen=True)
+class Kernels:
+    attention: Rate = field(default_factory=Rate)
+    int4_quantize: Rate = field(default_factory=Rate)
+    int4_dequantize: Rate = field(default_factory=Rate)
+    memset: Rate = field(default_factory=Rate)
+    gemm: Rate = field(default_factory=Rate)
+
+
+@dataclass(frozen=True)
+class Host:
+    submit_us: float = checked(8.0, non_negative, "host time to enqueue one op (Python + driver)")
+    memset_gb_per_s: float = checked(10.0, positive, "host memset of pinned memory, GB/s")
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str = checked(doc="profile name, as scenarios refer to it")
+    device: str = checked("", doc="what it describes")
+    hbm_bytes: int = checked(80 * 10**9, positive, "device memory, bytes")
+    host_pinned_bytes: int = checked(512 * 2**30, positive, "pinned host memory available, bytes")
+    link: Link = field(default_factory=Link)
+    kernels: Kernels = field(default_factory=Kernels)
+    host: Host = field(default_factory=Host)
+    measured: dict = field(default_factory=dict)  # calibrate: device, driver, versions, date
+
+
+def profile_dirs() -> list[Path]:
+    dirs = [Path.cwd() / "profiles"]
+    dirs.append(Path(str(resources.files("synapse") / "profiles")))
+    return dirs
+
+
+def available_profiles() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for d in reversed(profile_dirs()):  # the working directory wins
+        if d.is_dir():
+            for p in sorted(d.glob("*.yaml")):
+                found[p.stem] = p
+    return dict(sorted(found.items()))
+
+
+def load_profile(name_or_path: str) -> Profile:
+    """A profile by name (``h100-sxm``) or by path (``profiles/mine.yaml``)."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        return build(Profile, load_yaml(p), str(p))
+    profiles = available_profiles()
+    if name_or_path not in profiles:
+        import difflib
+        close = difflib.get_close_matches(name_or_path, profiles, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ScenarioError(f"unknown hardware profile {name_or_path!r}{hint} "
+                            f"(available: {', '.join(profiles) or 'none'})")
+    path = profiles[name_or_path]
+    return build(Profile, load_yaml(path), str(path))

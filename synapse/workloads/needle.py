@@ -1,0 +1,189 @@
+"""Needle in a haystack: a generated long-context attention workload.
+
+The model is stated in vectors so the hardware can realise it byte for byte. Block ``b``
+has a small structured key ``k_b`` (r = 3 + noise_rank numbers, rounded to fp16 as it
+will be stored) and step ``t`` a query ``q_t`` (float32):
+
+    k_b = [ -alpha*ln(rank_b) (+ sink_nats for block 0),  b / num_blocks,  z_b,  needle_b ]
+    q_t = [ 1,  recency_nats,  noise_std/sqrt(m) * g_t,  needle_nats_t ]
+
+so the logit of every token of block b at step t is ``q_t . k_b``: Zipf heavy hitters
+(ranks a random permutation), a recency slope, rank-m noise, and a needle term that is
+non-zero only at a few "echo" steps after the needle was read and, strongly, at the
+question step. Every token of a block shares the structured key (the hardware pads the
+rest of head_dim with random values that the zero tail of the query ignores), so a
+block's attention mass is exactly ``n_valid_b * exp(q_t . k_b)`` normalised. That is the
+ground truth: a block is *used* at step t when its mass over all blocks is at least
+``access_factor / num_blocks_t``; the policies see masses over what is resident.
+
+Steps: the prompt arrives in chunks (one step each, a representative query per chunk),
+then one token per decode step. Everything is seeded; nothing depends on the backend.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..scenarios.schema import NeedleWorkload
+
+
+@dataclass
+class Step:
+    index: int
+    phase: str                 # "prefill" | "decode"
+    new_blocks: np.ndarray     # block positions that start at this step
+    tokens: int                # tokens present after this step's input
+    append: tuple | None       # decode: (block position, token offset in it)
+    is_question: bool
+
+
+class NeedleTrace:
+    def __init__(self, cfg: NeedleWorkload, block_tokens: int, seed: int):
+        self.cfg = cfg
+        self.bt = block_tokens
+        self.ctx = cfg.context_tokens
+        self.num_ctx_blocks = math.ceil(self.ctx / block_tokens)
+        self.chunk_blocks = cfg.prefill_chunk_tokens // block_tokens
+        self.num_prefill = math.ceil(self.num_ctx_blocks / self.chunk_blocks)
+        self.num_decode = cfg.decode_steps
+        self.num_steps = self.num_prefill + self.num_decode
+        total_tokens = self.ctx + self.num_decode
+        self.num_blocks = math.ceil(total_tokens / block_tokens)
+        self.needle = min(int(cfg.needle_position * self.num_ctx_blocks), self.num_ctx_blocks - 1)
+        q = cfg.question_step % self.num_decode
+        self.question_step = self.num_prefill + q
+        self.seed = seed
+        rng = np.random.default_rng([seed, 0x6E656564])  # "need"
+        self._build_keys(rng)
+        self._build_queries(rng)
+        self._tokens = np.array([self._tokens_at(t) for t in range(self.num_steps)], np.int64)
+        self._needed = None
+        self._next_use = None
+
+    # -- the model ------------------------------------------------------------------
+    def _build_keys(self, rng) -> None:
+        c, n, m = self.cfg, self.num_blocks, self.cfg.noise_rank
+        ranks = rng.permutation(n) + 1
+        k = np.zeros((n, 3 + m))
+        k[:, 0] = -c.zipf_alpha * np.log(ranks)
+        k[0, 0] += c.sink_nats
+        k[:, 1] = np.arange(n) / n
+        k[:, 2:2 + m] = rng.standard_normal((n, m))
+        k[self.needle, -1] = 1.0
+        self.keys = k.astype(np.float16).astype(np.float64)  # as the hardware stores them
+
+    def _build_queries(self, rng) -> None:
+        c, m = self.cfg, self.cfg.noise_rank
+        q = np.zeros((self.num_steps, 3 + m))
+        q[:, 0] = 1.0
+        q[:, 1] = c.recency_nats
+        q[:, 2:2 + m] = c.noise_std / math.sqrt(m) * rng.standard_normal((self.num_steps, m))
+        # Echoes: prompt chunks after the needle's that attend back to it.
+        first = self.needle // self.chunk_blocks + 1
+        span = max(1, int(round(c.needle_echo_span * self.num_ctx_blocks / self.chunk_blocks)))
+        window = np.arange(first, min(self.num_prefill, first + span))
+        if c.needle_echoes and len(window):
+            picks = rng.choice(window, size=min(c.needle_echoes, len(window)), replace=False)
+            q[picks, -1] = c.needle_echo_nats
+            self.echo_steps = np.sort(picks)
+        else:
+            self.echo_steps = np.zeros(0, np.int64)
+        q[self.question_step, -1] = c.question_nats
+        self.queries = q.astype(np.float32).astype(np.float64)
+
+    @property
+    def key_dims(self) -> int:
+        return self.keys.shape[1]
+
+    def _tokens_at(self, t: int) -> int:
+        if t < self.num_prefill:
+            return min((t + 1) * self.chunk_blocks * self.bt, self.ctx)
+        return self.ctx + (t - self.num_prefill) + 1
+
+    def step(self, t: int) -> Step:
+        tokens = int(self._tokens[t])
+        prev = int(self._tokens[t - 1]) if t else 0
+        first_new = math.ceil(prev / self.bt)
+        last = math.ceil(tokens / self.bt)
+        new = np.arange(first_new, last, dtype=np.int64)
+        append = None
+        if t >= self.num_prefill:
+            pos = tokens - 1
+            append = (pos // self.bt, pos % self.bt)
+        return Step(t, "prefill" if t < self.num_prefill else "decode", new, tokens, append,
+                    t == self.question_step)
+
+    def n_valid(self, t: int, blocks: np.ndarray) -> np.ndarray:
+        tokens = int(self._tokens[t])
+        return np.clip(tokens - blocks * self.bt, 0, self.bt)
+
+    def logits(self, t: int, blocks: np.ndarray) -> np.ndarray:
+        """Per-token logit of each block at step t (the same for every token of a block)."""
+        return self.keys[blocks] @ self.queries[t]
+
+    def masses(self, t: int, blocks: np.ndarray) -> np.ndarray:
+        """Attention mass of each block at step t, normalised over ``blocks`` only."""
+        blocks = np.asarray(blocks, np.int64)
+        if len(blocks) == 0:
+            return np.zeros(0)
+        nv = self.n_valid(t, blocks)
+        with np.errstate(divide="ignore"):
+            z = self.logits(t, blocks) + np.log(nv)
+        z -= z.max()
+        w = np.exp(z)
+        return w / w.sum()
+
+    # -- ground truth over all blocks -------------------------------------------------
+    def _compute_needed(self) -> None:
+        n, T = self.num_blocks, self.num_steps
+        needed = np.zeros((T, n), bool)
+        blocks = np.arange(n)
+        logit_all = self.queries @ self.keys.T  # [T, n]
+        for t in range(T):
+            live = math.ceil(int(self._tokens[t]) / self.bt)
+            nv = self.n_valid(t, blocks[:live])
+            z = logit_all[t, :live] + np.log(nv)
+            z -= z.max()
+            w = np.exp(z)
+            w /= w.sum()
+            needed[t, :live] = w >= self.cfg.access_factor / live
+        self._needed = needed
+
+    def needed(self, t: int) -> np.ndarray:
+        """Block positions used at step t (policy-independent ground truth)."""
+        if self._needed is None:
+            self._compute_needed()
+        return np.flatnonzero(self._needed[t])
+
+    def next_use(self, blocks: np.ndarray, t: int) -> np.ndarray:
+        """First step after t at which each block is used (a large number if never)."""
+        if self._next_use is None:
+            if self._needed is None:
+                self._compute_needed()
+            T, n = self._needed.shape
+            nxt = np.empty((T, n), np.int32)
+            never = np.int32(2**30)
+            row = np.full(n, never, np.int32)
+            for s in range(T - 1, -1, -1):
+                nxt[s] = row
+                row = np.where(self._needed[s], s, row)
+            self._next_use = nxt
+        return self._next_use[t, blocks]
+
+    # -- data for the hardware ---------------------------------------------------------
+    def query_vector(self, t: int, layers: int, heads: int, head_dim: int) -> np.ndarray:
+        """q for every layer and head: the structured query, zeros beyond it (float32)."""
+        q = np.zeros((layers, heads, head_dim), np.float32)
+        q[:, :, : self.key_dims] = self.queries[t].astype(np.float32)
+        return q
+
+    def block_payload(self, b: int, layers: int, heads: int, head_dim: int) -> np.ndarray:
+        """Block b's KV as stored, token-major [block_tokens, 2, layers, heads, head_dim]
+        fp16: K carries the structured key then random padding; V is random."""
+        rng = np.random.default_rng([self.seed, 0x6B76, int(b)])
+        kv = rng.standard_normal((self.bt, 2, layers, heads, head_dim), dtype=np.float32)
+        kv[:, 0, :, :, : self.key_dims] = self.keys[b].astype(np.float32)
+        return kv.astype(np.float16)
