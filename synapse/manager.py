@@ -28,7 +28,7 @@ from .page_table import PageTable
 from .policy import Demotion, EvictionPolicy, KVPrefetch, Watermarks
 
 
-@dataclass
+@dataclass(slots=True)
 class Move:
     """One block changing tier (or leaving the tiers, for a drop)."""
 
@@ -113,7 +113,7 @@ class TierManager:
         self.sizes = sizes
         self.log = log or DecisionLog()
         self.counters = Counters()
-        self._in_flight: set[int] = set()
+        self._busy = np.zeros(1024, bool)  # in flight or pinned: never a victim
         self.pinned: set[int] = set()  # blocks never chosen as victims (a partial tail)
         policy.bind(spaces.l1.capacity_bytes // sizes[Fmt.FP16])
 
@@ -131,11 +131,26 @@ class TierManager:
     def resident(self, owner: int | None = None) -> np.ndarray:
         return self.table.ids_in(Tier.L1, owner)
 
+    def _set_busy(self, block: int, busy: bool) -> None:
+        if block >= len(self._busy):
+            grown = np.zeros(max(block + 1, 2 * len(self._busy)), bool)
+            grown[: len(self._busy)] = self._busy
+            self._busy = grown
+        self._busy[block] = busy or block in self.pinned
+
+    def pin(self, block: int) -> None:
+        self.pinned.add(block)
+        self._set_busy(block, True)
+
+    def unpin(self, block: int) -> None:
+        self.pinned.discard(block)
+        self._set_busy(block, False)
+
     def _evictable(self, protected: np.ndarray) -> np.ndarray:
         l1 = self.table.ids_in(Tier.L1)
-        skip = set(self._in_flight) | self.pinned
-        if skip:
-            l1 = l1[~np.isin(l1, np.fromiter(skip, np.int64, len(skip)))]
+        if len(l1) and int(l1[-1]) >= len(self._busy):
+            self._set_busy(int(l1[-1]), False)
+        l1 = l1[~self._busy[l1]]
         if len(protected):
             l1 = l1[~np.isin(l1, protected)]
         return l1
@@ -172,6 +187,9 @@ class TierManager:
                 f"{self.l1_capacity} bytes, {self.l1_used()} in use, and every resident "
                 f"block is needed by the current step or in flight")
         moves = self._evict(victims, step, forced=True)
+        if not moves:
+            raise CapacityError(f"no INT4 staging slot is free to demote block {int(victims[0])}; "
+                                f"in-flight demotions must complete first (memory.staging_blocks)")
         return moves
 
     def _lowest_covering(self, cand: np.ndarray, need_bytes: int, step: int) -> np.ndarray:
@@ -215,7 +233,7 @@ class TierManager:
             moves.append(Move(b, "demote", Tier.L1, Tier.L2, src_fmt, fmt, src, dst, staging))
             demotes.append(b)
         for m in moves:
-            self._in_flight.add(m.block)
+            self._set_busy(m.block, True)
         c = self.counters
         c.evictions += len(moves)
         c.drops += len(drops)
@@ -238,7 +256,7 @@ class TierManager:
             src = self.table.handle[b]
             dst = self.spaces.l1.allocate(nbytes, src.tenant)
             moves.append(Move(b, purpose, Tier.L2, Tier.L1, fmt, fmt, src, dst))
-            self._in_flight.add(b)
+            self._set_busy(b, True)
         done = [m.block for m in moves]
         if purpose == "prefetch":
             self.counters.prefetches += len(done)
@@ -277,19 +295,21 @@ class TierManager:
     # -- completion -----------------------------------------------------------------
     def commit(self, moves: Sequence[Move], step: int) -> None:
         """The ops of these moves finished: the page table follows, sources are freed."""
-        removed = []
-        fetched = []
+        if not moves:
+            return
+        removed, fetched = [], []
+        table, l1, l2, staging = self.table, self.spaces.l1, self.spaces.l2, self.spaces.staging
         for m in moves:
-            self._in_flight.discard(m.block)
-            if m.purpose == "drop":
-                self.table.drop(m.block)
-                self.spaces.l1.free(m.src)
+            self._set_busy(m.block, False)
+            if m.dst is None:
+                table.drop(m.block)
+                l1.free(m.src)
                 removed.append(m.block)
                 continue
-            self.table.move(m.block, m.dst_tier, m.dst_fmt, m.dst.nbytes, m.dst)
-            self.spaces.of(m.src_tier).free(m.src)
+            table.move(m.block, m.dst_tier, m.dst_fmt, m.dst.nbytes, m.dst)
+            (l1 if m.src_tier == Tier.L1 else l2).free(m.src)
             if m.staging is not None:
-                self.spaces.staging.free(m.staging)
+                staging.free(m.staging)
             if m.dst_tier == Tier.L1:
                 fetched.append(m.block)
         if removed:
@@ -300,7 +320,7 @@ class TierManager:
     def abort(self, moves: Sequence[Move]) -> None:
         """The ops failed: destinations are released and every block stays where it was."""
         for m in moves:
-            self._in_flight.discard(m.block)
+            self._set_busy(m.block, False)
             if m.dst is not None:
                 self.spaces.of(m.dst_tier).free(m.dst)
             if m.staging is not None:

@@ -54,12 +54,24 @@ class Op:
         return 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Copy(Op):
-    """A batch of copies in one direction; each pair is (src region, dst region)."""
+    """A batch of copies in one direction between two spaces, as columns of byte
+    offsets and sizes (one ``cuMemcpyAsync`` per row on the hardware)."""
 
     direction: str = "h2d"  # "h2d" or "d2h"
-    pairs: tuple = ()
+    src_space: str = "l2"
+    dst_space: str = "l1"
+    src_offsets: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    dst_offsets: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    @classmethod
+    def between(cls, purpose: str, direction: str, src: "Region", dst: "Region") -> "Copy":
+        return cls(purpose=purpose, direction=direction, src_space=src.space,
+                   dst_space=dst.space, src_offsets=np.array([src.offset], np.int64),
+                   dst_offsets=np.array([dst.offset], np.int64),
+                   sizes=np.array([src.nbytes], np.int64))
 
     @property
     def kind(self):
@@ -67,11 +79,11 @@ class Copy(Op):
 
     @property
     def nbytes(self):
-        return sum(s.nbytes for s, _ in self.pairs)
+        return int(self.sizes.sum())
 
     @property
     def count(self):
-        return len(self.pairs)
+        return len(self.sizes)
 
 
 @dataclass(frozen=True)
@@ -98,12 +110,21 @@ class Ingest(Op):
         return len(self.dst)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Quantize(Op):
-    """fp16 regions -> INT4 regions (same numel), on the GPU."""
+    """fp16 blocks in ``src_space`` -> the INT4 layout in ``dst_space``, on the GPU.
 
-    pairs: tuple = ()
-    numel: tuple = ()
+    Each row quantises ``numel`` values (a whole KV block) from ``src_offsets[i]`` into
+    ``dst_offsets[i]``; ``src_sizes``/``dst_sizes`` are the bytes read and written.
+    """
+
+    src_space: str = "l1"
+    dst_space: str = "staging"
+    src_offsets: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    dst_offsets: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    src_sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    dst_sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    numel: int = 0
     group_size: int = 64
 
     @property
@@ -112,24 +133,32 @@ class Quantize(Op):
 
     @property
     def nbytes(self):  # bytes read + written, the kernel's traffic
-        return sum(s.nbytes + d.nbytes for s, d in self.pairs)
+        return int(self.src_sizes.sum() + self.dst_sizes.sum())
 
     @property
     def count(self):
-        return len(self.pairs)
+        return len(self.src_offsets)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Attention(Op):
-    """One decode attention step over the listed KV blocks (fp16 or INT4 regions).
+    """One decode attention step over KV blocks resident in ``space`` (fp16 or INT4).
 
-    ``query`` is [layers, heads, head_dim] float32 (None on the simulator); the result is
-    the attention output [layers, heads, head_dim] and per-block log-sum-exp.
+    Blocks are columns, not objects, so a step over thousands of blocks costs the
+    simulator nothing per block: byte offsets, formats (``Fmt`` values), valid tokens and
+    sizes. ``query`` is [layers, heads, head_dim] float32 (None on the simulator); the
+    result is the attention output [layers, heads, head_dim] and the per-block
+    log-sum-exp [layers, heads, num_blocks].
     """
 
-    blocks: tuple = ()       # (Region, Fmt, n_valid)
+    space: str = "l1"
+    offsets: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    fmts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))
+    n_valid: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     query: Optional[np.ndarray] = None
-    layout: object = None    # synapse.hw.kv_layout.KVLayout
+    layout: object = None    # drivers.kv_common.BlockSizes
+    group_size: int = 64
     flops: float = 0.0
     softmax_scale: float = 1.0
 
@@ -139,7 +168,11 @@ class Attention(Op):
 
     @property
     def nbytes(self):
-        return sum(r.nbytes for r, _, _ in self.blocks)
+        return int(self.sizes.sum())
+
+    @property
+    def count(self):
+        return len(self.offsets)
 
 
 @dataclass(frozen=True)

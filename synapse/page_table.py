@@ -18,6 +18,8 @@ import numpy as np
 
 from .blocks import BlockSpec, Fmt, Kind, State, Tier
 
+_LIVE = int(State.LIVE)  # plain ints on the hot path: enum attribute access is slow
+
 
 class PageTable:
     def __init__(self, initial_capacity: int = 1024):
@@ -33,6 +35,7 @@ class PageTable:
         self.layer = np.zeros(cap, np.int32)
         self.token_start = np.zeros(cap, np.int64)
         self.token_end = np.zeros(cap, np.int64)
+        self.offset = np.full(cap, -1, np.int64)  # the handle's byte offset, for vector ops
         self.content_hash: list[str] = []
         self.handle: list[object | None] = []  # the slab (or ring slot) holding the bytes
         self.tenants: list[str] = []
@@ -51,7 +54,7 @@ class PageTable:
             return
         new = max(need, cap * 2)
         for name in ("tier", "state", "fmt", "kind", "nbytes", "owner", "tenant", "layer",
-                     "token_start", "token_end"):
+                     "token_start", "token_end", "offset"):
             old = getattr(self, name)
             arr = np.zeros(new, old.dtype)
             arr[:cap] = old
@@ -84,19 +87,21 @@ class PageTable:
             self.token_end[j] = s.token_end
             self.content_hash.append(s.content_hash)
             self.handle.append(handles[i])
+            self.offset[j] = getattr(handles[i], "offset", -1)
         self._n = hi
         self._bytes[tier] += int(sum(s.nbytes for s in specs))
         return ids
 
     def move(self, block: int, tier: Tier, fmt: Fmt, nbytes: int, handle: object) -> None:
         """The block's bytes now live in ``tier`` (possibly re-encoded)."""
-        self._require_live(block)
-        old = Tier(self.tier[block])
-        self._bytes[old] -= int(self.nbytes[block])
+        if not (0 <= block < self._n) or self.state[block] != _LIVE:
+            raise KeyError(f"block {block} is not live")
+        self._bytes[int(self.tier[block])] -= int(self.nbytes[block])
         self.tier[block] = tier
         self.fmt[block] = fmt
         self.nbytes[block] = nbytes
         self.handle[block] = handle
+        self.offset[block] = handle.offset
         self._bytes[tier] += nbytes
 
     def drop(self, block: int) -> None:
@@ -115,6 +120,7 @@ class PageTable:
         self.tier[block] = Tier.NONE
         self.state[block] = state
         self.handle[block] = None
+        self.offset[block] = -1
 
     def _require_live(self, block: int) -> None:
         if not (0 <= block < self._n) or self.state[block] != State.LIVE:

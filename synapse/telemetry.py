@@ -10,7 +10,6 @@ exposition format through ``prometheus_client`` when it is installed.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import asdict
 
 import numpy as np
 
@@ -68,12 +67,9 @@ def summarize(records: list[OpRecord], step_s: list[float]) -> dict:
 
 
 def ops_table(records: list[OpRecord]) -> dict:
-    """The op records as columns (for the dashboard's stream lanes)."""
-    cols: dict[str, list] = defaultdict(list)
-    for r in records:
-        for k, v in asdict(r).items():
-            cols[k].append(v)
-    return dict(cols)
+    """The op records as columns (for the dashboard's stream lanes and ``compare``)."""
+    names = ("kind", "purpose", "stream", "submit_s", "start_s", "end_s", "nbytes", "count")
+    return {n: [getattr(r, n) for r in records] for n in names}
 
 
 def prometheus_text(metrics: dict, labels: dict[str, str]) -> str:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from ..blocks import Fmt
 from ..errors import ScenarioError
+from ..hw.kv_layout import KVLayout
 from ..hw.slab import SlabAllocator
 from ..manager import DecisionLog, Spaces, TierManager
 from ..mover import Mover
@@ -22,27 +23,43 @@ PAGE_TARGET_BYTES = 2 << 20
 
 @dataclass(frozen=True)
 class BlockSizes:
-    """Bytes of one KV block: token-major [block_tokens, 2, layers, heads, head_dim]."""
+    """Bytes of one KV block, from its layout (synapse.hw.kv_layout: token-major
+    [block_tokens, 2, layers, heads, head_dim], fp16 or INT4)."""
 
-    numel: int
-    token_bytes: int
-    fp16: int
-    int4: int
+    layout: KVLayout
 
     @classmethod
     def of(cls, s: Scenario) -> "BlockSizes":
         m = s.model
-        per_token = 2 * m.layers * m.kv_heads * m.head_dim
-        numel = per_token * s.memory.block_tokens
-        return cls(numel, per_token * 2, numel * 2, numel // 2 + 4 * numel // s.memory.int4_group)
+        return cls(KVLayout(m.layers, m.kv_heads, m.head_dim, s.memory.block_tokens,
+                            s.memory.int4_group))
 
-    def of_fmt(self, fmt: Fmt) -> int:
-        return self.int4 if fmt == Fmt.INT4 else self.fp16
+    @property
+    def numel(self) -> int:
+        return self.layout.numel
+
+    @property
+    def token_bytes(self) -> int:
+        return self.layout.token_bytes
+
+    @property
+    def fp16(self) -> int:
+        return self.layout.fp16_bytes
+
+    @property
+    def int4(self) -> int:
+        return self.layout.int4_bytes
 
 
-def page_bytes_for(block_bytes: int) -> int:
-    """Whole fp16 blocks per page, about 2 MiB when blocks are small."""
-    return block_bytes * max(1, PAGE_TARGET_BYTES // block_bytes)
+MIN_PAGES = 64
+
+
+def page_bytes_for(block_bytes: int, arena_bytes: int) -> int:
+    """Whole blocks per page: about 2 MiB when blocks are small, but never so large that
+    the arena has fewer than MIN_PAGES pages. Pages carry one size class each, so few
+    large pages would strand INT4 objects next to fp16 ones and waste the budget's tail."""
+    per_page = min(PAGE_TARGET_BYTES // block_bytes, arena_bytes // (MIN_PAGES * block_bytes))
+    return block_bytes * max(1, per_page)
 
 
 @dataclass
@@ -73,11 +90,9 @@ def build_kv(s: Scenario, backend, profile: Profile, working_set_bytes: int, min
                         profile.hbm_bytes, f"the HBM of profile {profile.name}")
     l2 = resolve_budget(s.memory.l2_budget, working_set_bytes, "memory.l2_budget", source,
                         profile.host_pinned_bytes, f"the pinned host memory of profile {profile.name}")
-    page = page_bytes_for(sizes.fp16)
-    if l1 < page:
-        page = sizes.fp16
+    page = page_bytes_for(sizes.fp16, l1)
     need = min_l1_blocks * sizes.fp16
-    if l1 < max(need, page):
+    if l1 < need:
         raise ScenarioError(
             f"{source}: memory.l1_budget: got {s.memory.l1_budget!r} = {fmt_bytes(l1)}, below what "
             f"one step needs: {min_l1_blocks} blocks of {fmt_bytes(sizes.fp16)} = {fmt_bytes(need)}")
@@ -86,8 +101,9 @@ def build_kv(s: Scenario, backend, profile: Profile, working_set_bytes: int, min
     l2 = max(l2, page)
     classes = (sizes.int4, sizes.fp16)
     l1_space = SlabAllocator(backend.memory("l1", l1, "device"), classes, page)
-    l2_space = SlabAllocator(backend.memory("l2", l2, "pinned_host"), classes, page)
-    stage_page = page_bytes_for(sizes.int4)
+    l2_space = SlabAllocator(backend.memory("l2", l2, "pinned_host"), classes,
+                             page_bytes_for(sizes.fp16, l2))
+    stage_page = page_bytes_for(sizes.int4, s.memory.staging_blocks * sizes.int4)
     stage_bytes = max(stage_page, s.memory.staging_blocks * sizes.int4)
     staging = SlabAllocator(backend.memory("staging", stage_bytes, "device"), (sizes.int4,),
                             stage_page)

@@ -109,6 +109,7 @@ class NeedleDriver:
             pos = table.token_start[resident] // bt
             nvalid = tr.n_valid(t, pos)
             att = self._attention(t, resident, nvalid)
+            att_fmts = table.fmt[resident].copy()
             # 5. observe
             mass = tr.masses(t, pos)
             mgr.policy.on_attention(resident, mass, t)
@@ -119,7 +120,7 @@ class NeedleDriver:
             yield from mover.finish(demote + prefetch, [att] + bg, t)
             if self.backend.moves_data and (st.is_question or (
                     self.s.workload.check_every and t % self.s.workload.check_every == 0)):
-                self._check_output(t, att, pos, nvalid)
+                self._check_output(t, att, pos, nvalid, att_fmts)
             if self.s.checks.invariants:
                 mgr.check()
             self.rec.step(t, be.now(), l1_bytes=table.bytes_in(Tier.L1),
@@ -156,10 +157,10 @@ class NeedleDriver:
         last = int(self.pos2id[(st.tokens - 1) // bt])
         full = table.token_end[last] - table.token_start[last] == bt
         if self.tail is not None and self.tail != last:
-            mgr.pinned.discard(self.tail)
+            mgr.unpin(self.tail)
         self.tail = None if full else last
         if self.tail is not None:
-            mgr.pinned.add(self.tail)
+            mgr.pin(self.tail)
         if not regions:
             return None
         source = self._ingest_source(items) if self.backend.moves_data else None
@@ -168,15 +169,10 @@ class NeedleDriver:
 
     def _attention(self, t, resident, nvalid):
         m = self.m
-        blocks = []
-        for b, nv in zip(resident.tolist(), nvalid.tolist()):
-            region, fmt = self.mover.block_region(b)
-            blocks.append((region, fmt, int(nv)))
         q = self.trace.query_vector(t, m.layers, m.kv_heads, m.head_dim) \
             if self.backend.moves_data else None
         flops = 4.0 * m.layers * m.kv_heads * m.head_dim * float(nvalid.sum())
-        return self.backend.submit(Attention(purpose="decode", blocks=tuple(blocks), query=q,
-                                             layout=self.kv.sizes, flops=flops), Stream.COMPUTE)
+        return self.mover.attention(resident, nvalid, "default", q, flops, self.kv.sizes.layout)
 
     # -- checks against dense attention (hardware backends) ---------------------------------
     def _mean_v_of(self, pos: int, n_valid: int) -> np.ndarray:
@@ -185,7 +181,7 @@ class NeedleDriver:
         kv = self._payload(pos)
         return kv[:n_valid, 1].astype(np.float64).mean(axis=0)
 
-    def _check_output(self, t, att, pos, nvalid):
+    def _check_output(self, t, att, pos, nvalid, fmts):
         tr = self.trace
         out, lse = self.backend.result(att)
         live = int(np.ceil(tr._tokens[t] / tr.bt))
@@ -203,7 +199,7 @@ class NeedleDriver:
         k_mass = np.exp(lse - lse.max(axis=-1, keepdims=True))
         k_mass /= k_mass.sum(axis=-1, keepdims=True)
         model = tr.masses(t, pos)
-        fp16_blocks = self.table.fmt[self.mgr.resident()] == Fmt.FP16
+        fp16_blocks = fmts == Fmt.FP16
         if fp16_blocks.any():
             diff = np.abs(k_mass[..., fp16_blocks] - model[fp16_blocks]).max()
             self.score_err = max(self.score_err, float(diff))

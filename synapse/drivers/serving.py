@@ -131,6 +131,14 @@ class ServingDriver:
         order = np.argsort(self.policy_scores(rids, t), kind="stable")
         return [cand[i] for i in order]
 
+    def _start_order(self, queued: list[Request]) -> list[Request]:
+        """Queued requests in start order: tenants under their share first, then arrival."""
+        if not self.shares:
+            return list(queued)
+        used, cap = self._tenant_l1(), self.mgr.l1_capacity
+        return sorted(queued, key=lambda r: (used.get(r.tenant, 0) > self.shares[r.tenant] * cap,
+                                             r.arrival, r.rid))
+
     def policy_scores(self, rids, t):
         return self._req_policy.scores(rids, t)
 
@@ -177,7 +185,7 @@ class ServingDriver:
                 self._req_policy.on_fetch(np.array([r.rid]), t)
             tickets = self.mover.submit(moves)
             ingests = []
-            for r in list(queued):
+            for r in self._start_order(queued):
                 nb = math.ceil(r.prompt / self.bt)
                 if len(running) >= self.max_running:
                     break
@@ -305,21 +313,14 @@ class ServingDriver:
 
     def _attention(self, r: Request, ids, t: int, after):
         m = self.s.model
-        blocks, total = [], 0
-        for b in ids.tolist():
-            region, fmt = self.mover.block_region(b)
-            nv = int(self.table.token_end[b] - self.table.token_start[b])
-            blocks.append((region, fmt, nv))
-            total += nv
+        nv = self.table.token_end[ids] - self.table.token_start[ids]
         q = None
         if self.backend.moves_data:
             rng = np.random.default_rng([self.s.seed, 0x71, r.rid, t])
             q = rng.standard_normal((m.layers, m.kv_heads, m.head_dim), np.float32)
-        flops = 4.0 * m.layers * m.kv_heads * m.head_dim * total
-        return self.backend.submit(Attention(purpose="decode", blocks=tuple(blocks), query=q,
-                                             layout=self.sizes, flops=flops,
-                                             softmax_scale=m.head_dim ** -0.5),
-                                   Stream.COMPUTE, after)
+        flops = 4.0 * m.layers * m.kv_heads * m.head_dim * float(nv.sum())
+        return self.mover.attention(ids, nv, r.tenant, q, flops, self.sizes.layout,
+                                    softmax_scale=m.head_dim ** -0.5, after=after)
 
     def _swap_out(self, running, swapped, exclude, t, need_bytes: int, forced: bool = False):
         mgr = self.mgr

@@ -86,8 +86,7 @@ class StreamingDriver:
             src = Region("l2", i * self.layer_bytes, n)
             dst = Region("ring", off, n)
             deps = list(ring.blockers(i)) + list(after)
-            copies[g] = be.submit(Copy(purpose=purpose, direction="h2d", pairs=((src, dst),)),
-                                  Stream.H2D, deps)
+            copies[g] = be.submit(Copy.between(purpose, "h2d", src, dst), Stream.H2D, deps)
             self.streamed_bytes += n
             c.l2_hits += 1
             (c.__setattr__("prefetches", c.prefetches + 1) if purpose == "prefetch"

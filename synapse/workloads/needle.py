@@ -138,19 +138,21 @@ class NeedleTrace:
 
     # -- ground truth over all blocks -------------------------------------------------
     def _compute_needed(self) -> None:
-        n, T = self.num_blocks, self.num_steps
-        needed = np.zeros((T, n), bool)
-        blocks = np.arange(n)
-        logit_all = self.queries @ self.keys.T  # [T, n]
-        for t in range(T):
-            live = math.ceil(int(self._tokens[t]) / self.bt)
-            nv = self.n_valid(t, blocks[:live])
-            z = logit_all[t, :live] + np.log(nv)
-            z -= z.max()
-            w = np.exp(z)
-            w /= w.sum()
-            needed[t, :live] = w >= self.cfg.access_factor / live
-        self._needed = needed
+        """One pass over a [steps, blocks] logit matrix: mass >= access_factor / live.
+
+        Full blocks all hold ``block_tokens`` tokens, a constant factor that softmax
+        cancels; only each step's last (partial) block needs its token count.
+        """
+        n = self.num_blocks
+        live = -(-self._tokens // self.bt)                                 # [T]
+        z = self.queries.astype(np.float32) @ self.keys.T.astype(np.float32)
+        z[np.arange(n)[None, :] >= live[:, None]] = -np.inf
+        rows = np.arange(self.num_steps)
+        z[rows, live - 1] += np.log((self._tokens - (live - 1) * self.bt) / self.bt).astype(np.float32)
+        z -= z.max(axis=1, keepdims=True)
+        np.exp(z, out=z)
+        z /= z.sum(axis=1, keepdims=True)
+        self._needed = z >= (self.cfg.access_factor / live)[:, None].astype(np.float32)
 
     def needed(self, t: int) -> np.ndarray:
         """Block positions used at step t (policy-independent ground truth)."""

@@ -1,0 +1,197 @@
+// INT4 quantize / dequantize kernels: bit-exact with synapse/hw/int4.py (the spec).
+//
+// Device: any sm_70+ GPU (tuned for sm_90). Element type: fp16 (__half).
+// Layout of a quantized buffer of n elements, group size G, contiguous:
+//   [packed uint8, n/2 bytes][scales fp16, n/G][zeros fp16, n/G]
+// element 2i -> low nibble of byte i, element 2i+1 -> high nibble.
+// Per group: zero = fp16(min), scale = fp16((max - min) / 15) (fp32 math, IEEE division;
+// min and max get + 0.0 so that -0 is stored as +0);
+// q = clamp(rint((x - zero) / scale), 0, 15) with the fp16-rounded zero/scale, q = 0 when
+// the rounded scale is 0; dequant x_hat = fp16(zero + q * scale) with a separately rounded
+// product and sum (no FMA), exactly as NumPy computes it.
+//
+// Contracts the caller (synapse/hw/kernels.py) checks: n > 0, n % G == 0, both pointers
+// 16-byte aligned, input finite. Launch: 1-D, blockDim.x = kThreads, any gridDim.x >= 1
+// (grid-stride loops).
+//
+// Entry points (extern "C"): int4_quantize_g{32,64,128}(const __half* src, uint8_t* dst,
+// unsigned long long n) and int4_dequantize_g{32,64,128}(const uint8_t* src, __half* dst,
+// unsigned long long n).
+
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace {
+
+constexpr int kThreads = 256;       // must match INT4_THREADS in kernels.py
+constexpr int kVec = 8;             // fp16 elements per 16-byte vector (one uint32 of codes)
+constexpr int kQuantUnroll = 2;     // vectors per thread per tile (QUANT_VECS_PER_THREAD)
+constexpr int kDequantUnroll = 4;   // vectors per thread per tile (DEQUANT_VECS_PER_THREAD)
+constexpr float kLevels = 15.0f;
+
+__device__ __forceinline__ void halves_to_floats(const uint4 raw, float (&x)[kVec]) {
+  const __half2* h = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+  for (int i = 0; i < kVec / 2; ++i) {
+    const float2 f = __half22float2(h[i]);
+    x[2 * i] = f.x;
+    x[2 * i + 1] = f.y;
+  }
+}
+
+// rint((x - zf) / sf) clamped to [0, 15], bit-exact with the IEEE quotient. A reciprocal
+// multiply is within a few ulp of the true quotient (|quotient| < 32 here); only when that
+// lands near a .5 tie can the two round differently, and then we take the exact division.
+__device__ __forceinline__ uint32_t code_of(float x, float zf, float sf, float inv_sf) {
+  const float d = __fsub_rn(x, zf);
+  float t = __fmul_rn(d, inv_sf);
+  if (fabsf(__fsub_rn(__fsub_rn(t, floorf(t)), 0.5f)) < 1.0e-4f) t = __fdiv_rn(d, sf);
+  const int q = __float2int_rn(t);
+  return static_cast<uint32_t>(min(max(q, 0), 15));
+}
+
+__device__ __forceinline__ float dequant_value(uint32_t code, float zf, float sf) {
+  return __fadd_rn(zf, __fmul_rn(static_cast<float>(code), sf));
+}
+
+// One vector = 8 consecutive elements = one 16-byte load and one 4-byte code word. A group
+// spans G/8 consecutive lanes of one warp (tiles are warp-aligned), so its min/max is a
+// butterfly over those lanes. The tile loop is uniform across the block so every lane
+// reaches every shuffle; inactive lanes (tail) form whole groups and never mix with
+// active ones because n is a multiple of G.
+template <int G>
+__device__ __forceinline__ void quantize_impl(const __half* __restrict__ src,
+                                              uint8_t* __restrict__ dst,
+                                              unsigned long long n) {
+  constexpr int kLanesPerGroup = G / kVec;
+  static_assert(kLanesPerGroup >= 1 && kLanesPerGroup <= 32, "group must fit in a warp");
+  const unsigned long long num_vec = n / kVec;
+  const uint4* in = reinterpret_cast<const uint4*>(src);
+  uint32_t* packed = reinterpret_cast<uint32_t*>(dst);
+  __half* scales = reinterpret_cast<__half*>(dst + n / 2);
+  __half* zeros = scales + n / G;
+  const unsigned lane = threadIdx.x & 31u;
+  const unsigned long long tile = static_cast<unsigned long long>(kQuantUnroll) * blockDim.x;
+  const unsigned long long stride = tile * gridDim.x;
+
+  for (unsigned long long base = tile * blockIdx.x; base < num_vec; base += stride) {
+    float x[kQuantUnroll][kVec];
+    bool active[kQuantUnroll];
+    // issue every load of the tile before any arithmetic: memory-level parallelism
+#pragma unroll
+    for (int u = 0; u < kQuantUnroll; ++u) {
+      const unsigned long long v = base + static_cast<unsigned long long>(u) * blockDim.x + threadIdx.x;
+      active[u] = v < num_vec;
+      const uint4 raw = active[u] ? __ldg(in + v) : make_uint4(0u, 0u, 0u, 0u);
+      halves_to_floats(raw, x[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < kQuantUnroll; ++u) {
+      float lo = x[u][0];
+      float hi = x[u][0];
+#pragma unroll
+      for (int e = 1; e < kVec; ++e) {
+        lo = fminf(lo, x[u][e]);
+        hi = fmaxf(hi, x[u][e]);
+      }
+#pragma unroll
+      for (int off = 1; off < kLanesPerGroup; off <<= 1) {
+        lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, off));
+        hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, off));
+      }
+      // + 0 maps -0 to +0: fminf/fmaxf may return either of two equal zeros, the stored
+      // bits must not depend on that (the NumPy spec does the same)
+      lo = __fadd_rn(lo, 0.0f);
+      hi = __fadd_rn(hi, 0.0f);
+      const __half scale_h = __float2half_rn(__fdiv_rn(__fsub_rn(hi, lo), kLevels));
+      const __half zero_h = __float2half_rn(lo);
+      const float sf = __half2float(scale_h);
+      const float zf = __half2float(zero_h);
+      uint32_t word = 0u;
+      if (sf != 0.0f) {
+        const float inv_sf = __frcp_rn(sf);
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) word |= code_of(x[u][e], zf, sf, inv_sf) << (4 * e);
+      }
+      if (active[u]) {
+        const unsigned long long v = base + static_cast<unsigned long long>(u) * blockDim.x + threadIdx.x;
+        packed[v] = word;
+        if (lane % kLanesPerGroup == 0) {
+          const unsigned long long g = v / kLanesPerGroup;
+          scales[g] = scale_h;
+          zeros[g] = zero_h;
+        }
+      }
+    }
+  }
+}
+
+// One vector = one 4-byte code word in, one 16-byte store of 8 fp16 out. No cross-lane
+// work, so a plain grid-stride loop; each thread loads kDequantUnroll words (coalesced
+// across the warp) before converting, to keep enough bytes in flight.
+template <int G>
+__device__ __forceinline__ void dequantize_impl(const uint8_t* __restrict__ src,
+                                                __half* __restrict__ dst,
+                                                unsigned long long n) {
+  constexpr int kVecPerGroup = G / kVec;
+  const unsigned long long num_vec = n / kVec;
+  const uint32_t* packed = reinterpret_cast<const uint32_t*>(src);
+  const __half* scales = reinterpret_cast<const __half*>(src + n / 2);
+  const __half* zeros = scales + n / G;
+  uint4* out = reinterpret_cast<uint4*>(dst);
+  const unsigned long long tile = static_cast<unsigned long long>(kDequantUnroll) * blockDim.x;
+  const unsigned long long stride = tile * gridDim.x;
+
+  for (unsigned long long base = tile * blockIdx.x; base < num_vec; base += stride) {
+    uint32_t word[kDequantUnroll];
+    float sf[kDequantUnroll];
+    float zf[kDequantUnroll];
+#pragma unroll
+    for (int u = 0; u < kDequantUnroll; ++u) {
+      const unsigned long long v = base + static_cast<unsigned long long>(u) * blockDim.x + threadIdx.x;
+      if (v < num_vec) {
+        const unsigned long long g = v / kVecPerGroup;
+        word[u] = __ldg(packed + v);
+        sf[u] = __half2float(__ldg(scales + g));
+        zf[u] = __half2float(__ldg(zeros + g));
+      } else {
+        word[u] = 0u;
+        sf[u] = 0.0f;
+        zf[u] = 0.0f;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kDequantUnroll; ++u) {
+      const unsigned long long v = base + static_cast<unsigned long long>(u) * blockDim.x + threadIdx.x;
+      if (v < num_vec) {
+        uint4 raw;
+        __half2* h = reinterpret_cast<__half2*>(&raw);
+#pragma unroll
+        for (int i = 0; i < kVec / 2; ++i) {
+          const uint32_t lo = (word[u] >> (8 * i)) & 0xFu;
+          const uint32_t hi = (word[u] >> (8 * i + 4)) & 0xFu;
+          h[i] = __floats2half2_rn(dequant_value(lo, zf[u], sf[u]), dequant_value(hi, zf[u], sf[u]));
+        }
+        out[v] = raw;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+#define SYNAPSE_INT4_ENTRY(G)                                                          \
+  extern "C" __global__ void __launch_bounds__(kThreads)                               \
+      int4_quantize_g##G(const __half* __restrict__ src, uint8_t* __restrict__ dst,    \
+                         unsigned long long n) {                                       \
+    quantize_impl<G>(src, dst, n);                                                     \
+  }                                                                                    \
+  extern "C" __global__ void __launch_bounds__(kThreads)                               \
+      int4_dequantize_g##G(const uint8_t* __restrict__ src, __half* __restrict__ dst,  \
+                           unsigned long long n) {                                     \
+    dequantize_impl<G>(src, dst, n);                                                   \
+  }
+
+SYNAPSE_INT4_ENTRY(32)
+SYNAPSE_INT4_ENTRY(64)
+SYNAPSE_INT4_ENTRY(128)

@@ -1,0 +1,146 @@
+"""The host execution mode (``--backend cpu``): the hardware path with NumPy arrays.
+
+Every space (L1 arena, INT4 staging, L2 pool, weight ring) is a NumPy byte array, and
+every op really moves or transforms bytes through the same slab offsets, INT4 layout and
+ring slots the GPU uses: copies are slice assignments, quantisation is the INT4
+reference, attention is the reference decode over the blocks' bytes. Ops run
+synchronously at submit, so streams and ``after`` need no bookkeeping; times are wall
+clock. It exists so CI can run the scenarios end to end with real data and check outputs;
+it is a reference, not a performance path.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import numpy as np
+
+from ..backend import Backend, _Wait, run_sync
+from ..errors import KernelError
+from ..ops import Attention, Copy, Ingest, LayerCompute, Op, OpRecord, Quantize, Region, Stream, Zero
+from . import int4
+from .attention_ref import BlockRef, attention_decode_ref
+from .kv_layout import FMT_FP16, FMT_INT4
+from .memory import HostMemory
+
+_FMT_NAME = {0: "fp16", 1: "fp16", 2: "int4"}  # blocks.Fmt values -> layout formats
+
+
+class _Ticket:
+    __slots__ = ("value",)
+
+    def __init__(self, value=None):
+        self.value = value
+
+
+class HostBackend(Backend):
+    name = "cpu"
+    moves_data = True
+    simulated = False
+
+    def __init__(self):
+        self._mem: dict[str, HostMemory] = {}
+        self._records: list[OpRecord] = []
+        self._t0 = time.perf_counter()
+        self.fail_next: dict[str, int] = {}  # fault injection for tests: op kind -> count
+
+    # -- memory -------------------------------------------------------------------
+    def memory(self, space: str, nbytes: int, kind: str) -> HostMemory:
+        # "device" spaces are host memory here; the memory says so ("host"), so a
+        # residency audit can never mistake them for HBM.
+        mem = HostMemory(nbytes, "host" if kind == "device" else "host")
+        self._mem[space] = mem
+        return mem
+
+    def view(self, region: Region) -> np.ndarray:
+        return self._mem[region.space].view(region.offset, region.nbytes)
+
+    def read_region(self, region: Region) -> np.ndarray:
+        return self.view(region).copy()
+
+    # -- work -----------------------------------------------------------------------
+    def submit(self, op: Op, stream: Stream, after: Sequence = ()) -> _Ticket:
+        start = self.now()
+        left = self.fail_next.get(op.kind, 0)
+        if left:
+            self.fail_next[op.kind] = left - 1
+            raise KernelError(f"{op.kind} ({op.purpose}) failed: injected fault")
+        value = self._execute(op)
+        self._records.append(OpRecord(op.kind, op.purpose, stream.value, start, start,
+                                      self.now(), op.nbytes, op.count))
+        return _Ticket(value)
+
+    def _execute(self, op: Op):
+        if isinstance(op, Copy):
+            src, dst = self._mem[op.src_space], self._mem[op.dst_space]
+            for s, d, n in zip(op.src_offsets.tolist(), op.dst_offsets.tolist(), op.sizes.tolist()):
+                dst.view(d, n)[:] = src.view(s, n)
+        elif isinstance(op, Ingest):
+            for i, r in enumerate(op.dst):
+                data = op.source(i)
+                if data.nbytes != r.nbytes:
+                    raise KernelError(f"ingest ({op.purpose}): {data.nbytes} bytes for a "
+                                      f"region of {r.nbytes}")
+                self.view(r)[:] = data
+        elif isinstance(op, Quantize):
+            src, dst = self._mem[op.src_space], self._mem[op.dst_space]
+            for s, d, ns, nd in zip(op.src_offsets.tolist(), op.dst_offsets.tolist(),
+                                    op.src_sizes.tolist(), op.dst_sizes.tolist()):
+                x = src.view(s, op.numel * 2).view(np.float16)
+                int4.pack_into(x, op.group_size, dst.view(d, nd))
+        elif isinstance(op, Attention):
+            return self._attention(op)
+        elif isinstance(op, LayerCompute):
+            self._layer(op)
+        elif isinstance(op, Zero):
+            for r in op.regions:
+                self.view(r)[:] = 0
+        else:
+            raise KernelError(f"the cpu backend cannot run {type(op).__name__}")
+        return None
+
+    def _attention(self, op: Attention):
+        mem = self._mem[op.space]
+        lay = op.layout
+        blocks = []
+        for off, fmt, nv, size in zip(op.offsets.tolist(), op.fmts.tolist(), op.n_valid.tolist(),
+                                      op.sizes.tolist()):
+            name = _FMT_NAME[fmt]
+            blocks.append(BlockRef(mem.view(off, lay.nbytes(name)), name, int(nv)))
+        return attention_decode_ref(op.query, blocks, lay, op.softmax_scale)
+
+    def _layer(self, op: LayerCompute) -> None:
+        h, f = op.hidden, op.ffn
+        w = self._mem[op.weights.space].view(op.weights.offset, op.weights.nbytes).view(np.float16)
+        w1 = w[: h * f].reshape(h, f).astype(np.float32)
+        w2 = w[h * f: 2 * h * f].reshape(f, h).astype(np.float32)
+        x = op.act.value
+        u = x @ w1
+        g = 0.5 * u * (1.0 + np.tanh(0.7978845608 * (u + 0.044715 * u ** 3)))
+        op.act.value = (x + g @ w2).astype(np.float32)
+
+    def activation(self, x0):
+        return _Ticket(np.asarray(x0, np.float32).copy())
+
+    def read_activation(self, act):
+        return act.value.copy()
+
+    def wait(self, tickets: Sequence) -> _Wait:
+        return _Wait([t for t in tickets if t is not None])
+
+    def result(self, ticket):
+        return ticket.value
+
+    def now(self) -> float:
+        return time.perf_counter() - self._t0
+
+    def run(self, process) -> None:
+        self._t0 = time.perf_counter()
+        run_sync(process, lambda t: None)
+
+    def records(self) -> list[OpRecord]:
+        return self._records
+
+    def environment(self) -> dict:
+        return {"device": "host (NumPy reference execution)"}

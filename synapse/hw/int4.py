@@ -1,0 +1,229 @@
+"""NumPy reference of Synapse's INT4 format: the spec every INT4 kernel is checked against.
+
+Device: host (NumPy). Input dtype: float16 or float32 (any shape; flattened in C order).
+
+Format, for ``n`` elements and a group size ``G`` in ``GROUP_SIZES`` (``n % G == 0``):
+
+* per group of ``G`` consecutive elements, ``zero = min`` and ``scale = (max - min) / 15``
+  are computed in float32 and stored **rounded to float16**; quantization uses those
+  rounded values (converted back to float32), so host and device agree bit for bit:
+  ``q = clip(rint((x - zero) / scale), 0, 15)``, and ``q = 0`` where the rounded scale is 0.
+  ``rint`` rounds half to even (CUDA's ``__float2int_rn``). min and max are taken with
+  ``+ 0.0`` added, so a ``-0.0`` minimum is stored as ``+0.0``.
+* dequantization: ``x_hat = zero + q * scale`` in float32 (a product rounded, then a sum
+  rounded: no fused multiply-add), then cast to the output dtype.
+* packing: element ``2i`` in the low nibble and ``2i + 1`` in the high nibble of byte ``i``.
+* byte layout of a quantized buffer, contiguous, in this order::
+
+      [packed uint8, n/2 bytes][scales fp16, n/G values][zeros fp16, n/G values]
+
+  so ``int4_nbytes(n, G) == n/2 + 4*n/G``. With ``G >= 32`` the scales section starts at a
+  multiple of 16 bytes; the zeros section does too when ``(n/G) % 8 == 0``.
+
+Values must be finite, and the per-group zero and scale must fit in float16 (always true
+for float16 input); otherwise ``ValueError``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+GROUP_SIZES = (32, 64, 128)
+LEVELS = 15  # largest code: 4 bits
+
+
+@dataclass(frozen=True)
+class Int4Tensor:
+    """A quantized tensor: packed codes plus per-group fp16 scales and zeros."""
+
+    packed: np.ndarray  # uint8 [n/2]
+    scales: np.ndarray  # float16 [n/G]
+    zeros: np.ndarray  # float16 [n/G]
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    group_size: int
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return int4_nbytes(self.numel, self.group_size)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def check_group_size(group_size: int) -> int:
+    """Return ``group_size`` as an int, or raise ValueError naming the valid sizes."""
+    if not _is_int(group_size) or int(group_size) not in GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size!r}")
+    return int(group_size)
+
+
+def _check_numel(n: int, group_size: int) -> int:
+    if not _is_int(n) or n <= 0:
+        raise ValueError(f"element count must be a positive integer, got {n!r}")
+    if n % group_size:
+        raise ValueError(
+            f"element count {n} is not divisible by group_size {group_size}"
+        )
+    return int(n)
+
+
+def int4_nbytes(n: int, group_size: int) -> int:
+    """Bytes of the quantized layout of ``n`` elements: ``n/2 + 4*n/G``."""
+    group_size = check_group_size(group_size)
+    n = _check_numel(n, group_size)
+    return n // 2 + 4 * (n // group_size)
+
+
+def section_offsets(n: int, group_size: int) -> tuple[int, int, int]:
+    """Byte offsets of the (packed, scales, zeros) sections in the quantized layout."""
+    group_size = check_group_size(group_size)
+    n = _check_numel(n, group_size)
+    scales_off = n // 2
+    zeros_off = scales_off + 2 * (n // group_size)
+    return 0, scales_off, zeros_off
+
+
+def _float_input(x) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.dtype not in (np.float16, np.float32):
+        raise ValueError(f"INT4 input must be float16 or float32, got dtype {arr.dtype}")
+    return arr
+
+
+def _group_params(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """fp16 (scale, zero) per row of ``groups`` (float32 [num_groups, G])."""
+    if not np.isfinite(groups).all():
+        raise ValueError("INT4 input contains NaN or infinity")
+    # + 0.0 turns -0.0 into +0.0, so the stored bits never depend on which of two equal
+    # zeros min/max happened to return (the kernel does the same)
+    mn = groups.min(axis=1) + np.float32(0)
+    mx = groups.max(axis=1) + np.float32(0)
+    # float32 subtract and divide, each rounded once, exactly as the kernel does
+    scale32 = (mx - mn) / np.float32(LEVELS)
+    with np.errstate(over="ignore"):
+        scales = scale32.astype(np.float16)
+        zeros = mn.astype(np.float16)
+    if not (np.isfinite(scales).all() and np.isfinite(zeros).all()):
+        raise ValueError(
+            "INT4 input out of range: a group's zero or scale does not fit in float16 "
+            f"(max |x| = {float(np.abs(groups).max())})"
+        )
+    return scales, zeros
+
+
+def _codes(groups: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> np.ndarray:
+    """uint8 codes 0..15 for float32 groups, using the fp16-rounded scale and zero."""
+    sf = scales.astype(np.float32)[:, None]
+    zf = zeros.astype(np.float32)[:, None]
+    flat = sf == 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = (groups - zf) / np.where(flat, np.float32(1), sf)
+    q = np.clip(np.rint(ratio), 0, LEVELS)
+    q[np.broadcast_to(flat, q.shape)] = 0
+    return q.astype(np.uint8)
+
+
+def _pack_nibbles(codes: np.ndarray) -> np.ndarray:
+    pairs = codes.reshape(-1, 2)
+    return (pairs[:, 0] | (pairs[:, 1] << 4)).astype(np.uint8)
+
+
+def _unpack_nibbles(packed: np.ndarray) -> np.ndarray:
+    codes = np.empty(packed.size * 2, dtype=np.uint8)
+    codes[0::2] = packed & 0x0F
+    codes[1::2] = packed >> 4
+    return codes
+
+
+def quantize(x, group_size: int) -> Int4Tensor:
+    """Quantize a float16/float32 array (flattened in C order) to INT4 with per-group params."""
+    group_size = check_group_size(group_size)
+    arr = _float_input(x)
+    n = _check_numel(arr.size, group_size)
+    groups = arr.reshape(n // group_size, group_size).astype(np.float32)
+    scales, zeros = _group_params(groups)
+    packed = _pack_nibbles(_codes(groups, scales, zeros).reshape(-1))
+    return Int4Tensor(packed, scales, zeros, tuple(arr.shape), arr.dtype, group_size)
+
+
+def _dequantize_parts(
+    packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_size: int, dtype
+) -> np.ndarray:
+    codes = _unpack_nibbles(packed).reshape(-1, group_size).astype(np.float32)
+    sf = scales.astype(np.float32)[:, None]
+    zf = zeros.astype(np.float32)[:, None]
+    # product rounded, then sum rounded: the kernel uses __fmul_rn/__fadd_rn to match
+    return (zf + codes * sf).reshape(-1).astype(dtype)
+
+
+def dequantize(t: Int4Tensor) -> np.ndarray:
+    """Reconstruct ``t`` in its original shape and dtype."""
+    out = _dequantize_parts(t.packed, t.scales, t.zeros, t.group_size, t.dtype)
+    return out.reshape(t.shape)
+
+
+def _byte_buffer(buf: np.ndarray, nbytes: int, what: str) -> np.ndarray:
+    if not isinstance(buf, np.ndarray) or buf.dtype != np.uint8 or buf.ndim != 1:
+        raise ValueError(f"{what} must be a 1-D uint8 numpy array")
+    if not buf.flags.c_contiguous:
+        raise ValueError(f"{what} must be contiguous")
+    if buf.size != nbytes:
+        raise ValueError(f"{what} has {buf.size} bytes, the INT4 layout needs exactly {nbytes}")
+    return buf
+
+
+def split_sections(
+    buf: np.ndarray, n: int, group_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Views (packed uint8, scales fp16, zeros fp16) into a buffer holding the layout."""
+    nbytes = int4_nbytes(n, group_size)
+    buf = _byte_buffer(buf, nbytes, "INT4 buffer")
+    _, s_off, z_off = section_offsets(n, group_size)
+    packed = buf[:s_off]
+    scales = buf[s_off:z_off].view(np.float16)
+    zeros = buf[z_off:].view(np.float16)
+    return packed, scales, zeros
+
+
+def pack_into(x, group_size: int, out_bytes: np.ndarray) -> Int4Tensor:
+    """Quantize ``x`` and write the contiguous byte layout into ``out_bytes`` (uint8, exact size).
+
+    Returns the quantized tensor (its arrays are views into ``out_bytes``).
+    """
+    t = quantize(x, group_size)
+    packed, scales, zeros = split_sections(out_bytes, t.numel, t.group_size)
+    packed[:] = t.packed
+    scales[:] = t.scales
+    zeros[:] = t.zeros
+    return Int4Tensor(packed, scales, zeros, t.shape, t.dtype, t.group_size)
+
+
+def unpack_from(buf_bytes: np.ndarray, n: int, group_size: int, dtype=np.float16) -> np.ndarray:
+    """Dequantize ``n`` elements from a buffer holding the byte layout; returns a flat array."""
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float16, np.float32):
+        raise ValueError(f"output dtype must be float16 or float32, got {dtype}")
+    packed, scales, zeros = split_sections(buf_bytes, n, group_size)
+    return _dequantize_parts(packed, scales, zeros, check_group_size(group_size), dtype)
+
+
+def expected_rmse(scales) -> float:
+    """RMSE bound of a uniform quantizer with these step sizes: ``sqrt(mean(scale**2) / 12)``."""
+    s = np.asarray(scales, dtype=np.float64)
+    if s.size == 0:
+        raise ValueError("expected_rmse needs at least one scale")
+    return float(np.sqrt(np.mean(s * s) / 12.0))
+
+
+def measured_rmse(x, x_hat) -> float:
+    """Root-mean-square reconstruction error, computed in float64."""
+    d = np.asarray(x, dtype=np.float64) - np.asarray(x_hat, dtype=np.float64)
+    return float(np.sqrt(np.mean(d * d)))

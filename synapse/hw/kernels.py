@@ -1,0 +1,600 @@
+"""Loader and thin typed wrappers for Synapse's CUDA kernels (``cuda/*.cu``).
+
+This module and the cuda backend's device module are the only places that import PyCUDA;
+``import synapse.hw`` does not import this module. Without PyCUDA (or without a driver)
+the module still imports, so its pure helpers (source lookup, nvcc compilation, launch
+planning) work on any machine; the wrappers then raise ``BackendUnavailable``.
+
+Device and context: an NVIDIA GPU through the caller's **current** CUDA context. This
+module never creates a context (no ``pycuda.autoinit``): the device module pushes the
+device's primary context, which PyTorch shares. Kernel modules are loaded once per
+context.
+
+Sources and compilation: the ``.cu`` files ship as package data ``synapse._cuda`` (the
+top-level ``cuda/`` directory, mapped in setup.cfg), so they are found after a plain
+``pip install .``; in a checkout without an install we fall back to ``<repo>/cuda``. They
+are compiled with nvcc to a cubin for the current device (``-arch=sm_XY`` from its compute
+capability) into ``$SYNAPSE_CACHE`` or ``~/.cache/synapse/kernels``, keyed by the source's
+hash, the arch, the nvcc version and the flags (the sources include only CUDA headers), and
+loaded with ``pycuda.driver.module_from_file``.
+
+Conventions of every wrapper:
+
+* pointers are plain ints (device addresses; a ``DeviceAllocation`` or anything with
+  ``__int__`` is accepted too) and their alignment is checked;
+* launches are asynchronous on ``stream`` (a PyCUDA ``Stream``, or None for the default
+  stream); a launch the driver refuses raises ``KernelError`` naming the operation, while a
+  fault inside a kernel surfaces at the next synchronising call;
+* bad arguments raise ``ValueError`` before anything is launched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+import subprocess
+import threading
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from synapse.errors import BackendUnavailable, KernelError
+from synapse.hw import int4 as int4_ref
+from synapse.hw.kv_layout import FMT_FP16, FMT_INT4
+
+try:
+    import pycuda.driver as _cuda
+except (ImportError, OSError) as _exc:  # no PyCUDA, or PyCUDA without a driver
+    _cuda = None
+    _IMPORT_ERROR: Exception | None = _exc
+else:
+    _IMPORT_ERROR = None
+
+SOURCES = ("int4.cu", "attention_decode.cu")
+# Same optimisation flags as .ci/check-cuda, so its register report matches these cubins.
+# No fast-math: the INT4 kernels rely on IEEE division and exact float->half rounding.
+NVCC_FLAGS = ("-O3", "-std=c++17")
+NVCC_TIMEOUT_S = 600
+
+# Launch shapes; must match the constants at the top of the .cu files.
+INT4_THREADS = 256  # kThreads in int4.cu
+INT4_VEC_ELEMS = 8  # elements per thread per vector (kVec)
+QUANT_VECS_PER_THREAD = 2  # kQuantUnroll
+DEQUANT_VECS_PER_THREAD = 4  # kDequantUnroll
+ATTN_THREADS = 128  # kAttnThreads in attention_decode.cu
+ATTN_HEAD_DIMS = (64, 128, 256)
+MAX_GRID_Y = 65535
+DEFAULT_SHARED_BYTES_PER_BLOCK = 48 * 1024  # without opting in to more
+ATTN_CTAS_PER_SM = 8  # planning figure: resident split CTAs per SM
+ATTN_WAVES = 2  # aim for this many waves of split CTAs over the chip
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def source_path(name: str):
+    """A readable path (Traversable) of a kernel source, installed or in the checkout."""
+    if name not in SOURCES:
+        raise ValueError(f"unknown kernel source {name!r}; known: {SOURCES}")
+    try:
+        candidate = resources.files("synapse._cuda") / name
+        if candidate.is_file():
+            return candidate
+    except ModuleNotFoundError:
+        pass  # a checkout that was never installed: synapse._cuda exists only once mapped
+    checkout = Path(__file__).resolve().parents[2] / "cuda" / name
+    if checkout.is_file():
+        return checkout
+    raise KernelError(
+        f"kernel source {name} not found in package synapse._cuda nor at {checkout}; "
+        "was the package installed without its package data?"
+    )
+
+
+def nvcc_path() -> str:
+    """The nvcc to use: $SYNAPSE_NVCC, PATH, $CUDA_HOME/bin, $CUDA_PATH/bin, /usr/local/cuda/bin."""
+    candidates = [os.environ.get("SYNAPSE_NVCC"), shutil.which("nvcc")]
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            candidates.append(os.path.join(os.environ[var], "bin", "nvcc"))
+    candidates.append("/usr/local/cuda/bin/nvcc")
+    for c in candidates:
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
+    raise KernelError(
+        "compiling kernels: nvcc not found (set SYNAPSE_NVCC, put nvcc on PATH or set CUDA_HOME)"
+    )
+
+
+@lru_cache(maxsize=None)
+def nvcc_version(nvcc: str) -> str:
+    """nvcc's full ``--version`` text (part of the cache key)."""
+    try:
+        done = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise KernelError(f"compiling kernels: cannot run {nvcc} --version: {exc}") from exc
+    if done.returncode != 0:
+        raise KernelError(f"compiling kernels: {nvcc} --version failed: {_first_lines(done.stderr)}")
+    return done.stdout.strip()
+
+
+def cache_dir() -> Path:
+    """Where compiled cubins live: $SYNAPSE_CACHE, else ~/.cache/synapse/kernels."""
+    env = os.environ.get("SYNAPSE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "synapse" / "kernels"
+
+
+def arch_of(compute_capability: tuple[int, int]) -> str:
+    """``(9, 0)`` -> ``'sm_90'``."""
+    major, minor = compute_capability
+    return f"sm_{major}{minor}"
+
+
+def _first_lines(text: str, n: int = 20) -> str:
+    lines = [ln for ln in (text or "").strip().splitlines() if ln.strip()]
+    more = f"\n... ({len(lines) - n} more lines)" if len(lines) > n else ""
+    return "\n".join(lines[:n]) + more
+
+
+def compile_cubin(name: str, arch: str, nvcc: str | None = None, out_dir: Path | None = None) -> Path:
+    """Compile kernel source ``name`` for ``arch`` (e.g. 'sm_90') unless cached; return the cubin."""
+    if not arch.startswith("sm_") or not arch[3:].isdigit():
+        raise ValueError(f"arch must look like 'sm_90', got {arch!r}")
+    src = source_path(name)
+    nvcc = nvcc or nvcc_path()
+    source_bytes = src.read_bytes()
+    key = hashlib.sha256()
+    for part in (source_bytes, arch.encode(), nvcc_version(nvcc).encode(), " ".join(NVCC_FLAGS).encode()):
+        key.update(part)
+        key.update(b"\0")
+    out_dir = Path(out_dir) if out_dir is not None else cache_dir()
+    cubin = out_dir / f"{Path(name).stem}-{arch}-{key.hexdigest()[:24]}.cubin"
+    if cubin.is_file():
+        return cubin
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KernelError(f"compiling {name}: cannot create cache dir {out_dir}: {exc}") from exc
+    # unique temp name, then an atomic rename: concurrent compilers never see half a file
+    tmp = cubin.with_name(f"{cubin.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with resources.as_file(src) as src_file:
+        cmd = [nvcc, "-cubin", f"-arch={arch}", *NVCC_FLAGS, str(src_file), "-o", str(tmp)]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=NVCC_TIMEOUT_S)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise KernelError(f"compiling {name} for {arch}: cannot run nvcc: {exc}") from exc
+    if done.returncode != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        raise KernelError(
+            f"compiling {name} for {arch}: nvcc exited with {done.returncode}:\n"
+            + _first_lines(done.stderr + done.stdout)
+        )
+    os.replace(tmp, cubin)
+    return cubin
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def resident_blocks_per_sm(
+    threads: int,
+    regs_per_thread: int,
+    shared_bytes: int,
+    max_threads_per_sm: int = 2048,
+    max_regs_per_sm: int = 65536,
+    max_shared_per_sm: int = 228 * 1024,
+    max_blocks_per_sm: int = 32,
+) -> int:
+    """How many CTAs of this shape fit on one SM at once (>= 1); defaults are sm_90's."""
+    warps = -(-threads // 32)
+    regs_per_warp = -(-max(regs_per_thread, 1) * 32 // 256) * 256  # allocated per warp, 256 at a time
+    by_regs = max_regs_per_sm // (regs_per_warp * warps)
+    by_threads = max_threads_per_sm // threads
+    by_shared = max_shared_per_sm // shared_bytes if shared_bytes > 0 else max_blocks_per_sm
+    return max(1, min(by_regs, by_threads, by_shared, max_blocks_per_sm))
+
+
+def int4_grid(n: int, vecs_per_thread: int, num_sms: int, blocks_per_sm: int,
+              threads: int = INT4_THREADS) -> int:
+    """Grid size for an INT4 kernel over ``n`` elements: enough tiles, at most one full wave."""
+    tiles = -(-(n // INT4_VEC_ELEMS) // (vecs_per_thread * threads))
+    return max(1, min(tiles, num_sms * blocks_per_sm))
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """How one attention decode call is launched (see cuda/attention_decode.cu)."""
+
+    blocks_per_split: int
+    num_splits: int
+    split_grid: tuple[int, int]
+    split_block: tuple[int, int, int]
+    shared_bytes: int  # dynamic shared memory of the split kernel
+    combine_grid: tuple[int, int]
+    combine_block: tuple[int, int, int]
+    workspace_bytes: int  # part_m, part_l [L*H, S] and part_acc [L*H, S, D], float32
+
+    def workspace_offsets(self, layers: int, heads: int) -> tuple[int, int, int]:
+        """Byte offsets of part_m, part_l and part_acc inside the workspace."""
+        parts = layers * heads * self.num_splits * 4
+        return 0, parts, 2 * parts
+
+
+def attention_plan(layers: int, heads: int, head_dim: int, block_tokens: int, num_blocks: int,
+                   num_sms: int, ctas_per_sm: int = ATTN_CTAS_PER_SM) -> AttentionPlan:
+    """Split the blocks so that L*H*num_splits CTAs cover the chip about ATTN_WAVES times.
+
+    Each split CTA walks ``blocks_per_split`` consecutive blocks; more splits mean more
+    parallelism but more partials to combine (``D + 2`` floats each, tiny next to a block).
+    """
+    lh = layers * heads
+    if lh <= 0 or lh > 2**31 - 1:
+        raise ValueError(f"layers * heads must be in [1, 2**31 - 1], got {lh}")
+    if num_blocks < 0:
+        raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
+    if num_blocks == 0:
+        bps, splits = 1, 0
+    else:
+        target = max(1, -(-ATTN_WAVES * num_sms * ctas_per_sm // lh))
+        bps = max(-(-num_blocks // target), -(-num_blocks // MAX_GRID_Y))
+        splits = -(-num_blocks // bps)
+    return AttentionPlan(
+        blocks_per_split=bps,
+        num_splits=splits,
+        split_grid=(lh, splits),
+        split_block=(ATTN_THREADS, 1, 1),
+        shared_bytes=4 * block_tokens,
+        combine_grid=(lh, 1),
+        combine_block=(head_dim, 1, 1),
+        workspace_bytes=max(16, 4 * lh * splits * (head_dim + 2)),
+    )
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _ptr(value, what: str, align: int) -> int:
+    try:
+        p = int(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} must be a device address (int), got {value!r}") from exc
+    if p <= 0:
+        raise ValueError(f"{what} must be a non-null device address, got {p}")
+    if p % align:
+        raise ValueError(f"{what} = {p:#x} must be {align}-byte aligned")
+    return p
+
+
+def _positive(value, what: str) -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _check_int4_args(n, group_size) -> tuple[int, int]:
+    group_size = int4_ref.check_group_size(group_size)
+    n = _positive(n, "n")
+    if n % group_size:
+        raise ValueError(f"n = {n} is not divisible by group_size {group_size}")
+    return n, group_size
+
+
+# --------------------------------------------------------------------------- driver side
+
+
+def _driver():
+    if _cuda is None:
+        raise BackendUnavailable(f"the CUDA kernels need PyCUDA and an NVIDIA driver: {_IMPORT_ERROR}")
+    return _cuda
+
+
+@dataclass
+class _ContextState:
+    arch: str
+    num_sms: int
+    max_threads_per_sm: int
+    max_regs_per_sm: int
+    max_shared_per_sm: int
+    modules: dict = field(default_factory=dict)  # source name -> Module
+    functions: dict = field(default_factory=dict)  # kernel name -> prepared Function
+    workspace: "AttentionWorkspace | None" = None
+
+
+_STATES: dict[int, _ContextState] = {}
+_LOCK = threading.Lock()
+
+
+def _state() -> _ContextState:
+    cuda = _driver()
+    try:
+        ctx = cuda.Context.get_current()
+    except cuda.Error as exc:
+        raise KernelError(f"no usable CUDA context (was pycuda.driver.init() called?): {exc}") from exc
+    if ctx is None:
+        raise KernelError(
+            "no current CUDA context: push the device's primary context first "
+            "(Device(i).retain_primary_context().push())"
+        )
+    with _LOCK:
+        state = _STATES.get(ctx.handle)
+        if state is None:
+            dev = cuda.Context.get_device()
+            attr = cuda.device_attribute
+            state = _ContextState(
+                arch=arch_of(dev.compute_capability()),
+                num_sms=dev.get_attribute(attr.MULTIPROCESSOR_COUNT),
+                max_threads_per_sm=dev.get_attribute(attr.MAX_THREADS_PER_MULTIPROCESSOR),
+                max_regs_per_sm=dev.get_attribute(attr.MAX_REGISTERS_PER_MULTIPROCESSOR),
+                max_shared_per_sm=dev.get_attribute(attr.MAX_SHARED_MEMORY_PER_MULTIPROCESSOR),
+            )
+            _STATES[ctx.handle] = state
+        return state
+
+
+def forget_context() -> None:
+    """Drop the modules, kernels and default workspace cached for the current context.
+
+    Call before popping a context for good (e.g. at shutdown), so no device allocation
+    outlives it in this module's caches.
+    """
+    cuda = _driver()
+    ctx = cuda.Context.get_current()
+    if ctx is None:
+        return
+    with _LOCK:
+        state = _STATES.pop(ctx.handle, None)
+    if state is not None and state.workspace is not None:
+        state.workspace.free()
+
+
+# argument formats for prepared launches (pycuda struct codes)
+_ARG_FORMATS = {
+    "int4_quantize": "PPQ",
+    "int4_dequantize": "PPQ",
+    "attention_decode_split": "PPPPiiiiifPPPP",
+    "attention_decode_combine": "PPPiiP",
+}
+
+
+def _function(source: str, name: str, family: str):
+    """A prepared kernel from ``source`` in the current context (compiled and loaded once)."""
+    cuda = _driver()
+    state = _state()
+    with _LOCK:
+        fn = state.functions.get(name)
+        if fn is not None:
+            return fn, state
+        module = state.modules.get(source)
+        if module is None:
+            cubin = compile_cubin(source, state.arch)
+            try:
+                module = cuda.module_from_file(str(cubin))
+            except cuda.Error as exc:
+                raise KernelError(f"loading {cubin}: {exc}") from exc
+            state.modules[source] = module
+        try:
+            fn = module.get_function(name)
+        except cuda.Error as exc:
+            raise KernelError(f"kernel {name} not found in {source}: {exc}") from exc
+        fn.prepare(_ARG_FORMATS[family])
+        state.functions[name] = fn
+        return fn, state
+
+
+def _launch(op: str, fn, grid, block, stream, args, shared_bytes: int = 0) -> None:
+    cuda = _driver()
+    try:
+        fn.prepared_async_call(grid, block, stream, *args, shared_size=shared_bytes)
+    except cuda.Error as exc:
+        raise KernelError(f"{op}: launch failed (grid {grid}, block {block}): {exc}") from exc
+
+
+def _blocks_per_sm(fn, state: _ContextState, threads: int, dynamic_shared: int = 0) -> int:
+    return resident_blocks_per_sm(
+        threads,
+        fn.num_regs,
+        fn.shared_size_bytes + dynamic_shared,
+        state.max_threads_per_sm,
+        state.max_regs_per_sm,
+        state.max_shared_per_sm,
+    )
+
+
+def quantize_int4(src_ptr, dst_ptr, n: int, group_size: int, stream=None) -> None:
+    """Quantize ``n`` fp16 values at ``src_ptr`` into the INT4 byte layout at ``dst_ptr``.
+
+    Device: current context. ``src``: fp16[n], finite, 16-byte aligned. ``dst``:
+    ``int4_nbytes(n, G)`` bytes, 16-byte aligned, laid out
+    ``[packed n/2][scales fp16 n/G][zeros fp16 n/G]`` (bit-exact with ``int4.pack_into``).
+    ``n % group_size == 0``, ``group_size`` in {32, 64, 128}. Buffers must not overlap.
+    """
+    n, group_size = _check_int4_args(n, group_size)
+    src = _ptr(src_ptr, "src_ptr", 16)
+    dst = _ptr(dst_ptr, "dst_ptr", 16)
+    fn, state = _function("int4.cu", f"int4_quantize_g{group_size}", "int4_quantize")
+    grid = int4_grid(n, QUANT_VECS_PER_THREAD, state.num_sms, _blocks_per_sm(fn, state, INT4_THREADS))
+    _launch("int4 quantize", fn, (grid, 1), (INT4_THREADS, 1, 1), stream, (src, dst, n))
+
+
+def dequantize_int4(src_ptr, dst_ptr, n: int, group_size: int, stream=None) -> None:
+    """Dequantize the INT4 byte layout at ``src_ptr`` (``n`` elements) into fp16 at ``dst_ptr``.
+
+    Device: current context. ``src``: ``int4_nbytes(n, G)`` bytes, 16-byte aligned.
+    ``dst``: fp16[n], 16-byte aligned. Bit-exact with ``int4.unpack_from(..., float16)``.
+    """
+    n, group_size = _check_int4_args(n, group_size)
+    src = _ptr(src_ptr, "src_ptr", 16)
+    dst = _ptr(dst_ptr, "dst_ptr", 16)
+    fn, state = _function("int4.cu", f"int4_dequantize_g{group_size}", "int4_dequantize")
+    grid = int4_grid(n, DEQUANT_VECS_PER_THREAD, state.num_sms, _blocks_per_sm(fn, state, INT4_THREADS))
+    _launch("int4 dequantize", fn, (grid, 1), (INT4_THREADS, 1, 1), stream, (src, dst, n))
+
+
+@dataclass(frozen=True)
+class DeviceBlockTable:
+    """Device addresses of a block table: uint64 ptrs[nb], int32 fmts[nb], int32 n_valid[nb].
+
+    ``owners`` keeps the device allocations alive when this table owns them.
+    """
+
+    ptrs: int
+    fmts: int
+    n_valid: int
+    num_blocks: int
+    owners: tuple = field(default=(), repr=False, compare=False)
+
+
+def upload_block_table(ptrs, fmts, n_valid, block_tokens: int) -> DeviceBlockTable:
+    """Validate a block table on the host and copy it to the device (synchronously).
+
+    ``ptrs``: block base addresses (16-byte aligned); ``fmts``: 'fp16'/'int4' or 0/1;
+    ``n_valid``: valid tokens per block in [0, block_tokens].
+    """
+    cuda = _driver()
+    from synapse.hw.kv_layout import format_code
+
+    p = np.asarray([int(x) for x in ptrs], dtype=np.uint64)
+    f = np.asarray([format_code(x) for x in fmts], dtype=np.int32)
+    v = np.asarray(n_valid, dtype=np.int64).reshape(-1)
+    if not (p.size == f.size == v.size):
+        raise ValueError(f"block table columns differ in length: {p.size}, {f.size}, {v.size}")
+    for i, addr in enumerate(p.tolist()):
+        _ptr(addr, f"block {i} address", 16)
+    bad = np.flatnonzero((v < 0) | (v > block_tokens))
+    if bad.size:
+        raise ValueError(
+            f"n_valid must be in [0, {block_tokens}]; block {int(bad[0])} has {int(v[bad[0]])}"
+        )
+    owners = []
+    addrs = []
+    for host in (p, f, v.astype(np.int32)):
+        try:
+            dev = cuda.mem_alloc(max(host.nbytes, 16))
+            if host.nbytes:
+                cuda.memcpy_htod(dev, host)
+        except cuda.Error as exc:
+            raise KernelError(f"uploading block table: {exc}") from exc
+        owners.append(dev)
+        addrs.append(int(dev))
+    return DeviceBlockTable(addrs[0], addrs[1], addrs[2], int(p.size), tuple(owners))
+
+
+class AttentionWorkspace:
+    """Device scratch for the split partials of ``attention_decode``; grows on demand.
+
+    One workspace must not serve two launches that can run at the same time (different
+    streams): give each stream its own. Growing frees the old buffer, which is safe for
+    launches already queued on the same stream only if the caller synchronised first.
+    """
+
+    def __init__(self) -> None:
+        self._alloc = None
+        self.nbytes = 0
+
+    def free(self) -> None:
+        """Release the device buffer now (the next ``ensure`` allocates again)."""
+        if self._alloc is not None:
+            self._alloc.free()
+        self._alloc, self.nbytes = None, 0
+
+    def ensure(self, nbytes: int) -> int:
+        """Device address of at least ``nbytes`` bytes of scratch."""
+        cuda = _driver()
+        if nbytes > self.nbytes:
+            try:
+                alloc = cuda.mem_alloc(nbytes)
+            except cuda.Error as exc:
+                raise KernelError(f"attention workspace of {nbytes} bytes: {exc}") from exc
+            if self._alloc is not None:
+                self._alloc.free()
+            self._alloc, self.nbytes = alloc, nbytes
+        return int(self._alloc)
+
+
+def attention_decode(q_ptr, table, layers: int, heads: int, head_dim: int, block_tokens: int,
+                     group_size: int, softmax_scale: float, out_ptr, lse_ptr, stream=None,
+                     workspace: AttentionWorkspace | None = None) -> AttentionPlan:
+    """One decode step of attention over a table of KV blocks (semantics: attention_ref.py).
+
+    Device: current context. ``q``: float32 [L, H, D], 16-byte aligned. ``table``: a
+    ``DeviceBlockTable`` (or ``(ptrs, fmts, n_valid, num_blocks)`` device addresses) of
+    blocks in the ``KVLayout(L, H, D, block_tokens, group_size)`` byte layout, fp16 (0) or
+    int4 (1). ``out``: float32 [L, H, D]; ``lse``: float32 [L, H, num_blocks] (per-block
+    log-sum-exp of the scaled scores, -inf for an empty block). D in {64, 128, 256},
+    D % group_size == 0. Uses ``workspace`` (default: one per context, see
+    ``AttentionWorkspace`` for the stream caveat). Returns the launch plan.
+    """
+    if not isinstance(table, DeviceBlockTable):
+        table = DeviceBlockTable(*table)
+    layers = _positive(layers, "layers")
+    heads = _positive(heads, "heads")
+    block_tokens = _positive(block_tokens, "block_tokens")
+    group_size = int4_ref.check_group_size(group_size)
+    if head_dim not in ATTN_HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {ATTN_HEAD_DIMS}, got {head_dim!r}")
+    if head_dim % group_size:
+        raise ValueError(f"head_dim {head_dim} must be a multiple of group_size {group_size}")
+    num_blocks = int(table.num_blocks)
+    q = _ptr(q_ptr, "q_ptr", 16)
+    out = _ptr(out_ptr, "out_ptr", 4)
+    lse = _ptr(lse_ptr, "lse_ptr", 4) if num_blocks else 0  # nothing to write when nb == 0
+    scale = float(softmax_scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"softmax_scale must be finite, got {softmax_scale!r}")
+
+    split_fn, state = _function(
+        "attention_decode.cu", f"attention_decode_split_d{head_dim}_g{group_size}", "attention_decode_split"
+    )
+    combine_fn, _ = _function("attention_decode.cu", "attention_decode_combine", "attention_decode_combine")
+    plan = attention_plan(layers, heads, head_dim, block_tokens, num_blocks, state.num_sms,
+                          _blocks_per_sm(split_fn, state, ATTN_THREADS, 4 * block_tokens))
+    if split_fn.shared_size_bytes + plan.shared_bytes > DEFAULT_SHARED_BYTES_PER_BLOCK:
+        raise ValueError(
+            f"block_tokens {block_tokens} needs {plan.shared_bytes} B of shared memory for scores; "
+            f"at most {DEFAULT_SHARED_BYTES_PER_BLOCK - split_fn.shared_size_bytes} B fit"
+        )
+    if workspace is None:
+        if state.workspace is None:
+            state.workspace = AttentionWorkspace()
+        workspace = state.workspace
+    ws = workspace.ensure(plan.workspace_bytes)
+    off_m, off_l, off_acc = plan.workspace_offsets(layers, heads)
+
+    if plan.num_splits:
+        _ptr(table.ptrs, "table.ptrs", 8)
+        _ptr(table.fmts, "table.fmts", 4)
+        _ptr(table.n_valid, "table.n_valid", 4)
+        _launch(
+            "attention decode (split)", split_fn, plan.split_grid, plan.split_block, stream,
+            (q, table.ptrs, table.fmts, table.n_valid, num_blocks, layers, heads, block_tokens,
+             plan.blocks_per_split, scale, lse, ws + off_m, ws + off_l, ws + off_acc),
+            plan.shared_bytes,
+        )
+    _launch(
+        "attention decode (combine)", combine_fn, plan.combine_grid, plan.combine_block, stream,
+        (ws + off_m, ws + off_l, ws + off_acc, plan.num_splits, head_dim, out),
+    )
+    return plan
+
+
+__all__ = [
+    "AttentionPlan",
+    "AttentionWorkspace",
+    "DeviceBlockTable",
+    "FMT_FP16",
+    "FMT_INT4",
+    "attention_decode",
+    "attention_plan",
+    "compile_cubin",
+    "dequantize_int4",
+    "forget_context",
+    "int4_grid",
+    "quantize_int4",
+    "resident_blocks_per_sm",
+    "upload_block_table",
+]

@@ -1,0 +1,322 @@
+"""Slab allocator: size classes carved from fixed pages of one memory arena.
+
+The arena (a :class:`~synapse.hw.memory.Memory`) is cut into pages of ``page_bytes``. A
+size class takes a page from the free-page stack when it needs room, carves it lazily
+into objects of that one class, and gives it back when the page's last object is freed,
+so memory moves between classes at page granularity and never needs compaction.
+
+Operations (C = size classes, T = tenants, n = live objects, P = pages):
+
+- ``can_allocate(nbytes)``         O(log C)
+- ``allocate(nbytes, tenant)``     O(log C) class lookup, then O(1): no scan, no device call
+- ``free(slab)``                   O(1) bookkeeping + one ``memory.zero`` of the object
+- ``check_access(tenant, slab)``   O(1); the backends call it on every read/write/copy
+- ``is_live(slab)``                O(1)
+- ``stats()``                      O(C + T)
+- ``live_slabs()`` / ``audit()``   O(n) / O(P + n), for health reports and tests
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from dataclasses import dataclass
+
+from synapse.errors import AccessDenied, AllocatorError, CapacityError
+from synapse.hw.memory import Memory
+
+PAGE_GRANULE_BYTES = 2 << 20  # default pages are whole 2 MiB units (large-page friendly)
+
+
+def round_up(nbytes: int, multiple: int) -> int:
+    return -(-nbytes // multiple) * multiple
+
+
+@dataclass(frozen=True)
+class Slab:
+    """Handle to one live object. ``generation`` is unique per allocation, so a handle
+    kept after ``free`` never matches the object that later reuses its offset."""
+
+    offset: int
+    nbytes: int  # requested
+    class_bytes: int  # bytes actually reserved at ``offset``
+    tenant: str
+    allocator_id: int
+    generation: int
+
+
+@dataclass(frozen=True)
+class SlabStats:
+    capacity_bytes: int
+    used_bytes: int  # class bytes of live objects
+    requested_bytes: int
+    free_bytes: int
+    internal_fragmentation: float  # 1 - requested / used
+    external_fragmentation: float  # free bytes inside used pages / free bytes
+    pages_free: int
+    pages_used: int
+    live_per_class: dict[int, int]
+    bytes_per_tenant: dict[str, int]
+    num_allocs: int
+    num_frees: int
+    num_denied: int
+
+
+class _Page:
+    __slots__ = ("class_index", "num_live", "num_carved", "free_objects", "partial_pos")
+
+    def __init__(self, class_index: int) -> None:
+        self.class_index = class_index
+        self.num_live = 0
+        self.num_carved = 0  # objects [0, num_carved) have been handed out at least once
+        self.free_objects: list[int] = []  # object indices below num_carved, free again
+        self.partial_pos: int | None = None  # position in its class's partial-page list
+
+
+class SlabAllocator:
+    """Size-class allocator over one arena; see the module docstring for costs."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, memory: Memory, size_classes: tuple[int, ...], page_bytes: int | None = None,
+                 *, alignment_bytes: int = 256, zero_on_init: bool = True) -> None:
+        if alignment_bytes <= 0:
+            raise CapacityError(f"alignment_bytes must be positive, got {alignment_bytes}")
+        bad = [c for c in size_classes if c <= 0]
+        if bad or not size_classes:
+            raise CapacityError(f"size classes must be positive byte counts, got {tuple(size_classes)}")
+        # Classes are rounded up to the alignment so every object starts aligned; the
+        # padding shows up honestly as internal fragmentation.
+        classes = tuple(sorted({round_up(c, alignment_bytes) for c in size_classes}))
+        largest = classes[-1]
+        if page_bytes is None:
+            page_bytes = round_up(largest, PAGE_GRANULE_BYTES)
+        if page_bytes < largest:
+            raise CapacityError(f"page_bytes {page_bytes} is smaller than the largest size class "
+                                f"of {largest} bytes")
+        if page_bytes % alignment_bytes:
+            raise CapacityError(f"page_bytes {page_bytes} is not a multiple of alignment_bytes "
+                                f"{alignment_bytes}")
+        num_pages = memory.nbytes // page_bytes
+        if num_pages == 0:
+            raise CapacityError(f"arena of {memory.nbytes} bytes is smaller than one page of "
+                                f"{page_bytes} bytes")
+        self.memory = memory
+        self.size_classes = classes
+        self.page_bytes = page_bytes
+        self.alignment_bytes = alignment_bytes
+        self.num_pages = num_pages
+        self.capacity_bytes = num_pages * page_bytes  # an arena tail shorter than a page is unused
+        self.allocator_id = next(SlabAllocator._ids)
+        self._objects_per_page = tuple(page_bytes // c for c in classes)
+        self._pages: list[_Page] = []  # grows on first use of a page, so P stays what was touched
+        self._free_pages: list[int] = []  # indices below len(_pages) whose page is empty
+        self._partial: list[list[int]] = [[] for _ in classes]  # pages with a free object
+        self._live: dict[int, Slab] = {}
+        self._live_per_class = [0] * len(classes)
+        self._bytes_per_tenant: dict[str, int] = {}
+        self._used_bytes = 0
+        self._requested_bytes = 0
+        self._generation = 0
+        self.num_allocs = self.num_frees = self.num_denied = 0
+        if zero_on_init:
+            # The arena may hold an earlier owner's bytes; clear it once so every object
+            # handed out reads zeros, not only reused ones.
+            memory.zero(0, self.capacity_bytes)
+
+    # -- allocate / free ---------------------------------------------------------------
+
+    def can_allocate(self, nbytes: int) -> bool:
+        ci = self._class_index_or_none(nbytes)
+        if ci is None:
+            return False
+        return bool(self._partial[ci]) or bool(self._free_pages) or len(self._pages) < self.num_pages
+
+    def allocate(self, nbytes: int, tenant: str) -> Slab:
+        ci = self._class_index_or_none(nbytes)
+        if ci is None:
+            if nbytes <= 0:
+                raise CapacityError(f"allocation must be positive, got {nbytes} bytes")
+            raise CapacityError(f"request of {nbytes} bytes exceeds the largest size class of "
+                                f"{self.size_classes[-1]} bytes (arena {self.capacity_bytes} bytes)")
+        class_bytes = self.size_classes[ci]
+        partial = self._partial[ci]
+        page_index = partial[-1] if partial else self._take_page(ci)
+        page = self._pages[page_index]
+        if page.free_objects:
+            obj = page.free_objects.pop()
+        else:
+            obj = page.num_carved
+            page.num_carved += 1
+        page.num_live += 1
+        if page.num_live == self._objects_per_page[ci]:
+            self._unlink_partial(page_index)
+        self._generation += 1
+        slab = Slab(page_index * self.page_bytes + obj * class_bytes, nbytes, class_bytes,
+                    tenant, self.allocator_id, self._generation)
+        self._live[slab.offset] = slab
+        self._live_per_class[ci] += 1
+        self._bytes_per_tenant[tenant] = self._bytes_per_tenant.get(tenant, 0) + class_bytes
+        self._used_bytes += class_bytes
+        self._requested_bytes += nbytes
+        self.num_allocs += 1
+        return slab
+
+    def free(self, slab: Slab) -> None:
+        self._require_live(slab)
+        # Zero before any bookkeeping: if the memset fails the slab simply stays live.
+        self.memory.zero(slab.offset, slab.class_bytes)
+        del self._live[slab.offset]
+        page_index, in_page = divmod(slab.offset, self.page_bytes)
+        page = self._pages[page_index]
+        ci = page.class_index
+        was_full = page.num_live == self._objects_per_page[ci]
+        page.num_live -= 1
+        if page.num_live == 0:
+            if not was_full:
+                self._unlink_partial(page_index)
+            page.num_carved, page.free_objects = 0, []
+            self._free_pages.append(page_index)
+        else:
+            page.free_objects.append(in_page // slab.class_bytes)
+            if was_full:
+                self._link_partial(page_index)
+        self._live_per_class[ci] -= 1
+        left = self._bytes_per_tenant[slab.tenant] - slab.class_bytes
+        if left:
+            self._bytes_per_tenant[slab.tenant] = left
+        else:
+            del self._bytes_per_tenant[slab.tenant]
+        self._used_bytes -= slab.class_bytes
+        self._requested_bytes -= slab.nbytes
+        self.num_frees += 1
+
+    # -- access checks -----------------------------------------------------------------
+
+    def is_live(self, slab: Slab) -> bool:
+        return isinstance(slab, Slab) and self._live.get(slab.offset) == slab
+
+    def check_access(self, tenant: str, slab: Slab) -> None:
+        if not self.is_live(slab):
+            self.num_denied += 1
+            raise AccessDenied(f"tenant {tenant!r} denied: {_describe(slab)} is not a live slab "
+                               f"of allocator {self.allocator_id}")
+        if slab.tenant != tenant:
+            self.num_denied += 1
+            raise AccessDenied(f"tenant {tenant!r} denied access to the slab at offset "
+                               f"{slab.offset} owned by tenant {slab.tenant!r}")
+
+    # -- introspection -----------------------------------------------------------------
+
+    def stats(self) -> SlabStats:
+        used = self._used_bytes
+        free = self.capacity_bytes - used
+        pages_used = len(self._pages) - len(self._free_pages)
+        stranded = pages_used * self.page_bytes - used
+        return SlabStats(
+            capacity_bytes=self.capacity_bytes, used_bytes=used,
+            requested_bytes=self._requested_bytes, free_bytes=free,
+            internal_fragmentation=1 - self._requested_bytes / used if used else 0.0,
+            external_fragmentation=stranded / free if free else 0.0,
+            pages_free=self.num_pages - pages_used, pages_used=pages_used,
+            live_per_class=dict(zip(self.size_classes, self._live_per_class)),
+            bytes_per_tenant=dict(self._bytes_per_tenant),
+            num_allocs=self.num_allocs, num_frees=self.num_frees, num_denied=self.num_denied)
+
+    def live_slabs(self) -> tuple[Slab, ...]:
+        return tuple(self._live.values())
+
+    def audit(self) -> None:
+        """Cross-check every free list and counter; raise AllocatorError on the first mismatch."""
+        live_in_page: dict[int, set[int]] = {}
+        for offset, slab in self._live.items():
+            page_index, in_page = divmod(offset, self.page_bytes)
+            page = self._pages[page_index] if page_index < len(self._pages) else None
+            if page is None or self.size_classes[page.class_index] != slab.class_bytes \
+                    or in_page % slab.class_bytes or offset + slab.class_bytes > self.capacity_bytes:
+                raise AllocatorError(f"audit: {slab} does not sit on its page's object grid")
+            live_in_page.setdefault(page_index, set()).add(in_page // slab.class_bytes)
+        free_pages = set(self._free_pages)
+        if len(free_pages) != len(self._free_pages):
+            raise AllocatorError(f"audit: free-page stack has duplicates: {self._free_pages}")
+        for ci, partial in enumerate(self._partial):
+            for pos, page_index in enumerate(partial):
+                page = self._pages[page_index]
+                if page.partial_pos != pos or page.class_index != ci:
+                    raise AllocatorError(f"audit: page {page_index} misfiled in class {ci} partial list")
+        for page_index, page in enumerate(self._pages):
+            live = live_in_page.get(page_index, set())
+            free = set(page.free_objects)
+            per_page = self._objects_per_page[page.class_index]
+            expect_partial = page_index not in free_pages and page.num_live < per_page
+            if (page.num_live != len(live) or len(free) != len(page.free_objects)
+                    or free & live or free | live != set(range(page.num_carved))
+                    or (page_index in free_pages) != (page.num_live == 0)
+                    or (page.partial_pos is not None) != expect_partial):
+                raise AllocatorError(f"audit: page {page_index} bookkeeping is inconsistent "
+                                     f"(live {sorted(live)}, free {page.free_objects}, "
+                                     f"carved {page.num_carved}, num_live {page.num_live})")
+        slabs = self._live.values()
+        if (self._used_bytes != sum(s.class_bytes for s in slabs)
+                or self._requested_bytes != sum(s.nbytes for s in slabs)):
+            raise AllocatorError(f"audit: used/requested counters {self._used_bytes}/"
+                                 f"{self._requested_bytes} disagree with the live slabs")
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _class_index_or_none(self, nbytes: int) -> int | None:
+        if nbytes <= 0 or nbytes > self.size_classes[-1]:
+            return None
+        return bisect.bisect_left(self.size_classes, nbytes)
+
+    def _take_page(self, ci: int) -> int:
+        if self._free_pages:
+            page_index = self._free_pages.pop()
+            self._pages[page_index].class_index = ci
+        elif len(self._pages) < self.num_pages:
+            page_index = len(self._pages)
+            self._pages.append(_Page(ci))
+        else:
+            raise CapacityError(
+                f"arena full: {self._used_bytes} of {self.capacity_bytes} bytes used, no free "
+                f"object of class {self.size_classes[ci]} bytes and no free page of "
+                f"{self.page_bytes} bytes")
+        self._link_partial(page_index)
+        return page_index
+
+    def _link_partial(self, page_index: int) -> None:
+        page = self._pages[page_index]
+        partial = self._partial[page.class_index]
+        page.partial_pos = len(partial)
+        partial.append(page_index)
+
+    def _unlink_partial(self, page_index: int) -> None:
+        # Swap-remove keeps this O(1): the last page takes the leaving page's position.
+        page = self._pages[page_index]
+        partial = self._partial[page.class_index]
+        last = partial.pop()
+        if last != page_index:
+            partial[page.partial_pos] = last
+            self._pages[last].partial_pos = page.partial_pos
+        page.partial_pos = None
+
+    def _require_live(self, slab: Slab) -> None:
+        if not isinstance(slab, Slab):
+            raise AllocatorError(f"expected a Slab handle, got {type(slab).__name__}")
+        if slab.allocator_id != self.allocator_id:
+            raise AllocatorError(f"foreign handle: {_describe(slab)} belongs to allocator "
+                                 f"{slab.allocator_id}, not {self.allocator_id}")
+        live = self._live.get(slab.offset)
+        if live is None:
+            raise AllocatorError(f"double free or use after free: {_describe(slab)} is not live")
+        if live.generation != slab.generation:
+            raise AllocatorError(f"stale handle: {_describe(slab)} was freed; the object at that "
+                                 f"offset now has generation {live.generation}")
+        if live != slab:
+            raise AllocatorError(f"handle {slab} does not match the live slab {live}")
+
+
+def _describe(slab: object) -> str:
+    if isinstance(slab, Slab):
+        return f"slab at offset {slab.offset} (generation {slab.generation})"
+    return f"a {type(slab).__name__}"

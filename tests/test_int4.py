@@ -1,0 +1,207 @@
+"""The INT4 format, pinned down: bit layout, rounding, error bound (synapse/hw/int4.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from synapse.hw import int4
+
+# --------------------------------------------------------------------------- a hand-checked vector
+#
+# Three groups of G = 32 fp16 values, chosen so every code can be worked out by hand.
+# group 0: 0, 1, ..., 15, 15, 14, ..., 0      min 0, max 15 -> scale 1.0 (0x3C00), zero 0
+#          codes = the values; pairs (0,1) -> 0x10, (2,3) -> 0x32, ..., (1,0) -> 0x01
+# group 1: -4 + k/2, k = 0..31               min -4 (0xC400), range 15.5 -> scale
+#          15.5/15 = 1.0333.. -> fp16 1058/1024 = 1.033203125 (0x3C22); code of k is
+#          rint(0.5k / 1.033203125) = rint(0.48393 k) = 0,0,1,1,2,2,...,15,15
+#          -> pairs (i, i) -> bytes 0x00, 0x11, ..., 0xFF
+# group 2: 0, 15, 0.5, 1.5, ..., 14.5, then 7.0 x 15   scale 1, zero 0; the .5 values are
+#          exact ties and round half to even: 0,2,2,4,4,6,6,8,8,10,10,12,12,14,14
+HAND_INPUT = np.array(
+    list(range(16)) + list(range(15, -1, -1))
+    + [-4 + k / 2 for k in range(32)]
+    + [0, 15] + [k + 0.5 for k in range(15)] + [7.0] * 15,
+    dtype=np.float16,
+)
+HAND_PACKED = bytes.fromhex(
+    "10325476 98badcfe efcdab89 67452301"
+    "00112233 44556677 8899aabb ccddeeff"
+    "f0204264 86a8caec 7e777777 77777777"
+)
+HAND_SCALES = bytes.fromhex("003c 223c 003c")  # little-endian fp16: 1.0, 1.033203125, 1.0
+HAND_ZEROS = bytes.fromhex("0000 00c4 0000")  # 0.0, -4.0, 0.0
+HAND_CODES_G1 = np.repeat(np.arange(16), 2)
+HAND_CODES_G2 = [0, 15, 0, 2, 2, 4, 4, 6, 6, 8, 8, 10, 10, 12, 12, 14, 14] + [7] * 15
+
+
+def test_hand_vector_packs_to_the_expected_bytes():
+    buf = np.zeros(int4.int4_nbytes(HAND_INPUT.size, 32), dtype=np.uint8)
+    assert buf.size == 48 + 6 + 6
+    int4.pack_into(HAND_INPUT, 32, buf)
+    assert buf.tobytes() == HAND_PACKED + HAND_SCALES + HAND_ZEROS
+
+
+def test_hand_vector_dequantizes_to_the_grid():
+    buf = np.zeros(int4.int4_nbytes(HAND_INPUT.size, 32), dtype=np.uint8)
+    int4.pack_into(HAND_INPUT, 32, buf)
+    out = int4.unpack_from(buf, HAND_INPUT.size, 32, np.float32)
+    np.testing.assert_array_equal(out[:32], HAND_INPUT[:32])  # exact grid points
+    expected_g1 = np.float32(-4) + HAND_CODES_G1.astype(np.float32) * np.float32(1.033203125)
+    np.testing.assert_array_equal(out[32:64], expected_g1)
+    np.testing.assert_array_equal(out[64:], np.array(HAND_CODES_G2, dtype=np.float32))
+
+
+def test_quantize_exposes_the_same_sections():
+    t = int4.quantize(HAND_INPUT, 32)
+    assert t.packed.tobytes() == HAND_PACKED
+    assert t.scales.tobytes() == HAND_SCALES
+    assert t.zeros.tobytes() == HAND_ZEROS
+    assert t.shape == (96,) and t.dtype == np.float16 and t.nbytes == 60
+
+
+# --------------------------------------------------------------------------- layout and API
+
+
+@pytest.mark.parametrize("group_size", int4.GROUP_SIZES)
+def test_nbytes_and_section_offsets(group_size):
+    n = group_size * 24
+    assert int4.int4_nbytes(n, group_size) == n // 2 + 4 * n // group_size
+    packed, scales, zeros = int4.section_offsets(n, group_size)
+    assert (packed, scales, zeros) == (0, n // 2, n // 2 + 2 * n // group_size)
+    assert scales % 16 == 0  # G >= 32 keeps the scales 16-byte aligned
+
+
+@pytest.mark.parametrize("group_size", int4.GROUP_SIZES)
+def test_shape_and_dtype_round_trip(group_size):
+    rng = np.random.default_rng(group_size)
+    x = rng.standard_normal((3, 2, group_size)).astype(np.float32)
+    t = int4.quantize(x, group_size)
+    y = int4.dequantize(t)
+    assert y.shape == x.shape and y.dtype == np.float32
+    assert t.packed.dtype == np.uint8 and t.scales.dtype == np.float16 and t.zeros.dtype == np.float16
+
+
+def test_pack_into_and_quantize_agree():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(64 * 10).astype(np.float16)
+    t = int4.quantize(x, 64)
+    buf = np.full(t.nbytes, 0xAB, dtype=np.uint8)
+    int4.pack_into(x, 64, buf)
+    assert buf.tobytes() == t.packed.tobytes() + t.scales.tobytes() + t.zeros.tobytes()
+    np.testing.assert_array_equal(int4.unpack_from(buf, x.size, 64), int4.dequantize(t))
+
+
+@pytest.mark.parametrize(
+    "group_size, n, message",
+    [(16, 64, "group_size"), (48, 96, "group_size"), (True, 64, "group_size"),
+     (32, 40, "not divisible"), (32, 0, "positive")],
+)
+def test_bad_group_size_or_length_is_refused(group_size, n, message):
+    with pytest.raises(ValueError, match=message):
+        int4.quantize(np.zeros(n, dtype=np.float16), group_size)
+
+
+def test_non_finite_or_non_float_input_is_refused():
+    x = np.zeros(32, dtype=np.float32)
+    x[3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        int4.quantize(x, 32)
+    with pytest.raises(ValueError, match="float16 or float32"):
+        int4.quantize(np.zeros(32, dtype=np.int32), 32)
+    with pytest.raises(ValueError, match="fit in float16"):
+        int4.quantize(np.array([0.0] * 31 + [1e7], dtype=np.float32), 32)
+
+
+def test_wrong_buffer_size_is_refused():
+    with pytest.raises(ValueError, match="exactly 40"):
+        int4.pack_into(np.zeros(64, dtype=np.float16), 32, np.zeros(41, dtype=np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        int4.unpack_from(np.zeros(40, dtype=np.int8), 64, 32)
+
+
+# --------------------------------------------------------------------------- accuracy
+
+
+@pytest.mark.parametrize("group_size", int4.GROUP_SIZES)
+def test_gaussian_rmse_matches_the_uniform_quantizer_bound(group_size):
+    """A uniform quantizer's error is ~U(-s/2, s/2): RMSE = sqrt(mean(s^2)/12).
+
+    The group's min and max land on the grid (error ~0), so the measured RMSE sits a
+    little below the bound, by sqrt((G-2)/G) at most (3% for G=32): 10% is a safe band.
+    """
+    rng = np.random.default_rng(100 + group_size)
+    x = rng.standard_normal(1 << 18).astype(np.float32)
+    t = int4.quantize(x, group_size)
+    measured = int4.measured_rmse(x, int4.dequantize(t))
+    expected = int4.expected_rmse(t.scales)
+    assert abs(measured - expected) <= 0.10 * expected, (measured, expected)
+
+
+@pytest.mark.parametrize("group_size", int4.GROUP_SIZES)
+@pytest.mark.parametrize("value", [0.0, -3.25, 1000.0, 6.1e-5])
+def test_constant_groups_round_trip_exactly(group_size, value):
+    x = np.full(group_size * 3, value, dtype=np.float16)
+    t = int4.quantize(x, group_size)
+    assert not t.scales.any() and not t.packed.any()
+    np.testing.assert_array_equal(int4.dequantize(t), x)
+
+
+@pytest.mark.parametrize("group_size", int4.GROUP_SIZES)
+def test_negative_zero_is_stored_as_positive_zero(group_size):
+    """min/max may return either of two equal zeros; the stored bits must not depend on it."""
+    x = np.zeros(2 * group_size, dtype=np.float16)
+    x[0::2] = -0.0  # group 0: +0 and -0 only
+    x[group_size:] = np.abs(np.linspace(0, 3, group_size)).astype(np.float16)
+    x[group_size + 1] = -0.0  # group 1: min is a signed zero, max 3
+    t = int4.quantize(x, group_size)
+    assert t.zeros.view(np.uint16).tolist() == [0, 0]
+    assert t.scales.view(np.uint16)[0] == 0  # the all-zero group: scale +0, not -0
+    t = int4.quantize(x[::-1].copy(), group_size)  # other order, same bits
+    assert t.zeros.view(np.uint16).tolist() == [0, 0]
+    assert t.scales.view(np.uint16)[1] == 0
+
+
+def _error_bound(x: np.ndarray, x_hat: np.ndarray, group_size: int) -> np.ndarray:
+    """Per-element bound: s/2 + 15|s - s_fp32| + output rounding + fp32 arithmetic.
+
+    s is the stored fp16 scale. The second term is the format's own cost of storing the
+    scale in fp16: when s < the exact step, the group's max lands past code 15 and is
+    clipped (it matters where the scale is a subnormal fp16).
+    """
+    g = x.reshape(-1, group_size).astype(np.float32)
+    s32 = (g.max(axis=1) - g.min(axis=1)) / np.float32(15)
+    s16 = s32.astype(np.float16).astype(np.float64)
+    absmax = np.abs(g).max(axis=1).astype(np.float64)
+    per_group = s16 / 2 + 15 * np.abs(s16 - s32) + 1e-6 * absmax + 2.0**-25
+    return np.repeat(per_group, group_size) + 2.0**-11 * np.abs(x_hat.astype(np.float64)) * 1.001
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    data=st.data(),
+    group_size=st.sampled_from(int4.GROUP_SIZES),
+    groups=st.integers(1, 4),
+    dtype=st.sampled_from([np.float16, np.float32]),
+)
+def test_every_element_is_within_half_a_step(data, group_size, groups, dtype):
+    elements = st.floats(-1000, 1000, width=16 if dtype == np.float16 else 32)
+    x = data.draw(hnp.arrays(dtype, groups * group_size, elements=elements))
+    x_hat = int4.dequantize(int4.quantize(x, group_size))
+    err = np.abs(x.astype(np.float64) - x_hat.astype(np.float64))
+    bound = _error_bound(x, x_hat, group_size)
+    if dtype == np.float32:  # the zero is stored in fp16 too: the min may sit off the grid
+        bound = bound + np.repeat(
+            2.0**-11 * np.abs(x.reshape(-1, group_size)).max(axis=1), group_size
+        )
+    assert (err <= bound).all(), (err - bound).max()
+
+
+def test_expected_rmse_formula():
+    assert int4.expected_rmse(np.array([1.0, 1.0], dtype=np.float16)) == pytest.approx(12 ** -0.5)
+    assert int4.expected_rmse([0.0, 2.0]) == pytest.approx((2.0 / 12) ** 0.5)
+    with pytest.raises(ValueError):
+        int4.expected_rmse([])

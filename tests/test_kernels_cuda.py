@@ -1,0 +1,582 @@
+"""The CUDA kernels against their NumPy specs (synapse/hw/kernels.py, cuda/*.cu).
+
+Tests marked ``cuda`` need PyCUDA and an NVIDIA GPU and skip elsewhere with that reason.
+The unmarked tests at the top check the loader's host-side logic on any machine (source
+lookup, launch planning, argument checks) and, where nvcc is installed, compilation.
+
+GPU conventions: fresh random inputs per test (seeded from the test id), every output
+buffer poisoned before each launch (twice, with two different byte patterns, so a byte the
+kernel forgot to write cannot match the reference by luck) and followed by a guard region
+that must stay untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from synapse.errors import BackendUnavailable, KernelError
+from synapse.hw import int4, kernels
+from synapse.hw.attention_ref import attention_decode_ref
+from synapse.hw.kv_layout import KVLayout
+
+NEEDS_GPU = "needs PyCUDA and an NVIDIA GPU"
+HAS_NVCC = any(
+    p and os.path.isfile(p)
+    for p in (os.environ.get("SYNAPSE_NVCC"), shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc")
+)
+GUARD_BYTES = 512
+POISONS = (0xA5, 0x5A)
+ATTN_SHAPES = [(64, 32), (64, 64), (128, 32), (128, 64), (128, 128), (256, 64)]
+
+
+@pytest.fixture
+def rng(request):
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+# =========================================================================== any machine
+
+
+def test_sources_are_found():
+    for name in kernels.SOURCES:
+        assert kernels.source_path(name).read_bytes().startswith(b"//")
+    with pytest.raises(ValueError, match="unknown kernel source"):
+        kernels.source_path("nope.cu")
+
+
+def test_importing_synapse_hw_does_not_import_pycuda():
+    code = (
+        "import sys, synapse.hw, synapse.hw.int4, synapse.hw.kv_layout, synapse.hw.attention_ref\n"
+        "assert 'pycuda' not in sys.modules, 'pycuda imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_resident_blocks_per_sm_on_sm90():
+    # int4 quantize: 256 threads x 40 regs -> 1280 regs per warp, 8 warps -> 6 CTAs by registers
+    assert kernels.resident_blocks_per_sm(256, 40, 0) == 6
+    # int4 dequantize: 32 regs -> limited by threads: 2048 / 256
+    assert kernels.resident_blocks_per_sm(256, 32, 0) == 8
+    # attention split: 128 threads x 48 regs -> 1536 per warp x 4 warps -> 10 CTAs
+    assert kernels.resident_blocks_per_sm(128, 48, 4112 + 64) == 10
+    # huge shared memory per block still leaves one CTA
+    assert kernels.resident_blocks_per_sm(128, 48, 10**9) == 1
+
+
+def _covered_vectors(num_vec: int, grid: int, threads: int, unroll: int) -> np.ndarray:
+    """Emulates the tile loop of int4.cu: how often each vector index is visited."""
+    hits = np.zeros(num_vec, dtype=np.int64)
+    tile = unroll * threads
+    for block in range(grid):
+        base = tile * block
+        while base < num_vec:  # uniform per block, as in the kernel
+            for u in range(unroll):
+                v = base + u * threads + np.arange(threads)
+                np.add.at(hits, v[v < num_vec], 1)
+            base += tile * grid
+    return hits
+
+
+@pytest.mark.parametrize("group_size", int4.GROUP_SIZES)
+@pytest.mark.parametrize("groups", [1, 37, 1000])
+@pytest.mark.parametrize("unroll", [kernels.QUANT_VECS_PER_THREAD, kernels.DEQUANT_VECS_PER_THREAD])
+def test_int4_grid_visits_every_vector_once(group_size, groups, unroll):
+    n = group_size * groups
+    num_vec = n // 8
+    for num_sms, per_sm in [(132, 6), (1, 1), (2, 3)]:
+        grid = kernels.int4_grid(n, unroll, num_sms, per_sm)
+        assert 1 <= grid <= num_sms * per_sm
+        assert (_covered_vectors(num_vec, grid, kernels.INT4_THREADS, unroll) == 1).all()
+
+
+@pytest.mark.parametrize("group_size", int4.GROUP_SIZES)
+def test_int4_groups_sit_inside_aligned_warp_slices(group_size):
+    """Quantize's shuffles assume a group's G/8 vectors are lanes [k*G/8, (k+1)*G/8) of one
+    warp: true when tiles start at multiples of 32 vectors and blockDim is a multiple of 32."""
+    lanes = group_size // 8
+    threads, unroll = kernels.INT4_THREADS, kernels.QUANT_VECS_PER_THREAD
+    assert threads % 32 == 0 and 32 % lanes == 0
+    for base in range(0, 10 * unroll * threads, unroll * threads):
+        for u in range(unroll):
+            v = base + u * threads + np.arange(threads)
+            lane = np.arange(threads) % 32
+            assert (v % 32 == lane).all()  # so group = v // lanes never crosses a warp
+
+
+@pytest.mark.parametrize("layers, heads", [(1, 1), (2, 3), (32, 8), (80, 64)])
+@pytest.mark.parametrize("num_blocks", [0, 1, 7, 300, 5000, 200_000])
+def test_attention_plan_covers_every_block_once(layers, heads, num_blocks):
+    plan = kernels.attention_plan(layers, heads, 128, 16, num_blocks, num_sms=132, ctas_per_sm=10)
+    bps, splits = plan.blocks_per_split, plan.num_splits
+    assert bps >= 1 and 0 <= splits <= kernels.MAX_GRID_Y
+    if num_blocks:
+        covered = [b for s in range(splits) for b in range(s * bps, min(num_blocks, (s + 1) * bps))]
+        assert covered == list(range(num_blocks))
+        assert (splits - 1) * bps < num_blocks  # no empty split
+    else:
+        assert splits == 0
+    assert plan.split_grid == (layers * heads, splits)
+    assert plan.combine_grid == (layers * heads, 1) and plan.combine_block == (128, 1, 1)
+    assert plan.workspace_bytes >= 4 * layers * heads * splits * (128 + 2)
+    m, l_, acc = plan.workspace_offsets(layers, heads)
+    assert acc + 4 * layers * heads * splits * 128 <= plan.workspace_bytes
+    # enough CTAs to fill the chip when there are enough blocks
+    if num_blocks >= 2 * 132 * 10:
+        assert layers * heads * splits >= 132 * 10
+
+
+def test_wrappers_check_arguments_before_touching_the_device():
+    with pytest.raises(ValueError, match="src_ptr"):
+        kernels.quantize_int4(8, 4096, 64, 32)  # misaligned source
+    with pytest.raises(ValueError, match="group_size"):
+        kernels.dequantize_int4(4096, 8192, 64, 48)
+    with pytest.raises(ValueError, match="divisible"):
+        kernels.quantize_int4(4096, 8192, 80, 32)
+    table = (4096, 8192, 12288, 3)
+    with pytest.raises(ValueError, match="head_dim"):
+        kernels.attention_decode(4096, table, 1, 1, 96, 16, 32, 0.1, 4096, 4096)
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        kernels.attention_decode(4096, table, 1, 1, 64, 16, 128, 0.1, 4096, 4096)
+
+
+def test_without_pycuda_the_wrappers_say_so(monkeypatch):
+    monkeypatch.setattr(kernels, "_cuda", None)
+    monkeypatch.setattr(kernels, "_IMPORT_ERROR", ImportError("No module named 'pycuda'"))
+    with pytest.raises(BackendUnavailable, match="PyCUDA"):
+        kernels.quantize_int4(4096, 8192, 64, 32)
+
+
+def test_a_missing_nvcc_is_a_kernel_error(tmp_path):
+    with pytest.raises(KernelError, match="nvcc"):
+        kernels.compile_cubin("int4.cu", "sm_90", nvcc=str(tmp_path / "no-nvcc"), out_dir=tmp_path)
+
+
+@pytest.mark.skipif(not HAS_NVCC, reason="needs nvcc")
+@pytest.mark.parametrize("source", kernels.SOURCES)
+def test_compile_cubin_for_sm90_and_cache_it(tmp_path, source):
+    cubin = kernels.compile_cubin(source, "sm_90", out_dir=tmp_path)
+    assert cubin.parent == tmp_path and cubin.stat().st_size > 0
+    stamp = cubin.stat().st_mtime_ns
+    assert kernels.compile_cubin(source, "sm_90", out_dir=tmp_path) == cubin
+    assert cubin.stat().st_mtime_ns == stamp  # second call is a cache hit
+    names = {"int4.cu": [b"int4_quantize_g32", b"int4_dequantize_g128"],
+             "attention_decode.cu": [b"attention_decode_split_d128_g64", b"attention_decode_combine"]}
+    data = cubin.read_bytes()
+    assert all(name in data for name in names[source])  # extern "C": unmangled names
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.skipif(not HAS_NVCC, reason="needs nvcc")
+def test_a_compile_error_is_a_kernel_error_with_nvcc_output(tmp_path, monkeypatch):
+    bad = tmp_path / "bad.cu"
+    bad.write_text("// broken\n__global__ void k() { undefined_symbol(); }\n")
+    monkeypatch.setattr(kernels, "source_path", lambda name: bad)
+    with pytest.raises(KernelError, match="undefined_symbol|identifier") as info:
+        kernels.compile_cubin("int4.cu", "sm_90", out_dir=tmp_path / "cache")
+    assert "int4.cu for sm_90" in str(info.value)
+
+
+@pytest.mark.skipif(not HAS_NVCC, reason="needs nvcc")
+def test_ci_check_fails_on_a_warning(tmp_path):
+    (tmp_path / "warn.cu").write_text(
+        "// unused variable -> warning -> failure\n"
+        "extern \"C\" __global__ void k(float* x) { int unused = 3; x[0] = 1.0f; }\n"
+    )
+    script = Path(__file__).resolve().parents[1] / ".ci" / "check-cuda"
+    done = subprocess.run(["bash", str(script), str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode != 0, done.stdout
+
+
+def _emulate_attention(slab, offsets, fmts, n_valid, q, L, H, D, BT, G, scale, plan):
+    """Transcription of attention_decode.cu's split and combine kernels in float32 NumPy,
+    reading the blocks from raw bytes with the kernel's own address arithmetic. It checks
+    the algorithm and the indexing as written, not the CUDA compiler."""
+    f32 = np.float32
+    lanes, groups = D // 8, kernels.ATTN_THREADS // (D // 8)
+    nb, n = len(offsets), 2 * L * H * BT * D
+    S, bps = plan.num_splits, plan.blocks_per_split
+    part_m = np.full((L * H, S), -np.inf, f32)
+    part_l = np.zeros((L * H, S), f32)
+    part_acc = np.zeros((L * H, S, D), f32)
+    lse = np.full((L * H, nb), np.nan, f32)
+
+    def load_vec(base, fmt, elem):  # 8 elements from flat index elem (multiple of 8)
+        if fmt == 0:
+            return np.frombuffer(slab, np.float16, 8, base + 2 * elem).astype(f32)
+        word = int(np.frombuffer(slab, "<u4", 1, base + elem // 2)[0])
+        g = elem // G
+        sf = f32(np.frombuffer(slab, np.float16, 1, base + n // 2 + 2 * g)[0])
+        zf = f32(np.frombuffer(slab, np.float16, 1, base + n // 2 + 2 * (n // G) + 2 * g)[0])
+        codes = np.array([(word >> (4 * e)) & 0xF for e in range(8)], f32)
+        return (zf + codes * sf).astype(np.float16).astype(f32)
+
+    for lh in range(L * H):
+        l, h = lh // H, lh % H
+        for split in range(S):
+            stride = 2 * L * H * D  # token-major blocks
+            k_elem0 = (l * H + h) * D
+            v_elem0 = k_elem0 + L * H * D
+            acc = np.zeros((groups, D), f32)
+            run_m, run_l = f32(-np.inf), f32(0)
+            for b in range(split * bps, min(nb, (split + 1) * bps)):
+                nv = min(max(int(n_valid[b]), 0), BT)
+                if nv == 0:
+                    lse[lh, b] = -np.inf
+                    continue
+                base, fmt = offsets[b], fmts[b]
+                s = np.zeros(BT, f32)
+                for i in range(nv):
+                    k = np.concatenate([load_vec(base, fmt, k_elem0 + i * stride + 8 * j) for j in range(lanes)])
+                    s[i] = f32(np.dot(q[l, h].astype(f32), k)) * f32(scale)
+                m = s[:nv].max()
+                new_m = max(run_m, m)
+                c = np.exp(f32(m - new_m))
+                e = np.exp(s[:nv] - m)
+                total = e.sum(dtype=f32)
+                w = e * c
+                alpha = np.exp(f32(run_m - new_m))
+                run_l, run_m = run_l * alpha + total * c, new_m
+                lse[lh, b] = m + np.log(total)
+                acc *= alpha
+                for g in range(groups):
+                    for i in range(g, nv, groups):
+                        v = np.concatenate([load_vec(base, fmt, v_elem0 + i * stride + 8 * j) for j in range(lanes)])
+                        acc[g] += w[i] * v
+            part_m[lh, split], part_l[lh, split] = run_m, run_l
+            part_acc[lh, split] = acc.sum(axis=0)
+    out = np.zeros((L * H, D), f32)
+    for lh in range(L * H):
+        big_m = part_m[lh].max(initial=-np.inf)
+        if big_m == -np.inf:
+            continue
+        live = part_m[lh] != -np.inf
+        wts = np.exp(part_m[lh][live] - big_m)
+        out[lh] = (part_acc[lh][live] * wts[:, None]).sum(0) / (part_l[lh][live] * wts).sum()
+    return out.reshape(L, H, D), lse.reshape(L, H, nb)
+
+
+@pytest.mark.parametrize("head_dim, group_size, ctas_per_sm", [(64, 32, 8), (128, 64, 1), (256, 128, 1)])
+def test_emulated_kernel_algorithm_matches_the_reference(rng, head_dim, group_size, ctas_per_sm):
+    L, H, BT = 2, 3, 8
+    layout = KVLayout(L, H, head_dim, BT, group_size)
+    specs = [("fp16", 8), ("int4", 8), ("fp16", 3), ("int4", 0), ("int4", 1), ("fp16", 0), ("int4", 7)]
+    entries, offsets, slab = [], [], bytearray()
+    for fmt, nv in specs:
+        buf = layout.pack(rng.standard_normal(layout.shape).astype(np.float16), fmt)
+        entries.append((buf, fmt, nv))
+        offsets.append(len(slab))
+        slab += buf.tobytes() + bytes(-len(buf) % 256)
+    q = rng.standard_normal((L, H, head_dim)).astype(np.float32)
+    # num_sms=1 with few CTAs per SM forces several blocks per split
+    plan = kernels.attention_plan(L, H, head_dim, BT, len(specs), num_sms=1, ctas_per_sm=ctas_per_sm)
+    out, lse = _emulate_attention(bytes(slab), offsets, [0 if f == "fp16" else 1 for f, _ in specs],
+                                  [nv for _, nv in specs], q, L, H, head_dim, BT, group_size, 0.2, plan)
+    ref_out, ref_lse = attention_decode_ref(q, entries, layout, 0.2)
+    _check_attention(out, lse, ref_out, ref_lse)
+
+
+# =========================================================================== GPU
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    """PyCUDA's driver module with device 0's primary context pushed (popped at teardown)."""
+    try:
+        import pycuda.driver as cuda
+    except (ImportError, OSError) as exc:
+        pytest.skip(f"{NEEDS_GPU}: PyCUDA not importable ({exc})")
+    try:
+        cuda.init()
+        if cuda.Device.count() == 0:
+            pytest.skip(f"{NEEDS_GPU}: no device")
+        ctx = cuda.Device(0).retain_primary_context()
+    except Exception as exc:  # no driver, a stub libcuda, no device: all mean "no GPU here"
+        pytest.skip(f"{NEEDS_GPU}: {exc}")
+    ctx.push()
+    try:
+        yield cuda
+    finally:
+        try:
+            cuda.Context.synchronize()
+            kernels.forget_context()
+        finally:
+            ctx.pop()  # a context left pushed at exit aborts the interpreter
+
+
+def _upload(cuda, host: np.ndarray):
+    host = np.ascontiguousarray(host)
+    dev = cuda.mem_alloc(max(host.nbytes, 16))
+    cuda.memcpy_htod(dev, host)
+    return dev
+
+
+def _poisoned(cuda, nbytes: int, byte: int):
+    dev = cuda.mem_alloc(nbytes + GUARD_BYTES)
+    cuda.memset_d8(dev, byte, nbytes + GUARD_BYTES)
+    return dev
+
+
+def _download(cuda, dev, nbytes: int) -> np.ndarray:
+    cuda.Context.synchronize()
+    host = np.empty(nbytes + GUARD_BYTES, dtype=np.uint8)
+    cuda.memcpy_dtoh(host, dev)
+    return host
+
+
+def _assert_written(host: np.ndarray, expected: bytes, poison: int, what: str):
+    body, guard = host[: len(expected)], host[len(expected):]
+    if body.tobytes() != expected:
+        ref = np.frombuffer(expected, dtype=np.uint8)
+        bad = np.flatnonzero(body != ref)
+        raise AssertionError(
+            f"{what}: {bad.size} bytes differ, first at byte {bad[0]}: got {body[bad[0]]:#04x}, "
+            f"expected {ref[bad[0]]:#04x}"
+        )
+    assert (guard == poison).all(), f"{what}: wrote past the end"
+
+
+def _int4_input(rng, n: int, group_size: int) -> np.ndarray:
+    """fp16 data with per-group magnitudes from 1e-3 to 1e3, plus the awkward groups:
+    constant, exact .5 ties, subnormal-scale, on-grid values and signed zeros."""
+    groups = n // group_size
+    mags = 10.0 ** rng.uniform(-3, 3, size=(groups, 1))
+    x = rng.standard_normal((groups, group_size)) * mags
+    specials = [
+        np.full(group_size, rng.standard_normal() * 10),
+        np.array([0.0, 15.0] + [(k % 15) + 0.5 for k in range(group_size - 2)]),
+        rng.standard_normal(group_size) * 1e-6,
+        rng.integers(0, 16, group_size) * 0.25 - 1.0,
+        np.where(rng.random(group_size) < 0.5, -0.0, rng.random(group_size)),  # signed zeros
+        np.where(rng.random(group_size) < 0.5, -0.0, 0.0),
+    ]
+    for i, row in zip(rng.permutation(groups)[: len(specials)], specials):
+        x[i] = row
+    return x.astype(np.float16).reshape(-1)
+
+
+INT4_SIZES = ["one group", "tail", "few tiles", "grid-stride"]
+
+
+def _int4_n(size: str, group_size: int) -> int:
+    return {
+        "one group": group_size,
+        "tail": group_size * 37,
+        "few tiles": 8 * 256 * 2 * 3 + group_size * 5,
+        "grid-stride": (1 << 23) + group_size * 3,
+    }[size]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("size", INT4_SIZES)
+@pytest.mark.parametrize("group_size", int4.GROUP_SIZES)
+def test_quantize_is_bit_exact(gpu, rng, group_size, size):
+    n = _int4_n(size, group_size)
+    x = _int4_input(rng, n, group_size)
+    expected = np.zeros(int4.int4_nbytes(n, group_size), dtype=np.uint8)
+    int4.pack_into(x, group_size, expected)
+    src = _upload(gpu, x)
+    for poison in POISONS:
+        dst = _poisoned(gpu, expected.size, poison)
+        kernels.quantize_int4(src, dst, n, group_size)
+        _assert_written(_download(gpu, dst, expected.size), expected.tobytes(), poison, "quantize")
+
+
+def _int4_buffer(rng, n: int, group_size: int) -> np.ndarray:
+    """A random but valid INT4 buffer: random codes, fp16 scales (some 0, some subnormal)."""
+    groups = n // group_size
+    packed = rng.integers(0, 256, n // 2, dtype=np.uint8)
+    scales = np.abs(rng.standard_normal(groups)) * 10.0 ** rng.uniform(-3, 1, groups)
+    scales[rng.random(groups) < 0.05] = 0.0
+    scales[rng.random(groups) < 0.05] = 3e-6  # subnormal in fp16
+    zeros = rng.standard_normal(groups) * 10
+    return np.concatenate([
+        packed, scales.astype(np.float16).view(np.uint8), zeros.astype(np.float16).view(np.uint8)
+    ])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("size", INT4_SIZES)
+@pytest.mark.parametrize("group_size", int4.GROUP_SIZES)
+def test_dequantize_is_bit_exact(gpu, rng, group_size, size):
+    n = _int4_n(size, group_size)
+    buf = _int4_buffer(rng, n, group_size)
+    expected = int4.unpack_from(buf, n, group_size, np.float16)
+    src = _upload(gpu, buf)
+    for poison in POISONS:
+        dst = _poisoned(gpu, 2 * n, poison)
+        kernels.dequantize_int4(src, dst, n, group_size)
+        _assert_written(_download(gpu, dst, 2 * n), expected.tobytes(), poison, "dequantize")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("group_size", int4.GROUP_SIZES)
+def test_round_trip_on_a_stream_into_the_middle_of_a_slab(gpu, rng, group_size):
+    """Quantize straight into a slab at an offset, dequantize back; neighbours untouched."""
+    n = group_size * 4096
+    x = _int4_input(rng, n, group_size)
+    nbytes = int4.int4_nbytes(n, group_size)
+    offset = 4096
+    slab = _poisoned(gpu, offset + nbytes, 0x3C)
+    out = _poisoned(gpu, 2 * n, 0xFF)
+    stream = gpu.Stream()
+    kernels.quantize_int4(_upload(gpu, x), int(slab) + offset, n, group_size, stream)
+    kernels.dequantize_int4(int(slab) + offset, out, n, group_size, stream)
+    stream.synchronize()
+    host = _download(gpu, slab, offset + nbytes)
+    assert (host[:offset] == 0x3C).all() and (host[offset + nbytes:] == 0x3C).all()
+    expected = int4.dequantize(int4.quantize(x, group_size))
+    _assert_written(_download(gpu, out, 2 * n), expected.tobytes(), 0xFF, "round trip")
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def _kv_slab(cuda, rng, layout: KVLayout, specs, amplitude=1.0):
+    """Blocks (fmt, n_valid) in one device slab at 256-byte aligned offsets.
+
+    Returns (host entries for attention_ref, device slab, DeviceBlockTable).
+    """
+    entries, offsets, total = [], [], 0
+    for fmt, nv in specs:
+        kv = (amplitude * rng.standard_normal(layout.shape)).astype(np.float16)
+        buf = layout.pack(kv, fmt)
+        entries.append((buf, fmt, nv))
+        offsets.append(total)
+        total += -(-buf.size // 256) * 256
+    host = np.zeros(max(total, 256), dtype=np.uint8)
+    for (buf, _, _), off in zip(entries, offsets):
+        host[off: off + buf.size] = buf
+    slab = _upload(cuda, host)
+    table = kernels.upload_block_table(
+        [int(slab) + off for off in offsets], [f for f, _ in specs], [nv for _, nv in specs],
+        layout.block_tokens,
+    )
+    return entries, slab, table
+
+
+def _run_attention(cuda, q, table, layout, scale, poison):
+    L, H, D = q.shape
+    nb = table.num_blocks
+    q_dev = _upload(cuda, q.astype(np.float32))
+    out = _poisoned(cuda, 4 * L * H * D, poison)
+    lse = _poisoned(cuda, max(4 * L * H * nb, 4), poison)
+    plan = kernels.attention_decode(q_dev, table, L, H, D, layout.block_tokens, layout.group_size,
+                                    scale, out, lse)
+    out_h = _download(cuda, out, 4 * L * H * D)
+    lse_h = _download(cuda, lse, 4 * L * H * nb)
+    assert (out_h[4 * L * H * D:] == poison).all(), "out: wrote past the end"
+    assert (lse_h[4 * L * H * nb:] == poison).all(), "lse: wrote past the end"
+    return (out_h[: 4 * L * H * D].view(np.float32).reshape(L, H, D),
+            lse_h[: 4 * L * H * nb].view(np.float32).reshape(L, H, nb), plan)
+
+
+# Tolerance: for fp16 blocks the kernel and the reference read the very same fp16 values,
+# and for int4 blocks the kernel dequantizes to the same fp16 values bit for bit (checked
+# above), so the only differences are fp32 (kernel) versus fp64 (reference) accumulation
+# over D products and a few hundred tokens, and expf/logf's few-ulp errors: ~1e-6 relative.
+# 1e-4 leaves two orders of magnitude of margin while still catching any indexing or
+# softmax-merge bug (those give errors of order 1).
+OUT_RTOL = 1e-4
+LSE_ATOL = 5e-5
+
+
+def _check_attention(out, lse, ref_out, ref_lse):
+    assert np.isfinite(out).all(), "out has NaN/inf (poison left?)"
+    denom = max(np.linalg.norm(ref_out), 1e-30)
+    rel = np.linalg.norm(out.astype(np.float64) - ref_out) / denom
+    assert rel < OUT_RTOL, f"relative L2 error of out {rel:.2e}"
+    assert not np.isnan(lse).any(), "lse has NaN (poison left?)"
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+    finite = np.isfinite(ref_lse)
+    np.testing.assert_allclose(lse[finite], ref_lse[finite], rtol=1e-5, atol=LSE_ATOL)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("head_dim, group_size", ATTN_SHAPES)
+def test_attention_mixed_table_matches_reference(gpu, rng, head_dim, group_size):
+    layout = KVLayout(layers=2, kv_heads=3, head_dim=head_dim, block_tokens=16, group_size=group_size)
+    specs = [("fp16", 16), ("int4", 16), ("fp16", 5), ("int4", 0),
+             ("int4", 1), ("fp16", 0), ("int4", 11), ("fp16", 16)]
+    entries, _slab, table = _kv_slab(gpu, rng, layout, specs)
+    q = (2.0 * rng.standard_normal((2, 3, head_dim))).astype(np.float32)
+    scale = 1.0 / np.sqrt(head_dim)
+    ref_out, ref_lse = attention_decode_ref(q, entries, layout, scale)
+    for poison in (0xFF, 0x00):  # NaN, then zeros
+        out, lse, _ = _run_attention(gpu, q, table, layout, scale, poison)
+        _check_attention(out, lse, ref_out, ref_lse)
+
+
+@pytest.mark.cuda
+def test_attention_many_blocks_several_per_split(gpu, rng):
+    layout = KVLayout(layers=1, kv_heads=2, head_dim=128, block_tokens=16, group_size=64)
+    nb = 3000
+    fmts = rng.choice(["fp16", "int4"], nb)
+    n_valid = rng.integers(0, 17, nb)
+    entries, _slab, table = _kv_slab(gpu, rng, layout, list(zip(fmts, n_valid.tolist())))
+    q = rng.standard_normal((1, 2, 128)).astype(np.float32)
+    ref_out, ref_lse = attention_decode_ref(q, entries, layout, 0.1)
+    out, lse, plan = _run_attention(gpu, q, table, layout, 0.1, 0xFF)
+    assert plan.blocks_per_split > 1, plan  # the multi-block path of a split is exercised
+    _check_attention(out, lse, ref_out, ref_lse)
+
+
+@pytest.mark.cuda
+def test_attention_long_blocks(gpu, rng):
+    """block_tokens 256: several score rounds per block, warp 0 loops over >32 scores."""
+    layout = KVLayout(layers=1, kv_heads=1, head_dim=64, block_tokens=256, group_size=64)
+    entries, _slab, table = _kv_slab(gpu, rng, layout, [("int4", 256), ("fp16", 100), ("int4", 33)])
+    q = rng.standard_normal((1, 1, 64)).astype(np.float32)
+    ref_out, ref_lse = attention_decode_ref(q, entries, layout, 0.125)
+    out, lse, _ = _run_attention(gpu, q, table, layout, 0.125, 0xFF)
+    _check_attention(out, lse, ref_out, ref_lse)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("specs", [[("fp16", 0), ("int4", 0)], []], ids=["all-empty", "no-blocks"])
+def test_attention_without_valid_tokens_writes_zeros_and_minus_inf(gpu, rng, specs):
+    layout = KVLayout(layers=2, kv_heads=2, head_dim=64, block_tokens=16, group_size=32)
+    _entries, _slab, table = _kv_slab(gpu, rng, layout, specs)
+    q = rng.standard_normal((2, 2, 64)).astype(np.float32)
+    out, lse, _ = _run_attention(gpu, q, table, layout, 0.125, 0xFF)
+    assert (out == 0).all()
+    assert np.isneginf(lse).all() and lse.shape == (2, 2, len(specs))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("head_dim, group_size", [(128, 32), (64, 64)])
+def test_attention_int4_block_equals_its_fp16_decoding(gpu, rng, head_dim, group_size):
+    """The kernel dequantizes exactly as int4.py: an int4 block and the fp16 block holding
+    its decoding give the same result (same values, same arithmetic order)."""
+    layout = KVLayout(layers=2, kv_heads=2, head_dim=head_dim, block_tokens=16, group_size=group_size)
+    entries, _s1, table4 = _kv_slab(gpu, rng, layout, [("int4", 16), ("int4", 9)])
+    decoded = [(layout.pack(layout.unpack(buf, "int4"), "fp16"), "fp16", nv) for buf, _, nv in entries]
+    host = np.zeros(2 * -(-layout.fp16_bytes // 256) * 256, dtype=np.uint8)
+    stride = -(-layout.fp16_bytes // 256) * 256
+    for i, (buf, _, _) in enumerate(decoded):
+        host[i * stride: i * stride + buf.size] = buf
+    slab16 = _upload(gpu, host)
+    table16 = kernels.upload_block_table([int(slab16), int(slab16) + stride], ["fp16"] * 2, [16, 9], 16)
+    q = rng.standard_normal((2, 2, head_dim)).astype(np.float32)
+    out4, lse4, _ = _run_attention(gpu, q, table4, layout, 0.2, 0xFF)
+    out16, lse16, _ = _run_attention(gpu, q, table16, layout, 0.2, 0xFF)
+    np.testing.assert_allclose(out4, out16, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(lse4, lse16, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.cuda
+def test_block_table_is_validated_on_the_host(gpu):
+    with pytest.raises(ValueError, match="n_valid"):
+        kernels.upload_block_table([4096], ["fp16"], [17], block_tokens=16)
+    with pytest.raises(ValueError, match="aligned"):
+        kernels.upload_block_table([4100], ["int4"], [1], block_tokens=16)
+    with pytest.raises(ValueError, match="KV format"):
+        kernels.upload_block_table([4096], ["bf16"], [1], block_tokens=16)

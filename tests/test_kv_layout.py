@@ -1,0 +1,130 @@
+"""The KV block byte layout (synapse/hw/kv_layout.py): sizes, offsets, alignment, round trips."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from synapse.hw import int4
+from synapse.hw.kv_layout import FMT_FP16, FMT_INT4, KVLayout, format_code, format_name
+
+
+def test_sizes_of_a_llama_like_block():
+    lay = KVLayout(layers=32, kv_heads=8, head_dim=128, block_tokens=16, group_size=64)
+    n = 2 * 32 * 8 * 16 * 128
+    assert lay.shape == (16, 2, 32, 8, 128)
+    assert lay.numel == n
+    assert lay.fp16_bytes == 2 * n == 2 * 32 * 8 * 16 * 128 * 2
+    assert lay.int4_bytes == n // 2 + 4 * n // 64
+    assert lay.nbytes("fp16") == lay.nbytes(FMT_FP16) == lay.fp16_bytes
+    assert lay.nbytes("int4") == lay.nbytes(FMT_INT4) == lay.int4_bytes
+    # int4 with G=64 costs 4.5 bits per element instead of 16
+    assert lay.int4_bytes * 8 / n == pytest.approx(4.5)
+
+
+def test_int4_section_offsets():
+    lay = KVLayout(layers=2, kv_heads=3, head_dim=64, block_tokens=4, group_size=32)
+    n = lay.numel
+    assert lay.int4_offsets == (0, n // 2, n // 2 + 2 * n // 32)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    layers=st.integers(1, 7),
+    heads=st.integers(1, 7),
+    groups_per_row=st.integers(1, 4),
+    group_size=st.sampled_from(int4.GROUP_SIZES),
+    block_quads=st.integers(1, 8),
+)
+def test_every_int4_section_is_16_byte_aligned(layers, heads, groups_per_row, group_size, block_quads):
+    lay = KVLayout(layers, heads, groups_per_row * group_size, 4 * block_quads, group_size)
+    for offset in lay.int4_offsets + (lay.int4_bytes, lay.fp16_bytes):
+        assert offset % 16 == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(layers=0, kv_heads=1, head_dim=64, block_tokens=4), "layers"),
+        (dict(layers=1, kv_heads=-2, head_dim=64, block_tokens=4), "kv_heads"),
+        (dict(layers=1, kv_heads=1, head_dim=64, block_tokens=4.0), "block_tokens"),
+        (dict(layers=1, kv_heads=1, head_dim=96, block_tokens=4, group_size=64), "multiple of group_size"),
+        (dict(layers=1, kv_heads=1, head_dim=64, block_tokens=6), "multiple of 4"),
+        (dict(layers=1, kv_heads=1, head_dim=64, block_tokens=4, group_size=16), "group_size"),
+    ],
+)
+def test_invalid_layouts_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        KVLayout(**kwargs)
+
+
+def test_format_names_and_codes():
+    assert format_code("fp16") == 0 and format_code("int4") == 1 and format_code(1) == 1
+    assert format_name(0) == "fp16" and format_name("int4") == "int4"
+    for bad in ("bf16", 2, True, None):
+        with pytest.raises(ValueError, match="KV format"):
+            format_code(bad)
+
+
+def _labelled(lay: KVLayout) -> np.ndarray:
+    """A tensor whose value encodes its own index (exact in fp16 for small shapes)."""
+    return np.arange(lay.numel, dtype=np.float32).reshape(lay.shape).astype(np.float16)
+
+
+def test_fp16_element_address():
+    """Element [t, kv, l, h, d] lives at byte 2 * ((((t*2 + kv)*L + l)*H + h)*D + d)."""
+    lay = KVLayout(layers=2, kv_heads=2, head_dim=32, block_tokens=4, group_size=32)
+    kv = _labelled(lay)
+    raw = lay.pack(kv, "fp16")
+    L, H, BT, D = lay.layers, lay.kv_heads, lay.block_tokens, lay.head_dim
+    for idx in [(0, 0, 0, 0, 0), (0, 1, 0, 0, 0), (3, 0, 1, 1, 31), (2, 1, 1, 0, 7)]:
+        t, c, l, h, d = idx
+        offset = 2 * ((((t * 2 + c) * L + l) * H + h) * D + d)
+        assert raw[offset : offset + 2].view(np.float16)[0] == kv[idx]
+    view = lay.view_fp16(raw)
+    assert np.shares_memory(view, raw)
+    np.testing.assert_array_equal(view, kv)
+
+
+def test_fp16_round_trip_is_exact():
+    lay = KVLayout(layers=3, kv_heads=2, head_dim=64, block_tokens=8)
+    kv = np.random.default_rng(0).standard_normal(lay.shape).astype(np.float16)
+    np.testing.assert_array_equal(lay.unpack(lay.pack(kv, "fp16"), "fp16"), kv)
+
+
+@pytest.mark.parametrize("group_size", int4.GROUP_SIZES)
+def test_int4_form_is_the_int4_format_of_the_flat_tensor(group_size):
+    lay = KVLayout(layers=2, kv_heads=3, head_dim=128, block_tokens=8, group_size=group_size)
+    kv = np.random.default_rng(group_size).standard_normal(lay.shape).astype(np.float16)
+    buf = lay.pack(kv, "int4")
+    assert buf.size == lay.int4_bytes
+    reference = int4.quantize(kv.reshape(-1), group_size)
+    assert buf.tobytes() == (
+        reference.packed.tobytes() + reference.scales.tobytes() + reference.zeros.tobytes()
+    )
+    np.testing.assert_array_equal(lay.unpack(buf, "int4"), int4.dequantize(reference).reshape(lay.shape))
+
+
+def test_int4_groups_never_straddle_two_tokens():
+    """Each (kv, l, h, t) row is constant but rows differ: exact only if groups stay in a row."""
+    lay = KVLayout(layers=2, kv_heads=2, head_dim=64, block_tokens=4, group_size=32)
+    rows = np.arange(lay.numel // lay.head_dim, dtype=np.float16).reshape(lay.shape[:-1])
+    kv = np.broadcast_to(rows[..., None], lay.shape).astype(np.float16)
+    np.testing.assert_array_equal(lay.unpack(lay.pack(kv, "int4"), "int4"), kv)
+
+
+def test_pack_writes_into_a_given_buffer_and_checks_it():
+    lay = KVLayout(layers=1, kv_heads=1, head_dim=32, block_tokens=4, group_size=32)
+    kv = _labelled(lay)
+    out = np.full(lay.int4_bytes, 0xEE, dtype=np.uint8)
+    assert lay.pack(kv, "int4", out=out) is out
+    with pytest.raises(ValueError, match="needs 512"):
+        lay.pack(kv, "fp16", out=np.zeros(511, dtype=np.uint8))
+    with pytest.raises(ValueError, match="shape"):
+        lay.pack(kv[:2], "fp16")
+    with pytest.raises(ValueError, match="float16"):
+        lay.pack(kv.astype(np.float32), "fp16")
+    with pytest.raises(ValueError, match="uint8"):
+        lay.view_fp16(np.zeros(128, dtype=np.float16))
