@@ -74,6 +74,11 @@ class Backend(abc.ABC):
     def records(self) -> list[OpRecord]:
         """Every op's timing, in completion order."""
 
+    def residency(self, table):
+        """Audit that L1 blocks are device memory and L2 blocks page-locked host memory
+        (a ``ResidencyReport``); None where the backend has no device memory."""
+        return None
+
     def environment(self) -> dict:
         """Device, versions and profile facts to store with a result."""
         return {}

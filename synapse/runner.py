@@ -42,7 +42,7 @@ def make_backend(name: str, profile):
         except ImportError as e:
             raise BackendUnavailable(
                 f"--backend cuda needs PyCUDA and an NVIDIA driver ({e}); install "
-                f"synapse[cuda] on a GPU machine, or use --backend sim or cpu") from None
+                f"synapse-tiers[cuda] on a GPU machine, or use --backend sim or cpu") from None
         return CudaBackend()
     raise ScenarioError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
 
@@ -125,6 +125,9 @@ def run_scenario(scenario: Scenario, backend_name: str = "sim", source: str = "s
         metrics["l1_hit_rate"] = c.l1_hits / accessed if accessed else None
         metrics.update(summarize(records, driver.rec.step_s))
         metrics.update(driver.metrics())
+        res = getattr(driver, "residency_report", None)
+        if res is not None:
+            metrics.update(res.as_dict())
         env = environment()
         env["backend"] = backend.environment()
         result = {

@@ -117,3 +117,17 @@ def build_kv(s: Scenario, backend, profile: Profile, working_set_bytes: int, min
         {Fmt.FP16: sizes.fp16, Fmt.INT4: sizes.int4}, DecisionLog())
     mover = Mover(backend, manager, s.memory.int4_group, sizes.numel)
     return KVSetup(sizes, table, manager, mover, l1_space.capacity_bytes, l2_space.capacity_bytes)
+
+
+def audit_residency(driver) -> None:
+    """With ``checks.residency``, audit the page table against the driver's view of memory
+    after a step and accumulate the report on ``driver.residency_report``."""
+    if not driver.s.checks.residency:
+        return
+    rep = driver.backend.residency(driver.table)
+    if rep is None:
+        return
+    if getattr(driver, "residency_report", None) is None:
+        driver.residency_report = rep
+    else:
+        driver.residency_report.merge(rep)

@@ -19,7 +19,7 @@ from ..blocks import BlockSpec, Fmt, Tier
 from ..ops import Attention, Ingest, Region, Stream
 from ..telemetry import Recorder
 from ..workloads.needle import NeedleTrace
-from .kv_common import build_kv
+from .kv_common import audit_residency, build_kv
 
 
 class NeedleDriver:
@@ -121,6 +121,7 @@ class NeedleDriver:
             if self.backend.moves_data and (st.is_question or (
                     self.s.workload.check_every and t % self.s.workload.check_every == 0)):
                 self._check_output(t, att, pos, nvalid, att_fmts)
+            audit_residency(self)
             if self.s.checks.invariants:
                 mgr.check()
             self.rec.step(t, be.now(), l1_bytes=table.bytes_in(Tier.L1),

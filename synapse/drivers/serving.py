@@ -22,7 +22,7 @@ from ..blocks import BlockSpec, State, Tier
 from ..errors import AccessDenied, AdmissionRefused, ScenarioError
 from ..ops import Attention, Ingest, Region, Stream
 from ..telemetry import Recorder
-from .kv_common import BlockSizes, build_kv
+from .kv_common import audit_residency, BlockSizes, build_kv
 
 
 @dataclass
@@ -257,6 +257,7 @@ class ServingDriver:
             for tenant, nbytes in self._tenant_l1().items():
                 st = self.tenant_stats[tenant]
                 st["peak_l1_bytes"] = max(st["peak_l1_bytes"], nbytes)
+            audit_residency(self)
             if self.s.checks.invariants:
                 mgr.check()
                 assert self.lost_blocks() == 0, "an admitted request lost a block"

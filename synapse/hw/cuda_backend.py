@@ -1,0 +1,457 @@
+"""The cuda backend: the drivers' ops on an NVIDIA GPU through PyCUDA and cuda-bindings.
+
+Memory: each device space (L1 arena, INT4 staging, weight ring) is one ``cuMemAlloc`` made
+at set-up (no device allocation on the hot path); each pinned space (L2 pool, staging for
+ingest and small tables) is one ``pagelocked_empty`` array, checked against the memlock
+limit first. Streams: compute (a PyCUDA stream, so PyCUDA can launch our kernels and
+PyTorch can join it through ``torch.cuda.ExternalStream``), and H2D and D2H copy streams
+created at the highest priority through cuda-bindings. Every op gets a start and an end
+event on its stream; ``after`` tickets become ``cuStreamWaitEvent``; the synchronous
+executor blocks on end events, and a failure surfaces as ``KernelError`` naming the op,
+delivered at the driver's yield so the mover can abort its moves. Op times are read from
+the events after the run (device time, not host time).
+
+Context: the device's primary context, shared with PyTorch; pushed here and popped in
+``close`` (a context left pushed at exit aborts the interpreter).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import numpy as np
+
+from ..backend import Backend, _Wait, run_sync
+from ..errors import BackendUnavailable, CapacityError, KernelError
+from ..ops import Attention, Copy, Ingest, LayerCompute, Op, OpRecord, Quantize, Region, Stream, Zero
+from . import driver_api as drv
+from .pinned_pool import check_pinnable
+
+try:
+    import pycuda.driver as cuda
+except (ImportError, OSError) as e:  # no PyCUDA, or no libcuda
+    raise ImportError(f"PyCUDA is not usable here: {e}") from None
+
+_FMT_CODE = {0: 0, 1: 0, 2: 1}  # blocks.Fmt -> kernel table code (fp16 0, int4 1)
+
+
+class DeviceMemory:
+    """One device allocation; ``zero`` queues a memset on the stream that next writes it."""
+
+    kind = "device"
+
+    def __init__(self, backend: "CudaBackend", space: str, nbytes: int):
+        self.backend, self.space, self.nbytes = backend, space, nbytes
+        self.base = drv.mem_alloc(max(nbytes, 256))
+
+    def address(self, offset: int) -> int:
+        return self.base + offset
+
+    def zero(self, offset: int, nbytes: int) -> None:
+        self.backend.queue_zero(self, offset, nbytes)
+
+    def free(self) -> None:
+        if self.base:
+            drv.mem_free(self.base)
+            self.base = 0
+
+
+class PinnedMemory:
+    """One page-locked host array (PyCUDA ``pagelocked_empty``)."""
+
+    kind = "pinned_host"
+
+    def __init__(self, space: str, nbytes: int):
+        check_pinnable(nbytes)
+        try:
+            self.array = cuda.pagelocked_empty(max(nbytes, 256), np.uint8)
+        except cuda.Error as e:
+            raise CapacityError(f"page-locking {nbytes} bytes for {space} failed ({e}); check "
+                                f"`ulimit -l` and free host memory") from None
+        self.space, self.nbytes = space, nbytes
+        self.base = int(self.array.ctypes.data)
+
+    def view(self, offset: int, nbytes: int) -> np.ndarray:
+        return self.array[offset: offset + nbytes]
+
+    def address(self, offset: int) -> int:
+        return self.base + offset
+
+    def zero(self, offset: int, nbytes: int) -> None:
+        # Freed at a commit, after the step's ops completed: nothing reads it any more.
+        self.array[offset: offset + nbytes] = 0
+
+    def free(self) -> None:
+        base = getattr(self.array, "base", None)
+        if base is not None and hasattr(base, "free"):
+            base.free()
+        self.array = None
+
+
+class _Staging:
+    """A pinned host ring mirrored by a device ring, for per-op small data (block tables,
+    queries, outputs) and ingest payloads.
+
+    A slice is reused only once the op that used it has completed. Slices of the op being
+    enqueued have no end event yet; if the ring wraps onto one of them, an event is
+    recorded on that op's stream right there and waited for, so a copy never reads host
+    bytes that were already overwritten.
+    """
+
+    def __init__(self, nbytes: int, finish):
+        self.nbytes = nbytes
+        self.host = PinnedMemory("staging_host", nbytes)
+        self.dev = drv.mem_alloc(nbytes)
+        self.head = 0
+        self.finish = finish  # completes a ticket (waits, then copies its results out)
+        self.live: list[list] = []  # [offset, size, ticket or None (the op being enqueued)]
+
+    def take(self, size: int, stream: int) -> int:
+        size = (size + 255) // 256 * 256
+        if size > self.nbytes:
+            raise CapacityError(f"an op needs {size} bytes of staging; the staging ring has "
+                                f"{self.nbytes}")
+        if self.head + size > self.nbytes:
+            self.head = 0
+        lo, hi = self.head, self.head + size
+        keep = []
+        flushed = False
+        for entry in self.live:
+            o, n, ev = entry
+            if not (o < hi and lo < o + n):
+                keep.append(entry)
+            elif ev is None:
+                if not flushed:  # our own op's earlier slices: wait for what it queued so far
+                    mark = drv.event_create(timing=False)
+                    drv.event_record(mark, stream)
+                    drv.event_synchronize(mark)
+                    drv.event_destroy(mark)
+                    flushed = True
+            else:
+                self.finish(ev)
+        if flushed:
+            keep = [e for e in keep if e[2] is not None]
+        self.live = keep + [[lo, size, None]]
+        self.head = hi
+        return lo
+
+    def seal(self, ticket) -> None:
+        """The op being enqueued recorded its end event: its slices free up after it."""
+        for entry in self.live:
+            if entry[2] is None:
+                entry[2] = ticket
+
+    def close(self) -> None:
+        if self.dev:
+            drv.mem_free(self.dev)
+            self.dev = 0
+        self.host.free()
+
+
+class _Ticket:
+    __slots__ = ("op", "stream", "start", "end", "submit_s", "value", "post", "done")
+
+    def __init__(self, op, stream, start, end, submit_s):
+        self.op, self.stream, self.start, self.end, self.submit_s = op, stream, start, end, submit_s
+        self.value = None
+        self.post = None  # host work after completion (copy results out of staging)
+        self.done = False
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+    moves_data = True
+    simulated = False
+
+    def __init__(self, device: int = 0, staging_bytes: int = 256 << 20):
+        try:
+            cuda.init()
+            self.device = cuda.Device(device)
+            self.device_index = device
+        except cuda.Error as e:
+            raise BackendUnavailable(f"--backend cuda: no usable NVIDIA GPU ({e})") from None
+        self.ctx = self.device.retain_primary_context()
+        self.ctx.push()
+        self._closed = False
+        try:
+            least, greatest = drv.stream_priority_range()
+            self.compute = cuda.Stream()
+            self.streams = {
+                Stream.COMPUTE: int(self.compute.handle),
+                Stream.H2D: drv.stream_create(greatest),
+                Stream.D2H: drv.stream_create(greatest),
+            }
+            self.stream_priority = {"compute": 0, "h2d": greatest, "d2h": greatest}
+            self._mem: dict[str, object] = {}
+            self._pending_zero: dict[str, list] = {}
+            self._tickets: list[_Ticket] = []
+            self._base_event = drv.event_create()
+            drv.event_record(self._base_event, self.streams[Stream.COMPUTE])
+            self.staging = _Staging(staging_bytes, self._synchronize)
+            self._t0 = time.perf_counter()
+            self._torch = None
+            self.fail_next: dict[str, int] = {}  # fault injection for tests: op kind -> count
+        except Exception:
+            self.close()
+            raise
+
+    # -- memory -------------------------------------------------------------------
+    def memory(self, space: str, nbytes: int, kind: str):
+        mem = DeviceMemory(self, space, nbytes) if kind == "device" else PinnedMemory(space, nbytes)
+        old = self._mem.pop(space, None)
+        if old is not None:
+            old.free()
+        self._mem[space] = mem
+        return mem
+
+    def queue_zero(self, mem: DeviceMemory, offset: int, nbytes: int) -> None:
+        self._pending_zero.setdefault(mem.space, []).append((offset, nbytes))
+
+    def _flush_zero(self) -> None:
+        from ..sim.backend import ZERO_STREAM
+        pending, self._pending_zero = self._pending_zero, {}
+        for space, ranges in pending.items():
+            regions = tuple(Region(space, o, n) for o, n in ranges)
+            self._enqueue(Zero(purpose="zero_on_free", regions=regions),
+                          ZERO_STREAM.get(space, Stream.COMPUTE), ())
+
+    def read_region(self, region: Region) -> np.ndarray:
+        mem = self._mem[region.space]
+        if isinstance(mem, PinnedMemory):
+            return mem.view(region.offset, region.nbytes).copy()
+        self.synchronize_all()
+        out = cuda.pagelocked_empty(region.nbytes, np.uint8)
+        drv.memcpy_dtoh_async(int(out.ctypes.data), mem.address(region.offset), region.nbytes,
+                              self.streams[Stream.D2H])
+        drv.stream_synchronize(self.streams[Stream.D2H])
+        return np.array(out)
+
+    # -- work -----------------------------------------------------------------------
+    def submit(self, op: Op, stream: Stream, after: Sequence = ()) -> _Ticket:
+        if self._pending_zero:
+            self._flush_zero()
+        return self._enqueue(op, stream, after)
+
+    def _enqueue(self, op: Op, stream: Stream, after: Sequence) -> _Ticket:
+        left = self.fail_next.get(op.kind, 0)
+        if left:
+            self.fail_next[op.kind] = left - 1
+            raise KernelError(f"{op.kind} ({op.purpose}) failed: injected fault")
+        s = self.streams[stream]
+        submit_s = time.perf_counter() - self._t0
+        for t in after:
+            if t is not None:
+                drv.stream_wait_event(s, t.end)
+        start, end = drv.event_create(), drv.event_create()
+        drv.event_record(start, s)
+        ticket = _Ticket(op, stream, start, end, submit_s)
+        try:
+            self._execute(op, s, ticket)
+        except KernelError as e:
+            raise KernelError(f"{op.kind} ({op.purpose}): {e}") from None
+        except cuda.Error as e:
+            raise KernelError(f"{op.kind} ({op.purpose}) failed to launch: {e}") from None
+        drv.event_record(end, s)
+        self.staging.seal(ticket)
+        self._tickets.append(ticket)
+        return ticket
+
+    def _addr(self, space: str, offset: int) -> int:
+        return self._mem[space].address(offset)
+
+    def _execute(self, op: Op, s: int, ticket: _Ticket) -> None:
+        if isinstance(op, Copy):
+            src, dst = self._mem[op.src_space], self._mem[op.dst_space]
+            copy = drv.memcpy_htod_async if op.direction == "h2d" else drv.memcpy_dtoh_async
+            for so, do, n in zip(op.src_offsets.tolist(), op.dst_offsets.tolist(), op.sizes.tolist()):
+                copy(dst.address(do), src.address(so), n, s)
+        elif isinstance(op, Ingest):
+            for i, r in enumerate(op.dst):
+                data = op.source(i)
+                if data.nbytes != r.nbytes:
+                    raise KernelError(f"{data.nbytes} bytes for a region of {r.nbytes}")
+                off = self.staging.take(r.nbytes, s)
+                self.staging.host.view(off, r.nbytes)[:] = data
+                drv.memcpy_htod_async(self._addr(r.space, r.offset),
+                                      self.staging.host.address(off), r.nbytes, s)
+        elif isinstance(op, Quantize):
+            from . import kernels
+            for so, do in zip(op.src_offsets.tolist(), op.dst_offsets.tolist()):
+                kernels.quantize_int4(self._addr(op.src_space, so), self._addr(op.dst_space, do),
+                                      op.numel, op.group_size, stream=self.compute)
+        elif isinstance(op, Attention):
+            self._attention(op, s, ticket)
+        elif isinstance(op, LayerCompute):
+            self._layer(op)
+        elif isinstance(op, Zero):
+            for r in op.regions:
+                drv.memset_d8_async(self._addr(r.space, r.offset), 0, r.nbytes, s)
+        else:
+            raise KernelError(f"the cuda backend cannot run {type(op).__name__}")
+
+    def _attention(self, op: Attention, s: int, ticket: _Ticket) -> None:
+        from . import kernels
+        lay = op.layout
+        nb = len(op.offsets)
+        L, H, D = lay.layers, lay.kv_heads, lay.head_dim
+        mem = self._mem[op.space]
+        ptrs = (mem.base + op.offsets).astype(np.uint64)
+        fmts = np.array([_FMT_CODE[int(f)] for f in op.fmts], np.int32)
+        nv = op.n_valid.astype(np.int32)
+        q = np.ascontiguousarray(op.query, np.float32)
+        sizes = (8 * nb, 4 * nb, 4 * nb, q.nbytes, 4 * L * H * D, 4 * L * H * max(nb, 1))
+        pads = [(n + 255) // 256 * 256 for n in sizes]
+        total = sum(pads)
+        off = self.staging.take(total, s)
+        offs = np.cumsum([0] + pads[:-1]) + off
+        host = self.staging.host
+        for data, o in zip((ptrs, fmts, nv, q), offs[:4]):
+            raw = data.view(np.uint8).reshape(-1)
+            host.view(int(o), raw.size)[:] = raw
+        upload = int(offs[3] - off + q.nbytes)
+        drv.memcpy_htod_async(self.staging.dev + off, host.address(off), upload, s)
+        dev = [self.staging.dev + int(o) for o in offs]
+        kernels.attention_decode(dev[3], (dev[0], dev[1], dev[2], nb), L, H, D,
+                                 lay.block_tokens, op.group_size, op.softmax_scale,
+                                 dev[4], dev[5], stream=self.compute)
+        out_bytes = sizes[4] + (pads[4] - sizes[4]) + sizes[5]
+        drv.memcpy_dtoh_async(host.address(int(offs[4])), dev[4], out_bytes, s)
+        ticket.post = ("attention", int(offs[4]), int(offs[5]), (L, H, D), (L, H, nb))
+
+    def _torch_mod(self):
+        if self._torch is None:
+            try:
+                import torch
+            except ImportError:
+                raise BackendUnavailable("weight streaming on --backend cuda computes layers with "
+                                         "PyTorch; install synapse-tiers[torch]") from None
+            self._torch = torch
+            self._ext = torch.cuda.ExternalStream(self.streams[Stream.COMPUTE])
+        return self._torch
+
+    def _tensor(self, addr: int, shape, dtype: str):
+        torch = self._torch_mod()
+
+        class _CAI:
+            __cuda_array_interface__ = {"shape": tuple(shape), "typestr": dtype,
+                                        "data": (addr, False), "version": 3, "strides": None}
+        return torch.as_tensor(_CAI(), device=f"cuda:{self.device_index}")
+
+    def _layer(self, op: LayerCompute) -> None:
+        torch = self._torch_mod()
+        h, f = op.hidden, op.ffn
+        base = self._addr(op.weights.space, op.weights.offset)
+        w1 = self._tensor(base, (h, f), "<f2")
+        w2 = self._tensor(base + 2 * h * f, (f, h), "<f2")
+        with torch.cuda.stream(self._ext):
+            x = op.act
+            u = x @ w1
+            x.add_(torch.nn.functional.gelu(u, approximate="tanh") @ w2)
+
+    def activation(self, x0):
+        torch = self._torch_mod()
+        with torch.cuda.stream(self._ext):
+            return torch.as_tensor(np.asarray(x0, np.float16)).to("cuda", non_blocking=False)
+
+    def read_activation(self, act):
+        self._torch_mod()
+        with self._torch.cuda.stream(self._ext):
+            out = act.float().cpu().numpy()
+        return out
+
+    def wait(self, tickets: Sequence) -> _Wait:
+        return _Wait([t for t in tickets if t is not None])
+
+    def _synchronize(self, t: _Ticket) -> None:
+        if t.done:
+            return
+        try:
+            drv.event_synchronize(t.end)
+        except KernelError as e:
+            raise KernelError(f"{t.op.kind} ({t.op.purpose}) failed on the GPU: {e}") from None
+        t.done = True
+        if t.post is not None:  # results leave the staging ring before it is reused
+            _, o_off, l_off, oshape, lshape = t.post
+            host = self.staging.host
+            out = host.view(o_off, 4 * int(np.prod(oshape))).view(np.float32).reshape(oshape)
+            lse = host.view(l_off, 4 * int(np.prod(lshape))).view(np.float32).reshape(lshape)
+            t.value = (out.copy(), lse.copy())
+
+    def synchronize_all(self) -> None:
+        for s in self.streams.values():
+            drv.stream_synchronize(s)
+
+    def result(self, ticket):
+        self._synchronize(ticket)
+        return ticket.value
+
+    def now(self) -> float:
+        return time.perf_counter() - self._t0
+
+    def run(self, process) -> None:
+        self.synchronize_all()
+        self._t0 = time.perf_counter()
+        drv.event_record(self._base_event, self.streams[Stream.COMPUTE])
+        run_sync(process, self._synchronize)
+        self.synchronize_all()
+
+    def records(self) -> list[OpRecord]:
+        self.synchronize_all()
+        out = []
+        for t in self._tickets:
+            t0 = drv.event_elapsed_ms(self._base_event, t.start) * 1e-3
+            t1 = drv.event_elapsed_ms(self._base_event, t.end) * 1e-3
+            out.append(OpRecord(t.op.kind, t.op.purpose, t.stream.value, t.submit_s, t0, t1,
+                                t.op.nbytes, t.op.count))
+        return out
+
+    # -- audits -------------------------------------------------------------------------
+    def residency(self, table):
+        from .residency import audit
+        return audit(table, self._mem, drv.memory_type, drv.is_managed)
+
+    def environment(self) -> dict:
+        env = {"device": self.device.name(),
+               "compute_capability": "%d.%d" % self.device.compute_capability(),
+               "driver": cuda.get_driver_version(),
+               "cuda_runtime_headers": ".".join(map(str, cuda.get_version())),
+               "stream_priority": self.stream_priority}
+        try:
+            import pycuda
+            env["pycuda"] = pycuda.VERSION_TEXT
+        except Exception:
+            pass
+        try:
+            import torch
+            env["torch"] = torch.__version__
+        except ImportError:
+            pass
+        return env
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            try:
+                self.synchronize_all()
+            except Exception:
+                pass
+            for t in getattr(self, "_tickets", []):
+                for ev in (t.start, t.end):
+                    try:
+                        drv.event_destroy(ev)
+                    except Exception:
+                        pass
+            for mem in getattr(self, "_mem", {}).values():
+                mem.free()
+            if getattr(self, "staging", None) is not None:
+                self.staging.close()
+            for key in (Stream.H2D, Stream.D2H):
+                if key in getattr(self, "streams", {}):
+                    drv.stream_destroy(self.streams[key])
+            from . import kernels
+            kernels.forget_context()
+        finally:
+            self.ctx.pop()

@@ -1,0 +1,129 @@
+"""The CUDA driver calls PyCUDA lacks, through NVIDIA's ``cuda-bindings``.
+
+PyCUDA has no stream priorities, no pointer attributes and no raw-pointer async copies on
+streams it did not create; ``cuda.bindings.driver`` has all of them and acts on the
+current context (the primary context the cuda backend pushed, shared with PyTorch). Every
+call goes through ``_check``, which turns a CUresult other than success into
+``KernelError`` naming the call. Handles are plain ints on our side.
+"""
+
+from __future__ import annotations
+
+from ..errors import BackendUnavailable, KernelError
+
+try:
+    from cuda.bindings import driver as cu
+except ImportError as e:  # pragma: no cover - exercised where cuda-bindings is absent
+    cu = None
+    _IMPORT_ERROR = e
+else:
+    _IMPORT_ERROR = None
+
+
+def _cu():
+    if cu is None:
+        raise BackendUnavailable(f"NVIDIA cuda-bindings is not installed ({_IMPORT_ERROR}); "
+                                 f"pip install 'synapse-tiers[cuda]'")
+    return cu
+
+
+def _check(what: str, ret):
+    err, rest = (ret[0], ret[1:]) if isinstance(ret, tuple) else (ret, ())
+    if int(err) != 0:
+        name = getattr(err, "name", str(err))
+        raise KernelError(f"{what} failed: {name}")
+    if not rest:
+        return None
+    return rest[0] if len(rest) == 1 else rest
+
+
+def stream_priority_range() -> tuple[int, int]:
+    """(least, greatest) priority; greatest is the numerically lowest (highest priority)."""
+    least, greatest = _check("cuCtxGetStreamPriorityRange", _cu().cuCtxGetStreamPriorityRange())
+    return int(least), int(greatest)
+
+
+def stream_create(priority: int = 0) -> int:
+    c = _cu()
+    flags = c.CUstream_flags.CU_STREAM_NON_BLOCKING
+    return int(_check("cuStreamCreateWithPriority", c.cuStreamCreateWithPriority(flags, priority)))
+
+
+def stream_destroy(stream: int) -> None:
+    _check("cuStreamDestroy", _cu().cuStreamDestroy(stream))
+
+
+def event_create(timing: bool = True) -> object:
+    c = _cu()
+    flags = c.CUevent_flags.CU_EVENT_DEFAULT if timing else c.CUevent_flags.CU_EVENT_DISABLE_TIMING
+    return _check("cuEventCreate", c.cuEventCreate(flags))
+
+
+def event_record(event, stream: int) -> None:
+    _check("cuEventRecord", _cu().cuEventRecord(event, stream))
+
+
+def event_synchronize(event) -> None:
+    _check("cuEventSynchronize", _cu().cuEventSynchronize(event))
+
+
+def event_elapsed_ms(start, end) -> float:
+    return float(_check("cuEventElapsedTime", _cu().cuEventElapsedTime(start, end)))
+
+
+def event_destroy(event) -> None:
+    _check("cuEventDestroy", _cu().cuEventDestroy(event))
+
+
+def stream_wait_event(stream: int, event) -> None:
+    _check("cuStreamWaitEvent", _cu().cuStreamWaitEvent(stream, event, 0))
+
+
+def stream_synchronize(stream: int) -> None:
+    _check("cuStreamSynchronize", _cu().cuStreamSynchronize(stream))
+
+
+def mem_alloc(nbytes: int) -> int:
+    return int(_check(f"cuMemAlloc({nbytes})", _cu().cuMemAlloc(nbytes)))
+
+
+def mem_free(ptr: int) -> None:
+    _check("cuMemFree", _cu().cuMemFree(ptr))
+
+
+def memcpy_htod_async(dst: int, src_host: int, nbytes: int, stream: int) -> None:
+    _check("cuMemcpyHtoDAsync", _cu().cuMemcpyHtoDAsync(dst, src_host, nbytes, stream))
+
+
+def memcpy_dtoh_async(dst_host: int, src: int, nbytes: int, stream: int) -> None:
+    _check("cuMemcpyDtoHAsync", _cu().cuMemcpyDtoHAsync(dst_host, src, nbytes, stream))
+
+
+def memcpy_dtod_async(dst: int, src: int, nbytes: int, stream: int) -> None:
+    _check("cuMemcpyDtoDAsync", _cu().cuMemcpyDtoDAsync(dst, src, nbytes, stream))
+
+
+def memset_d8_async(dst: int, value: int, nbytes: int, stream: int) -> None:
+    _check("cuMemsetD8Async", _cu().cuMemsetD8Async(dst, value, nbytes, stream))
+
+
+def memory_type(ptr: int) -> str:
+    """'device', 'host' (page-locked, registered with the driver) or 'unregistered'."""
+    c = _cu()
+    attr = c.CUpointer_attribute.CU_POINTER_ATTRIBUTE_MEMORY_TYPE
+    err, value = c.cuPointerGetAttribute(attr, ptr)
+    if int(err) != 0:
+        # Plain pageable host memory is unknown to the driver: not an error for an audit.
+        return "unregistered"
+    v = int(value)
+    if v == int(c.CUmemorytype.CU_MEMORYTYPE_DEVICE):
+        return "device"
+    if v == int(c.CUmemorytype.CU_MEMORYTYPE_HOST):
+        return "host"
+    return f"other({v})"
+
+
+def is_managed(ptr: int) -> bool:
+    c = _cu()
+    err, value = c.cuPointerGetAttribute(c.CUpointer_attribute.CU_POINTER_ATTRIBUTE_IS_MANAGED, ptr)
+    return int(err) == 0 and bool(int(value))
