@@ -97,6 +97,51 @@ def validate(scenario, overrides):
     click.echo(f"ok: {resolve_path(scenario)} is a valid {sc.kind} scenario")
 
 
+@main.command()
+@click.option("--backend", default="cuda", show_default=True, type=click.Choice(["cuda"]),
+              help="What to measure (only a real GPU can be calibrated).")
+@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Profile to write, e.g. profiles/h100-mine.yaml (the raw measurements go "
+                   "beside it as .measurements.json).")
+@click.option("--name", help="Profile name scenarios refer to (default: the file's stem).")
+@click.option("--quick", is_flag=True, help="Smaller buffers: about a quarter of the time.")
+@click.option("--from-measurements", "from_json", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Fit a profile from a recorded .measurements.json instead of measuring.")
+@one_line_errors
+def calibrate(backend, output, name, quick, from_json):
+    """Measure this GPU (link by transfer size, both directions, device copy, INT4 and
+    attention kernels, GEMM, host overhead) and write a hardware profile the simulator
+    loads by name. Takes about a minute."""
+    import json
+
+    from .calibrate import build_profile, write_profile
+
+    name = name or output.stem
+    if from_json:
+        raw = json.loads(from_json.read_text())
+    else:
+        try:
+            from .hw.measure import measure_all
+        except ImportError as e:
+            from .errors import BackendUnavailable
+            raise BackendUnavailable(f"calibrate needs PyCUDA and an NVIDIA GPU ({e})") from None
+        raw = measure_all(progress=lambda msg: click.echo(f"measuring: {msg}", err=True),
+                          quick=quick)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.with_suffix(".measurements.json").write_text(json.dumps(raw, indent=1, default=str))
+    prof, quality = build_profile(name, raw)
+    write_profile(prof, output)
+    l, k = prof.link, prof.kernels
+    click.echo(f"{prof.device}: H2D {l.h2d_gb_per_s:.1f} GB/s, D2H {l.d2h_gb_per_s:.1f} GB/s, "
+               f"both {l.duplex_gb_per_s:.1f} GB/s, copy fixed {l.copy_latency_us:.1f} us; "
+               f"attention {k.attention.gb_per_s:.0f} GB/s; INT4 q/dq "
+               f"{k.int4_quantize.gb_per_s:.0f}/{k.int4_dequantize.gb_per_s:.0f} GB/s; "
+               f"host submit {prof.host.submit_us:.1f} us")
+    worst = max(quality.values()) if quality else 0.0
+    click.echo(f"fits: worst relative error {worst:.1%} ({', '.join(f'{k} {v:.1%}' for k, v in quality.items())})")
+    click.echo(f"wrote {output}")
+
+
 @main.command("list")
 @one_line_errors
 def list_cmd():

@@ -177,7 +177,10 @@ class Attention(Op):
 
 @dataclass(frozen=True)
 class LayerCompute(Op):
-    """One layer of a weight-streamed model, reading its weights from ``weights``."""
+    """One layer of a weight-streamed model, reading its weights from ``weights``:
+    ``x = rmsnorm(x + gelu_tanh(x @ W1) @ W2)`` with W1 [hidden, ffn] and W2 [ffn, hidden]
+    fp16 back to back in the region (the normalisation keeps fp16 activations finite
+    through any number of layers)."""
 
     layer: int = 0
     weights: Optional[Region] = None

@@ -67,6 +67,7 @@ class ServingDriver:
         self.shares = {}
         if s.kind == "tenants":
             self.shares = {t.name: t.share for t in s.workload.tenants}
+        self._pool = None
         self.denied = 0
         self.leaks = 0
         self.peak_l1_fraction = 0.0
@@ -105,9 +106,11 @@ class ServingDriver:
 
     def _payload(self, rid: int, pos: int) -> np.ndarray:
         m = self.s.model
-        rng = np.random.default_rng([self.s.seed, 0x7271, rid, pos])
-        return rng.standard_normal((self.bt, 2, m.layers, m.kv_heads, m.head_dim),
-                                   np.float32).astype(np.float16)
+        if self._pool is None:
+            from ..workloads.payload import PayloadPool
+            self._pool = PayloadPool(self.s.seed)
+        shape = (self.bt, 2, m.layers, m.kv_heads, m.head_dim)
+        return self._pool.take((self.s.seed, 0x7271, rid, pos), int(np.prod(shape))).reshape(shape)
 
     def _admit(self, r: Request, t: int) -> None:
         need = r.max_blocks(self.bt)

@@ -46,25 +46,30 @@ class StreamingDriver:
         self.outputs: list[np.ndarray] = []
         self.reference: list[np.ndarray] = []
         self.streamed_bytes = 0
+        self._pool = None
         if backend.moves_data:
             for i in range(w.layers):
                 self.host.view(i * self.layer_bytes, self.layer_bytes)[:] = self._weights(i)
 
     # -- data ---------------------------------------------------------------------------
     def _weights(self, i: int) -> np.ndarray:
-        rng = np.random.default_rng([self.s.seed, 0x7773, i])
+        """Layer i's W1 [h, f] then W2 [f, h], fp16, scaled so activations stay O(1)."""
+        if self._pool is None:
+            from ..workloads.payload import PayloadPool
+            self._pool = PayloadPool(self.s.seed)
         h, f = self.w.hidden, self.ffn
-        w1 = (rng.standard_normal((h, f), np.float32) / np.sqrt(h)).astype(np.float16)
-        w2 = (rng.standard_normal((f, h), np.float32) / np.sqrt(f)).astype(np.float16)
-        return np.concatenate([w1.reshape(-1), w2.reshape(-1)]).view(np.uint8)
+        w = self._pool.take((self.s.seed, 0x7773, i), 2 * h * f)
+        w[: h * f] *= np.float16(1 / np.sqrt(h))
+        w[h * f:] *= np.float16(1 / np.sqrt(f))
+        return w.view(np.uint8)
 
     def _input(self, p: int) -> np.ndarray:
         rng = np.random.default_rng([self.s.seed, 0x78, p])
         return rng.standard_normal((self.w.batch_tokens, self.w.hidden), np.float32).astype(np.float16)
 
-    def _layer_op(self, i: int, region: Region, act) -> LayerCompute:
+    def _layer_op(self, i: int, region: Region, act, purpose: str = "forward") -> LayerCompute:
         w = self.w
-        return LayerCompute(purpose="forward", layer=i, weights=region, act=act,
+        return LayerCompute(purpose=purpose, layer=i, weights=region, act=act,
                             hidden=w.hidden, ffn=self.ffn,
                             flops=2.0 * w.batch_tokens * 2 * w.hidden * self.ffn,
                             weight_bytes=self.layer_bytes)
@@ -131,7 +136,7 @@ class StreamingDriver:
             act = be.activation(self._input(p))
             last = t
             for i in range(w.layers):
-                last = be.submit(self._layer_op(i, regions[i], act), Stream.COMPUTE, [last])
+                last = be.submit(self._layer_op(i, regions[i], act, "reference"), Stream.COMPUTE, [last])
             yield be.wait([last])
             self.reference.append(be.read_activation(act))
 

@@ -346,8 +346,8 @@ class CudaBackend(Backend):
         w2 = self._tensor(base + 2 * h * f, (f, h), "<f2")
         with torch.cuda.stream(self._ext):
             x = op.act
-            u = x @ w1
-            x.add_(torch.nn.functional.gelu(u, approximate="tanh") @ w2)
+            x.add_(torch.nn.functional.gelu(x @ w1, approximate="tanh") @ w2)
+            x.mul_(torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(x.dtype))
 
     def activation(self, x0):
         torch = self._torch_mod()
@@ -412,19 +412,19 @@ class CudaBackend(Backend):
         return audit(table, self._mem, drv.memory_type, drv.is_managed)
 
     def environment(self) -> dict:
-        env = {"device": self.device.name(),
+        env = {"device": str(self.device.name()),
                "compute_capability": "%d.%d" % self.device.compute_capability(),
                "driver": cuda.get_driver_version(),
                "cuda_runtime_headers": ".".join(map(str, cuda.get_version())),
                "stream_priority": self.stream_priority}
         try:
             import pycuda
-            env["pycuda"] = pycuda.VERSION_TEXT
+            env["pycuda"] = str(pycuda.VERSION_TEXT)
         except Exception:
             pass
         try:
             import torch
-            env["torch"] = torch.__version__
+            env["torch"] = str(torch.__version__)
         except ImportError:
             pass
         return env

@@ -118,7 +118,8 @@ class HostBackend(Backend):
         x = op.act.value
         u = x @ w1
         g = 0.5 * u * (1.0 + np.tanh(0.7978845608 * (u + 0.044715 * u ** 3)))
-        op.act.value = (x + g @ w2).astype(np.float32)
+        y = x + g @ w2
+        op.act.value = (y / np.sqrt(np.mean(y * y, axis=-1, keepdims=True) + 1e-6)).astype(np.float32)
 
     def activation(self, x0):
         return _Ticket(np.asarray(x0, np.float32).copy())

@@ -62,6 +62,7 @@ class NeedleTrace:
         self._tokens = np.array([self._tokens_at(t) for t in range(self.num_steps)], np.int64)
         self._needed = None
         self._next_use = None
+        self._pool = None
 
     # -- the model ------------------------------------------------------------------
     def _build_keys(self, rng) -> None:
@@ -185,7 +186,10 @@ class NeedleTrace:
     def block_payload(self, b: int, layers: int, heads: int, head_dim: int) -> np.ndarray:
         """Block b's KV as stored, token-major [block_tokens, 2, layers, heads, head_dim]
         fp16: K carries the structured key then random padding; V is random."""
-        rng = np.random.default_rng([self.seed, 0x6B76, int(b)])
-        kv = rng.standard_normal((self.bt, 2, layers, heads, head_dim), dtype=np.float32)
-        kv[:, 0, :, :, : self.key_dims] = self.keys[b].astype(np.float32)
-        return kv.astype(np.float16)
+        if self._pool is None:
+            from .payload import PayloadPool
+            self._pool = PayloadPool(self.seed)
+        shape = (self.bt, 2, layers, heads, head_dim)
+        kv = self._pool.take((self.seed, 0x6B76, int(b)), int(np.prod(shape))).reshape(shape)
+        kv[:, 0, :, :, : self.key_dims] = self.keys[b].astype(np.float16)
+        return kv

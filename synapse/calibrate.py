@@ -1,0 +1,101 @@
+"""Calibration: turn timings measured on a real GPU into a hardware profile.
+
+Every rate in a profile has the form ``time = fixed_us + bytes / rate`` (kernels with an
+arithmetic ceiling also ``flops / tflops``). ``fit_rate`` fits that line to measured
+(bytes, seconds) points by least squares weighted for relative error, so small transfers
+(which fix the fixed cost) count as much as large ones (which fix the bandwidth).
+``build_profile`` assembles a ``Profile`` from a measurement record; the measuring itself
+(``synapse.hw.measure``) needs the GPU, the fitting and the file format do not.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from .config import build, to_dict
+from .errors import ScenarioError
+from .sim.profile import Host, Kernels, Link, Profile, Rate
+
+
+def fit_rate(nbytes, seconds, calls=1, tflops: float = 0.0) -> Rate:
+    """Least-squares fit of ``seconds = calls * fixed + nbytes / rate``.
+
+    ``nbytes``/``seconds`` are per measurement (medians of repeats); ``calls`` is how many
+    calls each measurement made. Relative weighting: each point's residual is divided by
+    its own time. Returns a ``Rate`` in microseconds and GB/s.
+    """
+    x = np.asarray(nbytes, np.float64)
+    t = np.asarray(seconds, np.float64)
+    c = np.broadcast_to(np.asarray(calls, np.float64), x.shape)
+    if x.size < 2 or np.ptp(x) == 0:
+        raise ValueError("fit_rate needs measurements at two or more sizes")
+    w = 1.0 / t
+    a = np.stack([c * w, x * w], axis=1)
+    (fixed, per_byte), *_ = np.linalg.lstsq(a, t * w, rcond=None)
+    if per_byte <= 0:
+        raise ValueError(f"measurements do not grow with size (slope {per_byte:.3g} s/B)")
+    return Rate(fixed_us=max(0.0, float(fixed) * 1e6), gb_per_s=float(1e-9 / per_byte),
+                tflops=tflops)
+
+
+def fit_error(rate: Rate, nbytes, seconds, calls=1) -> float:
+    """Largest relative error of the fitted line over the measured points."""
+    x = np.asarray(nbytes, np.float64)
+    pred = np.asarray([rate.seconds(b, int(c)) for b, c in
+                       zip(x, np.broadcast_to(np.asarray(calls), x.shape))])
+    return float(np.max(np.abs(pred - np.asarray(seconds)) / np.asarray(seconds)))
+
+
+def build_profile(name: str, m: dict) -> tuple[Profile, dict]:
+    """A profile from a measurement record (see ``synapse.hw.measure.measure_all``).
+
+    Returns the profile and the fit quality (largest relative error per fitted rate).
+    """
+    def rate(key, tflops=0.0):
+        pts = m[key]
+        r = fit_rate(pts["bytes"], pts["seconds"], pts.get("calls", 1), tflops)
+        quality[key] = round(fit_error(r, pts["bytes"], pts["seconds"], pts.get("calls", 1)), 4)
+        return r
+
+    quality: dict[str, float] = {}
+    h2d, d2h = rate("h2d"), rate("d2h")
+    link = Link(h2d_gb_per_s=h2d.gb_per_s, d2h_gb_per_s=d2h.gb_per_s,
+                duplex_gb_per_s=float(m["duplex_gb_per_s"]),
+                copy_latency_us=(h2d.fixed_us + d2h.fixed_us) / 2,
+                copy_engines=int(m["copy_engines"]))
+    gemm = m["gemm"]
+    kernels = Kernels(
+        attention=rate("attention"),
+        int4_quantize=rate("int4_quantize"),
+        int4_dequantize=rate("int4_dequantize"),
+        memset=rate("memset"),
+        gemm=Rate(fixed_us=float(gemm["fixed_us"]), gb_per_s=float(gemm["gb_per_s"]),
+                  tflops=float(gemm["tflops"])),
+    )
+    host = Host(submit_us=float(m["host_submit_us"]),
+                memset_gb_per_s=float(m["host_memset_gb_per_s"]))
+    prof = Profile(name=name, device=m["environment"].get("device", ""),
+                   hbm_bytes=int(m["hbm_bytes"]), host_pinned_bytes=int(m["host_pinned_bytes"]),
+                   link=link, kernels=kernels, host=host,
+                   measured={"environment": {k: str(v) if not isinstance(v, (int, float, dict)) else v
+                                             for k, v in m["environment"].items()}, "fit_max_rel_error": quality,
+                             "device_copy_gb_per_s": m.get("device_copy_gb_per_s"),
+                             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+    return prof, quality
+
+
+def write_profile(prof: Profile, path: Path) -> None:
+    """Write the profile YAML, checked to load back."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = (f"# Measured by `synapse calibrate` on {prof.device}.\n"
+              f"# Rates are GB/s (1e9 bytes/s); fixed costs are microseconds.\n")
+    text = header + yaml.safe_dump(to_dict(prof), sort_keys=False)
+    build(Profile, yaml.safe_load(text), str(path))  # what we write must load back
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

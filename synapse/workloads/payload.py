@@ -1,0 +1,30 @@
+"""Deterministic, cheap payload bytes for the hardware backends.
+
+Generating fresh normal variates for every KV block or weight matrix would make host-side
+random number generation the dominant cost of a hardware run (gigabytes of it), time the
+simulator does not model. Instead one pool of standard-normal fp16 values is drawn per
+seed and each payload is a window of it at an offset derived from its key, so a payload
+costs a copy, is the same on every run and backend, and differs between blocks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+POOL_NUMEL = 1 << 24  # 32 MiB of fp16
+
+
+class PayloadPool:
+    def __init__(self, seed: int, numel: int = POOL_NUMEL):
+        rng = np.random.default_rng([seed, 0x706F6F6C])
+        self.values = rng.standard_normal(numel, dtype=np.float32).astype(np.float16)
+
+    def take(self, key, numel: int) -> np.ndarray:
+        """``numel`` fp16 values (a fresh array) for ``key`` (a tuple of ints)."""
+        n = len(self.values)
+        if numel > n:
+            reps = -(-numel // n)
+            start = int(np.random.default_rng(list(key)).integers(0, n))
+            return np.roll(np.tile(self.values, reps), -start)[:numel].copy()
+        start = int(np.random.default_rng(list(key)).integers(0, n - numel + 1))
+        return self.values[start:start + numel].copy()
