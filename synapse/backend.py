@@ -66,6 +66,11 @@ class Backend(abc.ABC):
     def host_work(self, seconds: float) -> None:
         """Host-side work the simulator should charge (the hardware just does it)."""
 
+    def host_busy_s(self) -> float | None:
+        """Seconds the host spent working (not blocked on the device) during ``run``:
+        modelled on the simulator, measured on the hardware; None where unknown."""
+        return None
+
     @abc.abstractmethod
     def run(self, process: Generator) -> None:
         """Run a driver generator to completion."""
@@ -94,23 +99,28 @@ class _Wait:
         self.tickets = list(tickets)
 
 
-def run_sync(process: Generator, synchronize) -> None:
+def run_sync(process: Generator, synchronize) -> float:
     """Execute a driver generator on real hardware: each yielded wait blocks the host.
 
     ``synchronize(ticket)`` must block until the ticket's work completed (and raise
-    KernelError naming the op if it failed).
+    KernelError naming the op if it failed). Returns the seconds the host spent blocked,
+    so a run's wall time splits into host work and waiting on the device.
     """
+    import time
     error: BaseException | None = None
+    blocked = 0.0
     while True:
         try:
             waited = process.throw(error) if error is not None else process.send(None)
         except StopIteration:
-            return
+            return blocked
         error = None
         if not isinstance(waited, _Wait):
             raise TypeError(f"a driver yielded {waited!r}; yield backend.wait([...])")
+        t0 = time.perf_counter()
         try:
             for t in waited.tickets:
                 synchronize(t)
         except Exception as e:  # delivered at the driver's yield, as SimPy does
             error = e
+        blocked += time.perf_counter() - t0

@@ -78,7 +78,8 @@ def build_profile(name: str, m: dict) -> tuple[Profile, dict]:
                   tflops=float(gemm["tflops"])),
     )
     host = Host(submit_us=float(m["host_submit_us"]),
-                memset_gb_per_s=float(m["host_memset_gb_per_s"]))
+                memset_gb_per_s=float(m["host_memset_gb_per_s"]),
+                stage_gb_per_s=float(m.get("host_stage_gb_per_s", 0.0)))
     prof = Profile(name=name, device=m["environment"].get("device", ""),
                    hbm_bytes=int(m["hbm_bytes"]), host_pinned_bytes=int(m["host_pinned_bytes"]),
                    link=link, kernels=kernels, host=host,

@@ -56,7 +56,7 @@ def size_check(v):
     try:
         n = parse_bytes(v)
     except ValueError as e:
-        return str(e).replace("expected ", "")
+        return str(e).replace("expected ", "").split(", got ")[0]
     return None if n > 0 else "a size > 0"
 
 

@@ -118,7 +118,7 @@ class NeedleDriver:
                 t, np.asarray([self.tail] if self.tail is not None else [], np.int64))
             bg = mover.submit(demote + prefetch)
             yield from mover.finish(demote + prefetch, [att] + bg, t)
-            if self.backend.moves_data and (st.is_question or (
+            if self.backend.moves_data and self.s.checks.data and (st.is_question or (
                     self.s.workload.check_every and t % self.s.workload.check_every == 0)):
                 self._check_output(t, att, pos, nvalid, att_fmts)
             audit_residency(self)

@@ -202,7 +202,7 @@ class ServingDriver:
             if ingest is not None:
                 tickets.append(ingest)
             yield from self.mover.finish(moves, tickets, t)
-            if self.backend.moves_data and moves:
+            if self.backend.moves_data and self.s.checks.data and moves:
                 self._check_roundtrip(moves)
             # 3. decode: one token per running request; a new block when one fills
             appends, grow = [], []
@@ -297,7 +297,7 @@ class ServingDriver:
         tb = self.sizes.token_bytes
         for r, b, pos, off in items:
             region, _ = self.mover.block_region(b)
-            if off == 0 and self.backend.moves_data:
+            if off == 0 and self.backend.moves_data and self.s.checks.data:
                 self._check_zero(b)
             regions.append(Region("l1", region.offset + off * tb, tb, r.tenant))
             src.append((r.rid, pos, off, off + 1))
@@ -406,7 +406,7 @@ class ServingDriver:
             "peak_l1_fraction": self.peak_l1_fraction,
             "high_watermark": self.s.policy.high_watermark,
         }
-        if self.backend.moves_data:
+        if self.backend.moves_data and self.s.checks.data:
             out.update(roundtrip_checked=self.roundtrip_checked,
                        roundtrip_mismatches=self.roundtrip_mismatch,
                        zero_on_free_checked=self.zero_checked,

@@ -121,7 +121,7 @@ class StreamingDriver:
             self.rec.step(g, be.now(), ring_bytes=ring.capacity_bytes,
                           streamed_bytes=self.streamed_bytes)
         self.run_end_s = be.now()
-        if be.moves_data:
+        if be.moves_data and self.s.checks.data:
             yield from self._resident_reference()
 
     def _resident_reference(self):

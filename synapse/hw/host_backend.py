@@ -138,7 +138,12 @@ class HostBackend(Backend):
 
     def run(self, process) -> None:
         self._t0 = time.perf_counter()
-        run_sync(process, lambda t: None)
+        self._blocked_s = run_sync(process, lambda t: None)
+        self._run_wall_s = time.perf_counter() - self._t0
+
+    def host_busy_s(self) -> float | None:
+        wall = getattr(self, "_run_wall_s", None)
+        return None if wall is None else max(0.0, wall - self._blocked_s)
 
     def records(self) -> list[OpRecord]:
         return self._records

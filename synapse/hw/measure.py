@@ -219,6 +219,25 @@ def host_memset_gb_per_s(nbytes: int = 256 * MiB) -> float:
     return 3 * nbytes / (time.perf_counter() - t0) / 1e9
 
 
+def host_stage_gb_per_s(block_bytes: int = 2 * MiB, blocks: int = 64, repeats: int = 5) -> float:
+    """The hardware backends' ingest path on the host: payload windows of one KV block
+    taken from the payload pool and written into pinned staging (what an ``Ingest`` costs
+    before launch)."""
+    import pycuda.driver as cuda
+    from ..workloads.payload import PayloadPool
+    pool = PayloadPool(0)
+    dst = cuda.pagelocked_empty(block_bytes * blocks, np.uint8)
+    times = []
+    for r in range(repeats + 1):
+        t0 = time.perf_counter()
+        for i in range(blocks):
+            dst[i * block_bytes:(i + 1) * block_bytes] = \
+                pool.take((r, i), block_bytes // 2).view(np.uint8)
+        times.append(time.perf_counter() - t0)
+    dst.base.free()
+    return block_bytes * blocks / statistics.median(times[1:]) / 1e9
+
+
 def measure_all(progress=print, quick: bool = False) -> dict:
     """Everything a profile holds, measured on the current GPU with a CudaBackend."""
     import pycuda.driver as cuda
@@ -254,6 +273,7 @@ def measure_all(progress=print, quick: bool = False) -> dict:
         progress("host submit overhead")
         m["host_submit_us"] = host_submit_us(be)
         m["host_memset_gb_per_s"] = host_memset_gb_per_s()
+        m["host_stage_gb_per_s"] = host_stage_gb_per_s()
         free_b, total_b = cuda.mem_get_info()
         m["hbm_bytes"] = int(total_b)
         from .pinned_pool import host_available_bytes, memlock_limit_bytes

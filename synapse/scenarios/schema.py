@@ -128,6 +128,9 @@ WORKLOADS = {
 class Checks:
     invariants: bool = checked(False, doc="check page table and allocator invariants every step")
     residency: bool = checked(False, doc="cuda: verify L1 is device memory and L2 pinned, every step")
+    data: bool = checked(True, doc="hardware backends: check moved bytes and attention outputs "
+                                   "against references during the run (host work and device "
+                                   "synchronisation: turn off to time a run)")
 
 
 @dataclass(frozen=True)

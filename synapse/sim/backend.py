@@ -50,7 +50,10 @@ class SimBackend(Backend):
         self._tail: dict[Stream, simpy.Event | None] = {s: None for s in Stream}
         self._records: list[OpRecord] = []
         self._host_s = 0.0
+        self._host_busy = 0.0
         self._submit_s = profile.host.submit_us * 1e-6
+        stage = profile.host.stage_gb_per_s
+        self._stage_s_per_byte = 1.0 / (stage * 1e9) if stage else 0.0
         self._pending_zero: dict[str, list] = {}
 
     # -- memory -------------------------------------------------------------------
@@ -79,7 +82,11 @@ class SimBackend(Backend):
 
     def _enqueue(self, op: Op, stream: Stream, after: Sequence) -> simpy.Event:
         now = self.env.now
-        self._host_s = max(self._host_s, now) + self._submit_s
+        cost = self._submit_s
+        if isinstance(op, Ingest):  # the host fills pinned staging before it can launch
+            cost += op.nbytes * self._stage_s_per_byte
+        self._host_s = max(self._host_s, now) + cost
+        self._host_busy += cost
         deps = [t for t in after if t is not None]
         prev = self._tail[stream]
         if prev is not None:
@@ -124,6 +131,10 @@ class SimBackend(Backend):
 
     def host_work(self, seconds: float) -> None:
         self._host_s = max(self._host_s, self.env.now) + seconds
+        self._host_busy += seconds
+
+    def host_busy_s(self) -> float:
+        return self._host_busy
 
     def run(self, process) -> None:
         proc = self.env.process(process)

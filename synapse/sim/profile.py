@@ -56,6 +56,9 @@ class Kernels:
 class Host:
     submit_us: float = checked(8.0, non_negative, "host time to enqueue one op (Python + driver)")
     memset_gb_per_s: float = checked(10.0, positive, "host memset of pinned memory, GB/s")
+    stage_gb_per_s: float = checked(
+        0.0, non_negative, "host copy of an ingested payload into pinned staging, GB/s "
+        "(0: not modelled; calibrate measures it)")
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,7 @@ def load_profile(name_or_path: str) -> Profile:
         import difflib
         close = difflib.get_close_matches(name_or_path, profiles, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ScenarioError(f"unknown hardware profile {name_or_path!r}{hint} "
+        raise ScenarioError(f"profile: unknown hardware profile {name_or_path!r}{hint} "
                             f"(available: {', '.join(profiles) or 'none'})")
     path = profiles[name_or_path]
     return build(Profile, load_yaml(path), str(path))

@@ -22,9 +22,15 @@ class PayloadPool:
     def take(self, key, numel: int) -> np.ndarray:
         """``numel`` fp16 values (a fresh array) for ``key`` (a tuple of ints)."""
         n = len(self.values)
-        if numel > n:
-            reps = -(-numel // n)
-            start = int(np.random.default_rng(list(key)).integers(0, n))
-            return np.roll(np.tile(self.values, reps), -start)[:numel].copy()
+        if numel > n:  # wrap around the pool, one copy per pass (no tiled temporaries)
+            out = np.empty(numel, np.float16)
+            pos = int(np.random.default_rng(list(key)).integers(0, n))
+            done = 0
+            while done < numel:
+                k = min(numel - done, n - pos)
+                out[done:done + k] = self.values[pos:pos + k]
+                done += k
+                pos = 0
+            return out
         start = int(np.random.default_rng(list(key)).integers(0, n - numel + 1))
         return self.values[start:start + numel].copy()

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# One device call, end to end: install PyCUDA, GPU tests, calibrate, scenarios on cuda and
+# on the simulator with the calibrated profile, peer comparisons. Logs and JSON go to $OUT.
+#   device run, carry [".whl"]:  bash benchmarks/gpu_session.sh
+#   a subset:                    STAGES="env tests" bash benchmarks/gpu_session.sh
+source benchmarks/gpu_env.sh
+STAGES=${STAGES:-"env tests calibrate scenarios stream slab summary"}
+PROFILE=${PROFILE:-h100}
+mkdir -p "$OUT/logs"
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+stage() { echo; echo "=== $1 ($(date +%T))"; }
+
+if has env; then
+  stage "versions"
+  python3 - <<'PY' | tee "$OUT/environment.json"
+import json, platform, subprocess
+env = {"python": platform.python_version()}
+for mod in ("numpy", "torch", "pycuda", "transformers", "accelerate", "simpy", "plotly"):
+    try:
+        m = __import__(mod); env[mod] = getattr(m, "__version__", getattr(m, "VERSION_TEXT", "?"))
+    except Exception as e:
+        env[mod] = f"missing ({type(e).__name__})"
+try:
+    from cuda.bindings import __version__ as cb; env["cuda-bindings"] = cb
+except Exception:
+    pass
+q = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,pcie.link.gen.max,pcie.link.width.max,memory.total",
+                    "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+env["nvidia-smi"] = q
+env["nvcc"] = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+print(json.dumps(env, indent=1))
+PY
+  (nvidia-smi topo -m; command -v numactl >/dev/null && numactl -H; lscpu | head -20) > "$OUT/logs/topology.txt" 2>&1
+  head -30 "$OUT/logs/topology.txt"
+fi
+
+if has tests; then
+  stage "pytest -m cuda"
+  python3 -m pytest -m cuda -q -rs tests/ 2>&1 | tee "$OUT/logs/pytest_cuda.log" | tail -25
+fi
+
+if has calibrate; then
+  stage "calibrate (ceilings and profile)"
+  python3 -m synapse calibrate --backend cuda -o "profiles/$PROFILE.yaml" 2>&1 | tee "$OUT/logs/calibrate.log"
+  mkdir -p "$OUT/profiles" && cp profiles/$PROFILE.yaml profiles/$PROFILE.measurements.json "$OUT/profiles/"
+fi
+
+if has scenarios; then
+  stage "scenarios on cuda and on the simulator (profile $PROFILE)"
+  python3 benchmarks/scenario_pairs.py --profile "$PROFILE" --out "$OUT" 2>&1 | tee "$OUT/logs/scenario_pairs.log"
+  if python3 -m synapse compare --help >/dev/null 2>&1; then
+    for s in needle streaming tsunami tenants; do
+      python3 -m synapse compare "$OUT/$s-sim" "$OUT/$s-cuda" \
+        --out "$OUT/compare-$s" 2>&1 | tee "$OUT/logs/compare-$s.log" | tail -30
+    done
+  fi
+fi
+
+if has stream; then
+  stage "weight streaming: synapse.stream versus Accelerate cpu_offload"
+  if [ -f benchmarks/stream_vs_accelerate.py ]; then
+    python3 benchmarks/stream_vs_accelerate.py --out "$OUT/stream_vs_accelerate.json" 2>&1 | tee "$OUT/logs/stream.log" | tail -30
+  else
+    echo "benchmarks/stream_vs_accelerate.py not present: skipped"
+  fi
+fi
+
+if has slab; then
+  stage "slab allocator versus torch.empty"
+  python3 benchmarks/slab_vs_torch.py --out "$OUT/slab_vs_torch.json" 2>&1 | tee "$OUT/logs/slab.log" | tail -20
+fi
+
+if has summary; then
+  stage "summary"
+  python3 benchmarks/gpu_summary.py "$OUT" 2>&1 | tee "$OUT/summary.txt"
+fi
