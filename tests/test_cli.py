@@ -101,3 +101,15 @@ def test_list_names_scenarios_policies_profiles():
     assert r.exit_code == 0
     for name in ("needle", "streaming", "tsunami", "tenants", "h2o", "belady", "h100-sxm"):
         assert name in r.output
+
+
+def test_missing_field(tmp_path):
+    p = tmp_path / "m.yaml"
+    p.write_text("kind: needle\n")
+    one_line_error(invoke("validate", str(p)), "m.yaml", "name", "missing field")
+
+
+def test_zero_size(tmp_path):
+    p = tmp_path / "z.yaml"
+    p.write_text("name: x\nkind: needle\nmemory: {l1_budget: 0}\n")
+    one_line_error(invoke("validate", str(p)), "z.yaml", "memory.l1_budget", "got 0", "> 0")
