@@ -78,6 +78,7 @@ def build_profile(name: str, m: dict) -> tuple[Profile, dict]:
                   tflops=float(gemm["tflops"])),
     )
     host = Host(submit_us=float(m["host_submit_us"]),
+                per_item_us=max(0.0, float(m.get("host_per_item_us", 0.0))),
                 memset_gb_per_s=float(m["host_memset_gb_per_s"]),
                 stage_gb_per_s=float(m.get("host_stage_gb_per_s", 0.0)))
     prof = Profile(name=name, device=m["environment"].get("device", ""),

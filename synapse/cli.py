@@ -136,7 +136,8 @@ def calibrate(backend, output, name, quick, from_json):
                f"both {l.duplex_gb_per_s:.1f} GB/s, copy fixed {l.copy_latency_us:.1f} us; "
                f"attention {k.attention.gb_per_s:.0f} GB/s; INT4 q/dq "
                f"{k.int4_quantize.gb_per_s:.0f}/{k.int4_dequantize.gb_per_s:.0f} GB/s; "
-               f"host submit {prof.host.submit_us:.1f} us")
+               f"host submit {prof.host.submit_us:.1f} us + {prof.host.per_item_us:.1f} us per row, "
+               f"staging {prof.host.stage_gb_per_s:.1f} GB/s")
     worst = max(quality.values()) if quality else 0.0
     click.echo(f"fits: worst relative error {worst:.1%} ({', '.join(f'{k} {v:.1%}' for k, v in quality.items())})")
     click.echo(f"wrote {output}")

@@ -192,11 +192,12 @@ def gemm_rate(stream_handle: int) -> dict:
     return res
 
 
-def host_submit_us(backend, n: int = 2000) -> float:
-    """Host time to submit one small op through the cuda backend's Python path."""
+def host_submit_us(backend, n: int = 2000, items: int = 1) -> float:
+    """Host time to submit one op of ``items`` rows (a memset each) through the cuda
+    backend's Python path."""
     from ..ops import Region, Stream, Zero
     mem = backend.memory("calib", 1 * MiB, "device")
-    op = Zero(purpose="calibrate", regions=(Region("calib", 0, 256),))
+    op = Zero(purpose="calibrate", regions=tuple(Region("calib", 256 * i, 256) for i in range(items)))
     for _ in range(50):
         backend.submit(op, Stream.COMPUTE)
     backend.synchronize_all()
@@ -272,6 +273,7 @@ def measure_all(progress=print, quick: bool = False) -> dict:
         m["gemm"] = gemm_rate(s[Stream.COMPUTE])
         progress("host submit overhead")
         m["host_submit_us"] = host_submit_us(be)
+        m["host_per_item_us"] = (host_submit_us(be, n=200, items=64) - m["host_submit_us"]) / 63
         m["host_memset_gb_per_s"] = host_memset_gb_per_s()
         m["host_stage_gb_per_s"] = host_stage_gb_per_s()
         free_b, total_b = cuda.mem_get_info()

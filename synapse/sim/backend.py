@@ -52,6 +52,7 @@ class SimBackend(Backend):
         self._host_s = 0.0
         self._host_busy = 0.0
         self._submit_s = profile.host.submit_us * 1e-6
+        self._item_s = profile.host.per_item_us * 1e-6
         stage = profile.host.stage_gb_per_s
         self._stage_s_per_byte = 1.0 / (stage * 1e9) if stage else 0.0
         self._pending_zero: dict[str, list] = {}
@@ -83,6 +84,8 @@ class SimBackend(Backend):
     def _enqueue(self, op: Op, stream: Stream, after: Sequence) -> simpy.Event:
         now = self.env.now
         cost = self._submit_s
+        if op.count > 1 and isinstance(op, (Copy, Ingest, Zero, Quantize)):
+            cost += (op.count - 1) * self._item_s
         if isinstance(op, Ingest):  # the host fills pinned staging before it can launch
             cost += op.nbytes * self._stage_s_per_byte
         self._host_s = max(self._host_s, now) + cost

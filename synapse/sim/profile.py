@@ -56,6 +56,9 @@ class Kernels:
 class Host:
     submit_us: float = checked(8.0, non_negative, "host time to enqueue one op (Python + driver)")
     memset_gb_per_s: float = checked(10.0, positive, "host memset of pinned memory, GB/s")
+    per_item_us: float = checked(
+        0.0, non_negative, "host time per further row of a batched copy, ingest, memset or "
+        "quantize op (one driver call each on the hardware); 0: not modelled")
     stage_gb_per_s: float = checked(
         0.0, non_negative, "host copy of an ingested payload into pinned staging, GB/s "
         "(0: not modelled; calibrate measures it)")
