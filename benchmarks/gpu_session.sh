@@ -4,6 +4,13 @@
 #   device run, carry [".whl"]:  bash benchmarks/gpu_session.sh
 #   a subset:                    STAGES="env tests" bash benchmarks/gpu_session.sh
 source benchmarks/gpu_env.sh
+# The device tool brings back only a few files: everything is written under $RES and
+# packed into one archive at the end (plus summary.txt beside it).
+FINAL_OUT=$OUT
+RES=${RES:-/tmp/gpu_session}
+rm -rf "$RES" && mkdir -p "$RES"
+OUT=$RES
+trap 'tar czf "$FINAL_OUT/session.tar.gz" -C "$RES" . && cp -f "$RES/summary.txt" "$FINAL_OUT/" 2>/dev/null; true' EXIT
 STAGES=${STAGES:-"env tests calibrate scenarios stream slab summary"}
 PROFILE=${PROFILE:-h100}
 mkdir -p "$OUT/logs"

@@ -57,7 +57,8 @@ class NeedleDriver:
         def source(i: int) -> np.ndarray:
             pos, tok_lo, tok_hi = items[i]
             kv = self._payload(pos)
-            if pos not in self._mean_v and tok_hi == self.trace.bt and tok_lo == 0:
+            if (self.s.checks.data and pos not in self._mean_v
+                    and tok_hi == self.trace.bt and tok_lo == 0):  # kept for _check_output
                 self._mean_v[pos] = kv[:, 1].astype(np.float64).mean(axis=0)
             return np.ascontiguousarray(kv[tok_lo:tok_hi]).view(np.uint8).reshape(-1)
         return source
