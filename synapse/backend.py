@@ -66,6 +66,10 @@ class Backend(abc.ABC):
     def host_work(self, seconds: float) -> None:
         """Host-side work the simulator should charge (the hardware just does it)."""
 
+    def reserve_staging(self, op_bytes: int) -> None:
+        """Hardware backends: make room at set-up for ops that carry up to ``op_bytes`` of
+        host payload, so no staging memory is allocated in the middle of a run."""
+
     def host_busy_s(self) -> float | None:
         """Seconds the host spent working (not blocked on the device) during ``run``:
         modelled on the simulator, measured on the hardware; None where unknown."""

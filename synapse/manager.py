@@ -146,6 +146,13 @@ class TierManager:
         self.pinned.discard(block)
         self._set_busy(block, False)
 
+    def _in_flight(self, ids: np.ndarray) -> np.ndarray:
+        """Mask of ``ids`` that are busy (a planned move not yet committed, or pinned)."""
+        out = np.zeros(len(ids), bool)
+        inside = ids < len(self._busy)
+        out[inside] = self._busy[ids[inside]]
+        return out
+
     def _evictable(self, protected: np.ndarray) -> np.ndarray:
         l1 = self.table.ids_in(Tier.L1)
         if len(l1) and int(l1[-1]) >= len(self._busy):
@@ -248,7 +255,9 @@ class TierManager:
     def plan_fetch(self, ids: np.ndarray, step: int, purpose: str = "fetch") -> list[Move]:
         """L1 destinations for L2 blocks, in order, for as many as L1 can take now."""
         moves = []
-        for b in np.asarray(ids, np.int64).tolist():
+        ids = np.asarray(ids, np.int64)
+        # a block already moving (planned, not yet committed) is not moved twice
+        for b in ids[~self._in_flight(ids)].tolist():
             fmt = Fmt(self.table.fmt[b])
             nbytes = int(self.table.nbytes[b])
             if not self.spaces.l1.can_allocate(nbytes):
@@ -277,6 +286,7 @@ class TierManager:
         if self.prefetch is not None and self.prefetch.max_blocks > 0 and not demotions \
                 and self.demotion is not Demotion.DROP:
             l2 = self.table.ids_in(Tier.L2)
+            l2 = l2[~self._in_flight(l2)]
             headroom = self.watermarks.headroom_bytes(used, self.l1_capacity)
             if len(l2) and len(cand) and headroom > 0:
                 prefetches = self._plan_prefetch(l2, cand, headroom, step)

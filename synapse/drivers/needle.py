@@ -33,6 +33,7 @@ class NeedleDriver:
         working = tr.num_blocks * sizes.fp16
         self.kv = build_kv(s, backend, profile, working, tr.chunk_blocks + 2, source)
         self.mgr, self.mover, self.table = self.kv.manager, self.kv.mover, self.kv.table
+        backend.reserve_staging(tr.chunk_blocks * tr.bt * sizes.token_bytes)
         if self.mgr.policy.needs_future:
             self.mgr.policy.bind_future(self._next_use)
         self.pos2id = np.full(tr.num_blocks, -1, np.int64)

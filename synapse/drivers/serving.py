@@ -60,6 +60,9 @@ class ServingDriver:
         self.kv = build_kv(s, backend, profile, working, 2, source)
         self.mgr, self.mover, self.table = self.kv.manager, self.kv.mover, self.kv.table
         self.sizes = sizes
+        # the most prompt bytes one step can ingest: the largest prompts that may start together
+        largest = sorted((r.prompt for r in self.requests), reverse=True)[:self.max_running]
+        backend.reserve_staging(sum(largest) * sizes.token_bytes)
         self.capacity_blocks = (self.kv.l1_bytes + self.kv.l2_bytes) // sizes.fp16
         self.reserved = 0
         self.rec = Recorder()

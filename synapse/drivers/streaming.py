@@ -38,6 +38,8 @@ class StreamingDriver:
         depth = s.policy.prefetch_depth if s.policy.prefetch else 0
         self.depth = LayerPrefetch(depth).effective_depth(self.ring.max_lookahead())
         self.host = backend.memory("l2", self.model_bytes, "pinned_host")
+        if s.checks.data:
+            backend.reserve_staging(self.layer_bytes)  # the resident reference's ingests
         self.dev = backend.memory("ring", self.ring.capacity_bytes, "device")
         self.counters = Counters()
         self.log = DecisionLog()
@@ -130,8 +132,9 @@ class StreamingDriver:
         res = be.memory("resident", self.model_bytes, "device")
         regions = tuple(Region("resident", i * self.layer_bytes, self.layer_bytes)
                         for i in range(w.layers))
-        t = be.submit(Ingest(purpose="reference", dst=regions,
-                             source=lambda i: self._weights(i)), Stream.H2D)
+        for i, r in enumerate(regions):  # one op per layer: staging holds one layer at a time
+            t = be.submit(Ingest(purpose="reference", dst=(r,),
+                                 source=lambda _, i=i: self._weights(i)), Stream.H2D)
         for p in range(w.passes):
             act = be.activation(self._input(p))
             last = t
