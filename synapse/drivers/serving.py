@@ -71,6 +71,7 @@ class ServingDriver:
         if s.kind == "tenants":
             self.shares = {t.name: t.share for t in s.workload.tenants}
         self._pool = None
+        self._queries: dict[int, np.ndarray] = {}
         self.denied = 0
         self.leaks = 0
         self.peak_l1_fraction = 0.0
@@ -113,7 +114,9 @@ class ServingDriver:
             from ..workloads.payload import PayloadPool
             self._pool = PayloadPool(self.s.seed)
         shape = (self.bt, 2, m.layers, m.kv_heads, m.head_dim)
-        return self._pool.take((self.s.seed, 0x7271, rid, pos), int(np.prod(shape))).reshape(shape)
+        # a read-only view: decode steps ingest one token of it, not a copy of the block
+        return self._pool.take((self.s.seed, 0x7271, rid, pos), int(np.prod(shape)),
+                               copy=False).reshape(shape)
 
     def _admit(self, r: Request, t: int) -> None:
         need = r.max_blocks(self.bt)
@@ -323,8 +326,13 @@ class ServingDriver:
         nv = self.table.token_end[ids] - self.table.token_start[ids]
         q = None
         if self.backend.moves_data:
-            rng = np.random.default_rng([self.s.seed, 0x71, r.rid, t])
-            q = rng.standard_normal((m.layers, m.kv_heads, m.head_dim), np.float32)
+            # One query per request: drawing a fresh one every step cost 0.5 ms of host
+            # time per attention op, synthetic-workload work the system does not do.
+            q = self._queries.get(r.rid)
+            if q is None:
+                rng = np.random.default_rng([self.s.seed, 0x71, r.rid])
+                q = rng.standard_normal((m.layers, m.kv_heads, m.head_dim), np.float32)
+                self._queries[r.rid] = q
         flops = 4.0 * m.layers * m.kv_heads * m.head_dim * float(nv.sum())
         return self.mover.attention(ids, nv, r.tenant, q, flops, self.sizes.layout,
                                     softmax_scale=m.head_dim ** -0.5, after=after)

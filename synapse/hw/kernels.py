@@ -386,6 +386,21 @@ def _function(source: str, name: str, family: str):
         return fn, state
 
 
+def preload(sources=("int4.cu", "attention_decode.cu")) -> None:
+    """Compile (nvcc, cached on disk) and load every kernel module in the current context
+    now, so a run does not pay seconds of nvcc at its first launch."""
+    cuda = _driver()
+    state = _state()
+    with _LOCK:
+        for source in sources:
+            if source not in state.modules:
+                cubin = compile_cubin(source, state.arch)
+                try:
+                    state.modules[source] = cuda.module_from_file(str(cubin))
+                except cuda.Error as exc:
+                    raise KernelError(f"loading {cubin}: {exc}") from exc
+
+
 def _launch(op: str, fn, grid, block, stream, args, shared_bytes: int = 0) -> None:
     cuda = _driver()
     try:

@@ -19,8 +19,9 @@ class PayloadPool:
         rng = np.random.default_rng([seed, 0x706F6F6C])
         self.values = rng.standard_normal(numel, dtype=np.float32).astype(np.float16)
 
-    def take(self, key, numel: int) -> np.ndarray:
-        """``numel`` fp16 values (a fresh array) for ``key`` (a tuple of ints)."""
+    def take(self, key, numel: int, copy: bool = True) -> np.ndarray:
+        """``numel`` fp16 values for ``key`` (a tuple of ints): a fresh array, or with
+        ``copy=False`` a read-only view of the pool where the window fits in it."""
         n = len(self.values)
         if numel > n:  # wrap around the pool, one copy per pass (no tiled temporaries)
             out = np.empty(numel, np.float16)
@@ -33,4 +34,9 @@ class PayloadPool:
                 pos = 0
             return out
         start = int(np.random.default_rng(list(key)).integers(0, n - numel + 1))
-        return self.values[start:start + numel].copy()
+        window = self.values[start:start + numel]
+        if copy:
+            return window.copy()
+        window = window.view()
+        window.flags.writeable = False
+        return window
