@@ -27,6 +27,8 @@ from .errors import CapacityError
 from .page_table import PageTable
 from .policy import Demotion, EvictionPolicy, KVPrefetch, Watermarks
 
+_FMT = {int(f): f for f in Fmt}  # int -> Fmt without the enum call (slow on the hot path)
+
 
 @dataclass(slots=True)
 class Move:
@@ -123,7 +125,7 @@ class TierManager:
         return self.spaces.l1.capacity_bytes
 
     def l1_used(self) -> int:
-        return self.spaces.l1.stats().used_bytes
+        return self.spaces.l1.used_bytes
 
     def fits(self, sizes: Sequence[int]) -> bool:
         return can_allocate_all(self.spaces.l1, sizes)
@@ -133,10 +135,31 @@ class TierManager:
 
     def _set_busy(self, block: int, busy: bool) -> None:
         if block >= len(self._busy):
-            grown = np.zeros(max(block + 1, 2 * len(self._busy)), bool)
-            grown[: len(self._busy)] = self._busy
-            self._busy = grown
+            self._grow_busy(block)
         self._busy[block] = busy or block in self.pinned
+
+    def _grow_busy(self, max_block: int) -> None:
+        grown = np.zeros(max(max_block + 1, 2 * len(self._busy)), bool)
+        grown[: len(self._busy)] = self._busy
+        self._busy = grown
+
+    def _mark_busy(self, blocks: Sequence[int]) -> None:
+        """``_set_busy(b, True)`` for every block."""
+        if len(blocks):
+            top = max(blocks)
+            if top >= len(self._busy):
+                self._grow_busy(top)
+            self._busy[blocks] = True
+
+    def _clear_busy(self, blocks: Sequence[int]) -> None:
+        """``_set_busy(b, False)`` for every block (pinned blocks stay busy)."""
+        if len(blocks):
+            top = max(blocks)
+            if top >= len(self._busy):
+                self._grow_busy(top)
+            self._busy[blocks] = False
+            for p in self.pinned:  # a pinned block is always busy
+                self._busy[p] = True
 
     def pin(self, block: int) -> None:
         self.pinned.add(block)
@@ -148,6 +171,8 @@ class TierManager:
 
     def _in_flight(self, ids: np.ndarray) -> np.ndarray:
         """Mask of ``ids`` that are busy (a planned move not yet committed, or pinned)."""
+        if len(ids) and ids.max() < len(self._busy):
+            return self._busy[ids]
         out = np.zeros(len(ids), bool)
         inside = ids < len(self._busy)
         out[inside] = self._busy[ids[inside]]
@@ -157,10 +182,13 @@ class TierManager:
         l1 = self.table.ids_in(Tier.L1)
         if len(l1) and int(l1[-1]) >= len(self._busy):
             self._set_busy(int(l1[-1]), False)
-        l1 = l1[~self._busy[l1]]
+        keep = ~self._busy[l1]
         if len(protected):
-            l1 = l1[~np.isin(l1, protected)]
-        return l1
+            # membership through a mask over block ids (np.isin sorts; this is O(n))
+            hit = np.zeros(max(len(self._busy), int(protected.max()) + 1), bool)
+            hit[protected] = True
+            keep &= ~hit[l1]
+        return l1[keep]
 
     # -- insertion ------------------------------------------------------------------
     def insert(self, specs: Sequence[BlockSpec], step: int, positions: np.ndarray) -> np.ndarray:
@@ -171,7 +199,9 @@ class TierManager:
                                 f"{sum(s.nbytes for s in specs)} bytes (L1 budget "
                                 f"{self.l1_capacity} bytes, {self.l1_used()} in use); "
                                 f"make_room first")
-        slabs = [self.spaces.l1.allocate(s.nbytes, s.tenant) for s in specs]
+        slabs = self.spaces.l1.allocate_prefix([s.nbytes for s in specs], [s.tenant for s in specs])
+        if len(slabs) < len(specs):  # fits() said yes: an allocator that disagrees is a bug
+            raise CapacityError(f"L1 allocated {len(slabs)} of {len(specs)} blocks that fit")
         ids = self.table.add(specs, Tier.L1, slabs)
         self.policy.on_insert(ids, step, positions)
         self.log.add(step, "insert", ids)
@@ -214,33 +244,52 @@ class TierManager:
         return np.sort(chosen[:k])
 
     def _evict(self, victims: np.ndarray, step: int, forced: bool) -> list[Move]:
+        """Moves for ``victims`` in order: drops, or demotions with their L2 (and INT4
+        staging) slabs. The first victim that finds no staging slot ends the round; an
+        L2 that cannot take a demotion raises CapacityError. Allocations are batched per
+        allocator, with the result of allocating victim by victim."""
+        table, sizes, spaces = self.table, self.sizes, self.spaces
+        victims = np.asarray(victims, np.int64)
+        blocks = victims.tolist()
+        src_fmts = [_FMT[f] for f in table.fmt[victims].tolist()]
+        srcs = [table.handle[b] for b in blocks]
+        target = {f: self.demotion.target(f) for f in set(src_fmts)}
+        plan = [target[f] for f in src_fmts]  # (tier, fmt) per victim
+        n = len(blocks)
+        staged: dict[int, object] = {}
+        need_staging = [i for i, (tier, fmt) in enumerate(plan)
+                        if tier != Tier.NONE and fmt != src_fmts[i]]
+        if need_staging:
+            got = [] if spaces.staging is None else spaces.staging.allocate_prefix(
+                [sizes[plan[i][1]] for i in need_staging], [srcs[i].tenant for i in need_staging])
+            staged = dict(zip(need_staging, got))
+            if len(got) < len(need_staging):
+                n = need_staging[len(got)]  # staging full: the rest waits for the next round
+        demote = [i for i in range(n) if plan[i][0] != Tier.NONE]
+        l2 = spaces.l2
+        dsts = l2.allocate_prefix([sizes[plan[i][1]] for i in demote],
+                                  [srcs[i].tenant for i in demote])
+        if len(dsts) < len(demote):
+            j = demote[len(dsts)]
+            if staged:  # as victim by victim: no staging slot is kept from victim j on
+                spaces.staging.free_all([staged[i] for i in need_staging if j <= i < n])
+            raise CapacityError(
+                f"L2 is full ({l2.stats().used_bytes} of {l2.capacity_bytes} bytes): "
+                f"cannot demote block {blocks[j]}; raise memory.l2_budget or use demote: drop")
+        dst_of = dict(zip(demote, dsts))
         moves: list[Move] = []
         drops, demotes = [], []
-        for b in victims.tolist():
-            src_fmt = Fmt(self.table.fmt[b])
-            tier, fmt = self.demotion.target(src_fmt)
-            src = self.table.handle[b]
+        for i in range(n):
+            b, src_fmt, src = blocks[i], src_fmts[i], srcs[i]
+            tier, fmt = plan[i]
             if tier == Tier.NONE:
                 moves.append(Move(b, "drop", Tier.L1, Tier.NONE, src_fmt, src_fmt, src, None))
                 drops.append(b)
-                continue
-            staging = None
-            if fmt != src_fmt:
-                if self.spaces.staging is None or not self.spaces.staging.can_allocate(self.sizes[fmt]):
-                    break  # staging full: the rest waits for the next round
-                staging = self.spaces.staging.allocate(self.sizes[fmt], src.tenant)
-            l2 = self.spaces.l2
-            if not l2.can_allocate(self.sizes[fmt]):
-                if staging is not None:
-                    self.spaces.staging.free(staging)
-                raise CapacityError(
-                    f"L2 is full ({l2.stats().used_bytes} of {l2.capacity_bytes} bytes): "
-                    f"cannot demote block {b}; raise memory.l2_budget or use demote: drop")
-            dst = l2.allocate(self.sizes[fmt], src.tenant)
-            moves.append(Move(b, "demote", Tier.L1, Tier.L2, src_fmt, fmt, src, dst, staging))
-            demotes.append(b)
-        for m in moves:
-            self._set_busy(m.block, True)
+            else:
+                moves.append(Move(b, "demote", Tier.L1, Tier.L2, src_fmt, fmt, src, dst_of[i],
+                                  staged.get(i)))
+                demotes.append(b)
+        self._mark_busy(blocks[:n])
         c = self.counters
         c.evictions += len(moves)
         c.drops += len(drops)
@@ -254,19 +303,22 @@ class TierManager:
     # -- fetch ----------------------------------------------------------------------
     def plan_fetch(self, ids: np.ndarray, step: int, purpose: str = "fetch") -> list[Move]:
         """L1 destinations for L2 blocks, in order, for as many as L1 can take now."""
-        moves = []
         ids = np.asarray(ids, np.int64)
+        if len(ids) == 0:
+            return []
         # a block already moving (planned, not yet committed) is not moved twice
-        for b in ids[~self._in_flight(ids)].tolist():
-            fmt = Fmt(self.table.fmt[b])
-            nbytes = int(self.table.nbytes[b])
-            if not self.spaces.l1.can_allocate(nbytes):
-                break
-            src = self.table.handle[b]
-            dst = self.spaces.l1.allocate(nbytes, src.tenant)
+        ids = ids[~self._in_flight(ids)]
+        table = self.table
+        blocks = ids.tolist()
+        srcs = [table.handle[b] for b in blocks]
+        dsts = self.spaces.l1.allocate_prefix(table.nbytes[ids].tolist(),
+                                              [src.tenant for src in srcs])
+        moves = []
+        for b, f, src, dst in zip(blocks, table.fmt[ids].tolist(), srcs, dsts):
+            fmt = _FMT[f]
             moves.append(Move(b, purpose, Tier.L2, Tier.L1, fmt, fmt, src, dst))
-            self._set_busy(b, True)
-        done = [m.block for m in moves]
+        done = blocks[: len(moves)]
+        self._mark_busy(done)
         if purpose == "prefetch":
             self.counters.prefetches += len(done)
         else:
@@ -307,21 +359,32 @@ class TierManager:
         """The ops of these moves finished: the page table follows, sources are freed."""
         if not moves:
             return
-        removed, fetched = [], []
-        table, l1, l2, staging = self.table, self.spaces.l1, self.spaces.l2, self.spaces.staging
-        for m in moves:
-            self._set_busy(m.block, False)
+        table, spaces = self.table, self.spaces
+        removed, moved, fetched = [], [], []
+        frees = {Tier.L1: [], Tier.L2: []}
+        staged = []
+        for m in moves:  # sources are freed in move order, per allocator
             if m.dst is None:
-                table.drop(m.block)
-                l1.free(m.src)
                 removed.append(m.block)
+                frees[Tier.L1].append(m.src)
                 continue
-            table.move(m.block, m.dst_tier, m.dst_fmt, m.dst.nbytes, m.dst)
-            (l1 if m.src_tier == Tier.L1 else l2).free(m.src)
+            moved.append(m)
+            frees[m.src_tier].append(m.src)
             if m.staging is not None:
-                staging.free(m.staging)
+                staged.append(m.staging)
             if m.dst_tier == Tier.L1:
                 fetched.append(m.block)
+        self._clear_busy([m.block for m in moves])
+        if removed:
+            table.drop_all(removed)
+        if moved:
+            table.move_all([m.block for m in moved], [m.dst_tier for m in moved],
+                           [m.dst_fmt for m in moved], [m.dst.nbytes for m in moved],
+                           [m.dst for m in moved])
+        spaces.l1.free_all(frees[Tier.L1])
+        spaces.l2.free_all(frees[Tier.L2])
+        if staged:
+            spaces.staging.free_all(staged)
         if removed:
             self.policy.on_remove(np.asarray(removed, np.int64))
         if fetched:
@@ -329,8 +392,8 @@ class TierManager:
 
     def abort(self, moves: Sequence[Move]) -> None:
         """The ops failed: destinations are released and every block stays where it was."""
+        self._clear_busy([m.block for m in moves])
         for m in moves:
-            self._set_busy(m.block, False)
             if m.dst is not None:
                 self.spaces.of(m.dst_tier).free(m.dst)
             if m.staging is not None:

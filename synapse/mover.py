@@ -21,24 +21,11 @@ from .manager import Move, TierManager
 from .ops import Copy, Quantize, Region, Stream
 
 SPACE = {Tier.L1: "l1", Tier.L2: "l2"}
+_L1 = int(Tier.L1)
 
 
-class _Cols:
-    """Rows of integers gathered per move, handed to an op as NumPy columns."""
-
-    __slots__ = ("rows",)
-
-    def __init__(self):
-        self.rows = []
-
-    def add(self, *values):
-        self.rows.append(values)
-
-    def __bool__(self):
-        return bool(self.rows)
-
-    def col(self, i: int) -> np.ndarray:
-        return np.fromiter((r[i] for r in self.rows), np.int64, len(self.rows))
+def _col(values) -> np.ndarray:
+    return np.fromiter(values, np.int64)
 
 
 class Mover:
@@ -59,46 +46,77 @@ class Mover:
 
     def submit(self, moves: Sequence[Move], after: Sequence = ()) -> list:
         """Enqueue the ops of ``moves``; returns their tickets (none for drops)."""
-        table, spaces = self.manager.table, self.manager.spaces
-        quant, d2h, h2d = _Cols(), _Cols(), {}
+        table = self.manager.table
+        moves = [m for m in moves if m.purpose != "drop"]
+        if not moves:
+            return []
+        names = table.tenants
+        tenants = [names[t] for t in table.tenant[[m.block for m in moves]].tolist()]
+        self._check_access(moves, tenants)
+        quant, d2h, h2d = [], [], {}
         for m in moves:
-            if m.purpose == "drop":
-                continue
-            tenant = table.tenants[table.tenant[m.block]]
-            src_space, dst_space = spaces.of(m.src_tier), spaces.of(m.dst_tier)
-            src_space.check_access(tenant, m.src)
-            dst_space.check_access(tenant, m.dst)
             if m.dst_tier == Tier.L2:
-                if m.staging is not None:
-                    spaces.staging.check_access(tenant, m.staging)
-                    quant.add(m.src.offset, m.staging.offset, m.src.nbytes, m.staging.nbytes,
-                              m.dst.offset)
-                else:
-                    d2h.add(m.src.offset, m.dst.offset, m.src.nbytes)
+                (d2h if m.staging is None else quant).append(m)
             else:
-                h2d.setdefault(m.purpose, _Cols()).add(m.src.offset, m.dst.offset, m.src.nbytes)
+                h2d.setdefault(m.purpose, []).append(m)
         be, tickets = self.backend, []
         if quant:
+            staging = _col(m.staging.offset for m in quant)
+            staged_bytes = _col(m.staging.nbytes for m in quant)
             q = be.submit(Quantize(purpose="demote", src_space="l1", dst_space="staging",
-                                   src_offsets=quant.col(0), dst_offsets=quant.col(1),
-                                   src_sizes=quant.col(2), dst_sizes=quant.col(3),
+                                   src_offsets=_col(m.src.offset for m in quant),
+                                   dst_offsets=staging,
+                                   src_sizes=_col(m.src.nbytes for m in quant),
+                                   dst_sizes=staged_bytes,
                                    numel=self.numel, group_size=self.group_size),
                           Stream.COMPUTE, after)
             tickets.append(be.submit(Copy(purpose="demote", direction="d2h",
                                           src_space="staging", dst_space="l2",
-                                          src_offsets=quant.col(1), dst_offsets=quant.col(4),
-                                          sizes=quant.col(3)), Stream.D2H, [q]))
+                                          src_offsets=staging.copy(),
+                                          dst_offsets=_col(m.dst.offset for m in quant),
+                                          sizes=staged_bytes.copy()), Stream.D2H, [q]))
         if d2h:
             tickets.append(be.submit(Copy(purpose="demote", direction="d2h", src_space="l1",
-                                          dst_space="l2", src_offsets=d2h.col(0),
-                                          dst_offsets=d2h.col(1), sizes=d2h.col(2)),
+                                          dst_space="l2",
+                                          src_offsets=_col(m.src.offset for m in d2h),
+                                          dst_offsets=_col(m.dst.offset for m in d2h),
+                                          sizes=_col(m.src.nbytes for m in d2h)),
                                      Stream.D2H, after))
-        for purpose, cols in h2d.items():
+        for purpose, group in h2d.items():
             tickets.append(be.submit(Copy(purpose=purpose, direction="h2d", src_space="l2",
-                                          dst_space="l1", src_offsets=cols.col(0),
-                                          dst_offsets=cols.col(1), sizes=cols.col(2)),
+                                          dst_space="l1",
+                                          src_offsets=_col(m.src.offset for m in group),
+                                          dst_offsets=_col(m.dst.offset for m in group),
+                                          sizes=_col(m.src.nbytes for m in group)),
                                      Stream.H2D, after))
         return tickets
+
+    def _check_access(self, moves: Sequence[Move], tenants: Sequence[str]) -> None:
+        """Every region a move touches belongs to the block's tenant (AccessDenied)."""
+        spaces = self.manager.spaces
+        l1, l2, staging = spaces.l1, spaces.l2, spaces.staging
+        down = [(m, t) for m, t in zip(moves, tenants)
+                if m.src_tier == Tier.L1 and m.dst_tier == Tier.L2]
+        up = [(m, t) for m, t in zip(moves, tenants)
+              if m.src_tier == Tier.L2 and m.dst_tier == Tier.L1]
+        staged = [(m, t) for m, t in down if m.staging is not None]
+        if len(down) + len(up) == len(moves) \
+                and l1.all_accessible([t for _, t in down] + [t for _, t in up],
+                                      [m.src for m, _ in down] + [m.dst for m, _ in up]) \
+                and l2.all_accessible([t for _, t in down] + [t for _, t in up],
+                                      [m.dst for m, _ in down] + [m.src for m, _ in up]) \
+                and (not staged or staging.all_accessible([t for _, t in staged],
+                                                          [m.staging for m, _ in staged])):
+            return  # every check passes (the common case), checked per allocator at once
+        # Otherwise one by one, in order, so the same check raises and is counted.
+        for m, tenant in zip(moves, tenants):
+            (l1 if m.src_tier == Tier.L1 else l2).check_access(tenant, m.src)
+            if m.dst_tier == Tier.L2:
+                l2.check_access(tenant, m.dst)
+                if m.staging is not None:
+                    staging.check_access(tenant, m.staging)
+            else:
+                l1.check_access(tenant, m.dst)
 
     def execute(self, moves: Sequence[Move], step: int, after: Sequence = ()):
         """Generator: run ``moves`` to completion and commit them (abort on a fault)."""
@@ -133,14 +151,14 @@ class Mover:
         table = self.manager.table
         ids = np.asarray(ids, np.int64)
         tid = table.tenant_id(tenant)
-        bad = ids[(table.tenant[ids] != tid) | (table.tier[ids] != Tier.L1)]
+        bad = ids[(table.tenant[ids] != tid) | (table.tier[ids] != _L1)]
         if len(bad):
             self.manager.spaces.l1.num_denied += len(bad)
             raise AccessDenied(f"tenant {tenant!r} denied: block {int(bad[0])} is not its own "
                                f"L1-resident block")
         op = Attention(purpose="decode", space="l1", offsets=table.offset[ids],
-                       fmts=table.fmt[ids].copy(), n_valid=np.asarray(n_valid, np.int64),
-                       sizes=table.nbytes[ids].copy(), query=query, layout=layout,
+                       fmts=table.fmt[ids], n_valid=np.asarray(n_valid, np.int64),
+                       sizes=table.nbytes[ids], query=query, layout=layout,
                        group_size=self.group_size, flops=flops, softmax_scale=softmax_scale)
         return self.backend.submit(op, Stream.COMPUTE, after)
 

@@ -19,6 +19,8 @@ import numpy as np
 from .blocks import BlockSpec, Fmt, Kind, State, Tier
 
 _LIVE = int(State.LIVE)  # plain ints on the hot path: enum attribute access is slow
+_L1 = int(Tier.L1)
+_NONE = int(Tier.NONE)
 
 
 class PageTable:
@@ -75,21 +77,21 @@ class PageTable:
         ids = np.arange(lo, hi, dtype=np.int64)
         self.tier[lo:hi] = tier
         self.state[lo:hi] = State.LIVE
-        for i, s in enumerate(specs):
-            j = lo + i
-            self.fmt[j] = s.fmt
-            self.kind[j] = s.kind
-            self.nbytes[j] = s.nbytes
-            self.owner[j] = s.owner
-            self.tenant[j] = self.tenant_id(s.tenant)
-            self.layer[j] = s.layer
-            self.token_start[j] = s.token_start
-            self.token_end[j] = s.token_end
-            self.content_hash.append(s.content_hash)
-            self.handle.append(handles[i])
-            self.offset[j] = getattr(handles[i], "offset", -1)
+        if k:
+            nbytes = [s.nbytes for s in specs]
+            self.fmt[lo:hi] = [s.fmt for s in specs]
+            self.kind[lo:hi] = [s.kind for s in specs]
+            self.nbytes[lo:hi] = nbytes
+            self.owner[lo:hi] = [s.owner for s in specs]
+            self.tenant[lo:hi] = [self.tenant_id(s.tenant) for s in specs]
+            self.layer[lo:hi] = [s.layer for s in specs]
+            self.token_start[lo:hi] = [s.token_start for s in specs]
+            self.token_end[lo:hi] = [s.token_end for s in specs]
+            self.content_hash.extend(s.content_hash for s in specs)
+            self.handle.extend(handles[:k])
+            self.offset[lo:hi] = [getattr(h, "offset", -1) for h in handles[:k]]
+            self._bytes[tier] += int(sum(nbytes))
         self._n = hi
-        self._bytes[tier] += int(sum(s.nbytes for s in specs))
         return ids
 
     def move(self, block: int, tier: Tier, fmt: Fmt, nbytes: int, handle: object) -> None:
@@ -103,6 +105,53 @@ class PageTable:
         self.handle[block] = handle
         self.offset[block] = handle.offset
         self._bytes[tier] += nbytes
+
+    def move_all(self, blocks: Sequence[int], tiers: Sequence[Tier], fmts: Sequence[Fmt],
+                 nbytes: Sequence[int], handles: Sequence[object]) -> None:
+        """``move`` for each block at once (distinct blocks, all live)."""
+        ids = np.asarray(blocks, np.int64)
+        self._require_all_live(ids)
+        tiers = np.asarray(tiers, np.int8)
+        new_bytes = np.asarray(nbytes, np.int64)
+        self._account(self.tier[ids], self.nbytes[ids], -1)
+        self._account(tiers, new_bytes, +1)
+        self.tier[ids] = tiers
+        self.fmt[ids] = fmts
+        self.nbytes[ids] = new_bytes
+        handle = self.handle
+        for b, h in zip(blocks, handles):
+            handle[b] = h
+        self.offset[ids] = [h.offset for h in handles]
+
+    def drop_all(self, blocks: Sequence[int]) -> None:
+        """``drop`` for each block at once (distinct blocks, all live)."""
+        ids = np.asarray(blocks, np.int64)
+        self._leave_all(ids, State.DROPPED)
+        self.num_dropped += len(ids)
+
+    def _account(self, tiers: np.ndarray, nbytes: np.ndarray, sign: int) -> None:
+        in_l1 = tiers == _L1
+        l1 = int(nbytes[in_l1].sum())
+        self._bytes[Tier.L1] += sign * l1
+        self._bytes[Tier.L2] += sign * (int(nbytes.sum()) - l1)  # live blocks: L1 or L2
+
+    def _require_all_live(self, ids: np.ndarray) -> None:
+        if len(ids) == 0 or (ids.min() >= 0 and ids.max() < self._n
+                             and (self.state[ids] == _LIVE).all()):
+            return
+        ok = (ids >= 0) & (ids < self._n)
+        ok[ok] = self.state[ids[ok]] == _LIVE
+        if not ok.all():
+            raise KeyError(f"block {int(ids[~ok][0])} is not live")
+
+    def _leave_all(self, ids: np.ndarray, state: State) -> None:
+        self._require_all_live(ids)
+        self._account(self.tier[ids], self.nbytes[ids], -1)
+        self.tier[ids] = _NONE
+        self.state[ids] = int(state)
+        for b in ids.tolist():
+            self.handle[b] = None
+        self.offset[ids] = -1
 
     def drop(self, block: int) -> None:
         """Leave the tiers on purpose (no lower tier to demote to); counted."""
@@ -128,10 +177,10 @@ class PageTable:
 
     # -- queries ------------------------------------------------------------------
     def ids_in(self, tier: Tier, owner: int | None = None) -> np.ndarray:
-        mask = self.tier[: self._n] == tier
+        mask = self.tier[: self._n] == int(tier)  # a plain int: NumPy probes an IntEnum slowly
         if owner is not None:
             mask &= self.owner[: self._n] == owner
-        return np.flatnonzero(mask)
+        return mask.nonzero()[0]
 
     def bytes_in(self, tier: Tier) -> int:
         return self._bytes[tier]

@@ -21,6 +21,8 @@ from ..telemetry import Recorder
 from ..workloads.needle import NeedleTrace
 from .kv_common import audit_residency, build_kv
 
+_NONE, _L1, _L2 = int(Tier.NONE), int(Tier.L1), int(Tier.L2)  # NumPy compares plain ints fast
+
 
 class NeedleDriver:
     def __init__(self, scenario, backend, profile, source: str = "scenario"):
@@ -76,9 +78,9 @@ class NeedleDriver:
             needed_pos = needed_pos[self.pos2id[needed_pos] >= 0]  # new blocks are not hits
             needed = self.pos2id[needed_pos]
             tiers = table.tier[needed]
-            in_l1, in_l2 = needed[tiers == Tier.L1], needed[tiers == Tier.L2]
+            in_l1, in_l2 = needed[tiers == _L1], needed[tiers == _L2]
             c.l1_hits += len(in_l1)
-            c.misses += int((tiers == Tier.NONE).sum())
+            c.misses += int((tiers == _NONE).sum())
             if st.is_question:
                 nid = self.pos2id[tr.needle]
                 self.needle_tier = Tier(table.tier[nid]).name if nid >= 0 else "NONE"

@@ -59,6 +59,7 @@ class EvictionPolicy:
         self.position = Column(np.int64)
         self.inserted = Column(np.int64)
         self._seq = 0
+        self._newest = 0  # max of the position column (its fill is 0), kept on insert
 
     def bind(self, capacity_blocks: int) -> None:
         """The L1 budget in blocks, for policies whose windows are a share of it."""
@@ -67,6 +68,8 @@ class EvictionPolicy:
     def on_insert(self, ids: np.ndarray, step: int, positions: np.ndarray) -> None:
         """New blocks entered the cache; ``positions`` orders them within their sequence."""
         self.position.set(ids, positions)
+        if len(ids):
+            self._newest = max(self._newest, int(np.max(positions)))
         self.inserted.set(ids, np.arange(self._seq, self._seq + len(ids)))
         self._seq += len(ids)
 
@@ -111,8 +114,7 @@ class EvictionPolicy:
         """True for blocks among the ``window_blocks`` newest positions seen so far."""
         if window_blocks <= 0 or len(ids) == 0:
             return np.zeros(len(ids), bool)
-        newest = int(self.position.a.max()) if self._seq else 0
-        return self.position.get(ids) > newest - window_blocks
+        return self.position.get(ids) > self._newest - window_blocks
 
     def describe(self) -> dict:
         return {"name": self.name}

@@ -10,6 +10,7 @@ ceiling). Nothing here moves bytes: ops' payload sources are never called.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import simpy
@@ -30,8 +31,30 @@ class SimMemory:
     def zero(self, offset: int, nbytes: int) -> None:
         self.backend.queue_zero(self, offset, nbytes)
 
+    def zero_ranges(self, ranges: list) -> None:
+        """``zero`` of each (offset, nbytes), in order (nothing happens until a submit)."""
+        self.backend.queue_zero_ranges(self, ranges)
+
     def address(self, offset: int) -> int:
         return offset
+
+
+@dataclass(frozen=True, eq=False)
+class _ZeroRanges(Zero):
+    """A ``Zero`` op as the simulator needs it: byte counts of (offset, nbytes) ranges in
+    one space, without a ``Region`` object per range (thousands per step when blocks
+    ping-pong between tiers)."""
+
+    space: str = ""
+    ranges: list = field(default_factory=list)
+
+    @property
+    def nbytes(self):
+        return sum(n for _, n in self.ranges)
+
+    @property
+    def count(self):
+        return len(self.ranges)
 
 
 # Which stream next writes each space, so a memset queued there is ordered before reuse.
@@ -62,17 +85,24 @@ class SimBackend(Backend):
         return SimMemory(self, space, nbytes, kind)
 
     def queue_zero(self, mem: SimMemory, offset: int, nbytes: int) -> None:
+        self.queue_zero_ranges(mem, [(offset, nbytes)])
+
+    def queue_zero_ranges(self, mem: SimMemory, ranges: list) -> None:
         if mem.kind == "pinned_host":
-            self.host_work(nbytes / (self.profile.host.memset_gb_per_s * 1e9))
+            rate = self.profile.host.memset_gb_per_s * 1e9
+            host, busy, now = self._host_s, self._host_busy, self.env.now
+            for _, nbytes in ranges:  # host_work of each, inline: the same float sums
+                seconds = nbytes / rate
+                host = max(host, now) + seconds
+                busy += seconds
+            self._host_s, self._host_busy = host, busy
         else:
-            self._pending_zero.setdefault(mem.space, []).append((offset, nbytes))
+            self._pending_zero.setdefault(mem.space, []).extend(ranges)
 
     def _flush_zero(self) -> None:
-        from ..ops import Region
         pending, self._pending_zero = self._pending_zero, {}
         for space, ranges in pending.items():
-            regions = tuple(Region(space, o, n) for o, n in ranges)
-            self._enqueue(Zero(purpose="zero_on_free", regions=regions),
+            self._enqueue(_ZeroRanges(purpose="zero_on_free", space=space, ranges=ranges),
                           ZERO_STREAM.get(space, Stream.COMPUTE), ())
 
     # -- work ---------------------------------------------------------------------

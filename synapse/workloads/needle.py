@@ -119,11 +119,11 @@ class NeedleTrace:
 
     def n_valid(self, t: int, blocks: np.ndarray) -> np.ndarray:
         tokens = int(self._tokens[t])
-        return np.clip(tokens - blocks * self.bt, 0, self.bt)
+        return np.minimum(np.maximum(tokens - blocks * self.bt, 0), self.bt)  # np.clip, cheaper
 
     def logits(self, t: int, blocks: np.ndarray) -> np.ndarray:
         """Per-token logit of each block at step t (the same for every token of a block)."""
-        return self.keys[blocks] @ self.queries[t]
+        return self.keys.take(blocks, axis=0) @ self.queries[t]  # take: same rows, cheaper
 
     def masses(self, t: int, blocks: np.ndarray) -> np.ndarray:
         """Attention mass of each block at step t, normalised over ``blocks`` only."""
