@@ -158,5 +158,8 @@ def list_cmd():
     click.echo("backends:  " + ", ".join(BACKENDS))
 
 
+from .cli_whatif import register as _register_whatif; _register_whatif(main)  # noqa: E402,E702
+
+
 if __name__ == "__main__":
     main()

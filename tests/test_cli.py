@@ -3,17 +3,14 @@
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 from synapse import __version__
 from synapse.cli import main
+from cli_helpers import invoke, one_line_error
 
 
 SHIPPED = Path(__file__).resolve().parents[1] / "scenarios"
 
-
-def invoke(*args):
-    return CliRunner().invoke(main, list(args))
 
 
 def test_version():
@@ -28,14 +25,6 @@ def test_every_command_has_help():
         assert main.get_command(None, name).help, f"{name} has no help text"
         assert "Usage:" in r.output
 
-
-def one_line_error(r, *fragments):
-    assert r.exit_code == 2, r.output
-    lines = [ln for ln in r.output.splitlines() if ln.strip()]
-    assert len(lines) == 1, r.output
-    assert "Traceback" not in r.output
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("override, fragments", [
