@@ -78,8 +78,13 @@ def _roles(a: RunFiles, b: RunFiles) -> tuple[str, str]:
     return "a", "b"
 
 
-def diff_decisions(model: list[dict], reference: list[dict]) -> dict:
-    """Whether two decision traces are identical, and where they first part."""
+def diff_decisions(model: list[dict] | None, reference: list[dict] | None) -> dict:
+    """Whether two decision traces are identical, and where they first part; identical is
+    None (not compared) when either run has no decision trace."""
+    if model is None or reference is None:
+        return {"identical": None, "count_model": None if model is None else len(model),
+                "count_reference": None if reference is None else len(reference),
+                "first_divergence": None}
     out = {"identical": model == reference, "count_model": len(model),
            "count_reference": len(reference), "first_divergence": None}
     if out["identical"]:
@@ -252,6 +257,8 @@ def _table(header: tuple, rows: list[tuple]) -> list[str]:
 
 
 def _decisions_line(d: dict) -> str:
+    if d["identical"] is None:
+        return "decisions: not compared (a run folder has no decisions.jsonl)"
     if d["identical"]:
         return f"decisions: identical ({d['count_model']} decisions)"
     fd = d["first_divergence"]
@@ -304,12 +311,13 @@ def _format_sweeps(rep: dict) -> str:
                      fmt_value(mt.get("l1_hit_rate", {}).get("model")),
                      fmt_value(mt.get("l1_hit_rate", {}).get("reference")),
                      fmt_error(p.get("step_p50_rel_error")),
+                     "not compared" if p["decisions"]["identical"] is None else
                      "identical" if p["decisions"]["identical"] else
                      f"differ at #{p['decisions']['first_divergence']['index']}"))
     lines += _table((*keys, "run time err", "hit rate model", "hit rate ref", "step p50 err",
                      "decisions"), rows)
     ok = [p for p in rep["points"] if p["status"] == "ok"]
-    same = sum(p["decisions"]["identical"] for p in ok)
+    same = sum(p["decisions"]["identical"] is True for p in ok)
     errs = [abs(p["metrics"]["run_time_s"]["rel_error"]) for p in ok
             if p["metrics"].get("run_time_s", {}).get("rel_error") is not None]
     summary = f"decisions identical in {same} of {len(ok)} points"

@@ -34,7 +34,7 @@ class RunFiles:
 
     path: Path
     result: dict
-    decisions: list[dict]
+    decisions: list[dict] | None  # None: the folder has no decisions.jsonl
     ops: dict | None
 
     @property
@@ -88,7 +88,7 @@ def load_run(path: str | Path, with_ops: bool = True) -> RunFiles:
     result = read_json(d / RESULT_FILE)
     if not isinstance(result, dict) or "metrics" not in result or "config" not in result:
         raise ResultsError(f"{d / RESULT_FILE}: not a synapse result (no metrics or config)")
-    decisions = read_jsonl(d / DECISIONS_FILE) if (d / DECISIONS_FILE).exists() else []
+    decisions = read_jsonl(d / DECISIONS_FILE) if (d / DECISIONS_FILE).exists() else None
     ops = None
     if with_ops and (d / OPS_FILE).exists():
         ops = read_json(d / OPS_FILE)

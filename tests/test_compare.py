@@ -121,3 +121,19 @@ def test_two_sweeps_are_matched_point_by_point(tmp_path):
     # a sweep over the policy alone gets its figure per policy
     r = invoke("dashboard", tmp_path / "sim", "-o", tmp_path / "s.html")
     assert r.exit_code == 0 and 'id="fig-policies"' in (tmp_path / "s.html").read_text()
+
+
+def test_runs_without_decision_traces_are_not_called_identical(tmp_path):
+    from synapse.compare import compare_runs
+    from synapse.results import load_run
+    from synapse.runner import run_scenario, write_result
+    from synapse.scenarios.loader import load_scenario
+    run = run_scenario(load_scenario("needle", TINY), "sim")
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_result(run, a)
+    write_result(run, b)
+    (b / "decisions.jsonl").unlink()
+    rep = compare_runs(load_run(a), load_run(b))
+    assert rep["decisions"]["identical"] is None
+    r = invoke("compare", a, b)
+    assert r.exit_code == 0 and "not compared" in r.output
