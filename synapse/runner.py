@@ -54,6 +54,9 @@ def driver_for(kind: str):
     if kind == "streaming":
         from .drivers.streaming import StreamingDriver
         return StreamingDriver
+    if kind == "trace":
+        from .drivers.trace import TraceDriver
+        return TraceDriver
     if kind in ("tsunami", "tenants"):
         from .drivers.serving import ServingDriver
         return ServingDriver

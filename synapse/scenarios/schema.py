@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from ..config import budget_check, checked, fraction, non_negative, one_of, positive
 
 POLICY_NAMES = ("lru", "fifo", "h2o", "sinks", "belady")
-KINDS = ("needle", "streaming", "tsunami", "tenants")
+KINDS = ("needle", "streaming", "tsunami", "tenants", "trace")
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,18 @@ class TenantsWorkload:
                                "every N steps a tenant tries to read another's block (0: never)")
 
 
+@dataclass(frozen=True)
+class TraceWorkload:
+    """Attention captured from a transformers model (``synapse trace capture``), replayed."""
+
+    trace: str = checked(doc="trace file (.npz) from synapse trace capture; relative paths are "
+                             "tried from the scenario file's folder too")
+    access_factor: float = checked(4.0, positive,
+                                   "a block is used in a step if its attention is >= this x uniform")
+
+
 WORKLOADS = {
+    "trace": TraceWorkload,
     "needle": NeedleWorkload,
     "streaming": StreamingWorkload,
     "tsunami": TsunamiWorkload,

@@ -1,0 +1,130 @@
+"""Attention scores without eager attention: queries observed by hooks, scored in the cache.
+
+A forward hook on each attention module's ``q_proj`` keeps its output, and a forward
+pre-hook on the attention module keeps the rotary ``position_embeddings`` it is called
+with. When the layer then calls ``cache.update``, the cache rebuilds the query states
+exactly as the module does (view, optional ``q_norm``, transpose, the modeling file's own
+``apply_rotary_pos_emb``) and scores them against the keys it is about to return:
+``softmax(q k^T * module.scaling)`` with the causal mask, in float32. The model keeps its
+attention implementation (sdpa, flash, ...); the scores cost one extra q.K^T per layer,
+no extra projection. Supported: attention modules with ``q_proj``, ``head_dim``,
+``scaling`` and rotary position embeddings (Llama, Qwen2, Qwen3, Mistral, ...); anything
+else is refused by name when the cache is attached.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from .errors import UnsupportedModel
+
+QUERY_CHUNK = 512  # query rows scored at once (bounds the [heads, rows, keys] buffer)
+
+
+def attention_modules(model) -> list:
+    """The self-attention module of every decoder layer, in layer order."""
+    mods = []
+    for name, m in model.named_modules():
+        if hasattr(m, "q_proj") and hasattr(m, "layer_idx") and hasattr(m, "head_dim"):
+            mods.append(m)
+    mods.sort(key=lambda m: m.layer_idx)
+    return mods
+
+
+class QueryTap:
+    """Hooks that keep each attention layer's query inputs until the cache scores them."""
+
+    def __init__(self, model) -> None:
+        mods = attention_modules(model)
+        if not mods:
+            raise UnsupportedModel(
+                f"{type(model).__name__}: no attention module with q_proj, head_dim and layer_idx "
+                f"found; attention scores (policies h2o and lru, trace capture) need a decoder "
+                f"whose attention has them (Llama, Qwen2, Qwen3, Mistral, ...). Use policy "
+                f"'fifo' or 'sinks', which need no scores")
+        self.modules = {m.layer_idx: m for m in mods}
+        self.rope = {}
+        for m in mods:
+            fn = getattr(sys.modules.get(type(m).__module__), "apply_rotary_pos_emb", None)
+            if fn is None or not hasattr(m, "scaling"):
+                raise UnsupportedModel(
+                    f"{type(m).__name__} (layer {m.layer_idx}): its modeling module has no "
+                    f"apply_rotary_pos_emb or the module no scaling; TieredCache cannot rebuild "
+                    f"its queries. Use policy 'fifo' or 'sinks'")
+            self.rope[m.layer_idx] = fn
+        self._q: dict[int, torch.Tensor] = {}
+        self._pos: dict[int, tuple] = {}
+        self._handles = []
+        for idx, m in self.modules.items():
+            self._handles.append(m.q_proj.register_forward_hook(self._q_hook(idx)))
+            self._handles.append(m.register_forward_pre_hook(self._pos_hook(idx), with_kwargs=True))
+
+    def _q_hook(self, idx):
+        def hook(_mod, _args, out):
+            self._q[idx] = out
+        return hook
+
+    def _pos_hook(self, idx):
+        def hook(_mod, args, kwargs):
+            pe = kwargs.get("position_embeddings")
+            if pe is None and len(args) > 1:
+                pe = args[1]
+            self._pos[idx] = pe
+        return hook
+
+    def query(self, layer_idx: int) -> torch.Tensor:
+        """The layer's query states [batch, heads, q_len, head_dim], as the module builds them."""
+        m = self.modules.get(layer_idx)
+        out = self._q.pop(layer_idx, None)
+        pe = self._pos.pop(layer_idx, None)
+        if m is None or out is None:
+            raise UnsupportedModel(f"layer {layer_idx}: no query was observed before cache.update; "
+                                   f"the attention module does not call q_proj before the cache")
+        q = out.view(*out.shape[:-1], -1, m.head_dim)
+        if getattr(m, "q_norm", None) is not None:
+            q = m.q_norm(q)
+        q = q.transpose(1, 2)
+        if pe is not None:
+            cos, sin = pe
+            q, _ = self.rope[layer_idx](q, q, cos, sin)
+        return q
+
+    def scaling(self, layer_idx: int) -> float:
+        return float(self.modules[layer_idx].scaling)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def token_mass(q: torch.Tensor, k: torch.Tensor, scaling: float, past: int) -> torch.Tensor:
+    """Attention each key receives, averaged over batch, heads and queries: float32 [keys].
+
+    ``q`` [B, Hq, Q, D], ``k`` [B, Hkv, N, D]; query i sees keys ``j < past + i + 1``
+    (``past = N - Q``: the keys before this step's).
+    """
+    b, hq, nq, _ = q.shape
+    hk, n = k.shape[1], k.shape[2]
+    groups = hq // hk
+    kf = k.to(torch.float32)
+    if groups > 1:
+        kf = kf.repeat_interleave(groups, dim=1)
+    total = torch.zeros(n, dtype=torch.float32, device=k.device)
+    for lo in range(0, nq, QUERY_CHUNK):
+        hi = min(nq, lo + QUERY_CHUNK)
+        logits = torch.matmul(q[:, :, lo:hi].to(torch.float32), kf.transpose(-1, -2)) * scaling
+        if nq > 1:
+            rows = torch.arange(lo, hi, device=k.device)[:, None]
+            cols = torch.arange(n, device=k.device)[None, :]
+            logits = logits.masked_fill(cols > past + rows, float("-inf"))
+        total += torch.softmax(logits, dim=-1).sum(dim=(0, 1, 2))
+    return total / (b * hq * nq)
+
+
+def block_mass(tok: torch.Tensor, block_index: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """Sum of ``tok`` per block: ``block_index[j]`` is the (live) block of key j."""
+    out = torch.zeros(num_blocks, dtype=torch.float32, device=tok.device)
+    return out.index_add_(0, block_index, tok)
