@@ -161,7 +161,7 @@ class NeedleDriver:
         # The block still being written is never a victim until it is full.
         last = int(self.pos2id[(st.tokens - 1) // bt])
         full = table.token_end[last] - table.token_start[last] == bt
-        if self.tail is not None and self.tail != last:
+        if self.tail is not None and (self.tail != last or full):  # a full tail is done
             mgr.unpin(self.tail)
         self.tail = None if full else last
         if self.tail is not None:
