@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from synapse.runner import _jsonable
+from synapse.scenarios.tiny import TINY_NEEDLE, TINY_TENANTS, TINY_TSUNAMI
 
 POLICIES = ("lru", "fifo", "h2o", "sinks", "belady")
 DEMOTES = ("l2", "l2_int4", "drop")
@@ -33,17 +34,6 @@ SMALL = ["workload.context_tokens=8192", "workload.decode_steps=64",
          "workload.prefill_chunk_tokens=512", "model.layers=4", "model.kv_heads=2",
          "model.head_dim=64"]
 BIG = ["workload.context_tokens=131072", "workload.decode_steps=1000"]
-TINY_NEEDLE = ["workload.context_tokens=2048", "workload.decode_steps=16",
-               "workload.prefill_chunk_tokens=256", "model.layers=2", "model.kv_heads=2",
-               "model.head_dim=64", "workload.check_every=4"]
-TINY_TSUNAMI = ["model.layers=2", "model.kv_heads=2", "model.head_dim=64",
-                "memory.l1_budget=256KiB", "memory.l2_budget=512KiB", "workload.requests=12",
-                "workload.prompt_tokens=64", "workload.decode_tokens=24", "workload.max_running=4"]
-TINY_TENANTS = ["model.layers=2", "model.kv_heads=2", "model.head_dim=64",
-                "memory.l1_budget=512KiB", "memory.l2_budget=2MiB", "workload.probe_every=2",
-                "workload.tenants=[{name: a, share: 0.5, requests: 3, prompt_tokens: 64, "
-                "decode_tokens: 32},{name: b, share: 0.5, requests: 6, prompt_tokens: 96, "
-                "decode_tokens: 48}]"]
 # Fields that are wall-clock measurements (or the time of day), never compared.
 WALL = {"wall_s"}
 CPU_TIMED = {"wall_s", "sim_time_s", "run_time_s", "host_busy_s", "latency", "t_s"}

@@ -10,10 +10,9 @@ from conftest import run
 from synapse.compare import compare_paths, diff_decisions, rel_error
 from synapse.runner import write_result
 from cli_helpers import invoke, one_line_error
+from synapse.scenarios.tiny import TINY_NEEDLE
 
-TINY = ["workload.context_tokens=2048", "workload.decode_steps=16",
-        "workload.prefill_chunk_tokens=256", "model.layers=2", "model.kv_heads=2",
-        "model.head_dim=64", "workload.check_every=4"]
+TINY = TINY_NEEDLE
 
 
 

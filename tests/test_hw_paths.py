@@ -6,19 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import SMALL_NEEDLE, run
-
-TINY_NEEDLE = ["workload.context_tokens=2048", "workload.decode_steps=16",
-               "workload.prefill_chunk_tokens=256", "model.layers=2", "model.kv_heads=2",
-               "model.head_dim=64", "workload.check_every=4"]
-TINY_STREAM = ["workload.layers=6", "workload.hidden=256", "workload.passes=2",
-               "workload.batch_tokens=4", "workload.vram_budget=40%"]
-TINY_TSUNAMI = ["model.layers=2", "model.kv_heads=2", "model.head_dim=64",
-                "memory.l1_budget=256KiB", "memory.l2_budget=512KiB", "workload.requests=12",
-                "workload.prompt_tokens=64", "workload.decode_tokens=24", "workload.max_running=4"]
-TINY_TENANTS = ["model.layers=2", "model.kv_heads=2", "model.head_dim=64",
-                "memory.l1_budget=512KiB", "memory.l2_budget=2MiB", "workload.probe_every=2",
-                "workload.tenants=[{name: a, share: 0.5, requests: 3, prompt_tokens: 64, decode_tokens: 32},"
-                "{name: b, share: 0.5, requests: 6, prompt_tokens: 96, decode_tokens: 48}]"]
+from synapse.scenarios.tiny import TINY_NEEDLE, TINY_STREAM, TINY_TENANTS, TINY_TSUNAMI
 
 
 def _cuda_or_skip():

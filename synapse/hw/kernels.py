@@ -420,6 +420,16 @@ def _blocks_per_sm(fn, state: _ContextState, threads: int, dynamic_shared: int =
     )
 
 
+def _int4(direction: str, vecs_per_thread: int, src_ptr, dst_ptr, n, group_size, stream) -> None:
+    n, group_size = _check_int4_args(n, group_size)
+    src = _ptr(src_ptr, "src_ptr", 16)
+    dst = _ptr(dst_ptr, "dst_ptr", 16)
+    family = f"int4_{direction}"
+    fn, state = _function("int4.cu", f"{family}_g{group_size}", family)
+    grid = int4_grid(n, vecs_per_thread, state.num_sms, _blocks_per_sm(fn, state, INT4_THREADS))
+    _launch(f"int4 {direction}", fn, (grid, 1), (INT4_THREADS, 1, 1), stream, (src, dst, n))
+
+
 def quantize_int4(src_ptr, dst_ptr, n: int, group_size: int, stream=None) -> None:
     """Quantize ``n`` fp16 values at ``src_ptr`` into the INT4 byte layout at ``dst_ptr``.
 
@@ -428,12 +438,7 @@ def quantize_int4(src_ptr, dst_ptr, n: int, group_size: int, stream=None) -> Non
     ``[packed n/2][scales fp16 n/G][zeros fp16 n/G]`` (bit-exact with ``int4.pack_into``).
     ``n % group_size == 0``, ``group_size`` in {32, 64, 128}. Buffers must not overlap.
     """
-    n, group_size = _check_int4_args(n, group_size)
-    src = _ptr(src_ptr, "src_ptr", 16)
-    dst = _ptr(dst_ptr, "dst_ptr", 16)
-    fn, state = _function("int4.cu", f"int4_quantize_g{group_size}", "int4_quantize")
-    grid = int4_grid(n, QUANT_VECS_PER_THREAD, state.num_sms, _blocks_per_sm(fn, state, INT4_THREADS))
-    _launch("int4 quantize", fn, (grid, 1), (INT4_THREADS, 1, 1), stream, (src, dst, n))
+    _int4("quantize", QUANT_VECS_PER_THREAD, src_ptr, dst_ptr, n, group_size, stream)
 
 
 def dequantize_int4(src_ptr, dst_ptr, n: int, group_size: int, stream=None) -> None:
@@ -442,12 +447,7 @@ def dequantize_int4(src_ptr, dst_ptr, n: int, group_size: int, stream=None) -> N
     Device: current context. ``src``: ``int4_nbytes(n, G)`` bytes, 16-byte aligned.
     ``dst``: fp16[n], 16-byte aligned. Bit-exact with ``int4.unpack_from(..., float16)``.
     """
-    n, group_size = _check_int4_args(n, group_size)
-    src = _ptr(src_ptr, "src_ptr", 16)
-    dst = _ptr(dst_ptr, "dst_ptr", 16)
-    fn, state = _function("int4.cu", f"int4_dequantize_g{group_size}", "int4_dequantize")
-    grid = int4_grid(n, DEQUANT_VECS_PER_THREAD, state.num_sms, _blocks_per_sm(fn, state, INT4_THREADS))
-    _launch("int4 dequantize", fn, (grid, 1), (INT4_THREADS, 1, 1), stream, (src, dst, n))
+    _int4("dequantize", DEQUANT_VECS_PER_THREAD, src_ptr, dst_ptr, n, group_size, stream)
 
 
 @dataclass(frozen=True)
