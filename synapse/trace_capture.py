@@ -39,11 +39,11 @@ def capture(model, input_ids, decode_steps: int = 64, block_tokens: int = 16,
         with torch.no_grad():
             logits = None
             for i in range(0, n, chunk):
-                logits = model(input_ids[:, i:i + chunk], cache=cache, use_cache=True).logits
+                logits = model(input_ids[:, i:i + chunk], past_key_values=cache, use_cache=True).logits
             for _ in range(decode_steps):
                 nxt = logits[:, -1].argmax(-1, keepdim=True)
                 ids.append(nxt[0])
-                logits = model(nxt, cache=cache, use_cache=True).logits
+                logits = model(nxt, past_key_values=cache, use_cache=True).logits
     finally:
         cache.detach()
     steps = len(cache.masses)

@@ -22,7 +22,7 @@ from synapse.hf.int4 import dequantize, quantize  # noqa: E402
 
 def greedy(model, ids, cache, new=16, **kw):
     with torch.no_grad():
-        return model.generate(ids, max_new_tokens=new, do_sample=False, cache=cache,
+        return model.generate(ids, max_new_tokens=new, do_sample=False, past_key_values=cache,
                               output_logits=True, return_dict_in_generate=True, **kw)
 
 
@@ -74,7 +74,7 @@ def teacher_forced(model, cache, ids, chunk):
     out = []
     with torch.no_grad():
         for i in range(0, ids.shape[1], chunk):
-            out.append(model(ids[:, i:i + chunk], cache=cache, use_cache=True).logits[:, -1])
+            out.append(model(ids[:, i:i + chunk], past_key_values=cache, use_cache=True).logits[:, -1])
     return out
 
 
@@ -113,7 +113,7 @@ def test_int4_demotion_stays_within_the_int4_bound():
     qh = attn.q_proj.register_forward_hook(lambda mod, a, o: q_tap.__setitem__("q", o))
     steps = [ids[:, :16]] + [ids[:, i:i + 1] for i in range(16, 96)]
     with torch.no_grad():
-        logits = [m(x, cache=cache, use_cache=True).logits[:, -1] for x in steps]
+        logits = [m(x, past_key_values=cache, use_cache=True).logits[:, -1] for x in steps]
     hb.remove()
     h.remove()
     qh.remove()
@@ -121,7 +121,7 @@ def test_int4_demotion_stays_within_the_int4_bound():
     h = m.model.layers[0].self_attn.o_proj.register_forward_pre_hook(grab("ref"))
     ref_cache = DynamicCache(config=m.config)
     with torch.no_grad():
-        ref_logits = [m(x, cache=ref_cache, use_cache=True).logits[:, -1] for x in steps]
+        ref_logits = [m(x, past_key_values=ref_cache, use_cache=True).logits[:, -1] for x in steps]
     h.remove()
     ref = grabs.pop("ref")
     t = cache.telemetry()
@@ -198,7 +198,7 @@ def needle_run(policy):
     teacher_forced(m, cache, p, 16)
     with torch.no_grad():
         for j in range(90):
-            m(d[:, j:j + 1], cache=cache, use_cache=True)
+            m(d[:, j:j + 1], past_key_values=cache, use_cache=True)
     return cache
 
 
@@ -221,8 +221,8 @@ def test_scores_equal_eager_attention_weights_per_block():
     cache = TieredCache(m.config, policy="h2o", l1_budget_tokens=256, block_tokens=8, model=m,
                         record_masses=True)
     with torch.no_grad():
-        m(ids[:, :12], cache=cache, use_cache=True)
-        m(ids[:, 12:13], cache=cache, use_cache=True)
+        m(ids[:, :12], past_key_values=cache, use_cache=True)
+        m(ids[:, 12:13], past_key_values=cache, use_cache=True)
     m.set_attn_implementation("eager")
     with torch.no_grad():
         full = m(ids[:, :13], output_attentions=True)
@@ -271,7 +271,7 @@ def test_belady_and_batches_are_refused():
     cache = TieredCache(m.config, policy="fifo", l1_budget_tokens=64, block_tokens=8)
     with pytest.raises(UnsupportedModel, match="batch size 1"):
         with torch.no_grad():
-            m(prompt(8).repeat(2, 1), cache=cache, use_cache=True)
+            m(prompt(8).repeat(2, 1), past_key_values=cache, use_cache=True)
 
 
 # -- telemetry --------------------------------------------------------------------------------
