@@ -10,9 +10,15 @@ FINAL_OUT=$OUT
 RES=${RES:-/tmp/gpu_session}
 rm -rf "$RES" && mkdir -p "$RES"
 OUT=$RES
-trap 'tar czf "$FINAL_OUT/session.tar.gz" -C "$RES" . && cp -f "$RES/summary.txt" "$FINAL_OUT/" 2>/dev/null; true' EXIT
-STAGES=${STAGES:-"env tests calibrate scenarios stream slab summary"}
-PROFILE=${PROFILE:-h100}
+trap 'kill $WATCHDOG 2>/dev/null; tar czf "$FINAL_OUT/session.tar.gz" -C "$RES" . && cp -f "$RES/summary.txt" "$FINAL_OUT/" 2>/dev/null; true' EXIT
+# The device tool kills a command at its limit without a chance to pack the results; stop
+# the running stage a little earlier instead, so the archive still comes back.
+trap 'echo "=== session limit (${SESSION_LIMIT_S:-560} s) reached: packing what is there"; exit 143' TERM
+( sleep "${SESSION_LIMIT_S:-560}"; kill -TERM $$; pkill -TERM -P $$ ) </dev/null >/dev/null 2>&1 &
+WATCHDOG=$!
+STAGES=${STAGES:-"env tests ncu stream hf slab calibrate scenarios summary"}
+# ring (the MLP stack of 2026-11-24 against cpu_offload) is available but not in the default
+PROFILE=${PROFILE:-$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | grep -q H200 && echo h200 || echo h100)}
 mkdir -p "$OUT/logs"
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 stage() { echo; echo "=== $1 ($(date +%T))"; }
@@ -22,9 +28,9 @@ if has env; then
   python3 - <<'PY' | tee "$OUT/environment.json"
 import json, platform, subprocess
 env = {"python": platform.python_version()}
-for mod in ("numpy", "torch", "pycuda", "transformers", "accelerate", "simpy", "plotly"):
+for mod in ("numpy", "torch", "pycuda", "transformers", "accelerate", "optimum.quanto", "simpy", "plotly"):
     try:
-        m = __import__(mod); env[mod] = getattr(m, "__version__", getattr(m, "VERSION_TEXT", "?"))
+        m = __import__(mod, fromlist=['_']); env[mod] = getattr(m, "__version__", getattr(m, "VERSION_TEXT", "?"))
     except Exception as e:
         env[mod] = f"missing ({type(e).__name__})"
 try:
@@ -43,7 +49,7 @@ fi
 
 if has tests; then
   stage "pytest -m cuda"
-  python3 -m pytest -m cuda -q -rs tests/ 2>&1 | tee "$OUT/logs/pytest_cuda.log" | tail -25
+  timeout ${TESTS_LIMIT_S:-240} python3 -m pytest -m cuda -q -rs tests/ 2>&1 | tee "$OUT/logs/pytest_cuda.log" | tail -25
 fi
 
 if has calibrate; then
@@ -54,7 +60,7 @@ fi
 
 if has scenarios; then
   stage "scenarios on cuda and on the simulator (profile $PROFILE)"
-  python3 benchmarks/scenario_pairs.py --profile "$PROFILE" --out "$OUT" 2>&1 | tee "$OUT/logs/scenario_pairs.log"
+  timeout ${PAIRS_LIMIT_S:-360} python3 benchmarks/scenario_pairs.py --profile "$PROFILE" --out "$OUT" 2>&1 | tee "$OUT/logs/scenario_pairs.log"
   if python3 -m synapse compare --help >/dev/null 2>&1; then
     for s in needle streaming tsunami tenants; do
       python3 -m synapse compare "$OUT/$s-sim" "$OUT/$s-cuda" \
@@ -63,9 +69,32 @@ if has scenarios; then
   fi
 fi
 
+if has ncu; then
+  stage "INT4 kernels: events, then Nsight Compute counters"
+  python3 benchmarks/int4_ncu.py 2>&1 | tee "$OUT/logs/int4_events.log"
+  if command -v ncu >/dev/null; then
+    timeout 180 ncu --clock-control none --kernel-name regex:int4_ --launch-count 2 \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+      python3 benchmarks/int4_ncu.py > "$OUT/logs/ncu_int4.txt" 2>&1
+    grep -E "int4_|Throughput|Busy|Issue Slots|Pipe|Duration" "$OUT/logs/ncu_int4.txt" | head -40
+  else
+    echo "ncu not on PATH" | tee "$OUT/logs/ncu_int4.txt"
+  fi
+fi
+
 if has stream; then
-  stage "weight streaming: skip-end ring versus Accelerate cpu_offload"
-  python3 benchmarks/ring_vs_accelerate.py --out "$OUT/stream_vs_accelerate.json" 2>&1 | tee "$OUT/logs/stream.log" | tail -30
+  stage "weight streaming of a transformers model: synapse.stream versus Accelerate cpu_offload"
+  timeout ${STREAM_LIMIT_S:-240} python3 benchmarks/stream_vs_accelerate.py --out "$OUT/stream_vs_accelerate.json" 2>&1 | tee "$OUT/logs/stream.log" | tail -40
+fi
+
+if has ring; then
+  stage "weight streaming of an MLP stack: skip-end ring versus Accelerate cpu_offload"
+  python3 benchmarks/ring_vs_accelerate.py --out "$OUT/ring_vs_accelerate.json" 2>&1 | tee "$OUT/logs/ring.log" | tail -30
+fi
+
+if has hf; then
+  stage "KV caches in generate(): TieredCache versus transformers' own"
+  timeout ${HF_LIMIT_S:-240} python3 benchmarks/hf_caches.py --device cuda --out "$OUT/hf_caches.json" 2>&1 | tee "$OUT/logs/hf_caches.log" | tail -40
 fi
 
 if has slab; then

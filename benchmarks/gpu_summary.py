@@ -47,10 +47,21 @@ def main(out: Path) -> int:
             row(f"{name}: decisions sim == cuda", p["decisions_identical"], goal="identical")
             row(f"{name}: simulator end-to-end time error", f"{p['run_time_rel_error']:+.1%}",
                 goal="within 5%")
-    st = _load(out / "stream_vs_accelerate.json")
-    if st:
-        for k, v in st.get("summary", {}).items():
-            row(f"streaming: {k}", v)
+    for name, label in (("stream_vs_accelerate.json", "streaming (transformers model)"),
+                        ("ring_vs_accelerate.json", "streaming (MLP stack)")):
+        st = _load(out / name)
+        for k, v in (st or {}).get("summary", {}).items():
+            goal = ">= 0.90" if "fraction of H2D" in k and "synapse" in k else ""
+            row(f"{label}: {k}", v, goal=goal)
+    hf = _load(out / "hf_caches.json")
+    for name, c in ((hf or {}).get("caches") or {}).items():
+        if c.get("status") != "ok":
+            row(f"KV cache {name}", c.get("status"))
+            continue
+        agree = c.get("agreement") or {}
+        row(f"KV cache {name}: decode tokens/s", round(c["decode_tokens_per_s"], 2),
+            peer=f"KV held {c['kv_held_peak_bytes'] / 2**20:.0f} MiB; "
+                 f"tokens = dynamic {agree.get('overall_match', 1.0):.2f}")
     slab = _load(out / "slab_vs_torch.json")
     if slab:
         for r in slab["rows"]:

@@ -191,8 +191,33 @@ def main(argv=None) -> int:
     else:
         res["accelerate_cpu_offload"] = "not run: accelerate is not installed"
 
+    # Stall: time per pass beyond the resident model's (the same kernels without waiting
+    # on weights); only where the resident run fitted on the device.
+    if isinstance(res["resident"], dict):
+        base = sorted(res["resident"]["pass_s"])[len(res["resident"]["pass_s"]) // 2]
+        for k in ("synapse_stream", "accelerate_cpu_offload"):
+            if isinstance(res.get(k), dict):
+                med = sorted(res[k]["pass_s"])[len(res[k]["pass_s"]) // 2]
+                res[k]["excess_over_resident_s_per_pass"] = med - base
     ref = "resident" if "resident" in outputs else "accelerate"
     res["output_vs_" + ref] = {k: compare(v, outputs[ref]) for k, v in outputs.items() if k != ref}
+    res["summary"] = {}
+    for k, label in (("resident", "resident"), ("synapse_stream", "synapse.stream"),
+                     ("accelerate_cpu_offload", "accelerate cpu_offload")):
+        v = res.get(k)
+        if isinstance(v, dict):
+            res["summary"][f"{label} tokens/s"] = round(v["tokens_per_s"], 2)
+            if "effective_gb_per_s" in v:
+                res["summary"][f"{label} GB/s"] = round(v["effective_gb_per_s"], 1)
+            if "fraction_of_h2d_peak" in v:
+                res["summary"][f"{label} fraction of H2D peak"] = round(v["fraction_of_h2d_peak"], 3)
+            if "excess_over_resident_s_per_pass" in v:
+                res["summary"][f"{label} stall s/pass (vs resident)"] = round(
+                    v["excess_over_resident_s_per_pass"], 4)
+    stalls = sorted(res["synapse_stream"]["stall_s_per_pass"])
+    res["summary"]["synapse.stream stall s/pass (its events)"] = round(stalls[len(stalls) // 2], 4)
+    for k, v in res["output_vs_" + ref].items():
+        res["summary"][f"{k} output == {ref}"] = v["equal"]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1, default=str))
     summary = {k: (v.get("tokens_per_s"), v.get("effective_gb_per_s")) for k, v in res.items()

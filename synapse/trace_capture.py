@@ -25,6 +25,8 @@ def capture(model, input_ids, decode_steps: int = 64, block_tokens: int = 16,
     greedy tokens through ``model``; return the per-step, per-block attention trace."""
     import torch
 
+    from .hf import check_transformers
+    check_transformers()
     from .hf.cache import TieredCache
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids must be [1, tokens], got shape {tuple(input_ids.shape)}")

@@ -308,3 +308,14 @@ def test_cuda_backend_matches_dynamic_cache_and_keeps_the_budget():
     greedy(m, ids, cache, new=32, prefill_chunk_size=16)
     assert cache.l1_peak_bytes <= cache.l1_budget_bytes
     assert cache.telemetry()["l2_hits"] > 0
+
+
+@pytest.mark.parametrize("version", ["4.57.1", "5.16.0", "6.0.0"])
+def test_a_transformers_outside_the_supported_range_is_named(monkeypatch, version):
+    import transformers
+    import synapse.hf as hf
+    monkeypatch.setattr(transformers, "__version__", version)
+    with pytest.raises(UnsupportedModel, match=rf"transformers >=5\.17,<6; transformers {version}"):
+        hf.check_transformers()
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    assert hf.check_transformers() == "5.17.0"

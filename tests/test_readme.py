@@ -20,3 +20,17 @@ def test_ci_runs_the_readme_test_command():
 def test_readme_run_command_uses_the_default_scenario():
     first = _commands((ROOT / "README.md").read_text())[0]
     assert first.endswith("synapse run")
+
+
+def test_the_transformers_example_runs_as_printed(tmp_path, monkeypatch):
+    """The README's "Use it from transformers" example, executed verbatim (it writes
+    runs/hf-h2o under the working directory)."""
+    import pytest
+    pytest.importorskip("transformers")
+    text = (ROOT / "README.md").read_text()
+    start = text.index("```python", text.index("## Use it from transformers")) + len("```python")
+    code = text[start:text.index("```", start)]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md (Use it from transformers)", "exec"), {"__name__": "readme"})
+    result = (tmp_path / "runs" / "hf-h2o" / "result.json").read_text()
+    assert '"hf_cache"' in result

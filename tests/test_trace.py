@@ -81,12 +81,12 @@ def test_replay_on_the_simulator_makes_the_live_decisions(captured, tmp_path, po
     ids = torch.as_tensor(tr.token_ids)[None]
     with torch.no_grad():
         for i in range(0, PROMPT, CHUNK):
-            m(ids[:, i:i + CHUNK], cache=cache, use_cache=True)
+            m(ids[:, i:i + CHUNK], past_key_values=cache, use_cache=True)
         for i in range(PROMPT, PROMPT + DECODE - 1):
-            m(ids[:, i:i + 1], cache=cache, use_cache=True)
+            m(ids[:, i:i + 1], past_key_values=cache, use_cache=True)
     # the capture fed its last generated token too: one more step
     with torch.no_grad():
-        m(ids[:, -1:], cache=cache, use_cache=True)
+        m(ids[:, -1:], past_key_values=cache, use_cache=True)
     live = cache.decisions()
     yaml_path = str(scenario_file(tmp_path, path, 5, policy))
     run = run_scenario(load_scenario(yaml_path), "sim", yaml_path)  # the trace path is relative

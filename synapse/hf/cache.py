@@ -41,7 +41,7 @@ from ..blocks import Fmt, Tier
 from ..errors import CapacityError
 from ..telemetry import Recorder
 from .errors import UnsupportedModel
-from .int4 import QTensor, dequantize, quantize
+from .int4 import QTensor, dequantize, dequantize_blocks, quantize
 from .plan import DEMOTE_NAMES, BlockPlanner, build_manager
 from .scores import QueryTap, block_mass, token_mass
 
@@ -378,6 +378,15 @@ class TieredCache(Cache):
         if staged and self._copy_stream is not None:
             torch.cuda.current_stream(self.device).wait_event(self._staged[2])
         ks, vs = [], []
+        qk, qv = [], []  # a run of INT4 blocks, dequantized together
+
+        def flush():
+            if qk:
+                ks.append(dequantize_blocks(qk, -2, self.dtype))
+                vs.append(dequantize_blocks(qv, -2, self.dtype))
+                qk.clear()
+                qv.clear()
+
         for b in self._live.tolist():
             tier, k, v = store[b]
             if tier == Tier.L2:
@@ -389,9 +398,15 @@ class TieredCache(Cache):
                     self.stall_s += time.perf_counter() - t0
                 self.bytes["read_h2d"] += _nbytes(k) + _nbytes(v)
             if isinstance(k, QTensor):
-                k, v = dequantize(k, self.dtype), dequantize(v, self.dtype)
+                if qk and qk[0].shape != k.shape:
+                    flush()
+                qk.append(k)
+                qv.append(v)
+                continue
+            flush()
             ks.append(k)
             vs.append(v)
+        flush()
         if len(ks) == 1:
             return ks[0], vs[0]
         return torch.cat(ks, dim=-2), torch.cat(vs, dim=-2)
@@ -401,7 +416,8 @@ class TieredCache(Cache):
         if l >= self.num_layers or self._copy_stream is None:
             return  # on CPU the read in _gather is the (synchronous) fetch
         store = self._kv[l]
-        l2 = [b for b in self._live.tolist() if store[b][0] == Tier.L2]
+        # during a prefill chunk, layer l has not stored this chunk's new blocks yet
+        l2 = [b for b in self._live.tolist() if b in store and store[b][0] == Tier.L2]
         if not l2:
             return
         cs = self._copy_stream
@@ -424,8 +440,7 @@ class TieredCache(Cache):
     def _to_host(self, x):
         """Device -> host (pinned, on the copy stream, after the compute that wrote ``x``)."""
         if self._copy_stream is None:
-            return x.clone() if isinstance(x, torch.Tensor) else QTensor(
-                x.packed.clone(), x.scales.clone(), x.zeros.clone(), x.shape, x.dtype, x.group_size)
+            return x.clone()
         cs = self._copy_stream
         cs.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(cs):

@@ -18,6 +18,7 @@ final cast), i.e. within ``(max - min) / 30`` of its group's range; see docs/hf.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,33 +28,52 @@ LEVELS = 15
 
 @dataclass
 class QTensor:
-    """Packed codes [..., n/2] uint8 plus per-group float16 scales and zeros [..., n/G]."""
+    """Packed codes [..., n/2] uint8 plus per-group float16 scales and zeros [..., n/G],
+    all three views of one contiguous uint8 buffer ``buf`` (codes, then scales, then
+    zeros), so a move between tiers is one copy, not three."""
 
-    packed: torch.Tensor
-    scales: torch.Tensor
-    zeros: torch.Tensor
+    buf: torch.Tensor
     shape: tuple
     dtype: torch.dtype
     group_size: int
 
     @property
+    def _sizes(self) -> tuple[int, int]:
+        n = math.prod(self.shape)
+        return n // 2, n // self.group_size
+
+    @property
+    def packed(self) -> torch.Tensor:
+        a, _ = self._sizes
+        return self.buf[:a].view(*self.shape[:-1], -1)
+
+    @property
+    def scales(self) -> torch.Tensor:
+        a, g = self._sizes
+        return self.buf[a:a + 2 * g].view(torch.float16).view(*self.shape[:-1], -1)
+
+    @property
+    def zeros(self) -> torch.Tensor:
+        a, g = self._sizes
+        return self.buf[a + 2 * g:].view(torch.float16).view(*self.shape[:-1], -1)
+
+    @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales, self.zeros))
+        return self.buf.numel()
 
     def to(self, device, non_blocking: bool = False, pin: bool = False) -> "QTensor":
-        parts = []
-        for t in (self.packed, self.scales, self.zeros):
-            if pin:
-                dst = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                dst.copy_(t, non_blocking=non_blocking)
-                parts.append(dst)
-            else:
-                parts.append(t.to(device, non_blocking=non_blocking))
-        return QTensor(*parts, self.shape, self.dtype, self.group_size)
+        if pin:
+            dst = torch.empty(self.buf.shape, dtype=torch.uint8, pin_memory=True)
+            dst.copy_(self.buf, non_blocking=non_blocking)
+        else:
+            dst = self.buf.to(device, non_blocking=non_blocking)
+        return QTensor(dst, self.shape, self.dtype, self.group_size)
+
+    def clone(self) -> "QTensor":
+        return QTensor(self.buf.clone(), self.shape, self.dtype, self.group_size)
 
     def record_stream(self, stream) -> None:
-        for t in (self.packed, self.scales, self.zeros):
-            t.record_stream(stream)
+        self.buf.record_stream(stream)
 
 
 def quantize(x: torch.Tensor, group_size: int) -> QTensor:
@@ -71,15 +91,32 @@ def quantize(x: torch.Tensor, group_size: int) -> QTensor:
     q = torch.clamp(torch.round(ratio), 0, LEVELS)
     q = torch.where(flat, torch.zeros_like(q), q).to(torch.uint8).reshape(-1, 2)
     packed = q[:, 0] | (q[:, 1] << 4)
-    lead = tuple(x.shape[:-1])
-    return QTensor(packed.reshape(*lead, -1), scales.reshape(*lead, -1), zeros.reshape(*lead, -1),
-                   tuple(x.shape), x.dtype, group_size)
+    buf = torch.cat((packed.reshape(-1), scales.reshape(-1).view(torch.uint8),
+                     zeros.reshape(-1).view(torch.uint8)))
+    return QTensor(buf, tuple(x.shape), x.dtype, group_size)
+
+
+def _decode(buf: torch.Tensor, n: int, group_size: int) -> torch.Tensor:
+    """Rows of ``buf`` (each one QTensor's bytes for ``n`` elements) -> float32 [rows, n]."""
+    a, g = n // 2, n // group_size
+    rows = buf.shape[0]
+    p = buf[:, :a]
+    codes = torch.stack((p & 0x0F, p >> 4), dim=-1).reshape(rows, g, group_size).to(torch.float32)
+    sf = buf[:, a:a + 2 * g].contiguous().view(torch.float16).to(torch.float32)[..., None]
+    zf = buf[:, a + 2 * g:].contiguous().view(torch.float16).to(torch.float32)[..., None]
+    return (zf + codes * sf).reshape(rows, n)
 
 
 def dequantize(t: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    p = t.packed.reshape(-1)
-    codes = torch.stack((p & 0x0F, p >> 4), dim=1).reshape(-1, t.group_size).to(torch.float32)
-    sf = t.scales.reshape(-1, 1).to(torch.float32)
-    zf = t.zeros.reshape(-1, 1).to(torch.float32)
-    out = zf + codes * sf
-    return out.reshape(t.shape).to(dtype or t.dtype)
+    n = math.prod(t.shape)
+    return _decode(t.buf.reshape(1, -1), n, t.group_size).reshape(t.shape).to(dtype or t.dtype)
+
+
+def dequantize_blocks(ts: list, dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dequantize QTensors of one shape in one pass and concatenate them along ``dim``
+    (the token axis of KV blocks): a few kernels for the lot instead of a few per block."""
+    t0 = ts[0]
+    n = math.prod(t0.shape)
+    out = _decode(torch.stack([t.buf for t in ts]), n, t0.group_size).to(dtype or t0.dtype)
+    out = out.reshape(len(ts), *t0.shape)          # [blocks, *shape]
+    return torch.cat(out.unbind(0), dim=dim) if len(ts) > 1 else out[0]

@@ -206,12 +206,15 @@ class StreamHandle:
         self.loaded = [False] * L     # the slot holds layer i (copy issued, not overwritten)
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(device=dev, priority=-1)
-            self.copy_done = [torch.cuda.Event(enable_timing=True) for _ in range(L)]
+            # a fresh timing event per copy: a prefetch issued at the end of one pass for
+            # the next must not overwrite the event the previous pass's stall is read from
+            self.copy_done: list = [None] * L
             self.read_done = [torch.cuda.Event() for _ in range(L)]
-            self.arrive = [torch.cuda.Event(enable_timing=True) for _ in range(L)]
             self.fwd_start = torch.cuda.Event(enable_timing=True)
             self.fwd_end = torch.cuda.Event(enable_timing=True)
-        self._issued_in_fwd = [False] * L  # copied during the current pass (for stall stats)
+        self._issued_in_fwd = [False] * L  # copied during the current pass (hit counting)
+        self._fresh = [False] * L  # a copy was issued since layer i last ran
+        self._waits: list = []     # (arrival, copy landed) event pairs of the current pass
         self._fwd_bytes = 0
         self._fwd_stall = 0.0
         self._pending_harvest = False
@@ -235,7 +238,10 @@ class StreamHandle:
                 cs.wait_event(ev)
             with torch.cuda.stream(cs):
                 self.slot_bytes[j].copy_(self.slot_host[j], non_blocking=True)
-                self.copy_done[j].record(cs)
+                done = torch.cuda.Event(enable_timing=True)
+                done.record(cs)
+                self.copy_done[j] = done
+            self._fresh[j] = True
         else:
             t0 = time.perf_counter()
             self.slot_bytes[j].copy_(self.slot_host[j])
@@ -259,10 +265,13 @@ class StreamHandle:
                     self.stats_.l1_hits += 1
             else:
                 self._issue(i, "fetch")
-            if self.cuda:
+            if self.cuda and self._fresh[i]:
                 cur = torch.cuda.current_stream(self.device)
-                self.arrive[i].record(cur)
+                arrive = torch.cuda.Event(enable_timing=True)
+                arrive.record(cur)
                 cur.wait_event(self.copy_done[i])
+                self._waits.append((arrive, self.copy_done[i]))
+                self._fresh[i] = False
             for p, v in zip(self.params[i], self.dev_views[i]):
                 p.data = v
             for d in range(1, self.depth + 1):
@@ -287,6 +296,7 @@ class StreamHandle:
         if self._pending_harvest:
             self._harvest(block=False)
         self._issued_in_fwd = [False] * len(self.units)
+        self._waits = []
         self._fwd_bytes, self._fwd_stall = 0, 0.0
         self._t0 = time.perf_counter()
         if self.cuda:
@@ -297,7 +307,7 @@ class StreamHandle:
         s.forwards += 1
         if self.cuda:
             self.fwd_end.record(torch.cuda.current_stream(self.device))
-            self._pending = (self._fwd_bytes, list(self._issued_in_fwd))
+            self._pending = (self._fwd_bytes, self._waits)
             self._pending_harvest = True
         else:
             wall = time.perf_counter() - self._t0
@@ -307,7 +317,7 @@ class StreamHandle:
     def _harvest(self, block: bool) -> None:
         """Per-forward device timings from the last pass's events (CUDA), without blocking
         unless asked: stall = how long the compute stream reached a layer before its copy
-        had landed, summed over the layers copied in that pass."""
+        had landed, summed over the layers that waited on a copy in that pass."""
         if not self._pending_harvest:
             return
         if not block and not self.fwd_end.query():
@@ -315,11 +325,9 @@ class StreamHandle:
             self.stats_.per_forward.append(ForwardStats(None, self._pending[0], None))
             return
         self.fwd_end.synchronize()
-        nbytes, issued = self._pending
-        stall = 0.0
-        for i, was in enumerate(issued):
-            if was:
-                stall += max(0.0, self.arrive[i].elapsed_time(self.copy_done[i]) * 1e-3)
+        # every copy this pass waited on had landed before the pass could end
+        nbytes, waits = self._pending
+        stall = sum(max(0.0, arrive.elapsed_time(done) * 1e-3) for arrive, done in waits)
         wall = self.fwd_start.elapsed_time(self.fwd_end) * 1e-3
         self.stats_.stall_s += stall
         self.stats_.per_forward.append(ForwardStats(wall, nbytes, stall))
