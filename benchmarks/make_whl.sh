@@ -28,8 +28,12 @@ WHL=.whl TARGET="$WORK/site" PY="$WORK/venv/bin/python" LIBCUDA="$WORK/libcuda.s
 ls .whl/pycuda-*-cp312-*.whl >/dev/null || { echo "make_whl: the PyCUDA wheel was not built" >&2; exit 1; }
 rm -f .whl/pycuda-*.tar.gz  # gpu_env.sh installs .whl/*.whl only; the sdist is not needed there
 # runtime and test dependencies the GPU image does not have (it has torch, numpy,
-# transformers, accelerate, cuda-bindings); optimum-quanto for transformers' QuantizedCache
+# transformers, accelerate, cuda-bindings); optimum-quanto and hqq (+ termcolor, einops)
+# for transformers' QuantizedCache in benchmarks/hf_caches.py
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-  -d .whl simpy plotly narwhals click pyyaml tqdm hypothesis sortedcontainers optimum-quanto ninja
+  -d .whl simpy plotly narwhals click pyyaml tqdm hypothesis sortedcontainers optimum-quanto \
+  termcolor einops
+# hqq ships an sdist only; built without its CUDA kernels (the KV-cache path does not use them)
+DISABLE_CUDA=1 python3 -m pip wheel -q --no-deps -w .whl hqq==0.2.8.post1
 ls -la .whl
