@@ -542,13 +542,8 @@ def _nbytes(x) -> int:
 
 
 def _to(x, device, non_blocking: bool):
-    if isinstance(x, QTensor):
-        return x.to(device, non_blocking=non_blocking)
-    return x.to(device, non_blocking=non_blocking)
+    return x.to(device, non_blocking=non_blocking)  # a tensor or a QTensor: the same call
 
 
 def _record(x, stream) -> None:
-    if isinstance(x, QTensor):
-        x.record_stream(stream)
-    else:
-        x.record_stream(stream)
+    x.record_stream(stream)  # a tensor or a QTensor: the same call
