@@ -241,7 +241,7 @@ class StreamHandle:
                 done = torch.cuda.Event(enable_timing=True)
                 done.record(cs)
                 self.copy_done[j] = done
-            self._fresh[j] = True
+            self._fresh[j] = True  # the compute stream must wait on it at layer j's next use
         else:
             t0 = time.perf_counter()
             self.slot_bytes[j].copy_(self.slot_host[j])
