@@ -77,6 +77,9 @@ def build_profile(name: str, m: dict) -> tuple[Profile, dict]:
         gemm=Rate(fixed_us=float(gemm["fixed_us"]), gb_per_s=float(gemm["gb_per_s"]),
                   tflops=float(gemm["tflops"])),
     )
+    if m.get("device_copy_gb_per_s"):  # read + written; the launch cost is a memset's
+        kernels = replace(kernels, copy=Rate(fixed_us=kernels.memset.fixed_us,
+                                                         gb_per_s=float(m["device_copy_gb_per_s"])))
     host = Host(submit_us=float(m["host_submit_us"]),
                 per_item_us=max(0.0, float(m.get("host_per_item_us", 0.0))),
                 memset_gb_per_s=float(m["host_memset_gb_per_s"]),

@@ -10,8 +10,17 @@ Operations:
 - ``plan_background``  demotion down to the low watermark, then prefetch into headroom
 - ``commit`` / ``abort``  apply or undo in-flight moves once their ops finished or failed
 - ``release``       the owner is done with blocks
+- ``take_relocations``  byte moves a compacting L1 (``synapse.kv.slots``) owes after frees
 A move keeps both its source and destination allocated until it is committed, so no byte
 range is reused while a copy may still read it.
+
+The manager is the only door to the tiers: drivers and the transformers cache read the
+page table through it and change it only through these verbs (``touch``, ``observe``,
+``record_reads``, ``extend``, ``evictable``, ``evict``), never through its privates
+(tests/test_layering.py checks the rule).
+
+L1 holds blocks in full precision only: a block fetched from an INT4 L2 is dequantized on
+its way in (through an INT4 staging slot on the device), as it is quantized on its way out.
 """
 
 from __future__ import annotations
@@ -42,7 +51,8 @@ class Move:
     dst_fmt: Fmt
     src: object             # slab the bytes are in now
     dst: object | None      # slab they go to (None for a drop)
-    staging: object | None = None  # INT4 staging slab on the device (quantize-on-demote)
+    staging: object | None = None  # INT4 staging slab on the device (quantize on the way
+                                   # out, dequantize on the way in)
 
 
 @dataclass
@@ -105,7 +115,8 @@ def can_allocate_all(alloc, sizes: Sequence[int]) -> bool:
 class TierManager:
     def __init__(self, table: PageTable, spaces: Spaces, policy: EvictionPolicy,
                  demotion: Demotion, watermarks: Watermarks, prefetch: KVPrefetch | None,
-                 sizes: dict[Fmt, int], log: DecisionLog | None = None):
+                 sizes: dict[Fmt, int], log: DecisionLog | None = None,
+                 tail_last: bool = False):
         self.table = table
         self.spaces = spaces
         self.policy = policy
@@ -117,6 +128,7 @@ class TierManager:
         self.counters = Counters()
         self._busy = np.zeros(1024, bool)  # in flight or pinned: never a victim
         self.pinned: set[int] = set()  # blocks never chosen as victims (a partial tail)
+        self.tail_last = tail_last  # keep the pinned tail last in a compacting L1
         policy.bind(spaces.l1.capacity_bytes // sizes[Fmt.FP16])
 
     # -- queries --------------------------------------------------------------------
@@ -132,6 +144,65 @@ class TierManager:
 
     def resident(self, owner: int | None = None) -> np.ndarray:
         return self.table.ids_in(Tier.L1, owner)
+
+    def l1_sizes(self, ids: np.ndarray) -> list[int]:
+        """Bytes each block takes in L1 (full precision, whatever its L2 format)."""
+        return [self.sizes[Fmt.FP16]] * len(ids)
+
+    def handle(self, block: int):
+        """The allocator handle (slab or slot) holding a live block's bytes."""
+        return self.table.handle[block]
+
+    def tiers(self, ids: np.ndarray) -> np.ndarray:
+        return self.table.tier[np.asarray(ids, np.int64)]
+
+    # -- what callers tell the manager -----------------------------------------------
+    def record_reads(self, l1: int = 0, l2: int = 0, misses: int = 0) -> None:
+        """Blocks a step read from each tier, and reads of blocks no tier holds."""
+        c = self.counters
+        c.l1_hits += int(l1)
+        c.l2_hits += int(l2)
+        c.misses += int(misses)
+
+    def record_refusal(self, step: int, ids) -> None:
+        self.counters.refusals += len(np.atleast_1d(ids))
+        self.log.add(step, "refuse", ids)
+
+    def touch(self, ids: np.ndarray, step: int) -> None:
+        """These blocks were used at ``step`` (LRU's clock; others ignore it)."""
+        self.policy.on_access(np.asarray(ids, np.int64), step)
+
+    def observe(self, ids: np.ndarray, mass: np.ndarray, step: int) -> None:
+        """Attention mass each block received at ``step`` (H2O's score)."""
+        self.policy.on_attention(np.asarray(ids, np.int64), mass, step)
+
+    def extend(self, block: int, token_end: int) -> None:
+        """A partial block received tokens: it now covers up to ``token_end``."""
+        self.table.token_end[block] = token_end
+
+    def count_denied(self, n: int) -> None:
+        """Reads refused by a tenant check outside the allocators' own checks."""
+        self.spaces.l1.num_denied += n
+
+    def take_relocations(self) -> dict[Tier, tuple[list, list]]:
+        """What the compacting tiers owe after frees and allocations:
+        ``{tier: ([(block, from_offset, to_offset), ...], [(offset, nbytes) to zero])}``.
+        The page table already names the new offsets. The caller copies the moves
+        (gather, then scatter), then zeroes the ranges, before any other op touches the
+        tier."""
+        out = {}
+        for tier in (Tier.L1, Tier.L2):
+            space = self.spaces.of(tier)
+            take = getattr(space, "take_relocations", None)
+            if take is None:
+                continue
+            moves = take()
+            zero = space.take_zero([dst for _, _, dst in moves])
+            if moves:
+                self.table.relocate([s.block for s, _, _ in moves], [s for s, _, _ in moves])
+            if moves or zero:
+                out[tier] = ([(s.block, src, dst) for s, src, dst in moves], zero)
+        return out
 
     def _set_busy(self, block: int, busy: bool) -> None:
         if block >= len(self._busy):
@@ -162,12 +233,18 @@ class TierManager:
                 self._busy[p] = True
 
     def pin(self, block: int) -> None:
+        """Never a victim until unpinned (a partial tail block). With ``tail_last``, an
+        L1-resident pinned block is also kept at the end of the compacted L1."""
         self.pinned.add(block)
         self._set_busy(block, True)
+        if self.tail_last and self.table.tier[block] == int(Tier.L1):
+            self.spaces.l1.keep_last(self.table.handle[block])
 
     def unpin(self, block: int) -> None:
         self.pinned.discard(block)
         self._set_busy(block, False)
+        if self.tail_last:
+            self.spaces.l1.keep_last(None)
 
     def _in_flight(self, ids: np.ndarray) -> np.ndarray:
         """Mask of ``ids`` that are busy (a planned move not yet committed, or pinned)."""
@@ -177,6 +254,11 @@ class TierManager:
         inside = ids < len(self._busy)
         out[inside] = self._busy[ids[inside]]
         return out
+
+    def evictable(self, protected: np.ndarray) -> np.ndarray:
+        """L1 blocks that may be chosen as victims now: not in flight, not pinned, not in
+        ``protected`` (the working set of the current step)."""
+        return self._evictable(np.asarray(protected, np.int64))
 
     def _evictable(self, protected: np.ndarray) -> np.ndarray:
         l1 = self.table.ids_in(Tier.L1)
@@ -243,6 +325,11 @@ class TierManager:
         k = int(np.searchsorted(covered, need_bytes)) + 1
         return np.sort(chosen[:k])
 
+    def evict(self, victims: np.ndarray, step: int, forced: bool = False) -> list[Move]:
+        """Moves for these L1 blocks, chosen by the caller (a scheduler swapping whole
+        requests): demotions or drops as the demotion rule says; see ``_evict``."""
+        return self._evict(np.asarray(victims, np.int64), step, forced)
+
     def _evict(self, victims: np.ndarray, step: int, forced: bool) -> list[Move]:
         """Moves for ``victims`` in order: drops, or demotions with their L2 (and INT4
         staging) slabs. The first victim that finds no staging slot ends the round; an
@@ -302,21 +389,35 @@ class TierManager:
 
     # -- fetch ----------------------------------------------------------------------
     def plan_fetch(self, ids: np.ndarray, step: int, purpose: str = "fetch") -> list[Move]:
-        """L1 destinations for L2 blocks, in order, for as many as L1 can take now."""
+        """L1 destinations (full precision) for L2 blocks, in order, for as many as L1
+        (and, for INT4 blocks, the device staging that takes them before dequantization)
+        can take now."""
         ids = np.asarray(ids, np.int64)
         if len(ids) == 0:
             return []
         # a block already moving (planned, not yet committed) is not moved twice
         ids = ids[~self._in_flight(ids)]
-        table = self.table
+        table, spaces = self.table, self.spaces
         blocks = ids.tolist()
         srcs = [table.handle[b] for b in blocks]
-        dsts = self.spaces.l1.allocate_prefix(table.nbytes[ids].tolist(),
-                                              [src.tenant for src in srcs])
+        fmts = [_FMT[f] for f in table.fmt[ids].tolist()]
+        tenants = [src.tenant for src in srcs]
+        quant = [i for i, f in enumerate(fmts) if f == Fmt.INT4]
+        staged: dict[int, object] = {}
+        n = len(blocks)
+        if quant:
+            got = [] if spaces.staging is None else spaces.staging.allocate_prefix(
+                [self.sizes[Fmt.INT4]] * len(quant), [tenants[i] for i in quant])
+            staged = dict(zip(quant, got))
+            if len(got) < len(quant):
+                n = quant[len(got)]  # staging full: the rest waits for a later step
+        dsts = spaces.l1.allocate_prefix([self.sizes[Fmt.FP16]] * n, tenants[:n])
+        if len(dsts) < n and staged:
+            spaces.staging.free_all([staged[i] for i in quant if len(dsts) <= i < n])
         moves = []
-        for b, f, src, dst in zip(blocks, table.fmt[ids].tolist(), srcs, dsts):
-            fmt = _FMT[f]
-            moves.append(Move(b, purpose, Tier.L2, Tier.L1, fmt, fmt, src, dst))
+        for i, dst in enumerate(dsts):
+            moves.append(Move(blocks[i], purpose, Tier.L2, Tier.L1, fmts[i], Fmt.FP16, srcs[i],
+                              dst, staged.get(i)))
         done = blocks[: len(moves)]
         self._mark_busy(done)
         if purpose == "prefetch":
@@ -389,6 +490,10 @@ class TierManager:
             self.policy.on_remove(np.asarray(removed, np.int64))
         if fetched:
             self.policy.on_fetch(np.asarray(fetched, np.int64), step)
+        if self.tail_last:
+            for p in self.pinned:  # a pinned tail fetched back stays last
+                if table.tier[p] == int(Tier.L1):
+                    spaces.l1.keep_last(table.handle[p])
 
     def abort(self, moves: Sequence[Move]) -> None:
         """The ops failed: destinations are released and every block stays where it was."""
@@ -400,13 +505,18 @@ class TierManager:
                 self.spaces.staging.free(m.staging)
 
     def release(self, ids: np.ndarray) -> None:
-        for b in np.asarray(ids, np.int64).tolist():
+        """The owner is done with these blocks: they leave every tier (freed, counted)."""
+        ids = np.asarray(ids, np.int64)
+        frees = {Tier.L1: [], Tier.L2: []}
+        for b in ids.tolist():
             tier = self.table.where(b)
             handle = self.table.handle[b]
             self.table.free(b)
             if tier != Tier.NONE:
-                self.spaces.of(tier).free(handle)
-        self.policy.on_remove(np.asarray(ids, np.int64))
+                frees[tier].append(handle)
+        for tier, handles in frees.items():
+            self.spaces.of(tier).free_all(handles)
+        self.policy.on_remove(ids)
 
     def check(self) -> None:
         """Invariants across the page table and the allocators (tests, check_invariants)."""

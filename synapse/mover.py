@@ -1,11 +1,19 @@
 """Turns the manager's moves into backend ops, and back into page-table updates.
 
-Demotion to INT4 is two ops: ``Quantize`` on the compute stream (L1 slab -> device
-staging slab), then a D2H copy (staging -> L2 slab) that waits on it; other demotions and
-fetches are single copies on their direction's stream. Every region an op touches is
-checked against the owning tenant first (``check_access``), on every backend.
-``execute`` is a generator: submit, wait, then ``commit``; a ``KernelError`` while waiting
-aborts the moves (every block stays in the tier it was in) and propagates.
+Every op carries all the blocks of one kind of move at once (columns of offsets), so a
+step costs a few launches whatever the number of blocks:
+- demotion to INT4: ``Quantize`` on the compute stream (L1 -> device staging), then one
+  D2H copy (staging -> L2) that waits on it;
+- fetch of an INT4 block: one H2D copy (L2 -> staging), then ``Dequantize`` (staging ->
+  L1, full precision) that waits on it;
+- other demotions and fetches: one copy on their direction's stream;
+- compaction: the relocations a compacting tier owes after frees, one ``Copy`` per tier
+  (device to device on the compute stream for L1), submitted before any other op, which
+  then waits on it.
+Every region an op touches is checked against the owning tenant first
+(``check_access``), on every backend. ``execute`` is a generator: submit, wait, then
+``commit``; a ``KernelError`` while waiting aborts the moves (every block stays in the
+tier it was in) and propagates.
 """
 
 from __future__ import annotations
@@ -18,10 +26,12 @@ from .backend import Backend
 from .blocks import Fmt, Tier
 from .errors import KernelError
 from .manager import Move, TierManager
-from .ops import Copy, Quantize, Region, Stream
+from .ops import Copy, Dequantize, Quantize, Region, Stream, Zero
 
 SPACE = {Tier.L1: "l1", Tier.L2: "l2"}
 _L1 = int(Tier.L1)
+# which stream carries a compacting tier's relocation copy (ordered before later ops)
+_RELOCATE = {Tier.L1: ("d2d", Stream.COMPUTE), Tier.L2: ("h2h", Stream.D2H)}
 
 
 def _col(values) -> np.ndarray:
@@ -29,12 +39,50 @@ def _col(values) -> np.ndarray:
 
 
 class Mover:
-    def __init__(self, backend: Backend, manager: TierManager, group_size: int,
-                 numel_per_block: int):
+    def __init__(self, backend: Backend, manager: TierManager, shape):
         self.backend = backend
         self.manager = manager
-        self.group_size = group_size
-        self.numel = numel_per_block
+        self.shape = shape
+        self.group_size = shape.int4_group
+        self.numel = shape.numel
+        self._barrier: list = []  # relocation tickets later ops wait on
+
+    @property
+    def barrier(self) -> list:
+        """Tickets an op writing or reading a compacting tier must wait on (the last
+        compaction); pass them as ``after`` when submitting outside the mover."""
+        return list(self._barrier)
+
+    def relocate(self) -> list:
+        """Submit the copies (then the zero-on-free memsets) that compaction owes, if any;
+        later ops wait on them. Returns their tickets."""
+        owed = self.manager.take_relocations()
+        tickets = []
+        for tier, (moves, zero) in owed.items():
+            direction, stream = _RELOCATE[tier]
+            space = SPACE[tier]
+            last = list(self._barrier)
+            if moves:
+                nbytes = self.manager.spaces.of(tier).slot_bytes
+                last = [self.backend.submit(
+                    Copy(purpose="compact", direction=direction, src_space=space,
+                         dst_space=space, src_offsets=_col(m[1] for m in moves),
+                         dst_offsets=_col(m[2] for m in moves),
+                         sizes=np.full(len(moves), nbytes, np.int64)), stream, last)]
+            if zero:
+                last = [self.backend.submit(
+                    Zero(purpose="zero_on_free", regions=tuple(Region(space, o, n) for o, n in zero)),
+                    stream, last)]
+            tickets += last
+        if tickets:
+            self._barrier = tickets
+        return tickets
+
+    def submit_op(self, op, stream: Stream, after: Sequence = ()):
+        """Submit an op of the caller's own (an ingest into new L1 blocks) after the
+        compaction it may overlap."""
+        self.relocate()
+        return self.backend.submit(op, stream, list(after) + self._barrier)
 
     def region(self, tier: Tier, slab, tenant: str) -> Region:
         self.manager.spaces.of(tier).check_access(tenant, slab)
@@ -45,18 +93,23 @@ class Mover:
         return Region("staging", slab.offset, slab.nbytes, tenant)
 
     def submit(self, moves: Sequence[Move], after: Sequence = ()) -> list:
-        """Enqueue the ops of ``moves``; returns their tickets (none for drops)."""
+        """Enqueue the ops of ``moves`` (after any compaction they depend on); returns
+        their tickets (none for drops)."""
         table = self.manager.table
+        self.relocate()
         moves = [m for m in moves if m.purpose != "drop"]
         if not moves:
             return []
+        after = list(after) + self._barrier
         names = table.tenants
         tenants = [names[t] for t in table.tenant[[m.block for m in moves]].tolist()]
         self._check_access(moves, tenants)
-        quant, d2h, h2d = [], [], {}
+        quant, d2h, h2d, dequant = [], [], {}, {}
         for m in moves:
             if m.dst_tier == Tier.L2:
                 (d2h if m.staging is None else quant).append(m)
+            elif m.staging is not None:
+                dequant.setdefault(m.purpose, []).append(m)
             else:
                 h2d.setdefault(m.purpose, []).append(m)
         be, tickets = self.backend, []
@@ -89,6 +142,18 @@ class Mover:
                                           dst_offsets=_col(m.dst.offset for m in group),
                                           sizes=_col(m.src.nbytes for m in group)),
                                      Stream.H2D, after))
+        for purpose, group in dequant.items():
+            staging = _col(m.staging.offset for m in group)
+            q_bytes = _col(m.src.nbytes for m in group)
+            c = be.submit(Copy(purpose=purpose, direction="h2d", src_space="l2",
+                               dst_space="staging", src_offsets=_col(m.src.offset for m in group),
+                               dst_offsets=staging, sizes=q_bytes), Stream.H2D, after)
+            tickets.append(be.submit(
+                Dequantize(purpose=purpose, src_space="staging", dst_space="l1",
+                           src_offsets=staging.copy(), dst_offsets=_col(m.dst.offset for m in group),
+                           src_sizes=q_bytes.copy(), dst_sizes=_col(m.dst.nbytes for m in group),
+                           numel=self.numel, group_size=self.group_size),
+                Stream.COMPUTE, [c]))
         return tickets
 
     def _check_access(self, moves: Sequence[Move], tenants: Sequence[str]) -> None:
@@ -99,7 +164,7 @@ class Mover:
                 if m.src_tier == Tier.L1 and m.dst_tier == Tier.L2]
         up = [(m, t) for m, t in zip(moves, tenants)
               if m.src_tier == Tier.L2 and m.dst_tier == Tier.L1]
-        staged = [(m, t) for m, t in down if m.staging is not None]
+        staged = [(m, t) for m, t in zip(moves, tenants) if m.staging is not None]
         if len(down) + len(up) == len(moves) \
                 and l1.all_accessible([t for _, t in down] + [t for _, t in up],
                                       [m.src for m, _ in down] + [m.dst for m, _ in up]) \
@@ -113,31 +178,29 @@ class Mover:
             (l1 if m.src_tier == Tier.L1 else l2).check_access(tenant, m.src)
             if m.dst_tier == Tier.L2:
                 l2.check_access(tenant, m.dst)
-                if m.staging is not None:
-                    staging.check_access(tenant, m.staging)
             else:
                 l1.check_access(tenant, m.dst)
+            if m.staging is not None:
+                staging.check_access(tenant, m.staging)
 
     def execute(self, moves: Sequence[Move], step: int, after: Sequence = ()):
         """Generator: run ``moves`` to completion and commit them (abort on a fault)."""
         if not moves:
             return
         tickets = self.submit(moves, after)
-        try:
-            yield self.backend.wait(tickets)
-        except KernelError:
-            self.manager.abort(moves)
-            raise
-        self.manager.commit(moves, step)
+        yield from self.finish(moves, tickets, step)
 
     def finish(self, moves: Sequence[Move], tickets: Sequence, step: int):
-        """Generator: wait for already-submitted ``tickets`` then commit ``moves``."""
+        """Generator: wait for already-submitted ``tickets`` then commit ``moves`` (the
+        compaction their frees cause is submitted at once; later ops wait on it)."""
         try:
             yield self.backend.wait(tickets)
         except KernelError:
             self.manager.abort(moves)
             raise
+        self._barrier = []  # everything submitted so far has completed
         self.manager.commit(moves, step)
+        self.relocate()
 
     def attention(self, ids, n_valid, tenant: str, query, flops: float, layout,
                   softmax_scale: float = 1.0, after=()):
@@ -151,24 +214,25 @@ class Mover:
         table = self.manager.table
         ids = np.asarray(ids, np.int64)
         tid = table.tenant_id(tenant)
+        self.relocate()
         bad = ids[(table.tenant[ids] != tid) | (table.tier[ids] != _L1)]
         if len(bad):
-            self.manager.spaces.l1.num_denied += len(bad)
+            self.manager.count_denied(len(bad))
             raise AccessDenied(f"tenant {tenant!r} denied: block {int(bad[0])} is not its own "
                                f"L1-resident block")
         op = Attention(purpose="decode", space="l1", offsets=table.offset[ids],
                        fmts=table.fmt[ids], n_valid=np.asarray(n_valid, np.int64),
                        sizes=table.nbytes[ids], query=query, layout=layout,
                        group_size=self.group_size, flops=flops, softmax_scale=softmax_scale)
-        return self.backend.submit(op, Stream.COMPUTE, after)
+        return self.backend.submit(op, Stream.COMPUTE, list(after) + self._barrier)
 
     def block_region(self, block: int) -> tuple[Region, Fmt]:
         """Where an L1-resident block's bytes are, checked for its own tenant."""
         table = self.manager.table
         tenant = table.tenants[table.tenant[block]]
-        return self.region(Tier(table.tier[block]), table.handle[block], tenant), Fmt(table.fmt[block])
+        return self.region(Tier(table.tier[block]), self.manager.handle(block), tenant), Fmt(table.fmt[block])
 
     def read_as(self, tenant: str, block: int) -> Region:
         """A tenant asks for a block's bytes: AccessDenied unless it owns it."""
         table = self.manager.table
-        return self.region(Tier(table.tier[block]), table.handle[block], tenant)
+        return self.region(Tier(table.tier[block]), self.manager.handle(block), tenant)

@@ -25,6 +25,10 @@ class Stream(enum.Enum):
     D2H = "d2h"
 
 
+# Which stream next writes each space, so a memset queued there is ordered before reuse.
+ZERO_STREAM = {"l1": Stream.H2D, "staging": Stream.COMPUTE}
+
+
 @dataclass(frozen=True)
 class Region:
     """A byte range in one tier's memory (L1 arena, L1 staging, L2 pool or the ring)."""
@@ -57,9 +61,11 @@ class Op:
 @dataclass(frozen=True, eq=False)
 class Copy(Op):
     """A batch of copies in one direction between two spaces, as columns of byte
-    offsets and sizes (one ``cuMemcpyAsync`` per row on the hardware)."""
+    offsets and sizes: one batched launch on the hardware, whatever the number of rows.
+    ``d2d`` (a compacting L1) and ``h2h`` (a compacting pinned L2) copies gather every
+    source before writing any destination, so rows may overlap each other's places."""
 
-    direction: str = "h2d"  # "h2d" or "d2h"
+    direction: str = "h2d"  # "h2d", "d2h", "d2d" or "h2h"
     src_space: str = "l2"
     dst_space: str = "l1"
     src_offsets: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -111,12 +117,10 @@ class Ingest(Op):
 
 
 @dataclass(frozen=True, eq=False)
-class Quantize(Op):
-    """fp16 blocks in ``src_space`` -> the INT4 layout in ``dst_space``, on the GPU.
-
-    Each row quantises ``numel`` values (a whole KV block) from ``src_offsets[i]`` into
-    ``dst_offsets[i]``; ``src_sizes``/``dst_sizes`` are the bytes read and written.
-    """
+class _Transcode(Op):
+    """Rows of whole KV blocks converted between fp16 and INT4 on the GPU: row ``i``
+    reads ``src_sizes[i]`` bytes at ``src_offsets[i]`` and writes ``dst_sizes[i]`` at
+    ``dst_offsets[i]``; each row holds ``numel`` values."""
 
     src_space: str = "l1"
     dst_space: str = "staging"
@@ -128,16 +132,35 @@ class Quantize(Op):
     group_size: int = 64
 
     @property
-    def kind(self):
-        return "int4_quantize"
-
-    @property
     def nbytes(self):  # bytes read + written, the kernel's traffic
         return int(self.src_sizes.sum() + self.dst_sizes.sum())
 
     @property
     def count(self):
         return len(self.src_offsets)
+
+
+@dataclass(frozen=True, eq=False)
+class Quantize(_Transcode):
+    """fp16 blocks in ``src_space`` (L1) -> the INT4 layout in ``dst_space`` (staging):
+    the way out of a block demoted to an INT4 L2."""
+
+    @property
+    def kind(self):
+        return "int4_quantize"
+
+
+@dataclass(frozen=True, eq=False)
+class Dequantize(_Transcode):
+    """INT4 blocks in ``src_space`` (device staging) -> full precision in ``dst_space``
+    (L1): the way in of a block that L2 holds in INT4."""
+
+    src_space: str = "staging"
+    dst_space: str = "l1"
+
+    @property
+    def kind(self):
+        return "int4_dequantize"
 
 
 @dataclass(frozen=True, eq=False)
@@ -157,7 +180,7 @@ class Attention(Op):
     n_valid: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     query: Optional[np.ndarray] = None
-    layout: object = None    # drivers.kv_common.BlockSizes
+    layout: object = None    # synapse.hw.kv_layout.KVLayout
     group_size: int = 64
     flops: float = 0.0
     softmax_scale: float = 1.0

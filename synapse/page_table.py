@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .blocks import BlockSpec, Fmt, Kind, State, Tier
+from .kv.slots import Slot
 
 _LIVE = int(State.LIVE)  # plain ints on the hot path: enum attribute access is slow
 _L1 = int(Tier.L1)
@@ -90,6 +91,9 @@ class PageTable:
             self.content_hash.extend(s.content_hash for s in specs)
             self.handle.extend(handles[:k])
             self.offset[lo:hi] = [getattr(h, "offset", -1) for h in handles[:k]]
+            for b, h in zip(range(lo, hi), handles[:k]):
+                if h.__class__ is Slot:
+                    h.block = b
             self._bytes[tier] += int(sum(nbytes))
         self._n = hi
         return ids
@@ -103,6 +107,8 @@ class PageTable:
         self.fmt[block] = fmt
         self.nbytes[block] = nbytes
         self.handle[block] = handle
+        if handle.__class__ is Slot:
+            handle.block = block
         self.offset[block] = handle.offset
         self._bytes[tier] += nbytes
 
@@ -121,7 +127,14 @@ class PageTable:
         handle = self.handle
         for b, h in zip(blocks, handles):
             handle[b] = h
+            if h.__class__ is Slot:
+                h.block = b
         self.offset[ids] = [h.offset for h in handles]
+
+    def relocate(self, blocks: Sequence[int], handles: Sequence[object]) -> None:
+        """A compacting allocator moved these blocks' bytes: record their new offsets
+        (the handles are the same objects, already updated)."""
+        self.offset[np.asarray(blocks, np.int64)] = [h.offset for h in handles]
 
     def drop_all(self, blocks: Sequence[int]) -> None:
         """``drop`` for each block at once (distinct blocks, all live)."""

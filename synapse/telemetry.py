@@ -52,7 +52,7 @@ class Recorder:
 def summarize(records: list[OpRecord], step_s: list[float]) -> dict:
     """Bytes per direction and latency percentiles per op kind (and per step)."""
     by_kind: dict[str, list] = defaultdict(list)
-    bytes_dir = {"h2d": 0, "d2h": 0}
+    bytes_dir = {"h2d": 0, "d2h": 0, "d2d": 0, "h2h": 0}
     bytes_purpose: dict[str, int] = defaultdict(int)
     for r in records:
         by_kind[r.kind].append(r.duration_s)
@@ -63,6 +63,7 @@ def summarize(records: list[OpRecord], step_s: list[float]) -> dict:
     latency = {k: latency_summary(v) for k, v in sorted(by_kind.items())}
     latency["step"] = latency_summary(step_s)
     return {"bytes_h2d": bytes_dir["h2d"], "bytes_d2h": bytes_dir["d2h"],
+            "bytes_compacted": bytes_dir["d2d"] + bytes_dir["h2h"],
             "bytes_by_purpose": dict(sorted(bytes_purpose.items())), "latency": latency}
 
 

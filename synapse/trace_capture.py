@@ -46,6 +46,7 @@ def capture(model, input_ids, decode_steps: int = 64, block_tokens: int = 16,
                 nxt = logits[:, -1].argmax(-1, keepdim=True)
                 ids.append(nxt[0])
                 logits = model(nxt, past_key_values=cache, use_cache=True).logits
+        cache.settle()  # the last step's bookkeeping (it waits for a next step otherwise)
     finally:
         cache.detach()
     steps = len(cache.masses)

@@ -141,19 +141,13 @@ def test_int4_demotion_stays_within_the_int4_bound():
 def _layer0_bound(cache, model, q_out):
     """docs/hf.md's attention-output bound for layer 0 at this step (0 without INT4)."""
     a = model.model.layers[0].self_attn
-    store = cache._kv[0]
-    eps_k = eps_v = 0.0
-    vmax = 0.0
-    for b in cache._live.tolist():
-        tier, k, v = store[b]
-        if hasattr(k, "scales"):
-            eps_k = max(eps_k, float(element_bound(k.scales, k.zeros).max()))
-            eps_v = max(eps_v, float(element_bound(v.scales, v.zeros).max()))
-            vmax = max(vmax, float(dequantize(v, torch.float32).abs().max()) + eps_v)
-        else:
-            vmax = max(vmax, float(v.abs().max()))
-    if eps_k == 0.0:
+    held = cache.inspect_layer(0)
+    vmax = float(held["l1_values"].abs().max())
+    if "l2_key_scales" not in held:
         return 0.0
+    eps_k = float(element_bound(held["l2_key_scales"], held["l2_key_zeros"]).max())
+    eps_v = float(element_bound(held["l2_value_scales"], held["l2_value_zeros"]).max())
+    vmax = max(vmax, float(held["l2_values"].abs().max()) + eps_v)
     # q after RoPE has the same per-pair norm; ||q||_1 <= sqrt(2) * sum of pair norms
     q = q_out[:, -1].view(-1, a.head_dim).float()
     half = a.head_dim // 2

@@ -19,7 +19,8 @@ from ..blocks import BlockSpec, Fmt, Tier
 from ..ops import Attention, Ingest, Region, Stream
 from ..telemetry import Recorder
 from ..workloads.needle import NeedleTrace
-from .kv_common import audit_residency, build_kv
+from ..kv.planner import follow_tail
+from .kv_common import audit_residency, build_kv, shape_of
 
 _NONE, _L1, _L2 = int(Tier.NONE), int(Tier.L1), int(Tier.L2)  # NumPy compares plain ints fast
 
@@ -30,12 +31,11 @@ class NeedleDriver:
         self.s, self.backend = s, backend
         self.trace = NeedleTrace(s.workload, s.memory.block_tokens, s.seed)
         tr = self.trace
-        from .kv_common import BlockSizes
-        sizes = BlockSizes.of(s)
-        working = tr.num_blocks * sizes.fp16
+        shape = shape_of(s)
+        working = tr.num_blocks * shape.fp16_bytes
         self.kv = build_kv(s, backend, profile, working, tr.chunk_blocks + 2, source)
         self.mgr, self.mover, self.table = self.kv.manager, self.kv.mover, self.kv.table
-        backend.reserve_staging(tr.chunk_blocks * tr.bt * sizes.token_bytes)
+        backend.reserve_staging(tr.chunk_blocks * tr.bt * shape.token_bytes)
         if self.mgr.policy.needs_future:
             self.mgr.policy.bind_future(self._next_use)
         self.pos2id = np.full(tr.num_blocks, -1, np.int64)
@@ -69,38 +69,36 @@ class NeedleDriver:
     # -- the process ----------------------------------------------------------------------
     def process(self):
         tr, mgr, mover, table, be = self.trace, self.mgr, self.mover, self.table, self.backend
-        c = mgr.counters
-        bt, tb = tr.bt, self.kv.sizes.token_bytes
+        bt = tr.bt
         for t in range(tr.num_steps):
             st = tr.step(t)
             # 1. demand
             needed_pos = tr.needed(t)
             needed_pos = needed_pos[self.pos2id[needed_pos] >= 0]  # new blocks are not hits
             needed = self.pos2id[needed_pos]
-            tiers = table.tier[needed]
+            tiers = mgr.tiers(needed)
             in_l1, in_l2 = needed[tiers == _L1], needed[tiers == _L2]
-            c.l1_hits += len(in_l1)
-            c.misses += int((tiers == _NONE).sum())
+            mgr.record_reads(l1=len(in_l1), misses=int((tiers == _NONE).sum()))
             if st.is_question:
                 nid = self.pos2id[tr.needle]
-                self.needle_tier = Tier(table.tier[nid]).name if nid >= 0 else "NONE"
-            mgr.policy.on_access(in_l1, t)
+                self.needle_tier = Tier(mgr.tiers([nid])[0]).name if nid >= 0 else "NONE"
+            mgr.touch(in_l1, t)
             # 2. room for new blocks and fetches (most-attended fetches first)
             if len(in_l2):
                 order = np.argsort(-tr.logits(t, table.token_start[in_l2] // bt), kind="stable")
                 in_l2 = in_l2[order]
-            new_sizes = [self.kv.sizes.fp16] * len(st.new_blocks)
+            new_sizes = [self.kv.shape.fp16_bytes] * len(st.new_blocks)
             protected = np.concatenate([in_l1, [self.tail] if self.tail is not None else []]).astype(np.int64)
             while True:
-                sizes = new_sizes + table.nbytes[in_l2].tolist()
+                sizes = new_sizes + mgr.l1_sizes(in_l2)
                 if mgr.fits(sizes):
                     break
-                if len(mgr._evictable(protected)) == 0 and len(in_l2):
+                if len(mgr.evictable(protected)) == 0 and len(in_l2):
                     in_l2 = in_l2[:-1]  # cannot make room: the least attended stays in L2
-                    c.misses += 1
+                    mgr.record_reads(misses=1)
                     continue
                 yield from mover.execute(mgr.make_room(sizes, protected, t), t)
-            c.l2_hits += len(in_l2)
+            mgr.record_reads(l2=len(in_l2))
             # 3. fetch + ingest
             fetch = mgr.plan_fetch(in_l2, t)
             tickets = mover.submit(fetch)
@@ -116,7 +114,7 @@ class NeedleDriver:
             att_fmts = table.fmt[resident].copy()
             # 5. observe
             mass = tr.masses(t, pos)
-            mgr.policy.on_attention(resident, mass, t)
+            mgr.observe(resident, mass, t)
             # 6. background demotion + prefetch, overlapping the attention
             demote, prefetch = mgr.plan_background(
                 t, np.asarray([self.tail] if self.tail is not None else [], np.int64))
@@ -128,56 +126,53 @@ class NeedleDriver:
             audit_residency(self)
             if self.s.checks.invariants:
                 mgr.check()
+            c = mgr.counters
             self.rec.step(t, be.now(), l1_bytes=table.bytes_in(Tier.L1),
                           l2_bytes=table.bytes_in(Tier.L2), resident_blocks=len(resident),
                           l1_hits=c.l1_hits, l2_hits=c.l2_hits, misses=c.misses)
 
     def _insert_and_ingest(self, st, t):
         tr, table, mgr = self.trace, self.table, self.mgr
-        bt, tb = tr.bt, self.kv.sizes.token_bytes
+        bt, tb = tr.bt, self.kv.shape.token_bytes
         regions, items = [], []
         if len(st.new_blocks):
             specs = []
             for p in st.new_blocks.tolist():
                 lo = p * bt
                 hi = min(lo + bt, st.tokens)
-                specs.append(BlockSpec(self.kv.sizes.fp16, token_start=lo, token_end=hi,
+                specs.append(BlockSpec(self.kv.shape.fp16_bytes, token_start=lo, token_end=hi,
                                        content_hash=f"needle:{self.s.seed}:{p}"))
             ids = mgr.insert(specs, t, st.new_blocks)
             self.pos2id[st.new_blocks] = ids
             for p, b in zip(st.new_blocks.tolist(), ids.tolist()):
                 n = int(table.token_end[b] - table.token_start[b])
-                slab = table.handle[b]
-                regions.append(Region("l1", slab.offset, n * tb))
+                region, _ = self.mover.block_region(b)
+                regions.append(Region("l1", region.offset, n * tb))
                 items.append((p, 0, n))
         if st.append is not None:
             p, off = st.append
             b = int(self.pos2id[p])
-            table.token_end[b] = p * bt + off + 1
+            mgr.extend(b, p * bt + off + 1)
             if not (len(st.new_blocks) and st.new_blocks[-1] == p):
-                slab = table.handle[b]
-                regions.append(Region("l1", slab.offset + off * tb, tb))
+                region, _ = self.mover.block_region(b)
+                regions.append(Region("l1", region.offset + off * tb, tb))
                 items.append((p, off, off + 1))
         # The block still being written is never a victim until it is full.
         last = int(self.pos2id[(st.tokens - 1) // bt])
         full = table.token_end[last] - table.token_start[last] == bt
-        if self.tail is not None and (self.tail != last or full):  # a full tail is done
-            mgr.unpin(self.tail)
-        self.tail = None if full else last
-        if self.tail is not None:
-            mgr.pin(self.tail)
+        self.tail = follow_tail(mgr, self.tail, last, bool(full))
         if not regions:
             return None
         source = self._ingest_source(items) if self.backend.moves_data else None
-        return self.backend.submit(Ingest(purpose="ingest", dst=tuple(regions), source=source),
-                                   Stream.H2D)
+        return self.mover.submit_op(Ingest(purpose="ingest", dst=tuple(regions), source=source),
+                                    Stream.H2D)
 
     def _attention(self, t, resident, nvalid):
         m = self.m
         q = self.trace.query_vector(t, m.layers, m.kv_heads, m.head_dim) \
             if self.backend.moves_data else None
         flops = 4.0 * m.layers * m.kv_heads * m.head_dim * float(nvalid.sum())
-        return self.mover.attention(resident, nvalid, "default", q, flops, self.kv.sizes.layout)
+        return self.mover.attention(resident, nvalid, "default", q, flops, self.kv.shape.layout)
 
     # -- checks against dense attention (hardware backends) ---------------------------------
     def _mean_v_of(self, pos: int, n_valid: int) -> np.ndarray:

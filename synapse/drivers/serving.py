@@ -22,7 +22,7 @@ from ..blocks import BlockSpec, State, Tier
 from ..errors import AccessDenied, AdmissionRefused, ScenarioError
 from ..ops import Attention, Ingest, Region, Stream
 from ..telemetry import Recorder
-from .kv_common import audit_residency, BlockSizes, build_kv
+from .kv_common import audit_residency, build_kv, shape_of
 
 
 @dataclass
@@ -54,8 +54,8 @@ class ServingDriver:
         self.s, self.backend = s, backend
         self.bt = s.memory.block_tokens
         self.requests = self._requests()
-        sizes = BlockSizes.of(s)
-        working = sum(r.max_blocks(self.bt) for r in self.requests) * sizes.fp16
+        sizes = shape_of(s)
+        working = sum(r.max_blocks(self.bt) for r in self.requests) * sizes.fp16_bytes
         self.max_running = s.workload.max_running
         self.kv = build_kv(s, backend, profile, working, 2, source)
         self.mgr, self.mover, self.table = self.kv.manager, self.kv.mover, self.kv.table
@@ -63,7 +63,7 @@ class ServingDriver:
         # the most prompt bytes one step can ingest: the largest prompts that may start together
         largest = sorted((r.prompt for r in self.requests), reverse=True)[:self.max_running]
         backend.reserve_staging(sum(largest) * sizes.token_bytes)
-        self.capacity_blocks = (self.kv.l1_bytes + self.kv.l2_bytes) // sizes.fp16
+        self.capacity_blocks = (self.kv.l1_bytes + self.kv.l2_bytes) // sizes.fp16_bytes
         self.reserved = 0
         self.rec = Recorder()
         self.num_steps = None
@@ -157,7 +157,7 @@ class ServingDriver:
         p = self.s.policy
         self._req_policy = make_policy(p.eviction)
         self._req_policy.bind(self.max_running)
-        mgr, be, c = self.mgr, self.backend, self.mgr.counters
+        mgr, be = self.mgr, self.backend
         high, low = p.high_watermark, p.low_watermark
         pending = list(self.requests)
         running: list[Request] = []
@@ -173,20 +173,19 @@ class ServingDriver:
                     queued.append(r)
                 except AdmissionRefused:
                     r.state = "refused"
-                    c.refusals += 1
+                    mgr.record_refusal(t, [r.rid])
                     self.tenant_stats[r.tenant]["refused"] += 1
-                    mgr.log.add(t, "refuse", [r.rid])
             # 2. swap in (oldest first), then start queued requests, while below high
             moves = []
             for r in list(swapped):
                 if len(running) >= self.max_running:
                     break
                 ids = np.asarray(r.blocks, np.int64)
-                sizes = self.table.nbytes[ids].tolist()
+                sizes = mgr.l1_sizes(ids)
                 if (mgr.l1_used() + sum(sizes)) > high * mgr.l1_capacity or not mgr.fits(sizes):
                     break
                 moves += mgr.plan_fetch(ids, t, "fetch")
-                c.l2_hits += len(ids)
+                mgr.record_reads(l2=len(ids))
                 self.tenant_stats[r.tenant]["l2_hits"] += len(ids)
                 swapped.remove(r)
                 running.append(r)
@@ -198,7 +197,7 @@ class ServingDriver:
                 nb = math.ceil(r.prompt / self.bt)
                 if len(running) >= self.max_running:
                     break
-                sizes = [self.sizes.fp16] * nb
+                sizes = [self.sizes.fp16_bytes] * nb
                 if (mgr.l1_used() + sum(sizes)) > high * mgr.l1_capacity or not mgr.fits(sizes):
                     break
                 queued.remove(r)
@@ -218,14 +217,14 @@ class ServingDriver:
                     grow.append((r, pos))
                 else:
                     appends.append((r, pos, r.tokens % self.bt))
-            sizes = [self.sizes.fp16] * len(grow)
+            sizes = [self.sizes.fp16_bytes] * len(grow)
             protected = np.asarray([b for r, _ in grow for b in r.blocks], np.int64)
             while grow and not mgr.fits(sizes):
                 yield from self._swap_out(running, swapped, {r.rid for r, _ in grow}, t,
                                           need_bytes=sum(sizes), forced=True)
             items = []
             for r, pos in grow:
-                spec = BlockSpec(self.sizes.fp16, tenant=r.tenant, token_start=pos * self.bt,
+                spec = BlockSpec(self.sizes.fp16_bytes, tenant=r.tenant, token_start=pos * self.bt,
                                  token_end=pos * self.bt + 1, owner=r.rid,
                                  content_hash=f"req:{r.rid}:{pos}")
                 b = int(mgr.insert([spec], t, np.array([pos]))[0])
@@ -233,14 +232,14 @@ class ServingDriver:
                 items.append((r, b, pos, 0))
             for r, pos, off in appends:
                 b = r.blocks[pos]
-                self.table.token_end[b] = pos * self.bt + off + 1
+                mgr.extend(b, pos * self.bt + off + 1)
                 items.append((r, b, pos, off))
             tok = self._ingest_tokens(items)
             # 4. attention per running request over its blocks (all in L1)
             atts = []
             for r in running:
                 ids = np.asarray(r.blocks, np.int64)
-                c.l1_hits += len(ids)
+                mgr.record_reads(l1=len(ids))
                 self.tenant_stats[r.tenant]["l1_hits"] += len(ids)
                 atts.append(self._attention(r, ids, t, [tok] if tok is not None else []))
                 r.generated += 1
@@ -273,12 +272,12 @@ class ServingDriver:
             self.rec.step(t, be.now(), l1_bytes=self.table.bytes_in(Tier.L1),
                           l2_bytes=self.table.bytes_in(Tier.L2), l1_fraction=frac,
                           running=len(running), swapped=len(swapped), queued=len(queued),
-                          refused=c.refusals)
+                          refused=mgr.counters.refusals)
             t += 1
 
     def _start(self, r: Request, t: int):
         nb = math.ceil(r.prompt / self.bt)
-        specs = [BlockSpec(self.sizes.fp16, tenant=r.tenant, token_start=p * self.bt,
+        specs = [BlockSpec(self.sizes.fp16_bytes, tenant=r.tenant, token_start=p * self.bt,
                            token_end=min((p + 1) * self.bt, r.prompt), owner=r.rid,
                            content_hash=f"req:{r.rid}:{p}") for p in range(nb)]
         ids = self.mgr.insert(specs, t, np.arange(nb))
@@ -299,6 +298,7 @@ class ServingDriver:
         return self._submit_ingest(regions, items)
 
     def _ingest_tokens(self, items):
+        self.mover.relocate()  # freed slots are zeroed (and compacted) before any check
         regions, src = [], []
         tb = self.sizes.token_bytes
         for r, b, pos, off in items:
@@ -318,8 +318,8 @@ class ServingDriver:
                 rid, pos, lo, hi = items[i]
                 kv = self._payload(rid, pos)
                 return np.ascontiguousarray(kv[lo:hi]).view(np.uint8).reshape(-1)
-        return self.backend.submit(Ingest(purpose="ingest", dst=tuple(regions), source=source),
-                                   Stream.H2D)
+        return self.mover.submit_op(Ingest(purpose="ingest", dst=tuple(regions), source=source),
+                                    Stream.H2D)
 
     def _attention(self, r: Request, ids, t: int, after):
         m = self.s.model
@@ -351,10 +351,10 @@ class ServingDriver:
         for r in victims:
             ids = np.asarray(r.blocks, np.int64)
             while True:  # INT4 staging may take a request in several rounds
-                left = ids[self.table.tier[ids] == Tier.L1]
+                left = ids[mgr.tiers(ids) == Tier.L1]
                 if not len(left):
                     break
-                moves = mgr._evict(left, t, forced)
+                moves = mgr.evict(left, t, forced)
                 if not moves:
                     raise AdmissionRefused("no INT4 staging slot is free for a swap-out")
                 yield from self.mover.execute(moves, t)
@@ -392,7 +392,7 @@ class ServingDriver:
         """Blocks back from L2 hold the bytes they left with (fp16 path: bit-exact)."""
         from ..blocks import Fmt
         for m in moves:
-            if m.dst_fmt != Fmt.FP16:
+            if m.src_fmt != Fmt.FP16:  # an INT4 copy comes back within the INT4 bound only
                 continue
             b = m.block
             r = self.requests[int(self.table.owner[b])]

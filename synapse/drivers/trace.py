@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from ..blocks import Tier
-from ..hf.plan import BlockPlanner
+from ..kv.planner import SequencePlanner
 from ..telemetry import Recorder
 from ..workloads.trace import Trace
-from .kv_common import BlockSizes, audit_residency, build_kv
+from .kv_common import audit_residency, build_kv, shape_of
 
 
 def _resolve(path: str, source: str) -> Path:
@@ -45,13 +45,12 @@ class TraceDriver:
         m = s.model
         self.trace.check_shape(m.layers, m.kv_heads, m.head_dim, s.memory.block_tokens,
                                f"{source}: workload.trace")
-        sizes = BlockSizes.of(s)
-        working = self.trace.num_blocks * sizes.fp16
+        working = self.trace.num_blocks * shape_of(s).fp16_bytes
         self.kv = build_kv(s, backend, profile, working, 2, source)
         self.mgr, self.mover, self.table = self.kv.manager, self.kv.mover, self.kv.table
         if self.mgr.policy.needs_future:
             self.mgr.policy.bind_future(self._next_use)
-        self.planner = BlockPlanner(self.mgr, s.memory.block_tokens, s.workload.access_factor)
+        self.planner = SequencePlanner(self.mgr, s.memory.block_tokens, s.workload.access_factor)
         self.planner.check_step(int(np.diff(self.trace.tokens, prepend=0).max()))
         self.rec = Recorder()
         self.num_steps = self.trace.steps
@@ -74,7 +73,7 @@ class TraceDriver:
     def process(self):
         tr, pl, mgr, mover, table, be = (self.trace, self.planner, self.mgr, self.mover,
                                          self.table, self.backend)
-        c, bt, m = mgr.counters, tr.block_tokens, self.s.model
+        bt, m = tr.block_tokens, self.s.model
         prev = 0
         for t in range(tr.steps):
             q = int(tr.tokens[t]) - prev
@@ -86,7 +85,7 @@ class TraceDriver:
             resident = mgr.resident()
             nvalid = np.minimum(bt, pl.tokens - resident * bt)
             flops = 4.0 * m.layers * m.kv_heads * m.head_dim * float(nvalid.sum()) * q
-            att = mover.attention(resident, nvalid, "default", None, flops, self.kv.sizes.layout)
+            att = mover.attention(resident, nvalid, "default", None, flops, self.kv.shape.layout)
             mass = tr.mass[t, live]
             if len(live) < -(-pl.tokens // bt):  # some were dropped: renormalise (what-if)
                 total = mass.sum(dtype=np.float32)
@@ -97,6 +96,7 @@ class TraceDriver:
             audit_residency(self)
             if self.s.checks.invariants:
                 mgr.check()
+            c = mgr.counters
             self.rec.step(t, be.now(), l1_bytes=table.bytes_in(Tier.L1),
                           l2_bytes=table.bytes_in(Tier.L2), resident_blocks=len(resident),
                           tokens=pl.tokens, l1_hits=c.l1_hits, l2_hits=c.l2_hits,

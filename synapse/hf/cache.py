@@ -5,23 +5,30 @@
     out = model.generate(**inputs, past_key_values=cache, max_new_tokens=256)
     cache.telemetry(); cache.dump("runs/hf-h2o")
 
-Blocks of ``block_tokens`` tokens (K and V of every layer) are the unit of placement;
-``synapse.hf.plan.BlockPlanner`` runs the tier manager and the policy (the same code the
-simulator runs on a replayed trace). Where a block's bytes are:
+It runs on Synapse's KV engine (``synapse.kv``), the stack the scenario drivers run on:
+blocks of ``block_tokens`` tokens (K and V of every layer) are the unit of placement, the
+tier manager and the policy decide (``synapse.kv.planner``, the same calls the simulator
+runs on a replayed trace), and the moves go through the mover to a torch backend
+(``synapse.kv.torch_backend``) in a few batched ops per step. Where the bytes are:
 
-- **L1** (the device: CUDA, or CPU tensors with ``backend="cpu"``): full precision, or
-  INT4 for a block the policy brought back from L2 in INT4 (dequantized when read);
+- **L1**: one arena per layer and K/V (a *plane*) on the device (CUDA, or CPU tensors
+  with ``backend="cpu"``), ``[tokens, kv_heads, head_dim]`` in the model's dtype, the
+  live blocks compacted at its front (``synapse.kv.slots``), the block still being
+  written last. A layer's keys and values are a **view** of its planes: no per-step
+  concatenation, no per-block tensors. On CUDA the arena is virtual memory whose 2 MiB
+  pages are mapped as the live prefix grows (``synapse.kv.vmm``), so the budget is the
+  number of mapped pages; where that is unavailable, one allocation of the budget.
 - **L2** (host memory, pinned on CUDA): full precision (``demote="l2"``) or INT4
-  (``demote="int4"``, quantized on the device, then copied: a quarter of the bytes);
+  (``demote="int4"``: quantized on the device, then copied: about a quarter of the
+  bytes), compacted too, so a layer's L2 blocks are one run of bytes.
 - **dropped** (``demote="drop"``): gone, as in H2O and StreamingLLM as published.
 
-Attention stays dense over what is kept: each layer's ``update`` returns the keys and
-values of every live block in position order, L2 blocks read through (copied in for the
-layer, INT4 dequantized; the next layer's L2 blocks are copied on a separate CUDA stream
-while this layer computes). The L1 budget bounds what the cache keeps on the device
-between and during steps; the transient per-layer inputs of attention (one layer's K/V,
-as with any cache that concatenates) are not part of it. With a budget of at least the
-context and no eviction, the returned tensors equal ``DynamicCache``'s bit for bit.
+Attention stays dense over what is kept: with everything in L1 a layer's ``update``
+returns views of its planes; blocks in L2 are read through (one copy of the layer's run,
+dequantized) and placed between the past L1 tokens and this step's, so the causal mask
+stays right (attention over past keys does not depend on their order). A block fetched
+back into L1 is dequantized on the way in. With a budget of at least the context and no
+eviction, tokens and logits equal ``DynamicCache``'s bit for bit.
 
 Positions stay right after eviction: ``get_seq_length`` is the number of tokens seen,
 ``get_mask_sizes`` the number of keys returned, with the offset that keeps the causal
@@ -39,10 +46,12 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..blocks import Fmt, Tier
 from ..errors import CapacityError
+from ..kv.planner import SequencePlanner
+from ..kv.shape import KVShape
+from ..kv.stack import DEMOTE_NAMES, PolicySettings, build_stack
 from ..telemetry import Recorder
 from .errors import UnsupportedModel
-from .int4 import QTensor, dequantize, dequantize_blocks, quantize
-from .plan import DEMOTE_NAMES, BlockPlanner, build_manager
+from .int4 import dequantize_rows
 from .scores import QueryTap, block_mass, token_mass
 
 NEEDS_SCORES = ("h2o", "lru")  # h2o: accumulated attention; lru: "used" = mass threshold
@@ -104,7 +113,8 @@ class TieredCache(Cache):
     needed by policies that use attention scores (``h2o``, ``lru``). ``l1_budget_tokens``:
     tokens of KV (all layers) the device may hold; ``l2_budget_tokens``: host tokens.
     ``demote``: ``int4``, ``l2`` or ``drop``. ``backend``: ``cpu`` (CPU tensors play the
-    device, accounting enforced) or ``cuda``.
+    device, accounting enforced) or ``cuda``. ``vmm``: the L1 arena on CUDA virtual memory
+    (None: where available, else one allocation; True: required; False: never).
     """
 
     def __init__(self, config_or_model, policy: str = "h2o", l1_budget_tokens: int = 4096,
@@ -113,7 +123,7 @@ class TieredCache(Cache):
                  heavy_ratio: float = 0.5, sink_blocks: int = 1, high_watermark: float = 0.95,
                  low_watermark: float = 0.85, eviction_ratio: float = 0.25,
                  prefetch_blocks: int = 8, access_factor: float = 4.0,
-                 record_masses: bool = False):
+                 record_masses: bool = False, vmm: bool | None = None):
         if hasattr(config_or_model, "config") and isinstance(config_or_model, torch.nn.Module):
             model = config_or_model if model is None else model
             config = config_or_model.config
@@ -173,6 +183,7 @@ class TieredCache(Cache):
                                prefetch_blocks=prefetch_blocks)
         self.access_factor = access_factor
         self.record_masses = record_masses
+        self.vmm = vmm  # None: CUDA virtual memory where available; False: one allocation
         self.needs_scores = policy in NEEDS_SCORES or record_masses
         self.tap: QueryTap | None = None
         super().__init__(layers=[_Layer(self, i) for i in range(self.num_layers)])
@@ -194,29 +205,27 @@ class TieredCache(Cache):
             self.tap = None
 
     def reset(self) -> None:
+        if getattr(self, "_backend", None) is not None:
+            self._backend.close()
         self.seen_tokens = 0
         self._begun = False
         self.step = -1
-        self.planner: BlockPlanner | None = None
-        self._kv: list[dict[int, tuple]] = [dict() for _ in range(self.num_layers)]
-        self._live = np.zeros(0, np.int64)
-        self._index: torch.Tensor | None = None
+        self.planner: SequencePlanner | None = None
+        self.stack = None
+        self._backend = None
+        self._step: dict | None = None
+        self._pending = False  # a finished step whose masses the policy has not seen
         self._step_mass: torch.Tensor | None = None
-        self._staged: tuple | None = None
         self.device = None
         self.dtype = None
         self.rec = Recorder()
-        self.bytes = {"demote_d2h": 0, "fetch_h2d": 0, "prefetch_h2d": 0, "read_h2d": 0}
-        self.q_err_sq = 0.0
-        self.q_ref_sq = 0.0
-        self.q_count = 0
+        self.read_h2d = 0
         self.stall_s = 0.0
         self.l1_peak_bytes = 0
         self.step_l1_bytes: list[int] = []
         self.masses: list[np.ndarray] = []          # per step, aggregated (record_masses)
         self.layer_masses: list[np.ndarray] = []    # per step, [layers, blocks]
         self._layer_mass_rows: list[torch.Tensor] = []
-        self._copy_stream = None
         self._t0 = time.perf_counter()
 
     def _start(self, key_states: torch.Tensor) -> None:
@@ -232,24 +241,29 @@ class TieredCache(Cache):
                 f"policy {self.policy_name!r} needs attention scores: pass model=model to "
                 f"TieredCache(...) (or call cache.attach(model)) so it can observe the queries; "
                 f"policies 'fifo' and 'sinks' need none")
-        self.device, self.dtype = key_states.device, key_states.dtype
-        if self.backend == "cuda" and self.device.type != "cuda":
-            raise UnsupportedModel(f"backend='cuda' but the model's keys are on {self.device}")
-        if self.backend == "cpu" and self.device.type != "cpu":
-            raise UnsupportedModel(f"backend='cpu' but the model's keys are on {self.device}; "
+        device, dtype = key_states.device, key_states.dtype
+        if self.backend == "cuda" and device.type != "cuda":
+            raise UnsupportedModel(f"backend='cuda' but the model's keys are on {device}")
+        if self.backend == "cpu" and device.type != "cpu":
+            raise UnsupportedModel(f"backend='cpu' but the model's keys are on {device}; "
                                    f"use backend='cuda'")
-        if self.device.type == "cuda":
-            self._copy_stream = torch.cuda.Stream(device=self.device)
-        itemsize = key_states.element_size()
-        n = 2 * self.num_layers * self.kv_heads * self.block_tokens * self.head_dim
-        full = n * itemsize
-        int4_bytes = n // 2 + 4 * (n // self.int4_group)
-        token_bytes = full // self.block_tokens
-        self.token_bytes = token_bytes
-        self.l1_budget_bytes = self.l1_budget_tokens * token_bytes
-        mgr = build_manager(full, int4_bytes, self.l1_budget_bytes,
-                            self.l2_budget_tokens * token_bytes, **self._policy_kw)
-        self.planner = BlockPlanner(mgr, self.block_tokens, self.access_factor)
+        from ..kv.torch_backend import TorchBackend
+        shape = KVShape(self.num_layers, self.kv_heads, self.head_dim, self.block_tokens,
+                        self.int4_group, key_states.element_size())
+        self.shape = shape
+        self.token_bytes = shape.token_bytes
+        self.l1_budget_bytes = shape.blocks_in(self.l1_budget_tokens * shape.token_bytes) \
+            * shape.fp16_bytes
+        backend = TorchBackend(device, shape, dtype, vmm=self.vmm)
+        k = self._policy_kw
+        settings = PolicySettings(k["policy"], k["demote"], k["heavy_ratio"], k["sink_blocks"],
+                                  k["high_watermark"], k["low_watermark"], k["eviction_ratio"],
+                                  k["prefetch_blocks"])
+        self.stack = build_stack(shape, backend, self.l1_budget_bytes,
+                                 self.l2_budget_tokens * shape.token_bytes, settings,
+                                 l2_compact=True, tail_last=True)
+        self.planner = SequencePlanner(self.stack.manager, self.block_tokens, self.access_factor)
+        self.device, self.dtype, self._backend = device, dtype, backend
 
     # -- queries ---------------------------------------------------------------------------
     @property
@@ -273,13 +287,39 @@ class TieredCache(Cache):
         return kept + query_length, self.seen_tokens - kept
 
     def device_kv_bytes(self) -> int:
-        """Bytes of KV the cache holds in L1 now, measured on the tensors themselves."""
-        total = 0
-        for layer in self._kv:
-            for tier, k, v in layer.values():
-                if tier == Tier.L1:
-                    total += _nbytes(k) + _nbytes(v)
-        return total
+        """Bytes of KV the cache holds in L1 now: its live slots (whole blocks)."""
+        if self.stack is None:
+            return 0
+        return self.stack.manager.spaces.l1.used_bytes
+
+    def device_reserved_bytes(self) -> int:
+        """Device bytes the L1 arena holds: mapped pages (virtual-memory arena) or the
+        whole arena (one allocation)."""
+        if self._backend is None:
+            return 0
+        mem = self._backend.space("l1")
+        return mem.arena.mapped_bytes if mem.arena is not None else mem.nbytes
+
+    def inspect_layer(self, layer: int) -> dict:
+        """What layer ``layer`` holds now, for audits and tests: its L1 keys and values
+        (live tokens, any order), and for an INT4 L2 the per-group fp16 scales and zeros
+        of its keys and values and the dequantized values. Copies, on the CPU."""
+        st, sh = self._step, self.shape
+        n = st["l1_tokens"]
+        l1 = self._backend.space("l1").typed(self.dtype, self.kv_heads, self.head_dim)
+        out = {"l1_keys": l1[2 * layer, :n].cpu(), "l1_values": l1[2 * layer + 1, :n].cpu()}
+        l2 = self.stack.manager.spaces.l2
+        m = len(l2.slots)
+        if m and self.demote == "l2_int4":
+            rows = self._backend.space("l2").slots(l2.slot_bytes)[2 * layer: 2 * layer + 2, :m]
+            rows = rows.reshape(2 * m, -1).cpu()
+            a, g = sh.plane_numel // 2, sh.plane_numel // sh.int4_group
+            sc = rows[:, a:a + 2 * g].contiguous().view(torch.float16).view(2, m * g)
+            ze = rows[:, a + 2 * g:].contiguous().view(torch.float16).view(2, m * g)
+            vals = dequantize_rows(rows[m:], sh.plane_numel, sh.int4_group, torch.float32)
+            out.update(l2_key_scales=sc[0], l2_key_zeros=ze[0], l2_value_scales=sc[1],
+                       l2_value_zeros=ze[1], l2_values=vals)
+        return out
 
     # -- the Cache API ---------------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
@@ -287,20 +327,50 @@ class TieredCache(Cache):
             self._start(key_states)
         if not self._begun:
             self._begin_step(key_states.shape[-2])
-        q_len = key_states.shape[-2]
-        self._append(layer_idx, key_states, value_states)
-        keys, values = self._gather(layer_idx)
+        st = self._step
+        q = key_states.shape[-2]
+        kp, vp = st["l1"][2 * layer_idx], st["l1"][2 * layer_idx + 1]
+        a, n = st["new_at"], st["l1_tokens"]
+        kp[a:n].copy_(key_states[0].transpose(0, 1))
+        vp[a:n].copy_(value_states[0].transpose(0, 1))
+        if st["l2_blocks"]:
+            keys, values = self._read_through(layer_idx, kp, vp, a, n)
+        else:
+            keys = kp[:n].permute(1, 0, 2).unsqueeze(0)
+            values = vp[:n].permute(1, 0, 2).unsqueeze(0)
         if self.needs_scores:
-            q = self.tap.query(layer_idx)
-            tok = token_mass(q, keys, self.tap.scaling(layer_idx), keys.shape[-2] - q_len)
-            m = block_mass(tok, self._index, len(self._live))
+            qs = self.tap.query(layer_idx)
+            tok = token_mass(qs, keys, self.tap.scaling(layer_idx), keys.shape[-2] - q)
+            m = block_mass(tok, st["index"], st["num_live"])
             self._step_mass = m if self._step_mass is None else self._step_mass + m
             if self.record_masses:
                 self._layer_mass_rows.append(m)
-        self._prefetch_layer(layer_idx + 1)
-        self._track_peak()
         if layer_idx == self.num_layers - 1:
             self._end_step()
+        return keys, values
+
+    def _read_through(self, layer: int, kp, vp, a: int, n: int):
+        """Keys and values of L1's past tokens, then L2's (one copy of the layer's run,
+        dequantized), then this step's: dense attention over everything kept."""
+        st, sh = self._step, self.shape
+        l2 = self._backend.space("l2")
+        m = st["l2_blocks"]
+        slot = self.stack.manager.spaces.l2.slot_bytes
+        rows = l2.slots(slot)[2 * layer: 2 * layer + 2, :m]       # [2, m, plane bytes]
+        per = rows.shape[-1]
+        t0 = time.perf_counter()
+        data = torch.empty((2, m * per), dtype=torch.uint8, device=self.device)
+        for i in range(2):  # each plane's run is contiguous: one copy each
+            data[i].copy_(rows[i].reshape(-1), non_blocking=True)
+        self.stall_s += time.perf_counter() - t0
+        self.read_h2d += 2 * m * per
+        if st["l2_int4"]:
+            x = dequantize_rows(data.view(2 * m, per), sh.plane_numel, sh.int4_group, self.dtype)
+        else:
+            x = data.view(self.dtype)
+        x = x.reshape(2, m * self.block_tokens, self.kv_heads, self.head_dim)
+        keys = torch.cat((kp[:a], x[0], kp[a:n]), dim=0).permute(1, 0, 2).unsqueeze(0)
+        values = torch.cat((vp[:a], x[1], vp[a:n]), dim=0).permute(1, 0, 2).unsqueeze(0)
         return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -313,37 +383,74 @@ class TieredCache(Cache):
         return self.seen_tokens
 
     # -- a step --------------------------------------------------------------------------
+    def _moves(self, moves, t: int) -> None:
+        """Carry out the manager's moves through the mover and the torch backend."""
+        if moves:
+            self.stall_s += self._backend.drive(self.stack.mover.execute(moves, t))
+        self.stack.mover.relocate()
+
     def _begin_step(self, q_len: int) -> None:
+        self.settle()
         self.step += 1
         self._begun = True
         t, pl = self.step, self.planner
         pl.begin(t)
         for moves in pl.admit(t, q_len):
-            self._apply(moves)
-            pl.mgr.commit(moves, t)
-        self._live = pl.live_ids()
-        ntok = np.minimum(self.block_tokens, pl.tokens - self._live * self.block_tokens)
-        self._index = torch.repeat_interleave(torch.arange(len(self._live), device=self.device),
-                                              torch.as_tensor(ntok, device=self.device))
+            self._moves(moves, t)
+        self._moves([], t)
+        self._layout(q_len)
         self._step_mass = None
         self._layer_mass_rows = []
-        self._staged = None
+        self._track_peak()
+
+    def _layout(self, q: int) -> None:
+        """Where this step's keys are: the L1 arena's live slots (this step's tokens at the
+        end), the L2 run, and which live block each key position belongs to."""
+        mgr, bt = self.stack.manager, self.block_tokens
+        l1, l2 = mgr.spaces.l1, mgr.spaces.l2
+        l1_blocks = np.fromiter((s.block for s in l1.slots), np.int64, len(l1.slots))
+        l2_blocks = np.fromiter((s.block for s in l2.slots), np.int64, len(l2.slots))
+        tokens = self.planner.tokens  # after this step's
+        l1_tok = np.minimum(bt, tokens - l1_blocks * bt)
+        n = int(l1_tok.sum())
+        a = n - q
+        live = self.planner.live_ids()
+        st = {"l1": self._backend.space("l1").typed(self.dtype, self.kv_heads, self.head_dim),
+              "new_at": a, "l1_tokens": n, "l2_blocks": len(l2_blocks),
+              "l2_int4": self.demote == "l2_int4", "num_live": len(live)}
+        if self.needs_scores:
+            # key positions in order: L1's first ``a`` tokens, L2's, then L1's from ``a``
+            owner = np.repeat(l1_blocks, l1_tok)
+            order = np.concatenate((owner[:a], np.repeat(l2_blocks, bt), owner[a:]))
+            st["index"] = torch.as_tensor(np.searchsorted(live, order), device=self.device)
+        self._step = st
 
     def _end_step(self) -> None:
+        """The last layer's keys are returned: the step's tokens are in. What the policy
+        makes of the step's masses moves blocks, and the last layer's attention still
+        reads the arena, so that waits for ``settle`` (the next step, or a query)."""
+        self.seen_tokens = self.planner.tokens
+        self._begun = False
+        self._pending = True
+        if self.record_masses and self._step_mass is not None:
+            self.masses.append((self._step_mass / self.num_layers).cpu().numpy())
+            self.layer_masses.append(torch.stack(self._layer_mass_rows).cpu().numpy())
+
+    def settle(self) -> None:
+        """Feed the finished step's masses to the policy and carry out its background
+        moves (demotion to the low watermark, prefetch), then record the step. The next
+        step, ``telemetry``, ``decisions`` and ``dump`` call it; call it yourself to see
+        the last step's effect on ``manager``."""
+        if not self._pending:
+            return
+        self._pending = False
         t, pl = self.step, self.planner
-        moves = []
         if self._step_mass is not None:
             mass32 = (self._step_mass / self.num_layers).cpu().numpy()
-            if self.record_masses:
-                self.masses.append(mass32.copy())
-                self.layer_masses.append(torch.stack(self._layer_mass_rows).cpu().numpy())
-            moves = pl.observe(t, self._live, mass32.astype(np.float64))
-        elif self.policy_name not in NEEDS_SCORES:
-            moves = pl.observe(t, self._live[:0], np.zeros(0))
-        self._apply(moves)
-        pl.mgr.commit(moves, t)
-        self.seen_tokens = pl.tokens
-        self._begun = False
+            moves = pl.observe(t, pl.live_ids(), mass32.astype(np.float64))
+        else:
+            moves = pl.observe(t, pl.live_ids()[:0], np.zeros(0))
+        self._moves(moves, t)
         self._track_peak()
         c, table = pl.mgr.counters, pl.mgr.table
         l1 = self.device_kv_bytes()
@@ -353,146 +460,17 @@ class TieredCache(Cache):
                       resident_blocks=len(table.ids_in(Tier.L1)), tokens=self.seen_tokens,
                       l1_hits=c.l1_hits, l2_hits=c.l2_hits, misses=c.misses)
 
-    # -- data ------------------------------------------------------------------------------
-    def _append(self, l: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Put this step's new tokens of layer ``l`` into their blocks (all in L1)."""
-        bt, store = self.block_tokens, self._kv[l]
-        start = self.seen_tokens
-        pos, i = start, 0
-        while i < k.shape[-2]:
-            b = pos // bt
-            n = min(bt - pos % bt, k.shape[-2] - i)
-            kp = k[:, :, i:i + n].clone(memory_format=torch.contiguous_format)
-            vp = v[:, :, i:i + n].clone(memory_format=torch.contiguous_format)
-            if pos % bt:
-                tier, k0, v0 = store[b]
-                assert tier == Tier.L1 and not isinstance(k0, QTensor), "the tail is L1, full precision"
-                kp, vp = torch.cat([k0, kp], dim=-2), torch.cat([v0, vp], dim=-2)
-            store[b] = (Tier.L1, kp, vp)
-            pos += n
-            i += n
-
-    def _gather(self, l: int) -> tuple[torch.Tensor, torch.Tensor]:
-        store = self._kv[l]
-        staged = self._staged[1] if self._staged is not None and self._staged[0] == l else {}
-        if staged and self._copy_stream is not None:
-            torch.cuda.current_stream(self.device).wait_event(self._staged[2])
-        ks, vs = [], []
-        qk, qv = [], []  # a run of INT4 blocks, dequantized together
-
-        def flush():
-            if qk:
-                ks.append(dequantize_blocks(qk, -2, self.dtype))
-                vs.append(dequantize_blocks(qv, -2, self.dtype))
-                qk.clear()
-                qv.clear()
-
-        for b in self._live.tolist():
-            tier, k, v = store[b]
-            if tier == Tier.L2:
-                if b in staged:
-                    k, v = staged[b]
-                else:
-                    t0 = time.perf_counter()
-                    k, v = self._to_device(k), self._to_device(v)
-                    self.stall_s += time.perf_counter() - t0
-                self.bytes["read_h2d"] += _nbytes(k) + _nbytes(v)
-            if isinstance(k, QTensor):
-                if qk and qk[0].shape != k.shape:
-                    flush()
-                qk.append(k)
-                qv.append(v)
-                continue
-            flush()
-            ks.append(k)
-            vs.append(v)
-        flush()
-        if len(ks) == 1:
-            return ks[0], vs[0]
-        return torch.cat(ks, dim=-2), torch.cat(vs, dim=-2)
-
-    def _prefetch_layer(self, l: int) -> None:
-        """Copy layer ``l``'s L2 blocks in ahead of its update (a side stream on CUDA)."""
-        if l >= self.num_layers or self._copy_stream is None:
-            return  # on CPU the read in _gather is the (synchronous) fetch
-        store = self._kv[l]
-        # during a prefill chunk, layer l has not stored this chunk's new blocks yet
-        l2 = [b for b in self._live.tolist() if b in store and store[b][0] == Tier.L2]
-        if not l2:
-            return
-        cs = self._copy_stream
-        staged = {}
-        with torch.cuda.stream(cs):
-            for b in l2:
-                _, k, v = store[b]
-                staged[b] = (_to(k, self.device, non_blocking=True), _to(v, self.device, non_blocking=True))
-            ev = torch.cuda.Event()
-            ev.record(cs)
-        cur = torch.cuda.current_stream(self.device)
-        for k, v in staged.values():
-            _record(k, cur)
-            _record(v, cur)
-        self._staged = (l, staged, ev)
-
-    def _to_device(self, x):
-        return _to(x, self.device, non_blocking=False)
-
-    def _to_host(self, x):
-        """Device -> host (pinned, on the copy stream, after the compute that wrote ``x``)."""
-        if self._copy_stream is None:
-            return x.clone()
-        cs = self._copy_stream
-        cs.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(cs):
-            if isinstance(x, QTensor):
-                out = x.to("cpu", non_blocking=True, pin=True)
-                x.record_stream(cs)
-            else:
-                out = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-                out.copy_(x, non_blocking=True)
-                x.record_stream(cs)
-        return out
-
-    def _apply(self, moves) -> None:
-        """Carry out the manager's moves on the tensors of every layer."""
-        for m in moves:
-            b = m.block
-            if m.purpose == "drop":
-                for store in self._kv:
-                    store.pop(b, None)
-                continue
-            for store in self._kv:
-                tier, k, v = store[b]
-                if m.dst_tier == Tier.L2:
-                    if m.dst_fmt == Fmt.INT4 and not isinstance(k, QTensor):
-                        k, v = self._quantize(k), self._quantize(v)
-                    k, v = self._to_host(k), self._to_host(v)
-                    self.bytes["demote_d2h"] += _nbytes(k) + _nbytes(v)
-                    store[b] = (Tier.L2, k, v)
-                else:
-                    t0 = time.perf_counter()
-                    k, v = self._to_device(k), self._to_device(v)
-                    self.stall_s += time.perf_counter() - t0
-                    self.bytes[f"{m.purpose}_h2d"] += _nbytes(k) + _nbytes(v)
-                    store[b] = (Tier.L1, k, v)
-
-    def _quantize(self, x: torch.Tensor) -> QTensor:
-        qt = quantize(x, self.int4_group)
-        err = (dequantize(qt, torch.float32) - x.to(torch.float32))
-        self.q_err_sq += float((err * err).sum())
-        self.q_ref_sq += float((x.to(torch.float32) ** 2).sum())
-        self.q_count += x.numel()
-        return qt
-
     def _track_peak(self) -> None:
         self.l1_peak_bytes = max(self.l1_peak_bytes, self.device_kv_bytes())
 
     # -- telemetry -------------------------------------------------------------------------
     def decisions(self) -> list:
+        self.settle()
         return [] if self.planner is None else list(self.planner.mgr.log.entries)
 
     def telemetry(self) -> dict:
         """The fields of ``synapse run``'s metrics, plus the cache's own measurements."""
+        self.settle()
         mgr = self.manager
         out = {"steps": self.step + 1, "tokens": self.seen_tokens,
                "l1_budget_tokens": self.l1_budget_tokens,
@@ -507,12 +485,21 @@ class TieredCache(Cache):
                     "prefetches": c.prefetches, "refusals": c.refusals, "lost_blocks": 0})
         accessed = c.l1_hits + c.l2_hits + c.misses
         out["l1_hit_rate"] = c.l1_hits / accessed if accessed else None
-        b = self.bytes
-        out["bytes_h2d"] = b["fetch_h2d"] + b["prefetch_h2d"] + b["read_h2d"]
-        out["bytes_d2h"] = b["demote_d2h"]
-        out["bytes_by_purpose"] = dict(sorted(b.items()))
-        out["int4_rmse"] = math.sqrt(self.q_err_sq / self.q_count) if self.q_count else None
-        out["int4_rel_rmse"] = math.sqrt(self.q_err_sq / self.q_ref_sq) if self.q_ref_sq else None
+        be = self._backend
+        purpose = {"read_h2d": self.read_h2d}
+        for r in be.records():
+            if r.kind in ("copy_h2d", "copy_d2h"):
+                key = f"{r.purpose}_{r.kind[5:]}"
+                purpose[key] = purpose.get(key, 0) + r.nbytes
+        out["bytes_h2d"] = sum(v for k, v in purpose.items() if k.endswith("_h2d"))
+        out["bytes_d2h"] = sum(v for k, v in purpose.items() if k.endswith("_d2h"))
+        out["bytes_compacted"] = be.bytes_moved["d2d"] + be.bytes_moved["h2h"]
+        out["bytes_by_purpose"] = dict(sorted(purpose.items()))
+        err, ref = be.int4_error()
+        out["int4_rmse"] = math.sqrt(err / be.q_count) if be.q_count else None
+        out["int4_rel_rmse"] = math.sqrt(err / ref) if ref else None
+        out["l1_reserved_bytes"] = self.device_reserved_bytes()
+        out["l1_arena"] = be.vmm_status
         out["run_time_s"] = time.perf_counter() - self._t0
         out["latency"] = {}
         return out
@@ -534,16 +521,3 @@ class TieredCache(Cache):
         from .result import dump
         return dump(self.result(name), self.decisions(), path)
 
-
-def _nbytes(x) -> int:
-    if isinstance(x, QTensor):
-        return x.nbytes
-    return x.numel() * x.element_size()
-
-
-def _to(x, device, non_blocking: bool):
-    return x.to(device, non_blocking=non_blocking)  # a tensor or a QTensor: the same call
-
-
-def _record(x, stream) -> None:
-    x.record_stream(stream)  # a tensor or a QTensor: the same call

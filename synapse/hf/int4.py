@@ -79,6 +79,16 @@ class QTensor:
 def quantize(x: torch.Tensor, group_size: int) -> QTensor:
     if x.shape[-1] % group_size:
         raise ValueError(f"last dimension {x.shape[-1]} is not a multiple of group_size {group_size}")
+    buf = quantize_rows(x.reshape(1, -1), group_size).reshape(-1)
+    return QTensor(buf, tuple(x.shape), x.dtype, group_size)
+
+
+def quantize_rows(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Rows of ``x`` [rows, n] -> uint8 [rows, n/2 + 4n/G]: each row one INT4 buffer
+    (packed codes, then scales, then zeros), all rows in one pass."""
+    rows, n = x.shape
+    if n % group_size:
+        raise ValueError(f"row length {n} is not a multiple of group_size {group_size}")
     g = x.reshape(-1, group_size).to(torch.float32)
     mn = g.amin(dim=1) + 0.0
     mx = g.amax(dim=1) + 0.0
@@ -91,9 +101,8 @@ def quantize(x: torch.Tensor, group_size: int) -> QTensor:
     q = torch.clamp(torch.round(ratio), 0, LEVELS)
     q = torch.where(flat, torch.zeros_like(q), q).to(torch.uint8).reshape(-1, 2)
     packed = q[:, 0] | (q[:, 1] << 4)
-    buf = torch.cat((packed.reshape(-1), scales.reshape(-1).view(torch.uint8),
-                     zeros.reshape(-1).view(torch.uint8)))
-    return QTensor(buf, tuple(x.shape), x.dtype, group_size)
+    return torch.cat((packed.reshape(rows, -1), scales.reshape(rows, -1).view(torch.uint8),
+                      zeros.reshape(rows, -1).view(torch.uint8)), dim=1)
 
 
 def _decode(buf: torch.Tensor, n: int, group_size: int) -> torch.Tensor:
@@ -105,6 +114,17 @@ def _decode(buf: torch.Tensor, n: int, group_size: int) -> torch.Tensor:
     sf = buf[:, a:a + 2 * g].contiguous().view(torch.float16).to(torch.float32)[..., None]
     zf = buf[:, a + 2 * g:].contiguous().view(torch.float16).to(torch.float32)[..., None]
     return (zf + codes * sf).reshape(rows, n)
+
+
+def dequantize_rows(buf: torch.Tensor, n: int, group_size: int, dtype: torch.dtype,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """``quantize_rows``' inverse: uint8 [rows, bytes] -> ``dtype`` [rows, n] (into ``out``
+    when given, which saves a copy)."""
+    x = _decode(buf, n, group_size)
+    if out is None:
+        return x.to(dtype)
+    out.copy_(x.view(out.shape))
+    return out
 
 
 def dequantize(t: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:

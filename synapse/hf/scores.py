@@ -100,27 +100,36 @@ class QueryTap:
         self._handles.clear()
 
 
-def token_mass(q: torch.Tensor, k: torch.Tensor, scaling: float, past: int) -> torch.Tensor:
+SCORE_TRANSIENT_BYTES = 64 << 20  # bound on the logits a score pass holds at once
+
+
+def token_mass(q: torch.Tensor, k: torch.Tensor, scaling: float, past: int,
+               max_bytes: int = SCORE_TRANSIENT_BYTES) -> torch.Tensor:
     """Attention each key receives, averaged over batch, heads and queries: float32 [keys].
 
-    ``q`` [B, Hq, Q, D], ``k`` [B, Hkv, N, D]; query i sees keys ``j < past + i + 1``
-    (``past = N - Q``: the keys before this step's).
+    ``q`` [B, Hq, Q, D], ``k`` [B, Hkv, N, D] (any strides); query i sees keys
+    ``j < past + i + 1`` (``past = N - Q``: the keys before this step's). Query heads
+    share their KV head's keys without copying them (grouped-query attention), and the
+    queries are taken a few rows at a time so the logits held at once stay under
+    ``max_bytes`` (about 3 MiB per query row at 32k keys and 16 query heads). Logits are
+    computed in the keys' dtype and normalised in float32, as eager attention does.
     """
-    b, hq, nq, _ = q.shape
+    b, hq, nq, d = q.shape
     hk, n = k.shape[1], k.shape[2]
-    groups = hq // hk
-    kf = k.to(torch.float32)
-    if groups > 1:
-        kf = kf.repeat_interleave(groups, dim=1)
+    g = hq // hk
+    row_bytes = b * hq * n * (k.element_size() + 4)
+    rows = max(1, min(nq, max_bytes // max(1, row_bytes)))
+    kt = k.transpose(-1, -2)  # [B, Hkv, D, N], a view
     total = torch.zeros(n, dtype=torch.float32, device=k.device)
-    for lo in range(0, nq, QUERY_CHUNK):
-        hi = min(nq, lo + QUERY_CHUNK)
-        logits = torch.matmul(q[:, :, lo:hi].to(torch.float32), kf.transpose(-1, -2)) * scaling
-        if nq > 1:
-            rows = torch.arange(lo, hi, device=k.device)[:, None]
-            cols = torch.arange(n, device=k.device)[None, :]
-            logits = logits.masked_fill(cols > past + rows, float("-inf"))
-        total += torch.softmax(logits, dim=-1).sum(dim=(0, 1, 2))
+    for lo in range(0, nq, rows):
+        hi = min(nq, lo + rows)
+        qc = q[:, :, lo:hi].to(k.dtype).reshape(b, hk, g * (hi - lo), d)
+        logits = torch.matmul(qc, kt).view(b, hk, g, hi - lo, n)
+        if hi > lo + 1 or nq > 1:
+            r = torch.arange(lo, hi, device=k.device)[:, None]
+            c = torch.arange(n, device=k.device)[None, :]
+            logits = logits.masked_fill(c > past + r, float("-inf"))
+        total += torch.softmax(logits.to(torch.float32) * scaling, dim=-1).sum(dim=(0, 1, 2, 3))
     return total / (b * hq * nq)
 
 

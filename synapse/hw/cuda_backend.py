@@ -25,7 +25,8 @@ import numpy as np
 
 from ..backend import Backend, _Wait, run_sync
 from ..errors import BackendUnavailable, CapacityError, KernelError
-from ..ops import Attention, Copy, Ingest, LayerCompute, Op, OpRecord, Quantize, Region, Stream, Zero
+from ..ops import (ZERO_STREAM, Attention, Copy, Dequantize, Ingest, LayerCompute, Op, OpRecord,
+                   Quantize, Region, Stream, Zero)
 from . import driver_api as drv
 from .pinned_pool import check_pinnable
 
@@ -242,7 +243,6 @@ class CudaBackend(Backend):
         self._pending_zero.setdefault(mem.space, []).append((offset, nbytes))
 
     def _flush_zero(self) -> None:
-        from ..sim.backend import ZERO_STREAM
         pending, self._pending_zero = self._pending_zero, {}
         for space, ranges in pending.items():
             regions = tuple(Region(space, o, n) for o, n in ranges)
@@ -302,15 +302,7 @@ class CudaBackend(Backend):
     def _prepare(self, op: Op, s: int, ticket: _Ticket):
         """Do the op's host work now; return the callable that enqueues its device work."""
         if isinstance(op, Copy):
-            src, dst = self._mem[op.src_space], self._mem[op.dst_space]
-            copy = drv.memcpy_htod_async if op.direction == "h2d" else drv.memcpy_dtoh_async
-            triples = list(zip((dst.base + op.dst_offsets).tolist(),
-                               (src.base + op.src_offsets).tolist(), op.sizes.tolist()))
-
-            def launch():
-                for d, so, n in triples:
-                    copy(d, so, n, s)
-            return launch
+            return self._copy(op, s)
         if isinstance(op, Ingest):
             self.staging.reserve(sum((r.nbytes + 255) // 256 * 256 for r in op.dst))
             pairs = []
@@ -327,14 +319,15 @@ class CudaBackend(Backend):
                 for d, h, n in pairs:
                     drv.memcpy_htod_async(d, h, n, s)
             return launch
-        if isinstance(op, Quantize):
+        if isinstance(op, (Quantize, Dequantize)):
             from . import kernels
+            kernel = kernels.quantize_int4 if isinstance(op, Quantize) else kernels.dequantize_int4
             src = (self._mem[op.src_space].base + op.src_offsets).tolist()
             dst = (self._mem[op.dst_space].base + op.dst_offsets).tolist()
 
             def launch():
                 for a, b in zip(src, dst):
-                    kernels.quantize_int4(a, b, op.numel, op.group_size, stream=self.compute)
+                    kernel(a, b, op.numel, op.group_size, stream=self.compute)
             return launch
         if isinstance(op, Attention):
             return self._attention(op, s, ticket)
@@ -348,6 +341,47 @@ class CudaBackend(Backend):
                     drv.memset_d8_async(a, 0, n, s)
             return launch
         raise KernelError(f"the cuda backend cannot run {type(op).__name__}")
+
+    def _copy(self, op: Copy, s: int):
+        src, dst = self._mem[op.src_space], self._mem[op.dst_space]
+        triples = list(zip((dst.base + op.dst_offsets).tolist(),
+                           (src.base + op.src_offsets).tolist(), op.sizes.tolist()))
+        if op.direction in ("h2d", "d2h"):
+            copy = drv.memcpy_htod_async if op.direction == "h2d" else drv.memcpy_dtoh_async
+
+            def launch():
+                for d, so, n in triples:
+                    copy(d, so, n, s)
+            return launch
+        if op.direction != "d2d":
+            raise KernelError(f"the cuda backend cannot copy {op.direction}")
+        if not set(op.src_offsets.tolist()) & set(op.dst_offsets.tolist()):
+            def launch():
+                for d, so, n in triples:
+                    drv.memcpy_dtod_async(d, so, n, s)
+            return launch
+        # rows that take each other's places: gather every source first, then scatter
+        total = int(op.sizes.sum())
+        scratch = self._scratch(total)
+        offs = np.concatenate([[0], np.cumsum(op.sizes)[:-1]]).tolist()
+
+        def launch():
+            for (_, so, n), o in zip(triples, offs):
+                drv.memcpy_dtod_async(scratch + o, so, n, s)
+            for (d, _, n), o in zip(triples, offs):
+                drv.memcpy_dtod_async(d, scratch + o, n, s)
+        return launch
+
+    def _scratch(self, nbytes: int) -> int:
+        """Device scratch for a gather-then-scatter copy (grown rarely, at a sync)."""
+        have = getattr(self, "_scratch_mem", None)
+        if have is None or have[1] < nbytes:
+            self.synchronize_all()
+            if have is not None:
+                drv.mem_free(have[0])
+            size = max(nbytes, 4 << 20)
+            self._scratch_mem = (drv.mem_alloc(size), size)
+        return self._scratch_mem[0]
 
     def _attention(self, op: Attention, s: int, ticket: _Ticket):
         from . import kernels
@@ -527,6 +561,8 @@ class CudaBackend(Backend):
                 mem.free()
             if getattr(self, "staging", None) is not None:
                 self.staging.close()
+            if getattr(self, "_scratch_mem", None) is not None:
+                drv.mem_free(self._scratch_mem[0])
             for key in (Stream.H2D, Stream.D2H):
                 if key in getattr(self, "streams", {}):
                     drv.stream_destroy(self.streams[key])

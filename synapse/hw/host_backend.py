@@ -18,7 +18,8 @@ import numpy as np
 
 from ..backend import Backend, _Wait, run_sync
 from ..errors import KernelError
-from ..ops import Attention, Copy, Ingest, LayerCompute, Op, OpRecord, Quantize, Region, Stream, Zero
+from ..ops import (Attention, Copy, Dequantize, Ingest, LayerCompute, Op, OpRecord, Quantize,
+                   Region, Stream, Zero)
 from . import int4
 from .attention_ref import BlockRef, attention_decode_ref
 from .kv_layout import FMT_FP16, FMT_INT4
@@ -74,8 +75,12 @@ class HostBackend(Backend):
     def _execute(self, op: Op):
         if isinstance(op, Copy):
             src, dst = self._mem[op.src_space], self._mem[op.dst_space]
-            for s, d, n in zip(op.src_offsets.tolist(), op.dst_offsets.tolist(), op.sizes.tolist()):
-                dst.view(d, n)[:] = src.view(s, n)
+            rows = list(zip(op.src_offsets.tolist(), op.dst_offsets.tolist(), op.sizes.tolist()))
+            # every source is read before any destination is written (compaction's rows
+            # may take each other's places)
+            data = [src.view(s, n).copy() for s, _, n in rows]
+            for (_, d, n), b in zip(rows, data):
+                dst.view(d, n)[:] = b
         elif isinstance(op, Ingest):
             for i, r in enumerate(op.dst):
                 data = op.source(i)
@@ -89,6 +94,12 @@ class HostBackend(Backend):
                                     op.src_sizes.tolist(), op.dst_sizes.tolist()):
                 x = src.view(s, op.numel * 2).view(np.float16)
                 int4.pack_into(x, op.group_size, dst.view(d, nd))
+        elif isinstance(op, Dequantize):
+            src, dst = self._mem[op.src_space], self._mem[op.dst_space]
+            for s, d, ns, nd in zip(op.src_offsets.tolist(), op.dst_offsets.tolist(),
+                                    op.src_sizes.tolist(), op.dst_sizes.tolist()):
+                x = int4.unpack_from(src.view(s, ns), op.numel, op.group_size, np.float16)
+                dst.view(d, nd)[:] = x.view(np.uint8)
         elif isinstance(op, Attention):
             return self._attention(op)
         elif isinstance(op, LayerCompute):

@@ -16,7 +16,8 @@ from typing import Sequence
 import simpy
 
 from ..backend import Backend
-from ..ops import Attention, Copy, Ingest, LayerCompute, Op, OpRecord, Quantize, Stream, Zero
+from ..ops import (ZERO_STREAM, Attention, Copy, Dequantize, Ingest, LayerCompute, Op, OpRecord,
+                   Quantize, Stream, Zero)
 from .link import LinkModel
 from .profile import Profile
 
@@ -57,8 +58,6 @@ class _ZeroRanges(Zero):
         return len(self.ranges)
 
 
-# Which stream next writes each space, so a memset queued there is ordered before reuse.
-ZERO_STREAM = {"l1": Stream.H2D, "staging": Stream.COMPUTE}
 
 
 class SimBackend(Backend):
@@ -114,7 +113,7 @@ class SimBackend(Backend):
     def _enqueue(self, op: Op, stream: Stream, after: Sequence) -> simpy.Event:
         now = self.env.now
         cost = self._submit_s
-        if op.count > 1 and isinstance(op, (Copy, Ingest, Zero, Quantize)):
+        if op.count > 1 and isinstance(op, (Copy, Ingest, Zero, Quantize, Dequantize)):
             cost += (op.count - 1) * self._item_s
         if isinstance(op, Ingest):  # the host fills pinned staging before it can launch
             cost += op.nbytes * self._stage_s_per_byte
@@ -142,11 +141,18 @@ class SimBackend(Backend):
     def _execute(self, op: Op):
         k = self.profile.kernels
         if isinstance(op, Copy):
-            yield from self.link.transfer(op.direction, op.nbytes, op.count)
+            if op.direction == "d2d":  # bytes read + written at the device copy rate
+                yield self.env.timeout(k.copy.seconds(2 * op.nbytes, 1))
+            elif op.direction == "h2h":
+                yield self.env.timeout(self.profile.host.memcpy_seconds(op.nbytes))
+            else:
+                yield from self.link.transfer(op.direction, op.nbytes, op.count)
         elif isinstance(op, Ingest):
             yield from self.link.transfer("h2d", op.nbytes, op.count)
         elif isinstance(op, Quantize):
             yield self.env.timeout(k.int4_quantize.seconds(op.nbytes, op.count))
+        elif isinstance(op, Dequantize):
+            yield self.env.timeout(k.int4_dequantize.seconds(op.nbytes, op.count))
         elif isinstance(op, Attention):
             yield self.env.timeout(k.attention.seconds(op.nbytes, 1, op.flops))
         elif isinstance(op, LayerCompute):

@@ -50,6 +50,7 @@ class Kernels:
     int4_dequantize: Rate = field(default_factory=Rate)
     memset: Rate = field(default_factory=Rate)
     gemm: Rate = field(default_factory=Rate)
+    copy: Rate = field(default_factory=Rate)  # device to device, bytes read + written
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,10 @@ class Host:
     stage_gb_per_s: float = checked(
         0.0, non_negative, "host copy of an ingested payload into pinned staging, GB/s "
         "(0: not modelled; calibrate measures it)")
+
+    def memcpy_seconds(self, nbytes: int) -> float:
+        """A host copy between pinned buffers (a compacting L2), at the staging rate."""
+        return nbytes / (self.stage_gb_per_s * 1e9) if self.stage_gb_per_s else 0.0
 
 
 @dataclass(frozen=True)

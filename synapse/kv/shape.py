@@ -1,0 +1,90 @@
+"""A model's KV geometry, and every conversion between tokens, bytes and blocks.
+
+One KV block is ``block_tokens`` tokens of K and V for every layer and KV head. Its bytes
+are the same whichever way they are laid out: token-major ``[BT, 2, L, H, D]`` in one
+slot (the scenario drivers' attention kernel, ``synapse.hw.kv_layout``), or ``2L``
+*planes* of ``[BT, H, D]`` (one per layer and K/V, the layout a transformers model's
+attention reads as a view: ``synapse.kv.torch_backend``). INT4 keeps the same split:
+``n/2`` packed bytes plus ``4 n / G`` bytes of fp16 scales and zeros, for ``n`` elements
+and group size ``G``, per block or per plane.
+
+Budgets arrive in tokens (``TieredCache``), in bytes or as a percentage of the working
+set (scenarios); ``KVShape`` turns any of them into whole blocks, once, here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..hw import int4 as int4_ref
+
+
+@dataclass(frozen=True)
+class KVShape:
+    layers: int
+    kv_heads: int
+    head_dim: int
+    block_tokens: int
+    int4_group: int = 64
+    itemsize: int = 2  # bytes per element in L1 (fp16 / bf16)
+
+    # -- per block ---------------------------------------------------------------------
+    @property
+    def numel(self) -> int:
+        """Elements of one block (K and V, every layer and head)."""
+        return 2 * self.layers * self.kv_heads * self.block_tokens * self.head_dim
+
+    @property
+    def token_bytes(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.itemsize
+
+    @property
+    def fp16_bytes(self) -> int:
+        """Bytes of one block at full precision (the L1 format)."""
+        return self.numel * self.itemsize
+
+    @property
+    def int4_bytes(self) -> int:
+        return int4_ref.int4_nbytes(self.numel, self.int4_group)
+
+    # -- per plane (one layer's K or V of one block) -------------------------------------
+    @property
+    def planes(self) -> int:
+        return 2 * self.layers
+
+    @property
+    def plane_numel(self) -> int:
+        return self.block_tokens * self.kv_heads * self.head_dim
+
+    @property
+    def plane_fp16_bytes(self) -> int:
+        return self.plane_numel * self.itemsize
+
+    @property
+    def plane_int4_bytes(self) -> int:
+        return int4_ref.int4_nbytes(self.plane_numel, self.int4_group)
+
+    @property
+    def int4_ok(self) -> bool:
+        """Whether INT4 groups fit this shape (they run along head_dim within a token)."""
+        return self.int4_group in int4_ref.GROUP_SIZES and self.head_dim % self.int4_group == 0
+
+    @property
+    def layout(self):
+        """The token-major block layout the scenario kernels read (``hw.kv_layout``)."""
+        from ..hw.kv_layout import KVLayout
+        return KVLayout(self.layers, self.kv_heads, self.head_dim, self.block_tokens,
+                        self.int4_group)
+
+    # -- budgets -------------------------------------------------------------------------
+    def blocks_for_tokens(self, tokens: int) -> int:
+        return math.ceil(max(0, tokens) / self.block_tokens)
+
+    def bytes_for_tokens(self, tokens: int) -> int:
+        """Bytes of L1 that hold ``tokens`` tokens, in whole blocks."""
+        return self.blocks_for_tokens(tokens) * self.fp16_bytes
+
+    def blocks_in(self, nbytes: int) -> int:
+        """Whole full-precision blocks that fit in ``nbytes``."""
+        return max(0, int(nbytes)) // self.fp16_bytes

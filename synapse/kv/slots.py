@@ -1,0 +1,337 @@
+"""A compacting slot arena: the L1 allocator of the KV engine.
+
+Every slot holds one block in one format (fp16), so the arena is a run of equal slots
+and the live blocks are always slots ``[0, num_live)``: a layer's keys are a *view* of
+the arena's front, the live bytes are a prefix (the virtual-memory arena maps exactly
+the pages that prefix touches), and the block table of the attention kernel is implied
+by the slot index. Freeing a block leaves a hole that the last live slots fill; the
+arena records each such move as a relocation ``(slot, from_offset, to_offset)`` that the
+caller must carry out on the bytes (one batched device copy) before anything reads or
+writes the arena again. Attention over a set of past keys does not depend on their
+order, so compaction is exact.
+
+One slot can be kept last (``keep_last``): the partial tail block of a sequence, whose
+unfilled tokens must sit after every full block for the causal view to stay a prefix.
+Blocks allocated after it push it to the new end (one more relocation).
+
+Operations (n = live slots, k = slots freed or allocated):
+- ``allocate_prefix(sizes, tenants)`` O(k): new slots at the end, while they fit
+- ``free_all(slots)``                  O(k): holes filled from the end (relocations)
+- ``take_relocations()``               the moves to carry out, oldest first
+- ``keep_last(slot)``                  pin a slot to the end (or release with None)
+- ``check_access`` / ``all_accessible`` / ``is_live`` / ``stats``: as the slab allocator
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..errors import AccessDenied, AllocatorError, CapacityError
+
+
+class Slot:
+    """Handle to one live slot. Mutable: compaction changes ``offset`` in place, so a
+    move planned earlier still names the block's current bytes. ``block`` is the page
+    table's id for the block in it (set when the page table records the handle)."""
+
+    __slots__ = ("offset", "nbytes", "class_bytes", "tenant", "allocator_id", "generation",
+                 "block", "index")
+
+    def __init__(self, index, nbytes, tenant, allocator_id, generation):
+        self.index = index
+        self.offset = index * nbytes
+        self.nbytes = self.class_bytes = nbytes
+        self.tenant = tenant
+        self.allocator_id = allocator_id
+        self.generation = generation
+        self.block = -1
+
+    def __repr__(self) -> str:
+        return f"Slot(index={self.index}, offset={self.offset}, tenant={self.tenant!r}, block={self.block})"
+
+
+@dataclass(frozen=True)
+class SlotStats:
+    capacity_bytes: int
+    used_bytes: int
+    requested_bytes: int
+    free_bytes: int
+    internal_fragmentation: float
+    external_fragmentation: float
+    live_slots: int
+    capacity_slots: int
+    bytes_per_tenant: dict
+    num_allocs: int
+    num_frees: int
+    num_denied: int
+    num_relocations: int
+
+
+class SlotArena:
+    """Equal slots over one memory, compacted at the front; see the module docstring."""
+
+    _ids = itertools.count(1 << 20)
+
+    def __init__(self, memory, slot_bytes: int, *, zero_on_init: bool = True,
+                 zero_on_free: bool = True, capacity_slots: int | None = None,
+                 max_slots: int | None = None) -> None:
+        """``max_slots`` above the memory's slots: the arena grows (doubling, through
+        ``memory.resize``) as allocations need it, up to that many slots."""
+        if slot_bytes <= 0:
+            raise CapacityError(f"slot_bytes must be positive, got {slot_bytes}")
+        cap = memory.nbytes // slot_bytes if capacity_slots is None else capacity_slots
+        if cap <= 0 or cap * slot_bytes > memory.nbytes:
+            raise CapacityError(f"arena of {memory.nbytes} bytes cannot hold "
+                                f"{max(cap, 1)} slots of {slot_bytes} bytes")
+        self.memory = memory
+        self.slot_bytes = slot_bytes
+        self.size_classes = (slot_bytes,)
+        self.capacity_slots = cap
+        self.capacity_bytes = cap * slot_bytes
+        self.max_slots = max(cap, max_slots or cap)
+        self.allocator_id = next(SlotArena._ids)
+        self.slots: list[Slot] = []  # slot order: slots[i].index == i
+        self._last: Slot | None = None
+        self._pending: dict[int, tuple[Slot, int, int]] = {}  # id(slot) -> relocation
+        self._fresh: set[int] = set()  # ids of slots allocated since take_relocations
+        self.zero_on_free = zero_on_free
+        self._zero: list[tuple[int, int]] = []  # freed byte ranges owed a memset
+        self._bytes_per_tenant: dict[str, int] = {}
+        self._generation = 0
+        self.num_allocs = self.num_frees = self.num_denied = self.num_relocations = 0
+        if zero_on_init:
+            memory.zero(0, self.capacity_bytes)
+
+    # -- queries ----------------------------------------------------------------------
+    @property
+    def num_live(self) -> int:
+        return len(self.slots)
+
+    @property
+    def used_bytes(self) -> int:
+        return len(self.slots) * self.slot_bytes
+
+    @property
+    def live_end_bytes(self) -> int:
+        """Bytes from the arena's start to the end of its last live slot (= used)."""
+        return len(self.slots) * self.slot_bytes
+
+    def can_allocate(self, nbytes: int) -> bool:
+        return nbytes == self.slot_bytes and len(self.slots) < self.max_slots
+
+    def can_allocate_all(self, sizes: Sequence[int]) -> bool:
+        return all(n == self.slot_bytes for n in sizes) \
+            and len(self.slots) + len(sizes) <= self.max_slots
+
+    def is_live(self, slot) -> bool:
+        return isinstance(slot, Slot) and slot.allocator_id == self.allocator_id \
+            and slot.index < len(self.slots) and self.slots[slot.index] is slot
+
+    # -- allocate / free --------------------------------------------------------------
+    def allocate(self, nbytes: int, tenant: str) -> Slot:
+        got = self.allocate_prefix((nbytes,), (tenant,))
+        if not got:
+            if nbytes != self.slot_bytes:
+                raise CapacityError(f"a slot arena holds blocks of {self.slot_bytes} bytes; "
+                                    f"asked for {nbytes}")
+            raise CapacityError(f"arena full: {len(self.slots)} of {self.capacity_slots} slots "
+                                f"of {self.slot_bytes} bytes in use")
+        return got[0]
+
+    def allocate_prefix(self, sizes: Sequence[int], tenants: Sequence[str]) -> list[Slot]:
+        """New slots at the end, in order, stopping at the first that does not fit (a
+        size other than the slot's, or no slot left). A slot kept last moves behind them."""
+        out: list[Slot] = []
+        slots, sb, aid = self.slots, self.slot_bytes, self.allocator_id
+        per_tenant = self._bytes_per_tenant
+        if len(slots) + len(sizes) > self.capacity_slots and self.max_slots > self.capacity_slots:
+            self._grow(len(slots) + len(sizes))
+        for nbytes, tenant in zip(sizes, tenants):
+            if nbytes != sb or len(slots) >= self.capacity_slots:
+                break
+            self._generation += 1
+            s = Slot(len(slots), sb, tenant, aid, self._generation)
+            slots.append(s)
+            self._fresh.add(id(s))
+            per_tenant[tenant] = per_tenant.get(tenant, 0) + sb
+            out.append(s)
+        self.num_allocs += len(out)
+        if out and self._last is not None:
+            self._swap(self._last, slots[-1])
+        return out
+
+    def free(self, slot: Slot) -> None:
+        self.free_all((slot,))
+
+    def _grow(self, need: int) -> None:
+        cap = min(self.max_slots, max(need, 2 * self.capacity_slots))
+        self.memory.resize(cap * self.slot_bytes)  # keeps the live bytes
+        self.capacity_slots, self.capacity_bytes = cap, cap * self.slot_bytes
+
+    def free_all(self, slots: Sequence[Slot]) -> None:
+        """Free each slot; the holes are filled by the last live slots (relocations), a
+        slot kept last stays last, and the bytes past the new end are zeroed."""
+        if not slots:
+            return
+        live = self.slots
+        holes: set[int] = set()
+        for s in slots:
+            if not self.is_live(s):
+                self._require_live(s)
+            if s.index in holes:
+                raise AllocatorError(f"double free of {s!r}")
+            holes.add(s.index)
+        for s in slots:
+            left = self._bytes_per_tenant[s.tenant] - self.slot_bytes
+            if left:
+                self._bytes_per_tenant[s.tenant] = left
+            else:
+                del self._bytes_per_tenant[s.tenant]
+            self._fresh.discard(id(s))
+            self._pending.pop(id(s), None)
+        if self._last is not None and self._last.index in holes:
+            self._last = None
+        n_old = len(live)
+        n_new = n_old - len(holes)
+        placed: list[Slot | None] = [None] * n_new
+        for i in range(n_new):
+            if i not in holes:
+                placed[i] = live[i]
+        targets = iter(sorted(i for i in holes if i < n_new))
+        for i in range(n_new, n_old):
+            if i not in holes:
+                to = next(targets)
+                placed[to] = live[i]
+                self._move(live[i], to)
+        for s in slots:
+            s.index = -1
+        self.slots = placed  # type: ignore[assignment]
+        if self._last is not None and self._last.index != n_new - 1:
+            self._swap(self._last, placed[n_new - 1])
+        self.num_frees += len(slots)
+        if self.zero_on_free:  # after the relocations have read it: see take_relocations
+            self._zero.append((n_new * self.slot_bytes, (n_old - n_new) * self.slot_bytes))
+
+    def keep_last(self, slot: Slot | None) -> None:
+        """Keep ``slot`` at the end of the live slots from now on (None: no slot). If it
+        is not last now, it trades places with the last slot."""
+        if slot is not None and not self.is_live(slot):
+            self._require_live(slot)
+        self._last = slot
+        if slot is not None and slot.index != len(self.slots) - 1:
+            self._swap(slot, self.slots[-1])
+
+    def take_relocations(self) -> list[tuple[Slot, int, int]]:
+        """The byte moves that bring memory in line with the bookkeeping since the last
+        call, as ``(slot, from_offset, to_offset)``. Sources are offsets before the batch
+        and distinct, so the caller gathers every source, then scatters (one batched
+        copy). Slots allocated since the last call hold no bytes yet and never appear.
+
+        Freed bytes are zeroed only after that copy has read them (they may be a
+        relocation's source): ``take_zero`` gives the ranges, in the same batch."""
+        out = list(self._pending.values())
+        # a new slot placed where a relocated block's bytes were reads them until zeroed
+        sources = {src for _, src, _ in out}
+        for s in self.slots:
+            if id(s) in self._fresh and s.offset in sources:
+                self._zero.append((s.offset, self.slot_bytes))
+        self._pending = {}
+        self._fresh = set()
+        self.num_relocations += len(out)
+        return [r for r in out if r[1] != r[2]]
+
+    def take_zero(self, keep: Sequence[int] = ()) -> list[tuple[int, int]]:
+        """Freed ``(offset, nbytes)`` ranges owed a memset (zero-on-free), merged where
+        they touch, less the slots at offsets ``keep`` (the destinations of this batch's
+        relocations, which their copy overwrites whole). Zeroed after the relocation copy
+        has read its sources and before anything else writes the arena."""
+        ranges, self._zero = self._zero, []
+        if not ranges:
+            return []
+        sb = self.slot_bytes
+        idx = set()
+        for off, n in ranges:
+            idx.update(range(off // sb, (off + n) // sb))
+        idx.difference_update(o // sb for o in keep)
+        out: list[tuple[int, int]] = []
+        for i in sorted(idx):
+            if out and out[-1][0] + out[-1][1] == i * sb:
+                out[-1] = (out[-1][0], out[-1][1] + sb)
+            else:
+                out.append((i * sb, sb))
+        return out
+
+    def _swap(self, a: Slot, b: Slot) -> None:
+        if a is b:
+            return
+        ia, ib = a.index, b.index
+        self.slots[ia], self.slots[ib] = b, a
+        self._move(a, ib)
+        self._move(b, ia)
+
+    def _move(self, s: Slot, to: int) -> None:
+        """``s`` is now at slot ``to``; remember where its bytes were before this batch."""
+        if id(s) not in self._fresh:
+            first = self._pending.get(id(s))
+            src = first[1] if first is not None else s.offset
+            self._pending[id(s)] = (s, src, to * self.slot_bytes)
+        s.index, s.offset = to, to * self.slot_bytes
+
+    # -- access checks ----------------------------------------------------------------
+    def check_access(self, tenant: str, slot) -> None:
+        if not self.is_live(slot):
+            self.num_denied += 1
+            raise AccessDenied(f"tenant {tenant!r} denied: {slot!r} is not a live slot of "
+                               f"arena {self.allocator_id}")
+        if slot.tenant != tenant:
+            self.num_denied += 1
+            raise AccessDenied(f"tenant {tenant!r} denied access to the slot at offset "
+                               f"{slot.offset} owned by tenant {slot.tenant!r}")
+
+    def check_access_all(self, tenants, slots) -> None:
+        if not self.all_accessible(tenants, slots):
+            for t, s in zip(tenants, slots):
+                self.check_access(t, s)
+
+    def all_accessible(self, tenants, slots) -> bool:
+        live, aid = self.slots, self.allocator_id
+        for t, s in zip(tenants, slots):
+            if s.__class__ is not Slot or s.allocator_id != aid or s.tenant != t \
+                    or not (0 <= s.index < len(live)) or live[s.index] is not s:
+                return False
+        return True
+
+    def count_denied(self, n: int) -> None:
+        self.num_denied += n
+
+    # -- introspection ----------------------------------------------------------------
+    def stats(self) -> SlotStats:
+        used = self.used_bytes
+        return SlotStats(self.capacity_bytes, used, used, self.capacity_bytes - used, 0.0, 0.0,
+                         len(self.slots), self.capacity_slots, dict(self._bytes_per_tenant),
+                         self.num_allocs, self.num_frees, self.num_denied, self.num_relocations)
+
+    def live_slabs(self) -> tuple[Slot, ...]:
+        return tuple(self.slots)
+
+    def audit(self) -> None:
+        for i, s in enumerate(self.slots):
+            if s.index != i or s.offset != i * self.slot_bytes:
+                raise AllocatorError(f"audit: {s!r} is not at slot {i}")
+        if self._last is not None and self.slots and self.slots[-1] is not self._last:
+            raise AllocatorError(f"audit: the kept-last slot {self._last!r} is not last")
+        per = {}
+        for s in self.slots:
+            per[s.tenant] = per.get(s.tenant, 0) + self.slot_bytes
+        if per != self._bytes_per_tenant:
+            raise AllocatorError("audit: bytes per tenant drifted")
+
+    def _require_live(self, slot) -> None:
+        if not isinstance(slot, Slot):
+            raise AllocatorError(f"expected a Slot handle, got {type(slot).__name__}")
+        if slot.allocator_id != self.allocator_id:
+            raise AllocatorError(f"foreign handle: {slot!r} belongs to arena {slot.allocator_id}, "
+                                 f"not {self.allocator_id}")
+        raise AllocatorError(f"double free or use after free: {slot!r} is not live")
