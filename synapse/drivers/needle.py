@@ -99,7 +99,7 @@ class NeedleDriver:
                     in_l2 = in_l2[:-1]  # cannot make room: the least attended stays in L2
                     c.misses += 1
                     continue
-                yield from mover.execute(mgr.make_room(sizes, protected, t), t)
+                yield from mover.execute(mgr.make_room(sizes, protected, t, st.new_blocks), t)
             c.l2_hits += len(in_l2)
             # 3. fetch + ingest
             fetch = mgr.plan_fetch(in_l2, t)
