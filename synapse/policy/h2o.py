@@ -15,7 +15,8 @@ Where the tier manager differs from the paper, and why (``synapse/manager.py``):
   ``begin_round``: the low watermark for the background round that runs after the step's
   attention has been observed (there the step's new blocks are scored and are victims when
   the rule says so, as in the paper), the whole L1 budget for a forced round that must make
-  room for a step's blocks before they arrive. The split applies to that k.
+  room for a step's blocks before they arrive. The split applies to that k; prefetch,
+  which runs in the background round, ranks L2 blocks with that round's window.
 - A forced round counts the arriving blocks in the recent window (as ``evict_for_space``
   does in the authors' code, FMInference/H2O ``h2o_hf/utils_real_drop/modify_llama.py``),
   so they take the window's room, not the heavy hitters'. They cannot be victims there:
