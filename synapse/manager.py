@@ -290,11 +290,16 @@ class TierManager:
         return ids
 
     # -- eviction -------------------------------------------------------------------
-    def make_room(self, sizes: Sequence[int], protected: np.ndarray, step: int) -> list[Move]:
+    def make_room(self, sizes: Sequence[int], protected: np.ndarray, step: int,
+                  arriving: np.ndarray | None = None) -> list[Move]:
         """Victims whose leaving frees at least ``sum(sizes)`` bytes of L1 (forced eviction).
+        ``arriving``: positions of the new blocks the room is for (the policy counts them
+        as the newest; H2O's recent window includes them).
 
         Raises CapacityError when even evicting every unprotected block cannot make room.
         """
+        # the round leaves L1 full once the blocks are in
+        self.policy.begin_round(self.l1_capacity // self.sizes[Fmt.FP16], arriving)
         need = sum(sizes) - (self.l1_capacity - self.l1_used())
         cand = self._evictable(protected)
         if need <= 0:
@@ -431,6 +436,8 @@ class TierManager:
         """Demote down to the low watermark; then prefetch L2 blocks the policy ranks above
         L1's weakest into the headroom below the high watermark."""
         used = self.l1_used()
+        # the round runs after the step's scores and keeps at most the low watermark
+        self.policy.begin_round(int(self.watermarks.low * self.l1_capacity) // self.sizes[Fmt.FP16])
         to_free = self.watermarks.bytes_to_free(used, self.l1_capacity)
         cand = self._evictable(protected)
         demotions = self._evict(self._lowest_covering(cand, to_free, step), step, False) \
@@ -461,7 +468,7 @@ class TierManager:
         if not moves:
             return
         table, spaces = self.table, self.spaces
-        removed, moved, fetched = [], [], []
+        removed, moved, fetched, prefetched = [], [], [], []
         frees = {Tier.L1: [], Tier.L2: []}
         staged = []
         for m in moves:  # sources are freed in move order, per allocator
@@ -474,7 +481,7 @@ class TierManager:
             if m.staging is not None:
                 staged.append(m.staging)
             if m.dst_tier == Tier.L1:
-                fetched.append(m.block)
+                (prefetched if m.purpose == "prefetch" else fetched).append(m.block)
         self._clear_busy([m.block for m in moves])
         if removed:
             table.drop_all(removed)
@@ -490,6 +497,8 @@ class TierManager:
             self.policy.on_remove(np.asarray(removed, np.int64))
         if fetched:
             self.policy.on_fetch(np.asarray(fetched, np.int64), step)
+        if prefetched:
+            self.policy.on_prefetch(np.asarray(prefetched, np.int64), step)
         if self.tail_last:
             for p in self.pinned:  # a pinned tail fetched back stays last
                 if table.tier[p] == int(Tier.L1):

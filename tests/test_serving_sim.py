@@ -18,6 +18,32 @@ def test_watermarks_hold_at_every_step(tsunami):
     assert tsunami.metrics["peak_l1_fraction"] <= high
 
 
+@pytest.mark.parametrize("scenario", ["tsunami", "tenants"])
+def test_the_high_watermark_holds_after_every_allocation_and_the_peak_is_the_true_one(scenario):
+    """L1 use is recorded after every allocation the manager makes in L1 (inserts,
+    swap-ins), independently of the driver: it never exceeds the high watermark, and the
+    reported peak is its maximum, not a sample taken at the end of a step."""
+    from synapse.drivers.serving import ServingDriver
+    from synapse.scenarios.loader import load_scenario
+    from synapse.sim.backend import SimBackend
+    from synapse.sim.profile import load_profile
+    prof = load_profile("h100-sxm")
+    backend = SimBackend(prof)
+    d = ServingDriver(load_scenario(scenario), backend, prof)
+    l1, seen = d.mgr.spaces.l1, []
+    allocate_prefix = l1.allocate_prefix
+
+    def recording(sizes, tenants):
+        slabs = allocate_prefix(sizes, tenants)
+        seen.append(l1.used_bytes / l1.capacity_bytes)
+        return slabs
+    l1.allocate_prefix = recording
+    backend.run(d.process())
+    high = d.s.policy.high_watermark
+    assert seen and max(seen) <= high
+    assert d.metrics()["peak_l1_fraction"] == max(seen)
+
+
 def test_no_block_is_lost_and_every_request_is_served_or_refused(tsunami):
     m = tsunami.metrics
     assert m["lost_blocks"] == 0

@@ -97,7 +97,7 @@ class NeedleDriver:
                     in_l2 = in_l2[:-1]  # cannot make room: the least attended stays in L2
                     mgr.record_reads(misses=1)
                     continue
-                yield from mover.execute(mgr.make_room(sizes, protected, t), t)
+                yield from mover.execute(mgr.make_room(sizes, protected, t, st.new_blocks), t)
             mgr.record_reads(l2=len(in_l2))
             # 3. fetch + ingest
             fetch = mgr.plan_fetch(in_l2, t)

@@ -4,9 +4,11 @@ Requests arrive, are admitted or refused, prefill, decode one token per step and
 Admission reserves a request's largest footprint against L1 + L2 together, so an admitted
 request can always be swapped out and no block is ever lost; a request that cannot be
 reserved is refused with ``AdmissionRefused`` (counted, never dropped in silence).
-Backpressure works on whole requests: above the high watermark the policy picks running
-requests to swap out to L2 (demote every block) until L1 is at most the low watermark;
-swapped requests come back when there is headroom. With tenants, victims come from
+Backpressure works on whole requests, and L1 never goes above the high watermark: a swap-in
+or a start that would cross it waits, and before decode growth would cross it the policy
+picks running requests to swap out to L2 (demote every block) until L1 is at most the low
+watermark; swapped requests come back when there is headroom. ``peak_l1_fraction`` is the
+largest L1 use after any allocation of a step, not a sample at its end. With tenants, victims come from
 tenants above their guaranteed share first, and every so often one tenant tries to read
 another's block, which the allocator must refuse.
 """
@@ -105,6 +107,19 @@ class ServingDriver:
     def _l1_fraction(self) -> float:
         return self.mgr.l1_used() / self.mgr.l1_capacity
 
+    def _crosses_high(self, nbytes: int) -> bool:
+        """Whether allocating ``nbytes`` more in L1 would take it above the high watermark."""
+        return self.mgr.l1_used() + nbytes > self.s.policy.high_watermark * self.mgr.l1_capacity
+
+    def _note_peak(self) -> float:
+        """Record L1 use now (after an allocation): the peaks are maxima over the step."""
+        frac = self._l1_fraction()
+        self.peak_l1_fraction = max(self.peak_l1_fraction, frac)
+        for tenant, nbytes in self._tenant_l1().items():
+            st = self.tenant_stats[tenant]
+            st["peak_l1_bytes"] = max(st["peak_l1_bytes"], nbytes)
+        return frac
+
     def _tenant_l1(self) -> dict[str, int]:
         return self.mgr.spaces.l1.stats().bytes_per_tenant
 
@@ -158,7 +173,7 @@ class ServingDriver:
         self._req_policy = make_policy(p.eviction)
         self._req_policy.bind(self.max_running)
         mgr, be = self.mgr, self.backend
-        high, low = p.high_watermark, p.low_watermark
+        low = p.low_watermark
         pending = list(self.requests)
         running: list[Request] = []
         swapped: list[Request] = []
@@ -182,9 +197,10 @@ class ServingDriver:
                     break
                 ids = np.asarray(r.blocks, np.int64)
                 sizes = mgr.l1_sizes(ids)
-                if (mgr.l1_used() + sum(sizes)) > high * mgr.l1_capacity or not mgr.fits(sizes):
+                if self._crosses_high(sum(sizes)) or not mgr.fits(sizes):
                     break
                 moves += mgr.plan_fetch(ids, t, "fetch")
+                self._note_peak()
                 mgr.record_reads(l2=len(ids))
                 self.tenant_stats[r.tenant]["l2_hits"] += len(ids)
                 swapped.remove(r)
@@ -198,10 +214,11 @@ class ServingDriver:
                 if len(running) >= self.max_running:
                     break
                 sizes = [self.sizes.fp16_bytes] * nb
-                if (mgr.l1_used() + sum(sizes)) > high * mgr.l1_capacity or not mgr.fits(sizes):
+                if self._crosses_high(sum(sizes)) or not mgr.fits(sizes):
                     break
                 queued.remove(r)
                 ingests.append(self._start(r, t))
+                self._note_peak()
                 running.append(r)
             ingest = self._ingest(ingests)
             if ingest is not None:
@@ -209,7 +226,16 @@ class ServingDriver:
             yield from self.mover.finish(moves, tickets, t)
             if self.backend.moves_data and self.s.checks.data and moves:
                 self._check_roundtrip(moves)
-            # 3. decode: one token per running request; a new block when one fills
+            # 3. decode: one token per running request; a new block when one fills. Growth
+            # that would cross the high watermark (or not fit) swaps out first, down to low.
+            while True:
+                sizes = [self.sizes.fp16_bytes] * sum(r.tokens % self.bt == 0 for r in running)
+                fits = mgr.fits(sizes)
+                if not sizes or (fits and not self._crosses_high(sum(sizes))):
+                    break
+                need = mgr.l1_used() + sum(sizes) - int(low * mgr.l1_capacity)
+                yield from self._swap_out(running, swapped, set(), t, need_bytes=max(1, need),
+                                          forced=not fits)
             appends, grow = [], []
             for r in running:
                 pos = r.tokens // self.bt
@@ -217,11 +243,6 @@ class ServingDriver:
                     grow.append((r, pos))
                 else:
                     appends.append((r, pos, r.tokens % self.bt))
-            sizes = [self.sizes.fp16_bytes] * len(grow)
-            protected = np.asarray([b for r, _ in grow for b in r.blocks], np.int64)
-            while grow and not mgr.fits(sizes):
-                yield from self._swap_out(running, swapped, {r.rid for r, _ in grow}, t,
-                                          need_bytes=sum(sizes), forced=True)
             items = []
             for r, pos in grow:
                 spec = BlockSpec(self.sizes.fp16_bytes, tenant=r.tenant, token_start=pos * self.bt,
@@ -230,6 +251,8 @@ class ServingDriver:
                 b = int(mgr.insert([spec], t, np.array([pos]))[0])
                 r.blocks.append(b)
                 items.append((r, b, pos, 0))
+            if grow:
+                self._note_peak()
             for r, pos, off in appends:
                 b = r.blocks[pos]
                 mgr.extend(b, pos * self.bt + off + 1)
@@ -253,18 +276,10 @@ class ServingDriver:
                 r.state = "finished"
                 self.tenant_stats[r.tenant]["finished"] += 1
                 mgr.log.add(t, "finish", [r.rid])
-            # 6. backpressure: above high, swap out down to low
-            if self._l1_fraction() > high:
-                need = mgr.l1_used() - int(low * mgr.l1_capacity)
-                yield from self._swap_out(running, swapped, set(), t, need_bytes=need)
-            # 7. isolation probe
+            # 6. isolation probe
             if self.shares and self.s.workload.probe_every and t % self.s.workload.probe_every == 0:
                 self._probe(running, t)
-            frac = self._l1_fraction()
-            self.peak_l1_fraction = max(self.peak_l1_fraction, frac)
-            for tenant, nbytes in self._tenant_l1().items():
-                st = self.tenant_stats[tenant]
-                st["peak_l1_bytes"] = max(st["peak_l1_bytes"], nbytes)
+            frac = self._note_peak()
             audit_residency(self)
             if self.s.checks.invariants:
                 mgr.check()

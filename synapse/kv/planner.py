@@ -104,7 +104,7 @@ class SequencePlanner:
         sizes = [mgr.sizes[Fmt.FP16]] * len(new)
         protected = np.asarray([self.tail] if self.tail is not None else [], np.int64)
         while len(new) and not mgr.fits(sizes):
-            yield mgr.make_room(sizes, protected, t)
+            yield mgr.make_room(sizes, protected, t, new)
         end = self.tokens + q
         if len(new):
             specs = [BlockSpec(mgr.sizes[Fmt.FP16], token_start=int(p) * self.bt,

@@ -6,9 +6,10 @@ table and decides *how many* blocks must go and which are off limits (the workin
 the current step); the policy only ranks. No I/O, no clocks, no backend imports: the same
 decisions come out on the simulator and on the hardware, given the same inputs.
 
-Operations: ``bind`` (the L1 budget in blocks), ``on_insert``, ``on_access``,
-``on_attention``, ``on_remove``, ``scores`` and ``victims`` (top-k lowest by
-``numpy.argpartition``, O(n), not a sort).
+Operations: ``bind`` (the L1 budget in blocks), ``begin_round`` (what the next eviction
+round keeps, and the blocks it makes room for), ``on_insert``, ``on_access``,
+``on_fetch`` / ``on_prefetch``, ``on_attention``, ``on_remove``, ``scores`` and ``victims``
+(top-k lowest by ``numpy.argpartition``, O(n), not a sort).
 """
 
 from __future__ import annotations
@@ -76,8 +77,20 @@ class EvictionPolicy:
     def on_access(self, ids: np.ndarray, step: int) -> None:
         """These resident blocks were used at ``step``."""
 
+    def begin_round(self, keep_blocks: int, arriving: np.ndarray | None = None) -> None:
+        """The manager is about to ask for victims: after this round L1 holds about
+        ``keep_blocks`` blocks, counting the blocks at positions ``arriving``, which the
+        round makes room for and which are not inserted yet (they are the newest)."""
+        if arriving is not None and len(arriving):
+            self._newest = max(self._newest, int(np.max(arriving)))
+
     def on_fetch(self, ids: np.ndarray, step: int) -> None:
-        """These blocks came back into L1 from a lower tier (demand fetch or prefetch)."""
+        """These blocks came back into L1 from a lower tier because ``step`` reads them."""
+
+    def on_prefetch(self, ids: np.ndarray, step: int) -> None:
+        """These blocks came back into L1 ahead of any read (prefetch); by default the
+        same as a fetch."""
+        self.on_fetch(ids, step)
 
     def on_attention(self, ids: np.ndarray, mass: np.ndarray, step: int) -> None:
         """Attention mass each resident block received at ``step`` (sums to <= 1)."""

@@ -1,7 +1,7 @@
 """First in, first out: the block that entered the cache first goes first.
 
-A re-fetched block counts as entering again, so FIFO over a tiered cache is "oldest
-arrival in L1", not "oldest token".
+A block fetched back from L2 (demand fetch or prefetch) counts as entering again, so FIFO
+over a tiered cache is "oldest arrival in L1", not "oldest token"; a hit changes nothing.
 """
 
 from __future__ import annotations

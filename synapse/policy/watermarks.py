@@ -5,6 +5,13 @@ When usage rises above ``high`` x capacity, the manager demotes until usage is a
 burst does not flood the link; the headroom between the two marks takes the next step's
 fetches, prefetches and new blocks without a stall. A request that cannot fit even after
 that is refused with ``AdmissionRefused``, never dropped in silence.
+
+Where the marks apply: the serving scenarios (tsunami, tenants) hold L1 at or below
+``high`` after every allocation (a swap-in or start waits, decode growth swaps requests out
+first, down to ``low``). The single-sequence drivers (needle, trace, the transformers
+cache) use them for the background round after each step (demotion, and prefetch only up
+to ``high``); within a step, new blocks and demand fetches may fill L1 up to its budget,
+with forced eviction beyond it.
 """
 
 from __future__ import annotations
