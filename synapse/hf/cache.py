@@ -39,6 +39,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..blocks import Fmt, Tier
 from ..errors import CapacityError
+from ..monitor.cache_probe import publish_cache_step
 from ..telemetry import Recorder
 from .errors import UnsupportedModel
 from .int4 import QTensor, dequantize, dequantize_blocks, quantize
@@ -352,6 +353,7 @@ class TieredCache(Cache):
                       l2_bytes=table.bytes_in(Tier.L2), l1_tensor_bytes=l1,
                       resident_blocks=len(table.ids_in(Tier.L1)), tokens=self.seen_tokens,
                       l1_hits=c.l1_hits, l2_hits=c.l2_hits, misses=c.misses)
+        publish_cache_step(self)  # /metrics: this step's counter deltas
 
     # -- data ------------------------------------------------------------------------------
     def _append(self, l: int, k: torch.Tensor, v: torch.Tensor) -> None:
