@@ -182,6 +182,7 @@ def list_cmd():
 
 from .cli_whatif import register as _register_whatif; _register_whatif(main)  # noqa: E402,E702
 from .cli_trace import register as _register_trace; _register_trace(main)  # noqa: E402,E702
+from .cli_operate import register as _register_operate; _register_operate(main)  # noqa: E402,E702
 
 
 if __name__ == "__main__":
