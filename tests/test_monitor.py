@@ -350,3 +350,40 @@ def test_the_cuda_backend_spaces_pass_the_monitor():
         assert [v for v in mon.check() if v.allocation.owner == "cuda_backend"] == []
     finally:
         be.close()
+
+
+# -- scenario runs -------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["sim", "cpu"])
+def test_a_scenario_run_publishes_what_its_result_reports(backend):
+    from synapse.monitor.run_probe import RunProbe
+    from synapse.runner import run_scenario
+    from synapse.scenarios.loader import load_scenario
+    from synapse.scenarios.tiny import TINY_TSUNAMI
+    names = [("synapse_block_hits_total", {"tier": "l1"}), ("synapse_block_hits_total",
+             {"tier": "l2"}), ("synapse_transfer_bytes_total", {"direction": "h2d"}),
+             ("synapse_transfer_bytes_total", {"direction": "d2h"}),
+             ("synapse_refusals_total", {}),
+             ("synapse_step_seconds_count", {"clock": "simulated" if backend == "sim" else "wall"})]
+    before = [_sample(n, **lab) for n, lab in names]
+    res = run_scenario(load_scenario("tsunami", TINY_TSUNAMI), backend, observe=RunProbe)
+    m = res.metrics
+    after = [_sample(n, **lab) for n, lab in names]
+    assert [a - b for a, b in zip(after, before)] == [
+        m["l1_hits"], m["l2_hits"], m["bytes_h2d"], m["bytes_d2h"], m["refusals"],
+        len(res.result["timeline"]["step"])]
+
+
+def test_synapse_run_serves_metrics_while_it_runs(tmp_path):
+    from click.testing import CliRunner
+    from synapse.cli import main
+    from synapse.scenarios.tiny import TINY_NEEDLE
+    before = _sample("synapse_block_hits_total", tier="l1")
+    args = ["run", "needle", "--backend", "sim", "--serve-metrics", "0", "-q",
+            "--out", str(tmp_path / "r")]
+    for o in TINY_NEEDLE:
+        args += ["--set", o]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "serving http://127.0.0.1:" in r.output
+    hits = json.loads((tmp_path / "r" / "result.json").read_text())["metrics"]["l1_hits"]
+    assert _sample("synapse_block_hits_total", tier="l1") == before + hits
