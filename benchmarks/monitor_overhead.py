@@ -8,8 +8,12 @@ the same script on the GPU machine with --device cuda).
    decode step medians side by side (the difference is within the noise of a shared host
    when the call costs microseconds; both are printed).
 3. A residency pass over N tracked allocations with a trivial memory-type function (the
-   monitor's own Python cost; on the GPU each pointer is one cuPointerGetAttributes call),
-   and its share of time at the default interval: pass seconds / interval.
+   monitor's own Python cost), and its share of time at the default interval: pass
+   seconds / interval. With --device cuda, also over N real cuMemAlloc pointers asked
+   through the driver (cuPointerGetAttributes, two per allocation).
+4. The generate loop with the monitor thread checking 1000 allocations every 10 ms (a
+   thousand times the default rate) against no monitor: what the thread's passes cost the
+   loop through the GIL, in the worst case.
 
     python benchmarks/monitor_overhead.py [--repeats 5] [--out benchmarks/results/monitor_overhead.json]
 """
@@ -93,17 +97,60 @@ def loop_with_and_without(model, device, repeats: int, new_tokens: int) -> dict:
             "per_repeat_with": on, "per_repeat_without": off}
 
 
-def residency_pass(n: int, repeats: int = 20) -> float:
+def _fake_tracker(n: int) -> AllocationTracker:
     t = AllocationTracker()
     for i in range(n):
         t.track(0x10000 + i * 0x1000, 4096, "device", "kv_pages")
-    mon = ResidencyMonitor(t, memory_type=lambda ptr: "device")
+    return t
+
+
+def residency_pass(tracker, memory_type, repeats: int = 20) -> float:
+    mon = ResidencyMonitor(tracker, memory_type=memory_type)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        mon.check()
+        found = mon.check()
         times.append(time.perf_counter() - t0)
+    assert not found, found[0].message()
     return statistics.median(times)
+
+
+def driver_passes(counts) -> dict:
+    """Passes over real device allocations, asked through the CUDA driver."""
+    from synapse.hw import driver_api as drv
+    from synapse.monitor.pointer_kinds import driver_memory_type
+    mt = driver_memory_type()
+    if mt is None:
+        return {}
+    unbind = drv.bind_primary_context(0)
+    out = {}
+    try:
+        for n in counts:
+            t, ptrs = AllocationTracker(), [drv.mem_alloc(1 << 16) for _ in range(n)]
+            for p in ptrs:
+                t.track(p, 1 << 16, "device", "kv_pages")
+            out[str(n)] = residency_pass(t, mt)
+            for p in ptrs:
+                drv.mem_free(p)
+    finally:
+        unbind()
+    return out
+
+
+def loop_under_monitor(model, device, repeats: int, new_tokens: int) -> dict:
+    on, off = [], []
+    tracker = _fake_tracker(1000)
+    for _ in range(repeats):
+        for watched in (True, False):
+            mon = ResidencyMonitor(tracker, memory_type=lambda ptr: "device", interval_s=0.01)
+            if watched:
+                mon.start()
+            _, steps = generate(model, device, new_tokens)
+            mon.stop()
+            (on if watched else off).append(statistics.median(steps))
+    return {"decode_step_median_s_monitor_every_10ms": statistics.median(on),
+            "decode_step_median_s_no_monitor": statistics.median(off),
+            "per_repeat_with": on, "per_repeat_without": off}
 
 
 def main() -> None:
@@ -118,7 +165,10 @@ def main() -> None:
     step_s = statistics.median(steps)
     cost_us = publish_cost_us(cache)
     loop = loop_with_and_without(model, args.device, args.repeats, args.tokens)
-    passes = {str(n): residency_pass(n) for n in (10, 100, 1000, 10000)}
+    passes = {str(n): residency_pass(_fake_tracker(n), lambda ptr: "device")
+              for n in (10, 100, 1000, 10000)}
+    driver = driver_passes((10, 100, 1000)) if args.device == "cuda" else {}
+    watched = loop_under_monitor(model, args.device, args.repeats, args.tokens)
     out = {
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "torch": torch.__version__, "device": args.device},
@@ -130,8 +180,11 @@ def main() -> None:
         "residency_pass_s_by_allocations": passes,
         "default_interval_s": DEFAULT_INTERVAL_S,
         "residency_share_at_default_interval": {n: s / DEFAULT_INTERVAL_S for n, s in passes.items()},
-        "note": "residency passes use an injected memory-type function: the driver call per "
-                "pointer (two per allocation) is not included and must be measured on the GPU",
+        "driver_residency_pass_s_by_allocations": driver,
+        "generate_loop_under_monitor": watched,
+        "note": "residency_pass_s_by_allocations uses an injected memory-type function; the "
+                "driver's cost per pointer is in driver_residency_pass_s_by_allocations, "
+                "measured only with --device cuda",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
@@ -139,9 +192,14 @@ def main() -> None:
           f"of the median decode step ({step_s * 1e3:.2f} ms)")
     print(f"generate loop, median decode step: {loop['decode_step_median_s_with_hook'] * 1e3:.2f} ms "
           f"with the hook, {loop['decode_step_median_s_without_hook'] * 1e3:.2f} ms without")
-    for n, s in passes.items():
-        print(f"residency pass over {n:>5} allocations: {s * 1e3:.3f} ms = "
-              f"{s / DEFAULT_INTERVAL_S:.4%} of a {DEFAULT_INTERVAL_S:.0f} s interval")
+    for label, table in (("injected", passes), ("driver", driver)):
+        for n, s in table.items():
+            print(f"residency pass ({label}) over {n:>5} allocations: {s * 1e3:.3f} ms = "
+                  f"{s / DEFAULT_INTERVAL_S:.4%} of a {DEFAULT_INTERVAL_S:.0f} s interval")
+    print(f"generate loop, median decode step: "
+          f"{watched['decode_step_median_s_monitor_every_10ms'] * 1e3:.2f} ms with a pass over "
+          f"1000 allocations every 10 ms, {watched['decode_step_median_s_no_monitor'] * 1e3:.2f} ms "
+          f"without")
     print(f"wrote {args.out}")
 
 

@@ -141,12 +141,19 @@ def init_driver() -> None:
 
 def bind_primary_context(device: int = 0):
     """Make the device's primary context current in the calling thread (a monitor thread
-    has none); returns the function that releases it."""
+    has none); returns the function that restores the thread's previous context and
+    releases the primary one."""
     c = _cu()
     dev = _check("cuDeviceGet", c.cuDeviceGet(device))
+    prev = _check("cuCtxGetCurrent", c.cuCtxGetCurrent())
     ctx = _check("cuDevicePrimaryCtxRetain", c.cuDevicePrimaryCtxRetain(dev))
     _check("cuCtxSetCurrent", c.cuCtxSetCurrent(ctx))
-    return lambda: c.cuDevicePrimaryCtxRelease(dev)
+
+    def release():
+        # put back what was current (a context PyCUDA pushed, or none) before letting go
+        c.cuCtxSetCurrent(prev)
+        c.cuDevicePrimaryCtxRelease(dev)
+    return release
 
 
 def _as_int(v) -> int:
