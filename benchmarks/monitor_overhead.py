@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -171,7 +172,8 @@ def main() -> None:
     watched = loop_under_monitor(model, args.device, args.repeats, args.tokens)
     out = {
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "torch": torch.__version__, "device": args.device},
+                    "torch": torch.__version__, "device": args.device,
+                    "cpus": os.cpu_count(), "load_average_1_5_15": os.getloadavg()},
         "model": "random LlamaForCausalLM, 4 layers, hidden 64, 2 KV heads of 32",
         "publish_cache_step_us": cost_us,
         "decode_step_median_s": step_s,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from synapse.drivers.serving import ServingDriver
@@ -47,7 +48,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/timing_protection.json"))
     args = ap.parse_args()
-    out = {}
+    out = {"load_average_1_5_15": os.getloadavg(), "cpus": os.cpu_count()}
     for backend, quanta in QUANTA_US.items():
         rows = [run(backend, q) for q in quanta]
         base = rows[0]["run_time_s"]
