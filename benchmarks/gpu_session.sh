@@ -18,6 +18,7 @@ trap 'echo "=== session limit (${SESSION_LIMIT_S:-560} s) reached: packing what 
 WATCHDOG=$!
 STAGES=${STAGES:-"env tests ncu stream hf slab calibrate scenarios summary"}
 # ring (the MLP stack of 2026-11-24 against cpu_offload) is available but not in the default
+# operate (synapse audit --backend cuda, monitor overhead on the GPU) is too: STAGES="env operate"
 PROFILE=${PROFILE:-$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | grep -q H200 && echo h200 || echo h100)}
 mkdir -p "$OUT/logs"
 has() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -100,6 +101,12 @@ fi
 if has slab; then
   stage "slab allocator versus torch.empty"
   python3 benchmarks/slab_vs_torch.py --out "$OUT/slab_vs_torch.json" 2>&1 | tee "$OUT/logs/slab.log" | tail -20
+fi
+
+if has operate; then
+  stage "readiness audit on cuda, and what the monitor costs on the GPU"
+  timeout ${AUDIT_LIMIT_S:-300} python3 -m synapse audit --backend cuda --preset tiny --out "$OUT/audit-cuda" 2>&1 | tee "$OUT/logs/audit_cuda.log" | tail -45
+  timeout ${OVERHEAD_LIMIT_S:-200} python3 benchmarks/monitor_overhead.py --device cuda --out "$OUT/monitor_overhead.json" 2>&1 | tee "$OUT/logs/monitor_overhead.log" | tail -12
 fi
 
 if has summary; then

@@ -66,6 +66,11 @@ class Backend(abc.ABC):
     def host_work(self, seconds: float) -> None:
         """Host-side work the simulator should charge (the hardware just does it)."""
 
+    def delay(self, seconds: float) -> Any:
+        """Something a driver yields to hold the host for ``seconds`` (timing protection
+        pads a fetch to a quantum); counted as blocked time."""
+        return _Wait((), seconds)
+
     def warm_up_compute(self) -> None:
         """Hardware backends: initialise the compute library (PyTorch, cuBLAS) at set-up,
         so its one-off start (about 0.35 s on the H100) is not timed as a stall."""
@@ -101,10 +106,20 @@ class Backend(abc.ABC):
 
 
 class _Wait:
-    __slots__ = ("tickets",)
+    __slots__ = ("tickets", "hold_s")
 
-    def __init__(self, tickets):
+    def __init__(self, tickets, hold_s: float = 0.0):
         self.tickets = list(tickets)
+        self.hold_s = hold_s  # then keep the host waiting until this long after the yield
+
+
+def _hold_until(deadline: float) -> None:
+    import time
+    left = deadline - time.perf_counter()
+    if left > 1e-3:
+        time.sleep(left - 1e-3)  # sleep can overshoot by a scheduler tick: spin the rest
+    while time.perf_counter() < deadline:
+        pass
 
 
 def run_sync(process: Generator, synchronize) -> float:
@@ -131,4 +146,6 @@ def run_sync(process: Generator, synchronize) -> float:
                 synchronize(t)
         except Exception as e:  # delivered at the driver's yield, as SimPy does
             error = e
+        if waited.hold_s:
+            _hold_until(t0 + waited.hold_s)
         blocked += time.perf_counter() - t0

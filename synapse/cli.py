@@ -52,9 +52,17 @@ SET_HELP = "Override a scenario field, e.g. --set memory.l1_budget=10% (repeatab
                    "(default: runs/<scenario>-<policy>-<backend>, never overwritten).")
 @click.option("--prometheus", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the metrics in Prometheus text format to this file.")
+@click.option("--serve-metrics", "serve_port", type=click.IntRange(0, 65535), metavar="PORT",
+              help="Serve live /metrics and /health on PORT while the run goes (0: any free "
+                   "port, printed); see docs/operate.md.")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True,
+              help="Address --serve-metrics binds to.")
+@click.option("--linger", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              metavar="SECONDS", help="With --serve-metrics: keep serving this long after the "
+                                      "run, so a scraper sees the final counters.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary table.")
 @one_line_errors
-def run(scenario, backend, overrides, out, prometheus, quiet):
+def run(scenario, backend, overrides, out, prometheus, serve_port, metrics_host, linger, quiet):
     """Run SCENARIO (a YAML path or a shipped name; default: needle) on a backend.
 
     Prints a summary table and writes result.json with the same fields from every
@@ -65,7 +73,21 @@ def run(scenario, backend, overrides, out, prometheus, quiet):
 
     source = str(resolve_path(scenario))
     sc = load_scenario(scenario, overrides)
-    res = run_scenario(sc, backend, source, progress=not quiet and sys.stderr.isatty())
+    server = observe = None
+    if serve_port is not None:
+        from .monitor import serve
+        from .monitor.run_probe import RunProbe
+        server, observe = serve(serve_port, metrics_host), RunProbe
+        click.echo(f"serving {server.url}/metrics and {server.url}/health", err=True)
+    try:
+        res = run_scenario(sc, backend, source, progress=not quiet and sys.stderr.isatty(),
+                           observe=observe)
+    finally:
+        if server is not None:
+            if linger:
+                import time
+                time.sleep(linger)
+            server.close()
     out_dir = out or default_out_dir(sc, backend)
     path = write_result(res, out_dir)
     if prometheus:
@@ -160,6 +182,7 @@ def list_cmd():
 
 from .cli_whatif import register as _register_whatif; _register_whatif(main)  # noqa: E402,E702
 from .cli_trace import register as _register_trace; _register_trace(main)  # noqa: E402,E702
+from .cli_operate import register as _register_operate; _register_operate(main)  # noqa: E402,E702
 
 
 if __name__ == "__main__":

@@ -95,7 +95,9 @@ def environment() -> dict:
 
 
 def run_scenario(scenario: Scenario, backend_name: str = "sim", source: str = "scenario",
-                 progress: bool = False) -> RunResult:
+                 progress: bool = False, observe=None) -> RunResult:
+    """``observe(driver, backend)``, if given, returns a probe whose ``step()`` runs after
+    every step and ``finish(records)`` after the run (live metrics: synapse.monitor)."""
     profile = load_profile(scenario.profile)
     backend = make_backend(backend_name, profile)
     try:
@@ -106,12 +108,17 @@ def run_scenario(scenario: Scenario, backend_name: str = "sim", source: str = "s
             bar = tqdm(total=getattr(driver, "num_steps", None), unit="step",
                        desc=f"{scenario.name} on {backend_name}", file=sys.stderr, leave=False)
             driver.rec.on_step = bar.update
+        probe = observe(driver, backend) if observe is not None else None
+        if probe is not None:
+            driver.rec.on_step = _both(driver.rec.on_step, probe.step)
         t0 = time.perf_counter()
         backend.run(driver.process())
         wall = time.perf_counter() - t0
         if bar is not None:
             bar.close()
         records = backend.records()
+        if probe is not None:
+            probe.finish(records)
         c = driver.mgr.counters
         metrics = {
             "wall_s": wall,
@@ -148,6 +155,16 @@ def run_scenario(scenario: Scenario, backend_name: str = "sim", source: str = "s
         return RunResult(result, list(driver.decisions()), ops_table(records))
     finally:
         backend.close()
+
+
+def _both(first, second):
+    if first is None:
+        return second
+
+    def both(n):
+        first(n)
+        second(n)
+    return both
 
 
 def _jsonable(o):

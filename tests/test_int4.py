@@ -165,21 +165,6 @@ def test_negative_zero_is_stored_as_positive_zero(group_size):
     assert t.scales.view(np.uint16)[1] == 0
 
 
-def _error_bound(x: np.ndarray, x_hat: np.ndarray, group_size: int) -> np.ndarray:
-    """Per-element bound: s/2 + 15|s - s_fp32| + output rounding + fp32 arithmetic.
-
-    s is the stored fp16 scale. The second term is the format's own cost of storing the
-    scale in fp16: when s < the exact step, the group's max lands past code 15 and is
-    clipped (it matters where the scale is a subnormal fp16).
-    """
-    g = x.reshape(-1, group_size).astype(np.float32)
-    s32 = (g.max(axis=1) - g.min(axis=1)) / np.float32(15)
-    s16 = s32.astype(np.float16).astype(np.float64)
-    absmax = np.abs(g).max(axis=1).astype(np.float64)
-    per_group = s16 / 2 + 15 * np.abs(s16 - s32) + 1e-6 * absmax + 2.0**-25
-    return np.repeat(per_group, group_size) + 2.0**-11 * np.abs(x_hat.astype(np.float64)) * 1.001
-
-
 @settings(max_examples=200, deadline=None)
 @given(
     data=st.data(),
@@ -192,11 +177,7 @@ def test_every_element_is_within_half_a_step(data, group_size, groups, dtype):
     x = data.draw(hnp.arrays(dtype, groups * group_size, elements=elements))
     x_hat = int4.dequantize(int4.quantize(x, group_size))
     err = np.abs(x.astype(np.float64) - x_hat.astype(np.float64))
-    bound = _error_bound(x, x_hat, group_size)
-    if dtype == np.float32:  # the zero is stored in fp16 too: the min may sit off the grid
-        bound = bound + np.repeat(
-            2.0**-11 * np.abs(x.reshape(-1, group_size)).max(axis=1), group_size
-        )
+    bound = int4.element_error_bound(x, x_hat, group_size)
     assert (err <= bound).all(), (err - bound).max()
 
 

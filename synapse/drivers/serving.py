@@ -70,8 +70,12 @@ class ServingDriver:
         self.rec = Recorder()
         self.num_steps = None
         self.shares = {}
+        self.protected: set[str] = set()
         if s.kind == "tenants":
             self.shares = {t.name: t.share for t in s.workload.tenants}
+            self.protected = {t.name for t in s.workload.tenants if t.protected}
+        self.padded_fetches, self.fetch_pad_s = 0, 0.0
+        self.protected_fetch_s: list[float] = []  # observed swap-in times, padded
         self._pool = None
         self._queries: dict[int, np.ndarray] = {}
         self.denied = 0
@@ -191,7 +195,7 @@ class ServingDriver:
                     mgr.record_refusal(t, [r.rid])
                     self.tenant_stats[r.tenant]["refused"] += 1
             # 2. swap in (oldest first), then start queued requests, while below high
-            moves = []
+            moves, swapped_in = [], []
             for r in list(swapped):
                 if len(running) >= self.max_running:
                     break
@@ -205,8 +209,10 @@ class ServingDriver:
                 self.tenant_stats[r.tenant]["l2_hits"] += len(ids)
                 swapped.remove(r)
                 running.append(r)
+                swapped_in.append(r)
                 r.state = "running"
                 self._req_policy.on_fetch(np.array([r.rid]), t)
+            fetch_t0 = be.now()
             tickets = self.mover.submit(moves)
             ingests = []
             for r in self._start_order(queued):
@@ -224,6 +230,7 @@ class ServingDriver:
             if ingest is not None:
                 tickets.append(ingest)
             yield from self.mover.finish(moves, tickets, t)
+            yield from self._pad_fetch(swapped_in, fetch_t0)
             if self.backend.moves_data and self.s.checks.data and moves:
                 self._check_roundtrip(moves)
             # 3. decode: one token per running request; a new block when one fills. Growth
@@ -352,6 +359,21 @@ class ServingDriver:
         return self.mover.attention(ids, nv, r.tenant, q, flops, self.sizes.layout,
                                     softmax_scale=m.head_dim ** -0.5, after=after)
 
+    def _pad_fetch(self, swapped_in, t0: float):
+        """Timing protection: when a protected tenant's request was swapped in, the host
+        goes on only at a whole number of quanta after the fetch was submitted, so how
+        long it took (how much was in L2, what others moved) does not show."""
+        if not any(r.tenant in self.protected for r in swapped_in):
+            return
+        q = self.s.policy.fetch_quantum_us * 1e-6
+        if q:
+            elapsed = self.backend.now() - t0
+            pad = max(1, math.ceil(elapsed / q)) * q - elapsed
+            self.padded_fetches += 1
+            self.fetch_pad_s += pad
+            yield self.backend.delay(pad)
+        self.protected_fetch_s.append(self.backend.now() - t0)  # what the tenant can see
+
     def _swap_out(self, running, swapped, exclude, t, need_bytes: int, forced: bool = False):
         mgr = self.mgr
         victims, freed = [], 0
@@ -439,7 +461,8 @@ class ServingDriver:
                        zero_on_free_violations=self.zero_violations)
         if self.shares:
             out.update(cross_tenant_denied=self.denied, cross_tenant_leaks=self.leaks,
-                       tenants=self.tenant_stats)
+                       tenants=self.tenant_stats, padded_fetches=self.padded_fetches,
+                       fetch_pad_s=self.fetch_pad_s)
         return out
 
     def decisions(self):

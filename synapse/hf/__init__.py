@@ -5,7 +5,7 @@
 - ``synapse.stream`` (``synapse/stream.py``): weight streaming of any ``nn.Module``;
 - ``synapse.trace_capture``: attention traces for the simulator.
 
-Imports are lazy, so ``import synapse.hf.plan`` (used by the simulator's trace replay)
+Imports are lazy, so importing the package
 does not import torch.
 """
 

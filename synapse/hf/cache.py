@@ -49,6 +49,7 @@ from ..errors import CapacityError
 from ..kv.planner import SequencePlanner
 from ..kv.shape import KVShape
 from ..kv.stack import DEMOTE_NAMES, PolicySettings, build_stack
+from ..monitor.cache_probe import publish_cache_step
 from ..telemetry import Recorder
 from .errors import UnsupportedModel
 from .int4 import dequantize_rows
@@ -459,6 +460,7 @@ class TieredCache(Cache):
                       l2_bytes=table.bytes_in(Tier.L2), l1_tensor_bytes=l1,
                       resident_blocks=len(table.ids_in(Tier.L1)), tokens=self.seen_tokens,
                       l1_hits=c.l1_hits, l2_hits=c.l2_hits, misses=c.misses)
+        publish_cache_step(self)  # /metrics: this step's counter deltas
 
     def _track_peak(self) -> None:
         self.l1_peak_bytes = max(self.l1_peak_bytes, self.device_kv_bytes())
@@ -503,6 +505,17 @@ class TieredCache(Cache):
         out["run_time_s"] = time.perf_counter() - self._t0
         out["latency"] = {}
         return out
+
+    def metric_totals(self) -> dict:
+        """Running totals for live metrics (``synapse.monitor``), cheap to read every
+        step: bytes per direction (read-through included) and the INT4 error sums."""
+        be = self._backend
+        count, err, ref = getattr(self, "_metric_q", (0, 0.0, 0.0))
+        if be.q_count != count:  # reading the device-side sums syncs: only when they grew
+            err, ref = be.int4_error()
+            self._metric_q = (be.q_count, err, ref)
+        return {"h2d": be.bytes_moved["h2d"] + self.read_h2d, "d2h": be.bytes_moved["d2h"],
+                "int4_err": err, "int4_ref": ref, "int4_n": be.q_count}
 
     def config_dict(self) -> dict:
         return {"model_type": self.model_type, "layers": self.num_layers,

@@ -29,6 +29,7 @@ from ..ops import (ZERO_STREAM, Attention, Copy, Dequantize, Ingest, LayerComput
                    Quantize, Region, Stream, Zero)
 from . import driver_api as drv
 from .pinned_pool import check_pinnable
+from ..monitor.tracker import purpose_for_space, release as _untrack, track as _track
 
 try:
     import pycuda.driver as cuda
@@ -46,6 +47,8 @@ class DeviceMemory:
     def __init__(self, backend: "CudaBackend", space: str, nbytes: int):
         self.backend, self.space, self.nbytes = backend, space, nbytes
         self.base = drv.mem_alloc(max(nbytes, 256))
+        self.tracked = _track(self.base, max(nbytes, 256), "device", purpose_for_space(space),
+                              owner="cuda_backend")
 
     def address(self, offset: int) -> int:
         return self.base + offset
@@ -55,6 +58,7 @@ class DeviceMemory:
 
     def free(self) -> None:
         if self.base:
+            _untrack(self.tracked)
             drv.mem_free(self.base)
             self.base = 0
 
@@ -73,6 +77,8 @@ class PinnedMemory:
                                 f"`ulimit -l` and free host memory") from None
         self.space, self.nbytes = space, nbytes
         self.base = int(self.array.ctypes.data)
+        self.tracked = _track(self.base, self.array.nbytes, "pinned_host",
+                              purpose_for_space(space), owner="cuda_backend")
 
     def view(self, offset: int, nbytes: int) -> np.ndarray:
         return self.array[offset: offset + nbytes]
@@ -85,6 +91,7 @@ class PinnedMemory:
         self.array[offset: offset + nbytes] = 0
 
     def free(self) -> None:
+        _untrack(self.tracked)
         base = getattr(self.array, "base", None)
         if base is not None and hasattr(base, "free"):
             base.free()
@@ -105,6 +112,7 @@ class _Staging:
         self.nbytes = nbytes
         self.host = PinnedMemory("staging_host", nbytes)
         self.dev = drv.mem_alloc(nbytes)
+        self.tracked = _track(self.dev, nbytes, "device", "staging", owner="cuda_backend")
         self.head = 0
         self.finish = finish  # completes a ticket (waits, then copies its results out)
         # [offset, size, ticket or None (the op being prepared)], in ring order
@@ -155,6 +163,7 @@ class _Staging:
         self.nbytes = 2 * total
         self.host = PinnedMemory("staging_host", self.nbytes)
         self.dev = drv.mem_alloc(self.nbytes)
+        self.tracked = _track(self.dev, self.nbytes, "device", "staging", owner="cuda_backend")
         self.head = 0
 
     def seal(self, ticket) -> None:
@@ -166,6 +175,7 @@ class _Staging:
 
     def close(self) -> None:
         if self.dev:
+            _untrack(self.tracked)
             drv.mem_free(self.dev)
             self.dev = 0
         self.host.free()

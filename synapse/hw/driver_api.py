@@ -127,3 +127,81 @@ def is_managed(ptr: int) -> bool:
     c = _cu()
     err, value = c.cuPointerGetAttribute(c.CUpointer_attribute.CU_POINTER_ATTRIBUTE_IS_MANAGED, ptr)
     return int(err) == 0 and bool(int(value))
+
+
+# -- for the residency monitor (synapse.monitor) ------------------------------------------
+def init_driver() -> None:
+    """cuInit(0); KernelError or BackendUnavailable where there is no usable driver."""
+    try:
+        ret = _cu().cuInit(0)
+    except Exception as e:  # cuda-bindings raises its own error when libcuda is missing
+        raise BackendUnavailable(f"no NVIDIA driver: {e}") from None
+    _check("cuInit", ret)
+
+
+def bind_primary_context(device: int = 0):
+    """Make the device's primary context current in the calling thread (a monitor thread
+    has none); returns the function that restores the thread's previous context and
+    releases the primary one."""
+    c = _cu()
+    dev = _check("cuDeviceGet", c.cuDeviceGet(device))
+    prev = _check("cuCtxGetCurrent", c.cuCtxGetCurrent())
+    ctx = _check("cuDevicePrimaryCtxRetain", c.cuDevicePrimaryCtxRetain(dev))
+    _check("cuCtxSetCurrent", c.cuCtxSetCurrent(ctx))
+
+    def release():
+        # put back what was current (a context PyCUDA pushed, or none) before letting go
+        c.cuCtxSetCurrent(prev)
+        c.cuDevicePrimaryCtxRelease(dev)
+    return release
+
+
+def _as_int(v) -> int:
+    if v is None:
+        return 0
+    try:
+        return int(v)
+    except TypeError:
+        return int(getattr(v, "value", 0) or 0)
+
+
+def pointer_kind(ptr: int) -> str:
+    """What the driver says ``ptr`` is, in one cuPointerGetAttributes call: 'managed',
+    'device', 'device_with_host_pointer' (device memory a host pointer maps: zero-copy,
+    the VRAM-only seed's "hostPointer != nullptr"), 'pinned_host', 'unregistered'
+    (pageable memory the driver does not know) or 'other(N)'."""
+    c = _cu()
+    a = c.CUpointer_attribute
+    attrs = [a.CU_POINTER_ATTRIBUTE_IS_MANAGED, a.CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+             a.CU_POINTER_ATTRIBUTE_HOST_POINTER]
+    err, data = c.cuPointerGetAttributes(len(attrs), attrs, ptr)
+    if int(err) != 0:
+        return "unregistered"  # not allocated, mapped or registered by a UVA context
+    managed, mtype, host_ptr = (_as_int(v) for v in data)
+    if managed:
+        return "managed"
+    if mtype == int(c.CUmemorytype.CU_MEMORYTYPE_DEVICE):
+        return "device_with_host_pointer" if host_ptr else "device"
+    if mtype == int(c.CUmemorytype.CU_MEMORYTYPE_HOST):
+        return "pinned_host"
+    if mtype == 0:
+        return "unregistered"
+    return f"other({mtype})"
+
+
+def mem_alloc_managed(nbytes: int) -> int:
+    """cuMemAllocManaged (CU_MEM_ATTACH_GLOBAL): unified memory, for tests that must see
+    the residency monitor refuse it."""
+    c = _cu()
+    flag = int(c.CUmemAttach_flags.CU_MEM_ATTACH_GLOBAL)
+    return int(_check(f"cuMemAllocManaged({nbytes})", c.cuMemAllocManaged(nbytes, flag)))
+
+
+def mem_host_alloc(nbytes: int) -> int:
+    """cuMemHostAlloc (page-locked, portable); free with mem_free_host."""
+    c = _cu()
+    return int(_check(f"cuMemHostAlloc({nbytes})", c.cuMemHostAlloc(nbytes, c.CU_MEMHOSTALLOC_PORTABLE)))
+
+
+def mem_free_host(ptr: int) -> None:
+    _check("cuMemFreeHost", _cu().cuMemFreeHost(ptr))

@@ -42,6 +42,7 @@ class HostBackend(Backend):
 
     def __init__(self):
         self._mem: dict[str, HostMemory] = {}
+        self._tracked: dict[str, int] = {}  # space -> allocation tracker handle
         self._records: list[OpRecord] = []
         self._t0 = time.perf_counter()
         self.fail_next: dict[str, int] = {}  # fault injection for tests: op kind -> count
@@ -52,7 +53,20 @@ class HostBackend(Backend):
         # residency audit can never mistake them for HBM.
         mem = HostMemory(nbytes, "host" if kind == "device" else "host")
         self._mem[space] = mem
+        self._track(space, mem)
         return mem
+
+    def _track(self, space: str, mem: HostMemory) -> None:
+        from ..monitor.tracker import TRACKER, purpose_for_space
+        TRACKER.release(self._tracked.pop(space, None))
+        self._tracked[space] = TRACKER.track(mem.address(0), mem.nbytes, "host",
+                                             purpose_for_space(space), owner="host_backend")
+
+    def close(self) -> None:
+        from ..monitor.tracker import TRACKER
+        for handle in self._tracked.values():
+            TRACKER.release(handle)
+        self._tracked = {}
 
     def view(self, region: Region) -> np.ndarray:
         return self._mem[region.space].view(region.offset, region.nbytes)
@@ -106,7 +120,7 @@ class HostBackend(Backend):
             self._layer(op)
         elif isinstance(op, Zero):
             for r in op.regions:
-                self.view(r)[:] = 0
+                self._mem[r.space].zero(r.offset, r.nbytes)
         else:
             raise KernelError(f"the cpu backend cannot run {type(op).__name__}")
         return None

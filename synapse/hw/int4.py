@@ -227,3 +227,24 @@ def measured_rmse(x, x_hat) -> float:
     """Root-mean-square reconstruction error, computed in float64."""
     d = np.asarray(x, dtype=np.float64) - np.asarray(x_hat, dtype=np.float64)
     return float(np.sqrt(np.mean(d * d)))
+
+
+def element_error_bound(x, x_hat, group_size: int) -> np.ndarray:
+    """Per-element bound on ``|x - x_hat|``: s/2 + 15|s - s_fp32| + output rounding + fp32
+    arithmetic, plus, for float32 input, the rounding of the zero point to fp16.
+
+    s is the stored fp16 scale. The second term is the format's own cost of storing the
+    scale in fp16: when s < the exact step, the group's max lands past code 15 and is
+    clipped (it matters where the scale is a subnormal fp16). For float16 input the zero
+    (the group's min) is exactly representable; for float32 it may sit off the fp16 grid.
+    """
+    x = np.asarray(x)
+    g = x.reshape(-1, group_size).astype(np.float32)
+    s32 = (g.max(axis=1) - g.min(axis=1)) / np.float32(LEVELS)
+    s16 = s32.astype(np.float16).astype(np.float64)
+    absmax = np.abs(g).max(axis=1).astype(np.float64)
+    per_group = s16 / 2 + LEVELS * np.abs(s16 - s32) + 1e-6 * absmax + 2.0**-25
+    if x.dtype != np.float16:
+        per_group = per_group + 2.0**-11 * absmax
+    out = np.repeat(per_group, group_size)
+    return out + 2.0**-11 * np.abs(np.asarray(x_hat, np.float64).reshape(-1)) * 1.001

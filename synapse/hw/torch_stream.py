@@ -195,6 +195,7 @@ class StreamHandle:
         # resident parameters and every buffer go to the device for the whole session
         for p in self.resident:
             p.data = p.data.to(dev)
+        self._track_resident()
         for m in self.model.modules():
             for name, b in list(m._buffers.items()):
                 if b is not None and b.device != dev:
@@ -225,6 +226,20 @@ class StreamHandle:
             self.hooks.append(u.register_forward_hook(self._post(i)))
         self.hooks.append(self.model.register_forward_pre_hook(self._model_pre))
         self.hooks.append(self.model.register_forward_hook(self._model_post))
+
+    def _track_resident(self) -> None:
+        """Host copies, the ring and the resident parameters, for the allocation tracker."""
+        from ..monitor.tracker import track_tensor
+        self.tracked = [track_tensor(self.host, "stream_host_weights", owner="synapse.stream"),
+                        track_tensor(self.ring_buf, "ring", owner="synapse.stream")]
+        self.tracked += [track_tensor(p.data, "stream_resident_weights", owner="synapse.stream")
+                         for p in self.resident]
+
+    def _untrack_memory(self) -> None:
+        from ..monitor.tracker import release
+        for h in self.tracked:
+            release(h)
+        self.tracked = []
 
     # -- the hot path -----------------------------------------------------------------------
     def _issue(self, j: int, purpose: str) -> None:
@@ -393,6 +408,7 @@ class StreamHandle:
         for m, name, b in self.buf_orig:
             m._buffers[name] = b
         self._restored = True
+        self._untrack_memory()
         self.ring_buf = self.host = None
         self.slot_bytes = self.slot_host = self.dev_views = self.host_views = []
 

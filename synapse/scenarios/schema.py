@@ -45,6 +45,9 @@ class PolicyConfig:
     prefetch: bool = checked(True, doc="prefetch (KV into headroom; layers ahead for weights)")
     prefetch_blocks: int = checked(8, non_negative, "KV blocks prefetched per step at most")
     prefetch_depth: int = checked(2, non_negative, "weight streaming: layers in flight ahead")
+    fetch_quantum_us: float = checked(0.0, non_negative,
+                                      "timing protection: a protected tenant's swap-in completes "
+                                      "at a multiple of this (0: off)")
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,8 @@ class TenantSpec:
     requests: int = checked(8, positive, "requests of this tenant")
     prompt_tokens: int = checked(1024, positive, "prompt length")
     decode_tokens: int = checked(64, positive, "tokens each request generates")
+    protected: bool = checked(False, doc="timing protection: pad this tenant's L2 -> L1 "
+                                         "fetches to policy.fetch_quantum_us")
 
 
 @dataclass(frozen=True)

@@ -172,6 +172,9 @@ class SimBackend(Backend):
         self._host_s = max(self._host_s, self.env.now) + seconds
         self._host_busy += seconds
 
+    def delay(self, seconds: float) -> simpy.Event:
+        return self.env.timeout(max(0.0, max(self._host_s, self.env.now) + seconds - self.env.now))
+
     def host_busy_s(self) -> float:
         return self._host_busy
 
