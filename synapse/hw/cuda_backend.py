@@ -25,7 +25,8 @@ import numpy as np
 
 from ..backend import Backend, _Wait, run_sync
 from ..errors import BackendUnavailable, CapacityError, KernelError
-from ..ops import Attention, Copy, Ingest, LayerCompute, Op, OpRecord, Quantize, Region, Stream, Zero
+from ..ops import (Attention, Copy, DiskIO, Ingest, LayerCompute, Op, OpRecord, Quantize, Region,
+                   Stream, Zero)
 from . import driver_api as drv
 from .pinned_pool import check_pinnable
 
@@ -202,6 +203,7 @@ class CudaBackend(Backend):
                 Stream.COMPUTE: int(self.compute.handle),
                 Stream.H2D: drv.stream_create(greatest),
                 Stream.D2H: drv.stream_create(greatest),
+                Stream.DISK: drv.stream_create(least),  # idle: its events stamp host I/O
             }
             self.stream_priority = {"compute": 0, "h2d": greatest, "d2h": greatest}
             self._mem: dict[str, object] = {}
@@ -272,6 +274,10 @@ class CudaBackend(Backend):
             self.fail_next[op.kind] = left - 1
             raise KernelError(f"{op.kind} ({op.purpose}) failed: injected fault")
         s = self.streams[stream]
+        if isinstance(op, DiskIO):  # host I/O: first wait for the copies it reads or overwrites
+            for t in after:
+                if t is not None:
+                    self._synchronize(t)
         submit_s = time.perf_counter() - self._t0
         ticket = _Ticket(op, stream, None, None, submit_s)
         # Host-side preparation (filling pinned staging, building block tables) happens
@@ -340,6 +346,8 @@ class CudaBackend(Backend):
             return self._attention(op, s, ticket)
         if isinstance(op, LayerCompute):
             return lambda: self._layer(op)
+        if isinstance(op, DiskIO):
+            return op.run  # synchronous, between two events on the idle disk stream
         if isinstance(op, Zero):
             regions = [(self._addr(r.space, r.offset), r.nbytes) for r in op.regions]
 
@@ -527,7 +535,7 @@ class CudaBackend(Backend):
                 mem.free()
             if getattr(self, "staging", None) is not None:
                 self.staging.close()
-            for key in (Stream.H2D, Stream.D2H):
+            for key in (Stream.H2D, Stream.D2H, Stream.DISK):
                 if key in getattr(self, "streams", {}):
                     drv.stream_destroy(self.streams[key])
             from . import kernels

@@ -18,7 +18,8 @@ import numpy as np
 
 from ..backend import Backend, _Wait, run_sync
 from ..errors import KernelError
-from ..ops import Attention, Copy, Ingest, LayerCompute, Op, OpRecord, Quantize, Region, Stream, Zero
+from ..ops import (Attention, Copy, DiskIO, Ingest, LayerCompute, Op, OpRecord, Quantize, Region,
+                   Stream, Zero)
 from . import int4
 from .attention_ref import BlockRef, attention_decode_ref
 from .kv_layout import FMT_FP16, FMT_INT4
@@ -96,6 +97,8 @@ class HostBackend(Backend):
         elif isinstance(op, Zero):
             for r in op.regions:
                 self.view(r)[:] = 0
+        elif isinstance(op, DiskIO):
+            op.run()
         else:
             raise KernelError(f"the cpu backend cannot run {type(op).__name__}")
         return None
