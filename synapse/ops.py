@@ -23,7 +23,8 @@ class Stream(enum.Enum):
     COMPUTE = "compute"
     H2D = "h2d"
     D2H = "d2h"
-    DISK = "disk"      # host threads reading and writing L3 chunk files
+    DISK_READ = "disk_read"     # host threads reading L3 chunk files (loads never queue
+    DISK_WRITE = "disk_write"   # behind the background writes of saves)
 
 
 @dataclass(frozen=True)

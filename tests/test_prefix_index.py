@@ -119,3 +119,12 @@ def test_any_sequence_keeps_every_tier_within_capacity_and_its_byte_count_exact(
         for t, tier in enumerate(ix.tiers):
             assert tier.used_bytes == sum(tier.lru.values()) <= tier.spec.capacity_bytes
             assert set(tier.lru) == held.get(t, set())
+
+
+def test_storing_a_recomputed_chunk_that_a_lower_tier_holds_places_it_in_l1_only():
+    ix = three_tiers(l1=1, l2=2, write_through=True)
+    ix.store(key(0), C)
+    ix.store(key(1), C)                      # 0 leaves L1, keeps its L2 and L3 copies
+    moves = ix.store(key(0), C)
+    assert [m for m in moves if m.key == key(0)] == [Move("store", key(0), -1, 0, C)]
+    assert ix.lookup([key(0)]) == [0] and ix.holds(key(0), 1) and ix.holds(key(0), 2)

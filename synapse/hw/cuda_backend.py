@@ -203,7 +203,9 @@ class CudaBackend(Backend):
                 Stream.COMPUTE: int(self.compute.handle),
                 Stream.H2D: drv.stream_create(greatest),
                 Stream.D2H: drv.stream_create(greatest),
-                Stream.DISK: drv.stream_create(least),  # idle: its events stamp host I/O
+                # idle streams: their events stamp the host's disk I/O
+                Stream.DISK_READ: drv.stream_create(least),
+                Stream.DISK_WRITE: drv.stream_create(least),
             }
             self.stream_priority = {"compute": 0, "h2d": greatest, "d2h": greatest}
             self._mem: dict[str, object] = {}
@@ -347,7 +349,7 @@ class CudaBackend(Backend):
         if isinstance(op, LayerCompute):
             return lambda: self._layer(op)
         if isinstance(op, DiskIO):
-            return op.run  # synchronous, between two events on the idle disk stream
+            return op.run  # synchronous, between two events on an idle disk stream
         if isinstance(op, Zero):
             regions = [(self._addr(r.space, r.offset), r.nbytes) for r in op.regions]
 
@@ -535,7 +537,7 @@ class CudaBackend(Backend):
                 mem.free()
             if getattr(self, "staging", None) is not None:
                 self.staging.close()
-            for key in (Stream.H2D, Stream.D2H, Stream.DISK):
+            for key in (Stream.H2D, Stream.D2H, Stream.DISK_READ, Stream.DISK_WRITE):
                 if key in getattr(self, "streams", {}):
                     drv.stream_destroy(self.streams[key])
             from . import kernels

@@ -8,9 +8,9 @@ with backend ops, so the simulator and the hardware make the same decisions).
 Tiers are ordered fastest first (L1 device, L2 pinned host, L3 disk); any subset may be
 configured. Caching is inclusive: a chunk may have copies in several tiers.
 
-- ``store``: a new chunk goes to the first tier that can take it; with ``write_through``
-  it is also copied down to every lower tier (so the disk holds everything saved, which
-  is what other processes sharing the directory find).
+- ``store``: a computed chunk goes to the first tier that can take it (or stays where it
+  already is); with ``write_through`` it is also copied down to every lower tier (so the
+  disk holds everything saved, which is what other processes sharing the directory find).
 - eviction from tier t: a chunk with a copy below is just freed; otherwise it is demoted
   (copied to t+1, making room there the same way, then freed); from the last tier it is
   dropped. ``protected`` chunks (those a request is using) are never victims.
@@ -20,7 +20,7 @@ configured. Caching is inclusive: a chunk may have copies in several tiers.
   only on the number of keys (a tenant's lookup cannot be timed to learn whether some
   other key space is populated).
 
-Operations (n keys, T tiers): lookup O(n T); touch, adopt, forget O(1); store/promote
+Operations (n keys, T tiers): lookup O(n T); touch, adopt, forget O(1); refresh O(T); store/promote
 O(T + victims); trim O(victims).
 """
 
@@ -147,15 +147,17 @@ class PrefixIndex:
             self.tiers[tier].touch(key)
 
     def store(self, key: bytes, nbytes: int, protected=frozenset()) -> list[Move]:
-        """Place a new chunk (already present: refresh it instead)."""
+        """Place a chunk the caller has just computed: into the fastest tier with room (a
+        tier that already holds it ends the search and is only refreshed), then, with
+        ``write_through``, into every lower tier that lacks it."""
         moves: list[Move] = []
-        if any(key in t.lru for t in self.tiers):
-            for i, t in enumerate(self.tiers):
-                self.touch(key, i)
-            return moves
         protected = set(protected) | {key}
         first = None
         for t in range(len(self.tiers)):
+            if key in self.tiers[t].lru:
+                self.tiers[t].touch(key)
+                first = t
+                break
             room = self._make_room(t, nbytes, protected)
             if room is not None:
                 moves += room
@@ -167,6 +169,12 @@ class PrefixIndex:
             moves += self._copy_along(key, nbytes, first, range(first + 1, len(self.tiers)),
                                        protected)
         return moves
+
+    def refresh(self, key: bytes) -> None:
+        """Mark a chunk as just used in every tier that holds it."""
+        for t in self.tiers:
+            if key in t.lru:
+                t.touch(key)
 
     def promote(self, key: bytes, src: int, dst: int, protected=frozenset()) -> list[Move]:
         """Copy a chunk found in ``src`` up into every tier from ``dst`` to ``src - 1``

@@ -12,9 +12,9 @@ process) whose prompt starts the same way.
 Decisions come from ``PrefixIndex`` (LRU, watermarks, capacities; no I/O); this class
 carries its moves out on the media: L1 ``DeviceMedium`` (or any ``ChunkMedium``), L2
 ``HostMedium`` (pinned where CUDA exists), L3 ``DiskTier``. Memory copies happen in the
-calling thread; every disk read and write runs on a thread pool, so ``save`` returns
-without waiting for the disk, and ``load_async`` returns a handle while L3 reads
-proceed. A chunk that fails its checksum, is truncated or has vanished is deleted,
+calling thread; disk reads and writes run on two thread pools (reads never wait behind
+writes), so ``save`` returns without waiting for the disk, and ``load_async`` returns a
+handle while L3 reads proceed. A chunk that fails its checksum, is truncated or has vanished is deleted,
 counted and treated as a miss: ``load`` restores the prefix up to it and the caller
 recomputes the rest. Thread-safe (one lock around the index and the media).
 """
@@ -98,7 +98,10 @@ class PrefixStore:
         self.l3 = len(specs) - 1 if self.disk is not None else None
         self.stats = PrefixStats(self.names)
         self._lock = threading.RLock()
-        self._pool = ThreadPoolExecutor(max(1, io_workers), thread_name_prefix="synapse-l3")
+        # Two pools, so a load's reads never queue behind the background writes of saves.
+        self._pool = ThreadPoolExecutor(max(1, io_workers), thread_name_prefix="synapse-l3-read")
+        self._write_pool = ThreadPoolExecutor(max(1, io_workers),
+                                              thread_name_prefix="synapse-l3-write")
         self._meta: dict[bytes, ChunkMeta] = {}
         self._writes: dict[bytes, Future] = {}
         self._errors: list[str] = []
@@ -129,7 +132,7 @@ class PrefixStore:
             protected = set(self._pins)  # a save's own older chunks may make room for newer
             for i, key in enumerate(keys):
                 if found[i] >= 0:
-                    self.index.store(key, 0, protected)  # refresh its LRU position
+                    self.index.refresh(key)
                     present += 1
                     continue
                 data = get(i)
@@ -193,6 +196,7 @@ class PrefixStore:
             self.flush()
         finally:
             self._pool.shutdown(wait=True)
+            self._write_pool.shutdown(wait=True)
 
     def __enter__(self):
         return self
@@ -310,7 +314,7 @@ class PrefixStore:
         self.disk.remove(key)
 
     def _write_later(self, key: bytes, data, meta: ChunkMeta) -> None:
-        self._writes[key] = self._pool.submit(self._write, key, data, meta)
+        self._writes[key] = self._write_pool.submit(self._write, key, data, meta)
 
     def _write(self, key: bytes, data, meta: ChunkMeta) -> None:
         # On an I/O thread; takes no store lock (``_free`` may wait for this under it).

@@ -77,7 +77,9 @@ class Disk:
     """The local disk under L3: one chunk file read or written takes ``fixed_us +
     bytes / rate`` (open, first I/O, then sequential transfer). The defaults (3 GB/s read,
     2 GB/s write, 100 us per file) are a placeholder of the PCIe Gen4 NVMe class, not a
-    measurement: shipped profiles cite a drive, ``synapse calibrate`` measures yours."""
+    measurement: shipped profiles cite a drive, ``synapse calibrate`` measures yours.
+    Reads and writes run on streams of their own and do not slow each other down in the
+    model, which is optimistic: a real device shares its bandwidth between them."""
 
     device: str = checked("default placeholder (not measured)", doc="what was measured or cited")
     read: Rate = field(default_factory=_disk_read)
