@@ -79,3 +79,15 @@ def test_the_shipped_scenario_runs_on_the_simulator_and_every_tier_serves():
     assert all(v > 0 for v in m["restored_tokens"].values())
     assert m["saves_but_no_loads"] is False
     assert np.isfinite(m["ttft"]["p99_us"])
+
+
+@pytest.mark.cuda
+def test_the_cuda_backend_makes_the_simulators_decisions_and_restores_exact_bytes():
+    try:
+        from synapse.hw.cuda_backend import CudaBackend
+        CudaBackend().close()
+    except Exception as exc:  # no PyCUDA, no driver, no device
+        pytest.skip(f"needs PyCUDA and an NVIDIA GPU ({exc})")
+    sim, gpu = run("sim"), run("cuda")
+    assert sim.decisions == gpu.decisions
+    assert gpu.metrics["restored_checked"] > 0 and gpu.metrics["restored_mismatches"] == 0

@@ -197,3 +197,31 @@ def test_a_store_needs_a_tier_and_a_capacity_for_its_disk(tmp_path):
         PrefixStore(FP)
     with pytest.raises(ValueError, match="l3_bytes"):
         PrefixStore(FP, l3_dir=tmp_path)
+
+
+@pytest.mark.cuda
+def test_on_a_gpu_l1_holds_device_tensors_and_l2_pinned_host_memory(tmp_path):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    toks = prompt(12, 3)
+    kv = [torch.randn(SHAPE, dtype=torch.float16, device="cuda") for _ in range(3)]
+    with store(tmp_path, l1_bytes=CHUNK, l2_bytes=3 * CHUNK, device="cuda",
+               high_watermark=1.0, low_watermark=1.0) as s:
+        s.save(toks, kv)
+        s.flush()
+        assert all(torch.from_numpy(s.media[1].raw(k)).is_pinned() for k in s.keys(toks))
+        got = s.load(toks)
+        assert got.tiers == ["l2", "l2", "l1"]       # L1 has room for one: the newest
+        assert got.chunks[2].device.type == "cuda" and got.chunks[0].is_pinned()
+        for a, b in zip(got.chunks, kv):
+            assert torch.equal(a.to("cuda"), b)
+
+
+def test_the_readme_example_runs_as_printed(capsys):
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = text.index("```python", text.index("## Prefix reuse")) + len("```python")
+    exec(compile(text[start:text.index("```", start)], "README.md (Prefix reuse)", "exec"), {})
+    first, second = capsys.readouterr().out.splitlines()
+    assert first == "64 ['l3', 'l3', 'l3', 'l2'] 0b111111"
+    assert second == "{'l1': 0, 'l2': 16, 'l3': 48} 0"

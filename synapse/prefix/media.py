@@ -17,6 +17,7 @@ The two built in:
 
 from __future__ import annotations
 
+import functools
 from typing import Protocol
 
 import numpy as np
@@ -37,6 +38,7 @@ class ChunkMedium(Protocol):
         """Forget the copy (no error if absent)."""
 
 
+@functools.lru_cache(maxsize=1)
 def _pinning_available() -> bool:
     try:
         import torch

@@ -270,10 +270,8 @@ class PrefixStore:
             self._apply(self.index.promote(key, t, into, protected), {key: data}, raw={key: buf})
         elif t > into:
             t0 = time.perf_counter()
-            moves = self.index.promote(key, t, into, protected)
-            self._apply(moves)
-            if moves:
-                self.stats.loaded(name, self._meta[key].nbytes, time.perf_counter() - t0)
+            self._apply(self.index.promote(key, t, into, protected))
+            self.stats.loaded(name, self._meta[key].nbytes, time.perf_counter() - t0)
         else:
             self.index.touch(key, t)
         for u in range(len(self.names)):  # the fastest memory copy there is now
