@@ -4,8 +4,11 @@
 wants first: ``saves_but_no_loads``, true when chunks were saved but no lookup ever
 restored a token, i.e. the store costs copies and disk writes and saves nothing (a
 prompt that never repeats, a tenant salt or fingerprint that changes between calls, or
-a chunk size larger than the shared prefix). The counters are updated under a lock
-because the L3 I/O threads report too.
+a chunk size larger than the shared prefix). ``load_per_chunk`` is the time to bring a
+chunk to the tier it is served from (an L3 read and check, a copy up into L1; about zero
+for a chunk served in place); ``bytes_loaded`` counts the payload of the chunks served
+from each tier. The counters are updated under a lock because the L3 I/O
+threads report too.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class PrefixStats:
         self.vanished = 0            # a file the index knew was gone (another process)
         self.adopted = 0             # files another process wrote, found by this one
         self.write_errors = 0
+        self.read_errors = 0
         self.last_error = ""
 
     def add(self, **kw) -> None:
@@ -48,9 +52,10 @@ class PrefixStats:
             self.bytes_loaded[tier] += nbytes
             self.load_s[tier].append(seconds)
 
-    def error(self, message: str) -> None:
+    def error(self, message: str, counter: str | None = "write_errors") -> None:
         with self._lock:
-            self.write_errors += 1
+            if counter:
+                setattr(self, counter, getattr(self, counter) + 1)
             self.last_error = message
 
     def report(self, index=None) -> dict:
@@ -70,6 +75,7 @@ class PrefixStats:
                 "vanished_files": self.vanished,
                 "adopted_files": self.adopted,
                 "write_errors": self.write_errors,
+                "read_errors": self.read_errors,
                 "last_error": self.last_error,
                 "saves_but_no_loads": self.chunks_saved > 0 and self.restored_tokens == 0,
             }

@@ -150,6 +150,9 @@ class PrefixStore:
         """Start restoring the longest cached prefix of ``tokens`` (at most ``max_tokens``,
         e.g. ``len(tokens) - 1`` so one token is left to compute). Chunks found in a lower
         tier are promoted up to ``into`` (default: the fastest tier)."""
+        if into is not None and into not in self.names:
+            raise ValueError(f"into: got {into!r}, expected one of {', '.join(self.names)}")
+        into_t = 0 if into is None else self.names.index(into)
         keys = self.keys(tokens, tenant)
         limit = len(keys) if max_tokens is None else min(len(keys), max_tokens // self.chunk_tokens)
         with self._lock:
@@ -160,7 +163,6 @@ class PrefixStore:
             self._pins.update(keys)
             futures = [self._pool.submit(self._read, k) if t == self.l3 else None
                        for k, t in zip(keys, tiers)]
-        into_t = 0 if into is None else self.names.index(into)
         return LoadHandle(self, keys, tiers, futures, into_t)
 
     def load(self, tokens, tenant: str = "default", max_tokens: int | None = None) -> LoadResult:
@@ -234,6 +236,11 @@ class PrefixStore:
         except ChunkCorrupt:
             self.disk.remove(key)
             return "corrupt"
+        except OSError as e:  # EIO and the like: a miss, reported, the file left as it is
+            self.stats.add(read_errors=1)
+            self.stats.error(f"L3 directory {self.disk.dir}: reading a chunk failed: {e}",
+                             counter=None)
+            return "unreadable"
         return buf, meta, time.perf_counter() - t0
 
     def _finish_load(self, keys, tiers, futures, into: int) -> LoadResult:
@@ -244,8 +251,9 @@ class PrefixStore:
                 for key, read in zip(keys, reads):
                     if isinstance(read, str):  # a miss after all, wherever it stands
                         self.index.forget(key, self.l3)
-                        self.stats.add(**{"checksum_failures" if read == "corrupt"
-                                          else "vanished": 1})
+                        if read != "unreadable":
+                            self.stats.add(**{"checksum_failures" if read == "corrupt"
+                                              else "vanished": 1})
                 protected = set(self._pins)
                 for key, t, read in zip(keys, tiers, reads):
                     if isinstance(read, str):
@@ -268,12 +276,13 @@ class PrefixStore:
             self.stats.loaded(name, meta.nbytes, seconds)
             data = from_bytes(buf, meta)
             self._apply(self.index.promote(key, t, into, protected), {key: data}, raw={key: buf})
-        elif t > into:
+        else:  # in memory: promoted up to ``into`` (a timed copy), or served in place
             t0 = time.perf_counter()
-            self._apply(self.index.promote(key, t, into, protected))
+            if t > into:
+                self._apply(self.index.promote(key, t, into, protected))
+            else:
+                self.index.touch(key, t)
             self.stats.loaded(name, self._meta[key].nbytes, time.perf_counter() - t0)
-        else:
-            self.index.touch(key, t)
         for u in range(len(self.names)):  # the fastest memory copy there is now
             if u != self.l3 and self.index.holds(key, u):
                 data = self.media[u].get(key)
