@@ -17,8 +17,10 @@ trap 'echo "=== session limit (${SESSION_LIMIT_S:-560} s) reached: packing what 
 ( sleep "${SESSION_LIMIT_S:-560}"; kill -TERM $$; pkill -TERM -P $$ ) </dev/null >/dev/null 2>&1 &
 WATCHDOG=$!
 STAGES=${STAGES:-"env tests ncu stream hf slab calibrate scenarios summary"}
-# ring (the MLP stack of 2026-11-24 against cpu_offload) is available but not in the default
-# operate (synapse audit --backend cuda, monitor overhead on the GPU) is too: STAGES="env operate"
+# ring (the MLP stack of 2026-11-24 against cpu_offload) is available but not in the default;
+# so are operate (synapse audit --backend cuda, monitor overhead on the GPU: STAGES="env operate")
+# and prefix (issue 13: prefix_reuse on cuda and sim, then the TTFT benchmark; L3_DIR should
+# be on the machine's local NVMe, the benchmark prints which file system it measured)
 PROFILE=${PROFILE:-$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | grep -q H200 && echo h200 || echo h100)}
 mkdir -p "$OUT/logs"
 has() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -68,6 +70,17 @@ if has scenarios; then
         --out "$OUT/compare-$s" 2>&1 | tee "$OUT/logs/compare-$s.log" | tail -30
     done
   fi
+fi
+
+if has prefix; then
+  stage "prefix reuse: scenario on cuda and sim, then time to first token from L2/L3"
+  PREFIX_SET="--set model.layers=8 --set memory.l1_budget=768MiB --set memory.l2_budget=1536MiB --set workload.l3_budget=16GiB"
+  for b in sim cuda; do
+    python3 -m synapse run prefix_reuse --backend $b $PREFIX_SET --out "$OUT/prefix_reuse-$b" -q 2>&1 | tee "$OUT/logs/prefix_reuse-$b.log"
+  done
+  python3 -m synapse compare "$OUT/prefix_reuse-sim" "$OUT/prefix_reuse-cuda" --out "$OUT/compare-prefix_reuse" 2>&1 | tee "$OUT/logs/compare-prefix_reuse.log" | tail -30
+  timeout ${PREFIX_LIMIT_S:-300} python3 benchmarks/prefix_reuse.py --device cuda --model llama-8b-shape \
+    --l3-dir "${L3_DIR:-/tmp/synapse-l3}" --out "$OUT/prefix_reuse.json" 2>&1 | tee "$OUT/logs/prefix_reuse.log" | tail -12
 fi
 
 if has ncu; then

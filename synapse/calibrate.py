@@ -19,7 +19,7 @@ import yaml
 
 from .config import build, to_dict
 from .errors import ScenarioError
-from .sim.profile import Host, Kernels, Link, Profile, Rate
+from .sim.profile import Disk, Host, Kernels, Link, Profile, Rate
 
 
 def fit_rate(nbytes, seconds, calls=1, tflops: float = 0.0) -> Rate:
@@ -84,20 +84,49 @@ def build_profile(name: str, m: dict) -> tuple[Profile, dict]:
                 per_item_us=max(0.0, float(m.get("host_per_item_us", 0.0))),
                 memset_gb_per_s=float(m["host_memset_gb_per_s"]),
                 stage_gb_per_s=float(m.get("host_stage_gb_per_s", 0.0)))
+    disk = disk_from_record(m["disk"], quality) if "disk" in m else Disk()
     prof = Profile(name=name, device=m["environment"].get("device", ""),
                    hbm_bytes=int(m["hbm_bytes"]), host_pinned_bytes=int(m["host_pinned_bytes"]),
-                   link=link, kernels=kernels, host=host,
+                   link=link, kernels=kernels, host=host, disk=disk,
                    measured={"environment": {k: str(v) if not isinstance(v, (int, float, dict)) else v
                                              for k, v in m["environment"].items()}, "fit_max_rel_error": quality,
                              "device_copy_gb_per_s": m.get("device_copy_gb_per_s"),
                              "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+    if "disk" in m:
+        prof = replace(prof, measured=dict(prof.measured, disk=disk_facts(m["disk"])))
     return prof, quality
 
 
-def write_profile(prof: Profile, path: Path) -> None:
+def disk_from_record(d: dict, quality: dict) -> Disk:
+    """The disk section from ``synapse.hw.measure_disk.disk_sweep``'s record."""
+    rates = {}
+    for direction in ("read", "write"):
+        pts = d[direction]
+        rates[direction] = fit_rate(pts["bytes"], pts["seconds"], pts.get("calls", 1))
+        quality[f"disk_{direction}"] = round(fit_error(rates[direction], pts["bytes"],
+                                                       pts["seconds"], pts.get("calls", 1)), 4)
+    return Disk(device=f"{d.get('filesystem') or d['directory']} (measured, {d['method']})",
+                read=rates["read"], write=rates["write"])
+
+
+def with_disk(base: Profile, name: str, d: dict) -> tuple[Profile, dict]:
+    """``base`` with its disk section measured (``calibrate --backend disk``)."""
+    quality: dict[str, float] = {}
+    disk = disk_from_record(d, quality)
+    measured = dict(base.measured, disk=disk_facts(d), disk_fit_max_rel_error=quality)
+    return replace(base, name=name, disk=disk, measured=measured), quality
+
+
+def disk_facts(d: dict) -> dict:
+    """How the disk was measured (kept with the profile)."""
+    return {k: d[k] for k in ("directory", "filesystem", "method", "cache_effects",
+                              "read_gb_per_s", "cached_read_gb_per_s")}
+
+
+def write_profile(prof: Profile, path: Path, measured_on: str | None = None) -> None:
     """Write the profile YAML, checked to load back."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = (f"# Measured by `synapse calibrate` on {prof.device}.\n"
+    header = (f"# Measured by `synapse calibrate` on {measured_on or prof.device}.\n"
               f"# Rates are GB/s (1e9 bytes/s); fixed costs are microseconds.\n")
     text = header + yaml.safe_dump(to_dict(prof), sort_keys=False)
     build(Profile, yaml.safe_load(text), str(path))  # what we write must load back

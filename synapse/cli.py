@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import SynapseError
+from .errors import ScenarioError, SynapseError
 
 
 def one_line_errors(fn):
@@ -120,49 +120,86 @@ def validate(scenario, overrides):
 
 
 @main.command()
-@click.option("--backend", default="cuda", show_default=True, type=click.Choice(["cuda"]),
-              help="What to measure (only a real GPU can be calibrated).")
+@click.option("--backend", default="cuda", show_default=True, type=click.Choice(["cuda", "disk"]),
+              help="What to measure: cuda, this GPU and the disk; disk, only the disk (no GPU "
+                   "needed; the other figures are copied from --base).")
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Profile to write, e.g. profiles/h100-mine.yaml (the raw measurements go "
                    "beside it as .measurements.json).")
 @click.option("--name", help="Profile name scenarios refer to (default: the file's stem).")
-@click.option("--quick", is_flag=True, help="Smaller buffers: about a quarter of the time.")
+@click.option("--quick", is_flag=True, help="Smaller buffers and files: about a quarter of the time.")
+@click.option("--disk-dir", "disk_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="A directory on the disk the L3 tier will use (default: the output's "
+                   "directory); temporary files are written there and removed.")
+@click.option("--base", help="With --backend disk: the profile (name or path) whose other "
+                             "figures the new profile keeps.")
 @click.option("--from-measurements", "from_json", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Fit a profile from a recorded .measurements.json instead of measuring.")
 @one_line_errors
-def calibrate(backend, output, name, quick, from_json):
+def calibrate(backend, output, name, quick, disk_dir, base, from_json):
     """Measure this GPU (link by transfer size, both directions, device copy, INT4 and
-    attention kernels, GEMM, host overhead) and write a hardware profile the simulator
-    loads by name. Takes about a minute."""
+    attention kernels, GEMM, host overhead) and the local disk (sequential write and cold
+    read), and write a hardware profile the simulator loads by name. Takes about a minute.
+    `--backend disk --base h200` measures only the disk."""
     import json
 
-    from .calibrate import build_profile, write_profile
+    from .calibrate import build_profile, with_disk, write_profile
 
     name = name or output.stem
+    disk_dir = disk_dir or output.resolve().parent
+    progress = lambda msg: click.echo(f"measuring: {msg}", err=True)  # noqa: E731
+    if backend == "disk" and base is None and not from_json:
+        raise ScenarioError("calibrate --backend disk: --base PROFILE is needed (the profile "
+                            "whose other figures are kept), e.g. --base h200")
     if from_json:
         raw = json.loads(from_json.read_text())
+    elif backend == "disk":
+        raw = {"disk": _measure_disk(disk_dir, quick, progress)}
     else:
         try:
             from .hw.measure import measure_all
         except ImportError as e:
             from .errors import BackendUnavailable
             raise BackendUnavailable(f"calibrate needs PyCUDA and an NVIDIA GPU ({e})") from None
-        raw = measure_all(progress=lambda msg: click.echo(f"measuring: {msg}", err=True),
-                          quick=quick)
+        raw = measure_all(progress=progress, quick=quick)
+        raw["disk"] = _measure_disk(disk_dir, quick, progress)
+    if not from_json:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.with_suffix(".measurements.json").write_text(json.dumps(raw, indent=1, default=str))
-    prof, quality = build_profile(name, raw)
-    write_profile(prof, output)
+    measured_on = None
+    if backend == "disk":
+        from .sim.profile import load_profile
+        prof, quality = with_disk(load_profile(base), name, raw["disk"])
+        measured_on = (f"the disk at {raw['disk']['directory']} only; every other figure is "
+                       f"profile {base}'s")
+    else:
+        prof, quality = build_profile(name, raw)
+    write_profile(prof, output, measured_on)
     l, k = prof.link, prof.kernels
-    click.echo(f"{prof.device}: H2D {l.h2d_gb_per_s:.1f} GB/s, D2H {l.d2h_gb_per_s:.1f} GB/s, "
-               f"both {l.duplex_gb_per_s:.1f} GB/s, copy fixed {l.copy_latency_us:.1f} us; "
-               f"attention {k.attention.gb_per_s:.0f} GB/s; INT4 q/dq "
-               f"{k.int4_quantize.gb_per_s:.0f}/{k.int4_dequantize.gb_per_s:.0f} GB/s; "
-               f"host submit {prof.host.submit_us:.1f} us + {prof.host.per_item_us:.1f} us per row, "
-               f"staging {prof.host.stage_gb_per_s:.1f} GB/s")
+    if backend != "disk":
+        click.echo(f"{prof.device}: H2D {l.h2d_gb_per_s:.1f} GB/s, D2H {l.d2h_gb_per_s:.1f} GB/s, "
+                   f"both {l.duplex_gb_per_s:.1f} GB/s, copy fixed {l.copy_latency_us:.1f} us; "
+                   f"attention {k.attention.gb_per_s:.0f} GB/s; INT4 q/dq "
+                   f"{k.int4_quantize.gb_per_s:.0f}/{k.int4_dequantize.gb_per_s:.0f} GB/s; "
+                   f"host submit {prof.host.submit_us:.1f} us + {prof.host.per_item_us:.1f} us per row, "
+                   f"staging {prof.host.stage_gb_per_s:.1f} GB/s")
+    if "disk" in raw:
+        dk = prof.disk
+        click.echo(f"disk {prof.disk.device}: read {dk.read.gb_per_s:.2f} GB/s + "
+                   f"{dk.read.fixed_us:.0f} us a file, write {dk.write.gb_per_s:.2f} GB/s + "
+                   f"{dk.write.fixed_us:.0f} us; page cache: {raw['disk']['cache_effects']}")
     worst = max(quality.values()) if quality else 0.0
     click.echo(f"fits: worst relative error {worst:.1%} ({', '.join(f'{k} {v:.1%}' for k, v in quality.items())})")
     click.echo(f"wrote {output}")
+
+
+def _measure_disk(directory: Path, quick: bool, progress) -> dict:
+    from .hw.measure_disk import DISK_SIZES, QUICK_SIZES, disk_sweep
+    try:
+        return disk_sweep(directory, QUICK_SIZES if quick else DISK_SIZES, progress=progress)
+    except OSError as e:
+        from .errors import StorageError
+        raise StorageError(f"calibrate --disk-dir {directory}: {e}") from None
 
 
 @main.command("list")

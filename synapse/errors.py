@@ -39,3 +39,8 @@ class KernelError(SynapseError):
 
 class BackendUnavailable(SynapseError):
     """The requested backend cannot run on this machine (no GPU, no PyCUDA, ...)."""
+
+
+class StorageError(SynapseError):
+    """The disk tier cannot use its directory (not writable, disk full, not a directory);
+    the message names the directory."""

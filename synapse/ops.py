@@ -23,6 +23,8 @@ class Stream(enum.Enum):
     COMPUTE = "compute"
     H2D = "h2d"
     D2H = "d2h"
+    DISK_READ = "disk_read"     # host threads reading L3 chunk files (loads never queue
+    DISK_WRITE = "disk_write"   # behind the background writes of saves)
 
 
 # Which stream next writes each space, so a memset queued there is ordered before reuse.
@@ -58,8 +60,20 @@ class Op:
         return 1
 
 
+class _SizedRows:
+    """``nbytes`` and ``count`` of an op whose rows are its ``sizes`` column."""
+
+    @property
+    def nbytes(self):
+        return int(self.sizes.sum())
+
+    @property
+    def count(self):
+        return len(self.sizes)
+
+
 @dataclass(frozen=True, eq=False)
-class Copy(Op):
+class Copy(_SizedRows, Op):
     """A batch of copies in one direction between two spaces, as columns of byte
     offsets and sizes: one batched launch on the hardware, whatever the number of rows.
     ``d2d`` (a compacting L1) and ``h2h`` (a compacting pinned L2) copies gather every
@@ -82,14 +96,6 @@ class Copy(Op):
     @property
     def kind(self):
         return f"copy_{self.direction}"
-
-    @property
-    def nbytes(self):
-        return int(self.sizes.sum())
-
-    @property
-    def count(self):
-        return len(self.sizes)
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,39 @@ class Ingest(Op):
     @property
     def count(self):
         return len(self.dst)
+
+
+@dataclass(frozen=True)
+class Prefill(Ingest):
+    """A forward pass over new prompt tokens that leaves their KV in ``dst`` (L1).
+
+    The simulator charges ``flops`` at the profile's GEMM rate (prefill is compute-bound);
+    the hardware backends write what ``source`` gives, as an ``Ingest``: they run no
+    model, so on them the op's time is a copy's, not a prefill's (a real model's time to
+    first token is measured by ``benchmarks/prefix_reuse.py``).
+    """
+
+    flops: float = 0.0
+    tokens: int = 0
+
+    @property
+    def kind(self):
+        return "prefill"
+
+
+@dataclass(frozen=True, eq=False)
+class DiskIO(_SizedRows, Op):
+    """Whole chunk files read from or written to the L3 directory, from or into pinned
+    host memory. The simulator charges the profile's disk rates per file; the hardware
+    backends call ``run()``, which does the I/O (the simulator never calls it)."""
+
+    direction: str = "read"   # "read" (L3 -> L2) or "write" (L2 -> L3)
+    sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    run: Optional[Callable[[], None]] = None
+
+    @property
+    def kind(self):
+        return f"disk_{self.direction}"
 
 
 @dataclass(frozen=True, eq=False)

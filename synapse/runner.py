@@ -57,6 +57,9 @@ def driver_for(kind: str):
     if kind == "trace":
         from .drivers.trace import TraceDriver
         return TraceDriver
+    if kind == "prefix_reuse":
+        from .drivers.prefix_reuse import PrefixReuseDriver
+        return PrefixReuseDriver
     if kind in ("tsunami", "tenants"):
         from .drivers.serving import ServingDriver
         return ServingDriver

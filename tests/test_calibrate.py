@@ -77,3 +77,39 @@ def test_profile_from_the_recorded_h100_measurements():
     prof, quality = build_profile("h100", json.loads(RECORDED.read_text()))
     assert 20 < prof.link.h2d_gb_per_s < 80
     assert max(quality.values()) < 0.25, quality
+
+
+def test_disk_rates_are_fitted_from_a_disk_record():
+    disk_read, disk_write = Rate(80.0, 6.0), Rate(300.0, 2.5)
+    sizes = [1 << 20, 8 << 20, 64 << 20]
+    rec = _synthetic_record()
+    rec["disk"] = {"directory": "/nvme", "filesystem": "xfs on /dev/nvme0n1", "method": "o_direct",
+                   "cache_effects": "none seen", "read_gb_per_s": 6.0, "cached_read_gb_per_s": 20.0,
+                   "read": {"bytes": sizes, "seconds": [disk_read.seconds(n) for n in sizes]},
+                   "write": {"bytes": sizes, "seconds": [disk_write.seconds(n) for n in sizes]}}
+    prof, quality = build_profile("synth", rec)
+    assert prof.disk.read.gb_per_s == pytest.approx(6.0) and prof.disk.read.fixed_us == pytest.approx(80.0)
+    assert prof.disk.write.gb_per_s == pytest.approx(2.5)
+    assert "xfs" in prof.disk.device and prof.measured["disk"]["method"] == "o_direct"
+    assert quality["disk_read"] < 1e-6
+
+
+def test_calibrating_only_the_disk_measures_this_machine_and_keeps_the_base_profile(tmp_path):
+    out = tmp_path / "profiles" / "here.yaml"
+    res = CliRunner().invoke(main, ["calibrate", "--backend", "disk", "--base", "h200", "--quick",
+                                    "--disk-dir", str(tmp_path / "disk"), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    prof, base = load_profile(str(out)), load_profile("h200")
+    assert prof.name == "here" and prof.link == base.link and prof.kernels == base.kernels
+    assert prof.disk.read.gb_per_s > 0 and prof.disk.write.gb_per_s > 0
+    assert prof.disk != base.disk and "measured" in prof.disk.device
+    assert prof.measured["disk"]["method"] in ("o_direct", "fadvise_dontneed")
+    assert "disk at" in out.read_text().splitlines()[0]
+    assert not [p for p in (tmp_path / "disk").iterdir()], "temporary files were left behind"
+    raw = json.loads(out.with_suffix(".measurements.json").read_text())
+    assert len(raw["disk"]["read"]["bytes"]) >= 3
+
+
+def test_calibrating_the_disk_without_a_base_is_one_line_exit_2(tmp_path):
+    res = CliRunner().invoke(main, ["calibrate", "--backend", "disk", "-o", str(tmp_path / "p.yaml")])
+    assert res.exit_code == 2 and "--base PROFILE is needed" in res.output

@@ -64,7 +64,7 @@ PRIVATE = [
     (re.compile(r"\btable\.handle\["), "reads a page-table handle"),
     (re.compile(r"\b(mgr|manager)\._\w+"), "uses a manager private"),
     (re.compile(r"\b(mgr|manager)\.policy\.on_\w+"), "calls the policy behind the manager"),
-    (re.compile(r"\bcounters\.\w+\s*[-+]?="), "writes the manager's counters"),
+    (re.compile(r"\b(mgr|manager)\.counters\.\w+\s*[-+]?="), "writes the manager's counters"),
     (re.compile(r"\.num_denied\s*[-+]?="), "bumps an allocator counter"),
 ]
 

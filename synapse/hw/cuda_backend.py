@@ -25,8 +25,8 @@ import numpy as np
 
 from ..backend import Backend, _Wait, run_sync
 from ..errors import BackendUnavailable, CapacityError, KernelError
-from ..ops import (ZERO_STREAM, Attention, Copy, Dequantize, Ingest, LayerCompute, Op, OpRecord,
-                   Quantize, Region, Stream, Zero)
+from ..ops import (ZERO_STREAM, Attention, Copy, Dequantize, DiskIO, Ingest, LayerCompute, Op,
+                   OpRecord, Quantize, Region, Stream, Zero)
 from . import driver_api as drv
 from .pinned_pool import check_pinnable
 from ..monitor.tracker import purpose_for_space, release as _untrack, track as _track
@@ -213,6 +213,9 @@ class CudaBackend(Backend):
                 Stream.COMPUTE: int(self.compute.handle),
                 Stream.H2D: drv.stream_create(greatest),
                 Stream.D2H: drv.stream_create(greatest),
+                # idle streams: their events stamp the host's disk I/O
+                Stream.DISK_READ: drv.stream_create(least),
+                Stream.DISK_WRITE: drv.stream_create(least),
             }
             self.stream_priority = {"compute": 0, "h2d": greatest, "d2h": greatest}
             self._mem: dict[str, object] = {}
@@ -282,6 +285,10 @@ class CudaBackend(Backend):
             self.fail_next[op.kind] = left - 1
             raise KernelError(f"{op.kind} ({op.purpose}) failed: injected fault")
         s = self.streams[stream]
+        if isinstance(op, DiskIO):  # host I/O: first wait for the copies it reads or overwrites
+            for t in after:
+                if t is not None:
+                    self._synchronize(t)
         submit_s = time.perf_counter() - self._t0
         ticket = _Ticket(op, stream, None, None, submit_s)
         # Host-side preparation (filling pinned staging, building block tables) happens
@@ -343,6 +350,8 @@ class CudaBackend(Backend):
             return self._attention(op, s, ticket)
         if isinstance(op, LayerCompute):
             return lambda: self._layer(op)
+        if isinstance(op, DiskIO):
+            return op.run  # synchronous, between two events on an idle disk stream
         if isinstance(op, Zero):
             regions = [(self._addr(r.space, r.offset), r.nbytes) for r in op.regions]
 
@@ -573,7 +582,7 @@ class CudaBackend(Backend):
                 self.staging.close()
             if getattr(self, "_scratch_mem", None) is not None:
                 drv.mem_free(self._scratch_mem[0])
-            for key in (Stream.H2D, Stream.D2H):
+            for key in (Stream.H2D, Stream.D2H, Stream.DISK_READ, Stream.DISK_WRITE):
                 if key in getattr(self, "streams", {}):
                     drv.stream_destroy(self.streams[key])
             from . import kernels

@@ -18,8 +18,8 @@ import numpy as np
 
 from ..backend import Backend, _Wait, run_sync
 from ..errors import KernelError
-from ..ops import (Attention, Copy, Dequantize, Ingest, LayerCompute, Op, OpRecord, Quantize,
-                   Region, Stream, Zero)
+from ..ops import (Attention, Copy, Dequantize, DiskIO, Ingest, LayerCompute, Op, OpRecord,
+                   Quantize, Region, Stream, Zero)
 from . import int4
 from .attention_ref import BlockRef, attention_decode_ref
 from .kv_layout import FMT_FP16, FMT_INT4
@@ -121,6 +121,8 @@ class HostBackend(Backend):
         elif isinstance(op, Zero):
             for r in op.regions:
                 self._mem[r.space].zero(r.offset, r.nbytes)
+        elif isinstance(op, DiskIO):
+            op.run()
         else:
             raise KernelError(f"the cpu backend cannot run {type(op).__name__}")
         return None

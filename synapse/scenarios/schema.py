@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from ..config import budget_check, checked, fraction, non_negative, one_of, positive
 
 POLICY_NAMES = ("lru", "fifo", "h2o", "sinks", "belady")
-KINDS = ("needle", "streaming", "tsunami", "tenants", "trace")
+KINDS = ("needle", "streaming", "tsunami", "tenants", "trace", "prefix_reuse")
 
 
 @dataclass(frozen=True)
@@ -131,12 +131,45 @@ class TraceWorkload:
                                    "a block is used in a step if its attention is >= this x uniform")
 
 
+@dataclass(frozen=True)
+class PrefixReuseWorkload:
+    """Chat turns and shared-document questions whose prompts share prefixes; each
+    request's chunks are looked up, loaded from the tier holding them, the rest computed
+    and saved (synapse.workloads.prefix_reuse states the reuse distribution)."""
+
+    requests: int = checked(48, positive, "requests, served one after another")
+    chunk_tokens: int = checked(256, positive, "tokens per cached chunk (a multiple of 4)")
+    chat_share: float = checked(0.5, fraction, "probability that a request is a chat turn "
+                                               "(else a question about a document)")
+    sessions: int = checked(4, positive, "chat sessions per tenant, picked uniformly")
+    system_tokens: int = checked(1024, non_negative, "system prompt opening every chat")
+    turn_tokens: int = checked(512, positive, "tokens a chat turn adds (reply + new message)")
+    max_context_tokens: int = checked(16384, positive, "a longer conversation starts over")
+    documents: int = checked(8, positive, "shared documents")
+    document_tokens: int = checked(8192, positive, "tokens per document")
+    document_zipf: float = checked(1.0, non_negative,
+                                   "document popularity: P(rank r) ~ r^-zipf (0: uniform)")
+    question_tokens: int = checked(128, positive, "tokens of a question after its document")
+    tenants: int = checked(1, positive, "tenants taking turns; keys are salted per tenant")
+    l3_budget: str | int = checked("256GiB", budget_check,
+                                   "L3 disk capacity: a size or a % of the working set")
+    l3_dir: str = checked("", doc="hardware backends: the L3 directory (default: a temporary "
+                                  "one, removed after the run)")
+    write_through: bool = checked(True, doc="a saved chunk also goes to L2 and L3 at once")
+    reuse: bool = checked(True, doc="look up and save prefixes (false: recompute all, the "
+                                    "baseline)")
+    params: float = checked(8.0e9, positive, "model parameters: prefill costs 2 x params "
+                                             "FLOPs per token (simulator)")
+    q_per_kv: int = checked(4, positive, "query heads per KV head (prefill attention FLOPs)")
+
+
 WORKLOADS = {
     "trace": TraceWorkload,
     "needle": NeedleWorkload,
     "streaming": StreamingWorkload,
     "tsunami": TsunamiWorkload,
     "tenants": TenantsWorkload,
+    "prefix_reuse": PrefixReuseWorkload,
 }
 
 

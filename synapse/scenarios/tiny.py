@@ -15,3 +15,9 @@ TINY_TENANTS = ["model.layers=2", "model.kv_heads=2", "model.head_dim=64",
                 "workload.tenants=[{name: a, share: 0.5, requests: 3, prompt_tokens: 64, "
                 "decode_tokens: 32},{name: b, share: 0.5, requests: 6, prompt_tokens: 96, "
                 "decode_tokens: 48}]"]
+TINY_PREFIX = ["model.layers=2", "model.kv_heads=2", "model.head_dim=64",
+               "workload.chunk_tokens=32", "workload.system_tokens=64", "workload.turn_tokens=48",
+               "workload.documents=4", "workload.document_tokens=256",
+               "workload.question_tokens=16", "workload.max_context_tokens=512",
+               "memory.l1_budget=640KiB", "memory.l2_budget=1MiB", "workload.l3_budget=2MiB",
+               "workload.requests=40", "workload.tenants=2"]

@@ -16,8 +16,8 @@ from typing import Sequence
 import simpy
 
 from ..backend import Backend
-from ..ops import (ZERO_STREAM, Attention, Copy, Dequantize, Ingest, LayerCompute, Op, OpRecord,
-                   Quantize, Stream, Zero)
+from ..ops import (ZERO_STREAM, Attention, Copy, Dequantize, DiskIO, Ingest, LayerCompute, Op,
+                   OpRecord, Prefill, Quantize, Stream, Zero)
 from .link import LinkModel
 from .profile import Profile
 
@@ -115,7 +115,7 @@ class SimBackend(Backend):
         cost = self._submit_s
         if op.count > 1 and isinstance(op, (Copy, Ingest, Zero, Quantize, Dequantize)):
             cost += (op.count - 1) * self._item_s
-        if isinstance(op, Ingest):  # the host fills pinned staging before it can launch
+        if isinstance(op, Ingest) and not isinstance(op, Prefill):  # host fills pinned staging
             cost += op.nbytes * self._stage_s_per_byte
         self._host_s = max(self._host_s, now) + cost
         self._host_busy += cost
@@ -147,6 +147,11 @@ class SimBackend(Backend):
                 yield self.env.timeout(self.profile.host.memcpy_seconds(op.nbytes))
             else:
                 yield from self.link.transfer(op.direction, op.nbytes, op.count)
+        elif isinstance(op, Prefill):
+            yield self.env.timeout(k.gemm.seconds(0, 1, op.flops))
+        elif isinstance(op, DiskIO):
+            rate = self.profile.disk.read if op.direction == "read" else self.profile.disk.write
+            yield self.env.timeout(rate.seconds(op.nbytes, op.count))
         elif isinstance(op, Ingest):
             yield from self.link.transfer("h2d", op.nbytes, op.count)
         elif isinstance(op, Quantize):

@@ -69,6 +69,28 @@ class Host:
         return nbytes / (self.stage_gb_per_s * 1e9) if self.stage_gb_per_s else 0.0
 
 
+def _disk_read() -> Rate:
+    return Rate(100.0, 3.0)
+
+
+def _disk_write() -> Rate:
+    return Rate(100.0, 2.0)
+
+
+@dataclass(frozen=True)
+class Disk:
+    """The local disk under L3: one chunk file read or written takes ``fixed_us +
+    bytes / rate`` (open, first I/O, then sequential transfer). The defaults (3 GB/s read,
+    2 GB/s write, 100 us per file) are a placeholder of the PCIe Gen4 NVMe class, not a
+    measurement: shipped profiles cite a drive, ``synapse calibrate`` measures yours.
+    Reads and writes run on streams of their own and do not slow each other down in the
+    model, which is optimistic: a real device shares its bandwidth between them."""
+
+    device: str = checked("default placeholder (not measured)", doc="what was measured or cited")
+    read: Rate = field(default_factory=_disk_read)
+    write: Rate = field(default_factory=_disk_write)
+
+
 @dataclass(frozen=True)
 class Profile:
     name: str = checked(doc="profile name, as scenarios refer to it")
@@ -78,6 +100,7 @@ class Profile:
     link: Link = field(default_factory=Link)
     kernels: Kernels = field(default_factory=Kernels)
     host: Host = field(default_factory=Host)
+    disk: Disk = field(default_factory=Disk)
     measured: dict = field(default_factory=dict)  # calibrate: device, driver, versions, date
 
 
