@@ -74,12 +74,22 @@ SEED = 0
 
 
 # -- model and prompt -------------------------------------------------------------------
-def model_config(device_type: str, tiny: bool):
-    from transformers import LlamaConfig
+def model_config(device_type: str, tiny: bool, family: str = "llama", context: int = 32768):
+    from transformers import LlamaConfig, Qwen2Config
     # No eos/bos/pad: a random model may emit any id, and every run must make exactly
     # --new-tokens tokens for the timings and the agreement to line up.
     common = dict(eos_token_id=None, bos_token_id=None, pad_token_id=None,
-                  tie_word_embeddings=False, max_position_embeddings=32768)
+                  tie_word_embeddings=False, max_position_embeddings=max(32768, context))
+    if family == "qwen2":
+        # Qwen2-shaped (grouped-query attention, 4 KV heads of 128, rope theta 1e6, biases
+        # on q/k/v), 16 layers: ~1.2 G parameters, 2.5 GB fp16; KV of 32K tokens: 1 GiB
+        if tiny:
+            return Qwen2Config(vocab_size=512, hidden_size=128, intermediate_size=256,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               rope_theta=1e6, **common)
+        return Qwen2Config(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                           num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4,
+                           rope_theta=1e6, use_sliding_window=False, **common)
     if tiny:
         return LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256,
                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -96,10 +106,10 @@ def model_config(device_type: str, tiny: bool):
 
 def build_model(cfg, device):
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
     torch.manual_seed(SEED)
     with torch.device(device):  # initialised where it runs: no 4 GB host round trip on CUDA
-        model = LlamaForCausalLM(cfg)
+        model = AutoModelForCausalLM.from_config(cfg)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     model = model.to(dtype).eval()
     model.generation_config.eos_token_id = None
@@ -264,6 +274,7 @@ def make_step_hook(clock, device, cache, sample_kv: bool):
         def __init__(self):
             self.prefill_end = None
             self.prefill_peak = None
+            self.prefill_mapped = 0
             self.kv = []
 
         def __call__(self, input_ids, scores):
@@ -272,6 +283,9 @@ def make_step_hook(clock, device, cache, sample_kv: bool):
                 if device.type == "cuda":
                     self.prefill_peak = torch.cuda.max_memory_allocated(device)
                     torch.cuda.reset_peak_memory_stats(device)  # from here: decode's peak
+                if hasattr(cache, "reset_peaks"):
+                    self.prefill_mapped = getattr(cache, "l1_reserved_peak_bytes", 0)
+                    cache.reset_peaks()
             if sample_kv:
                 self.kv.append(held_kv_bytes(cache, device))
             return scores
@@ -315,11 +329,22 @@ def generate_once(model, ids, cache, new_tokens: int, chunk, measure: bool) -> d
         r["kv_held_end_bytes"] = held_kv_bytes(cache, device)
     if device.type == "cuda":
         decode_peak = torch.cuda.max_memory_allocated(device)
-        r["cuda_peak_delta_bytes"] = max(hook.prefill_peak, decode_peak) - base
-        r["cuda_prefill_peak_delta_bytes"] = hook.prefill_peak - base
-        r["cuda_decode_peak_delta_bytes"] = decode_peak - base
+        # device memory outside torch's allocator: TieredCache's virtual-memory arena maps
+        # its pages through the driver, so they are added (0 for every other cache)
+        mapped = getattr(cache, "l1_reserved_peak_bytes", 0) if _vmm_backed(cache) else 0
+        mapped_pre = hook.prefill_mapped if _vmm_backed(cache) else 0
+        r["vmm_decode_peak_bytes"] = mapped
+        r["cuda_peak_delta_bytes"] = max(hook.prefill_peak + mapped_pre, decode_peak + mapped) - base
+        r["cuda_prefill_peak_delta_bytes"] = hook.prefill_peak + mapped_pre - base
+        r["cuda_decode_peak_delta_bytes"] = decode_peak + mapped - base
         r["cuda_held_after_bytes"] = torch.cuda.memory_allocated(device) - base
     return r
+
+
+def _vmm_backed(cache) -> bool:
+    """Whether a TieredCache's L1 lives in driver-mapped pages (not torch's allocator)."""
+    be = getattr(cache, "_backend", None)
+    return be is not None and be.space("l1").arena is not None
 
 
 def agreement(ref: dict, got: dict) -> dict:
@@ -394,7 +419,7 @@ def run_cache(spec, model, ids, args, ref, allowance_s: float | None) -> tuple[d
         "kv_held_end_bytes": warm["kv_held_end_bytes"]})
     if device.type == "cuda":
         for k in ("cuda_peak_delta_bytes", "cuda_prefill_peak_delta_bytes",
-                  "cuda_decode_peak_delta_bytes", "cuda_held_after_bytes"):
+                  "cuda_decode_peak_delta_bytes", "cuda_held_after_bytes", "vmm_decode_peak_bytes"):
             entry[k] = max(r[k] for r in timed)
     if telemetry is not None:
         entry["l1_peak_bytes"] = telemetry.get("l1_peak_bytes")
@@ -402,7 +427,7 @@ def run_cache(spec, model, ids, args, ref, allowance_s: float | None) -> tuple[d
         entry["telemetry"] = {k: telemetry.get(k) for k in (
             "l1_budget_tokens", "l1_peak_bytes", "l1_hit_rate", "evictions", "demotions", "drops",
             "forced_evictions", "fetches", "prefetches", "bytes_h2d", "bytes_d2h", "int4_rel_rmse",
-            "stall_s")}
+            "stall_s", "l1_arena", "l1_reserved_peak_bytes", "vmm")}
     entry["agreement"] = agreement(ref, warm) if ref is not None else None
     return entry, warm
 
@@ -489,6 +514,9 @@ def parse_args(argv):
     ap.add_argument("--new-tokens", type=int, default=None, help="default 64, 16 with --tiny")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tiny", action="store_true", help="a very small model: a dry run in seconds")
+    ap.add_argument("--model", choices=("llama", "qwen2"), default="llama",
+                    help="llama: 16 layers, 8 KV heads (the 2026-11-27 runs); qwen2: 16 layers, "
+                         "4 KV heads, grouped-query attention (issue 11's shape)")
     ap.add_argument("--caches", default=",".join(CACHES), help=f"comma list of {', '.join(CACHES)}")
     ap.add_argument("--time-budget", type=float, default=160.0,
                     help="seconds the whole run should take: each cache's timed repeats are cut "
@@ -527,11 +555,13 @@ def describe(a, cfg, model, device) -> dict:
     """The JSON's header: versions, model, sizes, settings, how things were measured."""
     p = next(model.parameters())
     context = a.prompt_tokens + a.new_tokens
-    kv_full = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * context
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_full = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * context
     model_keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                   "num_attention_heads", "num_key_value_heads", "head_dim")
     config = {"device": device.type, "tiny": a.tiny, "dtype": str(p.dtype),
-              "model": {k: getattr(cfg, k) for k in model_keys},
+              "model": {k: getattr(cfg, k, None) for k in model_keys} | {
+                  "model_type": cfg.model_type, "head_dim": head_dim},
               "weights_bytes": sum(q.numel() * q.element_size() for q in model.parameters()),
               "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
               "context_tokens": context, "kv_bytes_full_precision": kv_full * p.element_size(),
@@ -543,6 +573,41 @@ def describe(a, cfg, model, device) -> dict:
     return {"benchmark": "hf_caches", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "command": [sys.executable] + sys.argv, "versions": versions(device),
             "config": config, "method": {"timing": timing, **METHOD}, "caches": {}}
+
+
+def goals(res: dict) -> list[dict]:
+    """Issue 11's targets, from this run's figures (the same measure for every cache)."""
+    c = res["caches"]
+
+    def ok(name):
+        return c.get(name, {}).get("status") == "ok"
+
+    out = []
+
+    def ratio(name, key, ref="dynamic"):
+        return c[name][key] / c[ref][key] if ok(name) and ok(ref) else None
+
+    def add(goal, value, met, text):
+        out.append({"goal": goal, "value": value, "met": met if value is not None else None,
+                    "measured": text if value is not None else "a cache did not run"})
+
+    r = ratio("tiered_full", "decode_tokens_per_s")
+    add("tiered_full decode >= 0.95x dynamic", r, r is not None and r >= 0.95, f"{r:.3f}x" if r else "")
+    r = ratio("tiered_full", "prefill_s")
+    add("tiered_full prefill within 1.1x dynamic", r, r is not None and r <= 1.1, f"{r:.3f}x" if r else "")
+    r = ratio("tiered_h2o", "decode_tokens_per_s")
+    add("tiered_h2o decode >= 0.8x dynamic", r, r is not None and r >= 0.8, f"{r:.3f}x" if r else "")
+    r2 = ratio("tiered_h2o", "decode_tokens_per_s", "offloaded")
+    add("tiered_h2o decode >= offloaded", r2, r2 is not None and r2 >= 1.0, f"{r2:.3f}x" if r2 else "")
+    r = ratio("tiered_h2o", "prefill_s")
+    add("tiered_h2o prefill within 1.5x dynamic", r, r is not None and r <= 1.5, f"{r:.3f}x" if r else "")
+    if res["config"]["device"] == "cuda" and ok("tiered_h2o") and ok("dynamic"):
+        kv = res["config"]["kv_bytes_full_precision"]
+        saved = c["dynamic"]["cuda_decode_peak_delta_bytes"] - c["tiered_h2o"]["cuda_decode_peak_delta_bytes"]
+        add("tiered_h2o decode peak below dynamic's by >= 60% of the full KV", saved / kv,
+            saved >= 0.6 * kv, f"{saved / 2**20:.0f} MiB = {saved / kv:.2f} of the full KV "
+                               f"({kv / 2**20:.0f} MiB)")
+    return out
 
 
 def not_run_reason(name: str, exc: Exception, device) -> str:
@@ -593,7 +658,7 @@ def main(argv=None) -> int:
         return 2
     device = torch.device(a.device)
     t_start = time.perf_counter()
-    cfg = model_config(device.type, a.tiny)
+    cfg = model_config(device.type, a.tiny, a.model, a.prompt_tokens + a.new_tokens)
     model = build_model(cfg, device)
     ids = make_prompt(cfg, a.prompt_tokens, device)
     specs = cache_specs(cfg, device, a.prompt_tokens + a.new_tokens)
@@ -603,12 +668,16 @@ def main(argv=None) -> int:
             route_quanto_unpack_to_torch() if a.quanto_unpack == "torch"
             else "extension (quanto's JIT-compiled kernels)")
     run_all(a, model, ids, specs, res, t_start)
+    res["goals"] = goals(res)
     res["total_s"] = time.perf_counter() - t_start
     out_path = a.out or default_out()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(res, indent=2) + "\n")
     print()
     print_table(res)
+    for g in res["goals"]:
+        print(f"goal {g['goal']}: {g['measured']} -> {'met' if g['met'] else 'MISSED'}"
+              if g["met"] is not None else f"goal {g['goal']}: not measured ({g['measured']})")
     print(f"\nwrote {out_path} ({res['total_s']:.0f} s)")
     return 0
 

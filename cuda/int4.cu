@@ -16,7 +16,8 @@
 //
 // Entry points (extern "C"): int4_quantize_g{32,64,128}(const __half* src, uint8_t* dst,
 // unsigned long long n) and int4_dequantize_g{32,64,128}(const uint8_t* src, __half* dst,
-// unsigned long long n).
+// unsigned long long n); kv_assemble_int4_g{32,64,128}, the read-through of one layer of
+// the transformers cache (see its comment below).
 
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -178,7 +179,79 @@ __device__ __forceinline__ void dequantize_impl(const uint8_t* __restrict__ src,
   }
 }
 
+// One layer's keys (blockIdx.y == 0) and values (== 1) for attention, assembled in one pass
+// (synapse/hf/cache.py, read-through of an INT4 L2): output token j of [0, n_tok) is
+//   j <  cut            : l1[j]                      (the L1 arena's full blocks)
+//   j <  cut + m * bt   : dequant(rows[(j - cut) / bt]) (the layer's L2 blocks, INT4)
+//   otherwise           : l1[j - m * bt]             (the tail block and this step's tokens)
+// l1k / l1v: the layer's planes, [tokens][tok_elems] fp16; rows: m INT4 rows of keys, then
+// m of values, each row_bytes = n/2 + 4n/G for n = bt * tok_elems elements (one block's
+// plane in the layout above); outk / outv: [n_tok][tok_elems]. Dequantization is
+// bit-exact with int4_dequantize. Contracts (checked by the caller): tok_elems % 8 == 0,
+// every pointer 16-byte aligned. Launch: 2-D grid, gridDim.y == 2, grid-stride in x.
+template <int G>
+__device__ __forceinline__ void assemble_impl(const __half* __restrict__ l1k,
+                                              const __half* __restrict__ l1v,
+                                              const uint8_t* __restrict__ rows,
+                                              __half* __restrict__ outk, __half* __restrict__ outv,
+                                              unsigned cut, unsigned m, unsigned bt,
+                                              unsigned tok_elems, unsigned n_tok) {
+  const bool is_v = blockIdx.y == 1;
+  const __half* l1 = is_v ? l1v : l1k;
+  __half* out = is_v ? outv : outk;
+  const unsigned long long row_elems = static_cast<unsigned long long>(bt) * tok_elems;
+  const unsigned long long row_bytes = row_elems / 2 + 4 * (row_elems / G);
+  const uint8_t* base = rows + (is_v ? static_cast<unsigned long long>(m) * row_bytes : 0ull);
+  const unsigned long long vec_per_tok = tok_elems / kVec;
+  const unsigned long long total = static_cast<unsigned long long>(n_tok) * vec_per_tok;
+  const unsigned long long lo = static_cast<unsigned long long>(cut) * vec_per_tok;
+  const unsigned long long hi = lo + static_cast<unsigned long long>(m) * bt * vec_per_tok;
+  const unsigned long long shift = hi - lo;
+  const uint4* in = reinterpret_cast<const uint4*>(l1);
+  uint4* dst = reinterpret_cast<uint4*>(out);
+  for (unsigned long long v = static_cast<unsigned long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+       v < total; v += static_cast<unsigned long long>(gridDim.x) * blockDim.x) {
+    if (v < lo) {
+      dst[v] = __ldg(in + v);
+    } else if (v >= hi) {
+      dst[v] = __ldg(in + (v - shift));
+    } else {
+      const unsigned long long e = (v - lo) * kVec;       // element in the L2 run
+      const unsigned long long r = e / row_elems;         // its row (block)
+      const unsigned long long i = e - r * row_elems;     // element within the row
+      const uint8_t* row = base + r * row_bytes;
+      const uint32_t word = __ldg(reinterpret_cast<const uint32_t*>(row) + i / kVec);
+      const unsigned long long g = i / G;
+      const __half* scales = reinterpret_cast<const __half*>(row + row_elems / 2);
+      const float sf = __half2float(__ldg(scales + g));
+      const float zf = __half2float(__ldg(scales + row_elems / G + g));
+      uint4 raw;
+      __half2* h = reinterpret_cast<__half2*>(&raw);
+#pragma unroll
+      for (int k = 0; k < kVec / 2; ++k) {
+        const uint32_t c0 = (word >> (8 * k)) & 0xFu;
+        const uint32_t c1 = (word >> (8 * k + 4)) & 0xFu;
+        h[k] = __floats2half2_rn(dequant_value(c0, zf, sf), dequant_value(c1, zf, sf));
+      }
+      dst[v] = raw;
+    }
+  }
+}
+
 }  // namespace
+
+#define SYNAPSE_ASSEMBLE_ENTRY(G)                                                      \
+  extern "C" __global__ void __launch_bounds__(kThreads) kv_assemble_int4_g##G(        \
+      const __half* __restrict__ l1k, const __half* __restrict__ l1v,                   \
+      const uint8_t* __restrict__ rows, __half* __restrict__ outk,                      \
+      __half* __restrict__ outv, unsigned cut, unsigned m, unsigned bt,                  \
+      unsigned tok_elems, unsigned n_tok) {                                             \
+    assemble_impl<G>(l1k, l1v, rows, outk, outv, cut, m, bt, tok_elems, n_tok);         \
+  }
+
+SYNAPSE_ASSEMBLE_ENTRY(32)
+SYNAPSE_ASSEMBLE_ENTRY(64)
+SYNAPSE_ASSEMBLE_ENTRY(128)
 
 #define SYNAPSE_INT4_ENTRY(G)                                                          \
   extern "C" __global__ void __launch_bounds__(kThreads)                               \

@@ -79,6 +79,14 @@ class Backend(abc.ABC):
         """Hardware backends: make room at set-up for ops that carry up to ``op_bytes`` of
         host payload, so no staging memory is allocated in the middle of a run."""
 
+    def step_done(self) -> None:
+        """A driver finished a step (a safe point: the virtual-memory L1 unmaps the pages
+        past its live prefix here)."""
+
+    def l1_pages(self) -> int | None:
+        """Pages the L1 arena has mapped (virtual-memory arena); None where none."""
+        return None
+
     def host_busy_s(self) -> float | None:
         """Seconds the host spent working (not blocked on the device) during ``run``:
         modelled on the simulator, measured on the hardware; None where unknown."""

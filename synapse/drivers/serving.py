@@ -291,7 +291,10 @@ class ServingDriver:
             if self.s.checks.invariants:
                 mgr.check()
                 assert self.lost_blocks() == 0, "an admitted request lost a block"
-            self.rec.step(t, be.now(), l1_bytes=self.table.bytes_in(Tier.L1),
+            be.step_done()  # a safe point: the virtual-memory L1 unmaps what is past its end
+            pages = be.l1_pages()
+            extra = {} if pages is None else {"l1_pages": pages}
+            self.rec.step(t, be.now(), **extra, l1_bytes=self.table.bytes_in(Tier.L1),
                           l2_bytes=self.table.bytes_in(Tier.L2), l1_fraction=frac,
                           running=len(running), swapped=len(swapped), queued=len(queued),
                           refused=mgr.counters.refusals)

@@ -53,7 +53,7 @@ from ..monitor.cache_probe import publish_cache_step
 from ..telemetry import Recorder
 from .errors import UnsupportedModel
 from .int4 import dequantize_rows
-from .scores import QueryTap, block_mass, token_mass
+from .scores import QueryTap, token_mass
 
 NEEDS_SCORES = ("h2o", "lru")  # h2o: accumulated attention; lru: "used" = mass threshold
 
@@ -223,6 +223,7 @@ class TieredCache(Cache):
         self.read_h2d = 0
         self.stall_s = 0.0
         self.l1_peak_bytes = 0
+        self.l1_reserved_peak_bytes = 0
         self.step_l1_bytes: list[int] = []
         self.masses: list[np.ndarray] = []          # per step, aggregated (record_masses)
         self.layer_masses: list[np.ndarray] = []    # per step, [layers, blocks]
@@ -335,44 +336,106 @@ class TieredCache(Cache):
         kp[a:n].copy_(key_states[0].transpose(0, 1))
         vp[a:n].copy_(value_states[0].transpose(0, 1))
         if st["l2_blocks"]:
-            keys, values = self._read_through(layer_idx, kp, vp, a, n)
+            keys, values = self._read_through(layer_idx, kp, vp, st["cut"], n)
         else:
             keys = kp[:n].permute(1, 0, 2).unsqueeze(0)
             values = vp[:n].permute(1, 0, 2).unsqueeze(0)
         if self.needs_scores:
             qs = self.tap.query(layer_idx)
             tok = token_mass(qs, keys, self.tap.scaling(layer_idx), keys.shape[-2] - q)
-            m = block_mass(tok, st["index"], st["num_live"])
-            self._step_mass = m if self._step_mass is None else self._step_mass + m
+            self._step_mass = tok if self._step_mass is None else self._step_mass.add_(tok)
             if self.record_masses:
-                self._layer_mass_rows.append(m)
+                self._layer_mass_rows.append(self._slot_masses(tok))
         if layer_idx == self.num_layers - 1:
             self._end_step()
         return keys, values
 
-    def _read_through(self, layer: int, kp, vp, a: int, n: int):
-        """Keys and values of L1's past tokens, then L2's (one copy of the layer's run,
-        dequantized), then this step's: dense attention over everything kept."""
+    def _read_through(self, layer: int, kp, vp, cut: int, n: int):
+        """Keys and values of L1's full blocks before the tail, then L2's (its run for
+        this layer, copied in ahead on a side stream and dequantized), then the tail and
+        this step's: dense attention over everything kept, in whole blocks until the
+        tail (past keys in any order, this step's last: the causal mask holds)."""
         st, sh = self._step, self.shape
-        l2 = self._backend.space("l2")
         m = st["l2_blocks"]
-        slot = self.stack.manager.spaces.l2.slot_bytes
-        rows = l2.slots(slot)[2 * layer: 2 * layer + 2, :m]       # [2, m, plane bytes]
-        per = rows.shape[-1]
-        t0 = time.perf_counter()
-        data = torch.empty((2, m * per), dtype=torch.uint8, device=self.device)
-        for i in range(2):  # each plane's run is contiguous: one copy each
-            data[i].copy_(rows[i].reshape(-1), non_blocking=True)
-        self.stall_s += time.perf_counter() - t0
-        self.read_h2d += 2 * m * per
+        data = self._l2_rows(layer)
+        if layer + 1 < self.num_layers:
+            self._prefetch_l2(layer + 1)
+        if st["l2_int4"] and self._assemble_kernel():
+            return self._assemble(kp, vp, data, cut, n)
         if st["l2_int4"]:
-            x = dequantize_rows(data.view(2 * m, per), sh.plane_numel, sh.int4_group, self.dtype)
+            x = dequantize_rows(data.view(2 * m, -1), sh.plane_numel, sh.int4_group, self.dtype)
         else:
-            x = data.view(self.dtype)
-        x = x.reshape(2, m * self.block_tokens, self.kv_heads, self.head_dim)
-        keys = torch.cat((kp[:a], x[0], kp[a:n]), dim=0).permute(1, 0, 2).unsqueeze(0)
-        values = torch.cat((vp[:a], x[1], vp[a:n]), dim=0).permute(1, 0, 2).unsqueeze(0)
+            x = data.view(self.dtype)  # the buffer's bytes, as the model's dtype
+        x = x.view(2, m * self.block_tokens, self.kv_heads, self.head_dim)
+        keys = torch.cat((kp[:cut], x[0], kp[cut:n]), dim=0).permute(1, 0, 2).unsqueeze(0)
+        values = torch.cat((vp[:cut], x[1], vp[cut:n]), dim=0).permute(1, 0, 2).unsqueeze(0)
         return keys, values
+
+    def _assemble_kernel(self) -> bool:
+        """Whether the fused read-through kernel (``kv_assemble_int4`` in cuda/int4.cu)
+        serves this cache: CUDA, fp16, PyCUDA present, torch on its default stream (the
+        kernel launches there). Otherwise torch ops do the same (more launches and a
+        float32 transient of the layer's L2 run)."""
+        ok = getattr(self, "_fused", None)
+        if ok is None:
+            ok = False
+            if self.device.type == "cuda" and self.dtype == torch.float16:
+                try:
+                    from ..hw import kernels
+                    kernels.use_primary_context(self.device.index or 0)
+                    ok = True
+                except Exception as e:  # noqa: BLE001 (no PyCUDA, no driver: torch ops)
+                    self._fused_reason = f"{type(e).__name__}: {e}"
+            self._fused = ok
+        return ok and torch.cuda.current_stream(self.device).cuda_stream == 0
+
+    def _assemble(self, kp, vp, data, cut: int, n: int):
+        from ..hw import kernels
+        st, sh = self._step, self.shape
+        m = st["l2_blocks"]
+        total = n + m * self.block_tokens
+        keys = torch.empty((total, self.kv_heads, self.head_dim), dtype=self.dtype, device=self.device)
+        values = torch.empty_like(keys)
+        kernels.kv_assemble_int4(kp.data_ptr(), vp.data_ptr(), data.data_ptr(), keys.data_ptr(),
+                                 values.data_ptr(), cut, m, self.block_tokens,
+                                 self.kv_heads * self.head_dim, total, sh.int4_group, stream=None)
+        return keys.permute(1, 0, 2).unsqueeze(0), values.permute(1, 0, 2).unsqueeze(0)
+
+    def _prefetch_l2(self, layer: int) -> None:
+        """Copy ``layer``'s L2 run (K and V planes, each contiguous) to the device: on
+        CUDA on a side stream into one of two buffers, while the current layer computes."""
+        st = self._step
+        m, slot = st["l2_blocks"], self.stack.manager.spaces.l2.slot_bytes
+        rows = self._backend.space("l2").slots(slot)[2 * layer: 2 * layer + 2, :m]
+        per = rows.shape[-1]
+        buf = st["l2_buf"][layer % 2]  # K's run then V's: [2 * m, per] contiguous
+        cs = st["copy_stream"]
+        if cs is not None:
+            cs.wait_stream(torch.cuda.current_stream(self.device))  # the buffer is free again
+            with torch.cuda.stream(cs):
+                for i in range(2):
+                    buf[i * m * per: (i + 1) * m * per].copy_(rows[i].reshape(-1),
+                                                               non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(cs)
+            st["l2_ready"][layer] = ev
+        else:
+            for i in range(2):
+                buf[i * m * per: (i + 1) * m * per].copy_(rows[i].reshape(-1))
+        self.read_h2d += 2 * m * per
+
+    def _l2_rows(self, layer: int) -> torch.Tensor:
+        st = self._step
+        if layer not in st["l2_ready"] and layer not in st["l2_done"]:
+            self._prefetch_l2(layer)  # the first layer of a step: nothing was copied ahead
+        ev = st["l2_ready"].pop(layer, None)
+        if ev is not None:
+            t0 = time.perf_counter()
+            torch.cuda.current_stream(self.device).wait_event(ev)
+            self.stall_s += time.perf_counter() - t0
+        st["l2_done"].add(layer)
+        m, per = st["l2_blocks"], st["l2_plane_bytes"]
+        return st["l2_buf"][layer % 2][: 2 * m * per]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
@@ -392,6 +455,7 @@ class TieredCache(Cache):
 
     def _begin_step(self, q_len: int) -> None:
         self.settle()
+        self._backend.safe_point()
         self.step += 1
         self._begun = True
         t, pl = self.step, self.planner
@@ -406,25 +470,66 @@ class TieredCache(Cache):
 
     def _layout(self, q: int) -> None:
         """Where this step's keys are: the L1 arena's live slots (this step's tokens at the
-        end), the L2 run, and which live block each key position belongs to."""
+        end, the partial tail block last), and the L2 run."""
         mgr, bt = self.stack.manager, self.block_tokens
         l1, l2 = mgr.spaces.l1, mgr.spaces.l2
-        l1_blocks = np.fromiter((s.block for s in l1.slots), np.int64, len(l1.slots))
-        l2_blocks = np.fromiter((s.block for s in l2.slots), np.int64, len(l2.slots))
         tokens = self.planner.tokens  # after this step's
-        l1_tok = np.minimum(bt, tokens - l1_blocks * bt)
-        n = int(l1_tok.sum())
+        n = l1.num_live * bt - (-tokens) % bt  # only the tail (last, pinned) is partial
         a = n - q
-        live = self.planner.live_ids()
+        cut = a - self.seen_tokens % bt       # where the tail block starts: a block boundary
+        m = l2.num_live
         st = {"l1": self._backend.space("l1").typed(self.dtype, self.kv_heads, self.head_dim),
-              "new_at": a, "l1_tokens": n, "l2_blocks": len(l2_blocks),
-              "l2_int4": self.demote == "l2_int4", "num_live": len(live)}
-        if self.needs_scores:
-            # key positions in order: L1's first ``a`` tokens, L2's, then L1's from ``a``
-            owner = np.repeat(l1_blocks, l1_tok)
-            order = np.concatenate((owner[:a], np.repeat(l2_blocks, bt), owner[a:]))
-            st["index"] = torch.as_tensor(np.searchsorted(live, order), device=self.device)
+              "new_at": a, "cut": cut, "l1_tokens": n, "l2_blocks": m,
+              "l2_int4": self.demote == "l2_int4", "l2_ready": {}, "l2_done": set()}
+        if m:
+            per = l2.slot_bytes // self.shape.planes
+            st["l2_plane_bytes"] = per
+            buf = getattr(self, "_l2_buf", None)
+            if buf is None or buf.shape[-1] < 2 * m * per:  # grown rarely: doubling
+                size = max(2 * m * per, 2 * (buf.shape[-1] if buf is not None else 0))
+                buf = self._l2_buf = torch.empty((2, size), dtype=torch.uint8, device=self.device)
+            st["l2_buf"] = buf
+            st["copy_stream"] = self._copy_stream()
         self._step = st
+
+    def _copy_stream(self):
+        if self.device.type != "cuda":
+            return None
+        if getattr(self, "_cs", None) is None:
+            self._cs = torch.cuda.Stream(device=self.device, priority=-1)
+        return self._cs
+
+    def _slot_order(self) -> np.ndarray:
+        """Block ids in the order of this step's keys: L1's slots before the tail, L2's,
+        then L1's from the tail on (a block per ``block_tokens`` keys)."""
+        mgr, bt = self.stack.manager, self.block_tokens
+        l1 = np.fromiter((x.block for x in mgr.spaces.l1.slots), np.int64, mgr.spaces.l1.num_live)
+        l2 = np.fromiter((x.block for x in mgr.spaces.l2.slots), np.int64, mgr.spaces.l2.num_live)
+        if not len(l2):
+            return l1
+        k = self._step["cut"] // bt
+        return np.concatenate((l1[:k], l2, l1[k:]))
+
+    def _slot_masses(self, tok: torch.Tensor) -> torch.Tensor:
+        """Token masses in key order -> per block, in the order of ``_slot_order``."""
+        bt = self.block_tokens
+        pad = (-tok.shape[0]) % bt
+        if pad:
+            tok = torch.nn.functional.pad(tok, (0, pad))
+        return tok.view(-1, bt).sum(-1)
+
+    def _block_masses(self) -> np.ndarray:
+        """The step's mass per live block (mean over layers), in live order: one copy to
+        the host, made when the policy needs it (before the arena moves)."""
+        return self._live_masses((self._slot_masses(self._step_mass) / self.num_layers).cpu().numpy())
+
+    def _live_masses(self, slot_mass: np.ndarray) -> np.ndarray:
+        """Per-block masses in key order -> in the order of ``planner.live_ids()``."""
+        order = self._slot_order()
+        live = self.planner.live_ids()
+        out = np.zeros(int(live.max()) + 1 if len(live) else 0, slot_mass.dtype)
+        out[order] = slot_mass
+        return out[live]
 
     def _end_step(self) -> None:
         """The last layer's keys are returned: the step's tokens are in. What the policy
@@ -434,8 +539,10 @@ class TieredCache(Cache):
         self._begun = False
         self._pending = True
         if self.record_masses and self._step_mass is not None:
-            self.masses.append((self._step_mass / self.num_layers).cpu().numpy())
-            self.layer_masses.append(torch.stack(self._layer_mass_rows).cpu().numpy())
+            self._step_mass = self._block_masses()
+            self.masses.append(self._step_mass.copy())
+            rows = torch.stack(self._layer_mass_rows).cpu().numpy()
+            self.layer_masses.append(np.stack([self._live_masses(r) for r in rows]))
 
     def settle(self) -> None:
         """Feed the finished step's masses to the policy and carry out its background
@@ -447,8 +554,8 @@ class TieredCache(Cache):
         self._pending = False
         t, pl = self.step, self.planner
         if self._step_mass is not None:
-            mass32 = (self._step_mass / self.num_layers).cpu().numpy()
-            moves = pl.observe(t, pl.live_ids(), mass32.astype(np.float64))
+            mass = self._step_mass if isinstance(self._step_mass, np.ndarray) else self._block_masses()
+            moves = pl.observe(t, pl.live_ids(), mass.astype(np.float64))
         else:
             moves = pl.observe(t, pl.live_ids()[:0], np.zeros(0))
         self._moves(moves, t)
@@ -464,6 +571,14 @@ class TieredCache(Cache):
 
     def _track_peak(self) -> None:
         self.l1_peak_bytes = max(self.l1_peak_bytes, self.device_kv_bytes())
+        self.l1_reserved_peak_bytes = max(self.l1_reserved_peak_bytes,
+                                          self.device_reserved_bytes())
+
+    def reset_peaks(self) -> None:
+        """Start the peaks over (``l1_peak_bytes``, ``l1_reserved_peak_bytes``): a
+        benchmark measuring the decode phase alone calls it when the prefill ends."""
+        self.l1_peak_bytes = self.device_kv_bytes()
+        self.l1_reserved_peak_bytes = self.device_reserved_bytes()
 
     # -- telemetry -------------------------------------------------------------------------
     def decisions(self) -> list:
@@ -501,6 +616,10 @@ class TieredCache(Cache):
         out["int4_rmse"] = math.sqrt(err / be.q_count) if be.q_count else None
         out["int4_rel_rmse"] = math.sqrt(err / ref) if ref else None
         out["l1_reserved_bytes"] = self.device_reserved_bytes()
+        out["l1_reserved_peak_bytes"] = self.l1_reserved_peak_bytes
+        mem = be.space("l1")
+        if mem.arena is not None:
+            out["vmm"] = mem.arena.stats()
         out["l1_arena"] = be.vmm_status
         out["run_time_s"] = time.perf_counter() - self._t0
         out["latency"] = {}

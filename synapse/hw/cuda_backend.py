@@ -63,6 +63,35 @@ class DeviceMemory:
             self.base = 0
 
 
+class VmmDeviceMemory:
+    """The L1 arena on CUDA virtual memory (``synapse.kv.vmm``): one plane whose pages
+    are mapped as the live prefix of the compacted arena grows; the budget is what can be
+    mapped. Unmapping waits for ``CudaBackend.step_done`` (queued copies read past the
+    end); ``zero`` touches mapped pages only."""
+
+    kind = "device"
+
+    def __init__(self, backend: "CudaBackend", space: str, nbytes: int, arena):
+        self.backend, self.space, self.nbytes, self.arena = backend, space, nbytes, arena
+        self.base = arena.base
+
+    def address(self, offset: int) -> int:
+        return self.base + offset
+
+    def extent(self, live_bytes: int) -> None:
+        self.arena.extent(live_bytes)
+
+    def zero(self, offset: int, nbytes: int) -> None:
+        end = min(offset + nbytes, len(self.arena.mapped[0]) * self.arena.page_bytes)
+        if end > offset:
+            self.backend.queue_zero(self, offset, end - offset)
+
+    def free(self) -> None:
+        if self.arena is not None:
+            self.arena.close()
+            self.arena = None
+
+
 class PinnedMemory:
     """One page-locked host array (PyCUDA ``pagelocked_empty``)."""
 
@@ -196,7 +225,7 @@ class CudaBackend(Backend):
     moves_data = True
     simulated = False
 
-    def __init__(self, device: int = 0, staging_bytes: int = 256 << 20):
+    def __init__(self, device: int = 0, staging_bytes: int = 256 << 20, vmm: bool | None = None):
         try:
             cuda.init()
             self.device = cuda.Device(device)
@@ -206,6 +235,8 @@ class CudaBackend(Backend):
         self.ctx = self.device.retain_primary_context()
         self.ctx.push()
         self._closed = False
+        self.vmm = vmm  # None: L1 on CUDA virtual memory where available; False: cuMemAlloc
+        self.l1_arena = "not allocated yet"
         try:
             least, greatest = drv.stream_priority_range()
             self.compute = cuda.Stream()
@@ -234,12 +265,39 @@ class CudaBackend(Backend):
 
     # -- memory -------------------------------------------------------------------
     def memory(self, space: str, nbytes: int, kind: str):
-        mem = DeviceMemory(self, space, nbytes) if kind == "device" else PinnedMemory(space, nbytes)
+        if space == "l1" and kind == "device" and self.vmm is not False:
+            mem = self._vmm_memory(space, nbytes)
+        else:
+            mem = DeviceMemory(self, space, nbytes) if kind == "device" else PinnedMemory(space, nbytes)
         old = self._mem.pop(space, None)
         if old is not None:
             old.free()
         self._mem[space] = mem
         return mem
+
+    def _vmm_memory(self, space: str, nbytes: int):
+        from ..kv import vmm
+        try:
+            arena = vmm.VmmArena(nbytes, 1, self.device_index, prefill_pages=16)
+        except vmm.VmmUnavailable as e:
+            if self.vmm:
+                raise BackendUnavailable(f"L1 on CUDA virtual memory: {e}") from None
+            self.l1_arena = f"one cuMemAlloc (CUDA virtual memory unavailable: {e})"
+            return DeviceMemory(self, space, nbytes)
+        self.l1_arena = f"CUDA virtual memory, {arena.page_bytes >> 20} MiB pages mapped on demand"
+        return VmmDeviceMemory(self, space, nbytes, arena)
+
+    def step_done(self) -> None:
+        """A driver finished a step: unmap the L1 pages past the live prefix (once the
+        copies compaction queued have read them), so the pages mapped are the step's."""
+        mem = self._mem.get("l1")
+        if isinstance(mem, VmmDeviceMemory) and mem.arena.trim_pending:
+            self.synchronize_all()
+            mem.arena.trim()
+
+    def l1_pages(self) -> int | None:
+        mem = self._mem.get("l1")
+        return mem.arena.pages_mapped if isinstance(mem, VmmDeviceMemory) else None
 
     def warm_up_compute(self) -> None:
         torch = self._torch_mod()
@@ -544,7 +602,7 @@ class CudaBackend(Backend):
         return audit(table, self._mem, drv.memory_type, drv.is_managed)
 
     def environment(self) -> dict:
-        env = {"device": str(self.device.name()),
+        env = {"device": str(self.device.name()), "l1_arena": self.l1_arena,
                "compute_capability": "%d.%d" % self.device.compute_capability(),
                "driver": cuda.get_driver_version(),
                "cuda_runtime_headers": ".".join(map(str, cuda.get_version())),

@@ -358,6 +358,7 @@ _ARG_FORMATS = {
     "int4_dequantize": "PPQ",
     "attention_decode_split": "PPPPiiiiifPPPP",
     "attention_decode_combine": "PPPiiP",
+    "kv_assemble_int4": "PPPPPIIIII",
 }
 
 
@@ -448,6 +449,52 @@ def dequantize_int4(src_ptr, dst_ptr, n: int, group_size: int, stream=None) -> N
     ``dst``: fp16[n], 16-byte aligned. Bit-exact with ``int4.unpack_from(..., float16)``.
     """
     _int4("dequantize", DEQUANT_VECS_PER_THREAD, src_ptr, dst_ptr, n, group_size, stream)
+
+
+_PUSHED: dict = {}
+
+
+def use_primary_context(device: int = 0) -> None:
+    """Make ``device``'s primary context (PyTorch's) current for PyCUDA in this thread, once;
+    popped at interpreter exit (a context left pushed then aborts the process)."""
+    cuda = _driver()
+    if device in _PUSHED:
+        return
+    cuda.init()
+    ctx = cuda.Device(device).retain_primary_context()
+    ctx.push()
+    _PUSHED[device] = ctx
+    import atexit
+
+    def _pop():
+        try:
+            forget_context()
+            cuda.Context.pop()
+        except Exception:  # noqa: BLE001 (exit path: nothing to report to)
+            pass
+    atexit.register(_pop)
+
+
+def kv_assemble_int4(l1k_ptr, l1v_ptr, rows_ptr, outk_ptr, outv_ptr, cut: int, m: int, bt: int,
+                     tok_elems: int, n_tok: int, group_size: int, stream=None) -> None:
+    """One layer's keys and values for attention, from the L1 planes and the layer's INT4
+    L2 rows, in one launch (see ``kv_assemble_int4_g*`` in int4.cu for the layout).
+
+    Device: current context. ``l1k``/``l1v``: fp16 [tokens][tok_elems]; ``rows``: ``2 m``
+    INT4 rows of ``bt * tok_elems`` elements (keys, then values); ``outk``/``outv``: fp16
+    [n_tok][tok_elems]. All pointers 16-byte aligned, ``tok_elems % 8 == 0``."""
+    if tok_elems % INT4_VEC_ELEMS or group_size not in int4_ref.GROUP_SIZES:
+        raise ValueError(f"kv_assemble_int4: tok_elems {tok_elems} must be a multiple of "
+                         f"{INT4_VEC_ELEMS} and group_size in {int4_ref.GROUP_SIZES}")
+    ptrs = [_ptr(p, name, 16) for p, name in ((l1k_ptr, "l1k"), (l1v_ptr, "l1v"),
+                                              (rows_ptr, "rows"), (outk_ptr, "outk"),
+                                              (outv_ptr, "outv"))]
+    fn, state = _function("int4.cu", f"kv_assemble_int4_g{group_size}", "kv_assemble_int4")
+    vecs = n_tok * tok_elems // INT4_VEC_ELEMS
+    per_sm = _blocks_per_sm(fn, state, INT4_THREADS)
+    grid = max(1, min(-(-vecs // INT4_THREADS), state.num_sms * per_sm))
+    _launch("kv assemble", fn, (grid, 2), (INT4_THREADS, 1, 1), stream,
+            (*ptrs, cut, m, bt, tok_elems, n_tok))
 
 
 @dataclass(frozen=True)

@@ -101,7 +101,9 @@ class SlotArena:
         self._bytes_per_tenant: dict[str, int] = {}
         self._generation = 0
         self.num_allocs = self.num_frees = self.num_denied = self.num_relocations = 0
-        if zero_on_init:
+        # a memory that maps pages on demand (synapse.kv.vmm) follows the live prefix
+        self._extent = getattr(memory, "extent", None)
+        if zero_on_init and self._extent is None:  # mapped pages are zeroed as they come
             memory.zero(0, self.capacity_bytes)
 
     # -- queries ----------------------------------------------------------------------
@@ -160,6 +162,8 @@ class SlotArena:
         self.num_allocs += len(out)
         if out and self._last is not None:
             self._swap(self._last, slots[-1])
+        if out and self._extent is not None:
+            self._extent(len(slots) * sb)
         return out
 
     def free(self, slot: Slot) -> None:
@@ -213,6 +217,8 @@ class SlotArena:
         self.num_frees += len(slots)
         if self.zero_on_free:  # after the relocations have read it: see take_relocations
             self._zero.append((n_new * self.slot_bytes, (n_old - n_new) * self.slot_bytes))
+        if self._extent is not None:  # pages past the end go once the relocations are done
+            self._extent(n_new * self.slot_bytes)
 
     def keep_last(self, slot: Slot | None) -> None:
         """Keep ``slot`` at the end of the live slots from now on (None: no slot). If it

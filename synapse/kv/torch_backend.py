@@ -69,7 +69,15 @@ class PlaneMemory:
 
     def zero(self, offset: int, nbytes: int) -> None:
         p = self.planes
-        self.t[:, offset // p: (offset + nbytes) // p].zero_()
+        lo, hi = offset // p, (offset + nbytes) // p
+        if self.arena is not None:  # only mapped pages may be touched
+            hi = min(hi, len(self.arena.mapped[0]) * self.arena.page_bytes)
+        if hi > lo:
+            self.t[:, lo:hi].zero_()
+
+    def extent(self, live_bytes: int) -> None:
+        if self.arena is not None:
+            self.arena.extent(live_bytes)
 
     def resize(self, nbytes: int) -> None:
         """Grow to ``nbytes`` keeping the bytes (a growing L2: pinned memory costs about a
@@ -133,8 +141,10 @@ class TorchBackend(Backend):
 
     def _vmm_memory(self, space: str, nbytes: int) -> PlaneMemory:
         from . import vmm
+        torch.cuda.init()  # the primary context must exist before the driver calls
         try:
-            arena = vmm.VmmArena(nbytes, self.planes, self.device.index or 0)
+            arena = vmm.VmmArena(nbytes, self.planes, self.device.index or 0,
+                                 prefill_pages=min(2 * self.planes, 64))
         except vmm.VmmUnavailable as e:
             if self.vmm_requested:
                 raise
@@ -143,6 +153,14 @@ class TorchBackend(Backend):
         self.vmm_status = f"CUDA virtual memory, {arena.page_bytes >> 20} MiB pages"
         return PlaneMemory(space, nbytes, "device", self.planes, self.device,
                            tensor=arena.tensor(self.device), arena=arena)
+
+    def safe_point(self) -> None:
+        """Unmap the L1 pages past the live prefix, once nothing queued still reads them
+        (compaction's copies read past the new end): a sync, only when there is any."""
+        for mem in self._mem.values():
+            if mem.arena is not None and mem.arena.trim_pending:
+                torch.cuda.current_stream(self.device).synchronize()
+                mem.arena.trim()
 
     def space(self, name: str) -> PlaneMemory:
         return self._mem[name]
