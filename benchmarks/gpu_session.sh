@@ -17,6 +17,7 @@ trap 'echo "=== session limit (${SESSION_LIMIT_S:-560} s) reached: packing what 
 ( sleep "${SESSION_LIMIT_S:-560}"; kill -TERM $$; pkill -TERM -P $$ ) </dev/null >/dev/null 2>&1 &
 WATCHDOG=$!
 STAGES=${STAGES:-"env tests ncu stream hf slab calibrate scenarios summary"}
+# kv (issue 11: VMM page costs, TieredCache vs transformers' caches on a Qwen2 shape, 32k);
 # ring (the MLP stack of 2026-11-24 against cpu_offload) is available but not in the default;
 # so are operate (synapse audit --backend cuda, monitor overhead on the GPU: STAGES="env operate")
 # and prefix (issue 13: prefix_reuse on cuda and sim, then the TTFT benchmark; L3_DIR should
@@ -109,6 +110,15 @@ fi
 if has hf; then
   stage "KV caches in generate(): TieredCache versus transformers' own"
   timeout ${HF_LIMIT_S:-240} python3 benchmarks/hf_caches.py --device cuda --out "$OUT/hf_caches.json" 2>&1 | tee "$OUT/logs/hf_caches.log" | tail -40
+fi
+
+if has kv; then
+  stage "KV engine: virtual-memory page costs, then TieredCache against transformers' caches (Qwen2-shaped, ${KV_PROMPT:-32768}-token prompt)"
+  python3 benchmarks/vmm_pages.py --out "$OUT/vmm_pages.json" 2>&1 | tee "$OUT/logs/vmm_pages.log" | tail -12
+  timeout ${KV_LIMIT_S:-330} python3 benchmarks/hf_caches.py --device cuda --model qwen2 \
+    --prompt-tokens ${KV_PROMPT:-32768} --new-tokens ${KV_NEW:-64} --repeats ${KV_REPEATS:-2} \
+    --time-budget ${KV_BUDGET_S:-280} --caches ${KV_CACHES:-dynamic,offloaded,tiered_full,tiered_h2o,tiered_lru} \
+    --out "$OUT/hf_caches_qwen2.json" 2>&1 | tee "$OUT/logs/hf_caches_qwen2.log" | tail -25
 fi
 
 if has slab; then

@@ -33,7 +33,7 @@ rm -f .whl/pycuda-*.tar.gz  # gpu_env.sh installs .whl/*.whl only; the sdist is 
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d .whl simpy plotly narwhals click pyyaml tqdm hypothesis sortedcontainers optimum-quanto \
-  termcolor einops
+  termcolor einops prometheus-client
 # hqq ships an sdist only; built without its CUDA kernels (the KV-cache path does not use them)
 DISABLE_CUDA=1 python3 -m pip wheel -q --no-deps -w .whl hqq==0.2.8.post1
 ls -la .whl
