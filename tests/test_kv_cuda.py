@@ -38,8 +38,10 @@ def _torch_cuda_or_skip():
 @pytest.mark.parametrize("policy", ["h2o", "lru"])
 def test_a_needle_run_maps_exactly_the_pages_its_live_blocks_need(policy):
     _cuda_backend_or_skip()
+    # blocks of 512 KiB (8 layers, 8 KV heads of 128): a 20% budget spans several pages
     r = run("needle", TINY_NEEDLE + [f"policy.eviction={policy}", "policy.demote=l2_int4",
-                                     "memory.l1_budget=20%"], "cuda")
+                                     "memory.l1_budget=20%", "model.layers=8", "model.kv_heads=8",
+                                     "model.head_dim=128", "checks.data=false"], "cuda")
     assert "virtual memory" in r.result["environment"]["backend"]["l1_arena"]
     tl = r.result["timeline"]
     page = 2 << 20
