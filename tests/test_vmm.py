@@ -52,9 +52,10 @@ class FakeDriver:
         for v in range(va, va + n, PAGE):
             del self.mapped[v]
 
-    def zero(self, va, n):
-        self.zeroed.append(va)
-        self.bytes[self.mapped[va]] = "zero"
+    def zero(self, ranges):
+        for va, n in ranges:
+            self.zeroed.append(va)
+            self.bytes[self.mapped[va]] = "zero"
 
 
 class ArenaMemory:

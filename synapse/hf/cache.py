@@ -194,10 +194,14 @@ class TieredCache(Cache):
 
     # -- set-up ---------------------------------------------------------------------------
     def attach(self, model) -> "TieredCache":
-        """Observe ``model``'s queries (for attention scores); returns self."""
+        """Observe ``model``'s queries (for attention scores); returns self. A policy that
+        needs no scores (fifo, sinks) hooks nothing: each hook keeps a layer's query
+        projection until the cache reads it (2 GiB for a 32k-token prefill of 16 layers)."""
         if self.tap is not None:
             self.tap.remove()
-        self.tap = QueryTap(model)
+            self.tap = None
+        if self.needs_scores:
+            self.tap = QueryTap(model)
         return self
 
     def detach(self) -> None:

@@ -100,10 +100,11 @@ class CudaVmm:
     def unmap(self, va: int, nbytes: int) -> None:
         self._check("cuMemUnmap", self.cu.cuMemUnmap(va, nbytes))
 
-    def zero(self, va: int, nbytes: int) -> None:
-        # the null stream does not order against non-blocking streams: wait for it here
-        # (pages are zeroed when mapped for a new owner, off the decode path)
-        self._check("cuMemsetD8", self.cu.cuMemsetD8(va, 0, nbytes))
+    def zero(self, ranges) -> None:
+        """Zero ``(va, nbytes)`` ranges, then wait: the null stream does not order against
+        non-blocking streams (pages are zeroed when mapped for a new owner, not per step)."""
+        for va, nbytes in ranges:
+            self._check("cuMemsetD8", self.cu.cuMemsetD8(va, 0, nbytes))
         self._check("cuCtxSynchronize", self.cu.cuCtxSynchronize())
 
 
@@ -209,9 +210,9 @@ class VmmArena:
 
     def _map_to(self, need: int) -> None:
         t0 = time.perf_counter()
+        dirty = []
         for p, handles in enumerate(self.mapped):
             first = len(handles)
-            dirty = []
             while len(handles) < need:
                 handle, zero = self.pool.take(self.tenant)
                 va = self._va(p, len(handles))
@@ -223,9 +224,9 @@ class VmmArena:
             if len(handles) > first:  # one access grant for the run just mapped
                 self.driver.set_access(self._va(p, first), (len(handles) - first) * self.page_bytes)
                 self.num_maps += len(handles) - first
-            for va in dirty:  # another tenant's bytes are never readable
-                self.driver.zero(va, self.page_bytes)
-                self.pool.zeroed += 1
+        if dirty:  # another tenant's bytes are never readable: one wait for all of them
+            self.driver.zero([(va, self.page_bytes) for va in dirty])
+            self.pool.zeroed += len(dirty)
         self.map_s += time.perf_counter() - t0
 
     # -- queries ------------------------------------------------------------------------
