@@ -53,6 +53,17 @@ def main(argv=None) -> int:
                 model.generate(ids, past_key_values=cache, max_new_tokens=1, do_sample=False,
                                **({"prefill_chunk_size": chunk} if chunk else {}))
                 torch.cuda.synchronize()
+        if a.phase == "decode":  # Python-level hot spots of the same steps
+            import cProfile
+            import pstats
+            pr = cProfile.Profile()
+            pr.enable()
+            for _ in range(a.new_tokens):
+                out = model(nxt, past_key_values=cache, use_cache=True)
+                nxt = out.logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+            pr.disable()
+            pstats.Stats(pr).sort_stats("tottime").print_stats(25)
     print(f"=== {a.cache} {a.phase}: {a.new_tokens if a.phase == 'decode' else 1} steps")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.rows))
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))
