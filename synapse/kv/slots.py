@@ -95,7 +95,7 @@ class SlotArena:
         self.slots: list[Slot] = []  # slot order: slots[i].index == i
         self._last: Slot | None = None
         self._pending: dict[int, tuple[Slot, int, int]] = {}  # id(slot) -> relocation
-        self._fresh: set[int] = set()  # ids of slots allocated since take_relocations
+        self._fresh: dict[int, Slot] = {}  # slots allocated since take_relocations, by id
         self.zero_on_free = zero_on_free
         self._zero: list[tuple[int, int]] = []  # freed byte ranges owed a memset
         self._bytes_per_tenant: dict[str, int] = {}
@@ -156,7 +156,7 @@ class SlotArena:
             self._generation += 1
             s = Slot(len(slots), sb, tenant, aid, self._generation)
             slots.append(s)
-            self._fresh.add(id(s))
+            self._fresh[id(s)] = s
             per_tenant[tenant] = per_tenant.get(tenant, 0) + sb
             out.append(s)
         self.num_allocs += len(out)
@@ -193,7 +193,7 @@ class SlotArena:
                 self._bytes_per_tenant[s.tenant] = left
             else:
                 del self._bytes_per_tenant[s.tenant]
-            self._fresh.discard(id(s))
+            self._fresh.pop(id(s), None)
             self._pending.pop(id(s), None)
         if self._last is not None and self._last.index in holes:
             self._last = None
@@ -237,14 +237,17 @@ class SlotArena:
 
         Freed bytes are zeroed only after that copy has read them (they may be a
         relocation's source): ``take_zero`` gives the ranges, in the same batch."""
+        if not self._pending:  # the common case: nothing moved
+            self._fresh.clear()
+            return []
         out = list(self._pending.values())
         # a new slot placed where a relocated block's bytes were reads them until zeroed
         sources = {src for _, src, _ in out}
-        for s in self.slots:
-            if id(s) in self._fresh and s.offset in sources:
+        for s in self._fresh.values():
+            if s.offset in sources:
                 self._zero.append((s.offset, self.slot_bytes))
         self._pending = {}
-        self._fresh = set()
+        self._fresh = {}
         self.num_relocations += len(out)
         return [r for r in out if r[1] != r[2]]
 
