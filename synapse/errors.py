@@ -39,3 +39,7 @@ class KernelError(SynapseError):
 
 class BackendUnavailable(SynapseError):
     """The requested backend cannot run on this machine (no GPU, no PyCUDA, ...)."""
+
+
+class OutputError(SynapseError):
+    """A result cannot be written where it was asked to go (names the path and why)."""
