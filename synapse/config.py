@@ -31,6 +31,7 @@ Check = Callable[[Any], "str | None"]  # returns what was expected, or None if f
 # hundred values; anything far beyond is a mistake or an attack (YAML aliases expand).
 MAX_DEPTH = 16
 MAX_VALUES = 100_000
+MAX_FILE_BYTES = 16 << 20  # and a few KiB on disk (a path to /dev/zero must not read for ever)
 
 
 def checked(default: Any = dataclasses.MISSING, check: Check | None = None, doc: str = "",
@@ -63,7 +64,7 @@ def one_of(*names) -> Check:
 
 
 def _num(x) -> str:
-    return f"{x:,}".replace(",", "_") if isinstance(x, int) and abs(x) >= 10**5 else f"{x:g}"
+    return str(x) if isinstance(x, int) else f"{x:g}"
 
 
 def within(lo, hi, lo_open: bool = False) -> Check:
@@ -76,13 +77,13 @@ def within(lo, hi, lo_open: bool = False) -> Check:
 
 
 def size_check(v):
-    from .units import MAX_BYTES, fmt_bytes, parse_bytes
+    from .units import MAX_BYTES, parse_bytes
     try:
         n = parse_bytes(v)
     except ValueError as e:
         return str(e).replace("expected ", "").split(", got ")[0]
     if n > MAX_BYTES:
-        return f"a size of at most {fmt_bytes(MAX_BYTES)} (more memory than any machine has)"
+        return "a size of at most 1 EiB (more memory than any machine has)"
     return None if n > 0 else "a size > 0"
 
 
@@ -104,9 +105,13 @@ def load_yaml(path: str | Path) -> dict:
             raise ScenarioError(f"{p}: no such file")
         if p.is_dir():
             raise ScenarioError(f"{p}: is a directory, expected a YAML file")
-        raw = p.read_bytes()
+        with open(p, "rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
     except OSError as e:
         raise ScenarioError(f"{p}: cannot read ({e.strerror or e})") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ScenarioError(f"{p}: larger than {MAX_FILE_BYTES >> 20} MiB, expected a scenario "
+                            f"or profile file of a few KiB")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from ..blocks import Fmt
 from ..errors import ScenarioError
 from ..hw.kv_layout import KVLayout
-from ..hw.slab import SlabAllocator
+from ..hw.slab import SlabAllocator, round_up
 from ..manager import DecisionLog, Spaces, TierManager
 from ..mover import Mover
 from ..page_table import PageTable
@@ -103,7 +103,8 @@ def build_kv(s: Scenario, backend, profile: Profile, working_set_bytes: int, min
     l1_space = SlabAllocator(backend.memory("l1", l1, "device"), classes, page)
     l2_space = SlabAllocator(backend.memory("l2", l2, "pinned_host"), classes,
                              page_bytes_for(sizes.fp16, l2))
-    stage_page = page_bytes_for(sizes.int4, s.memory.staging_blocks * sizes.int4)
+    # whole 256-byte-aligned slots: an INT4 block of 4-token blocks is not a multiple of 256
+    stage_page = round_up(page_bytes_for(sizes.int4, s.memory.staging_blocks * sizes.int4), 256)
     stage_bytes = max(stage_page, s.memory.staging_blocks * sizes.int4)
     staging = SlabAllocator(backend.memory("staging", stage_bytes, "device"), (sizes.int4,),
                             stage_page)

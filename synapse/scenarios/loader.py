@@ -13,7 +13,7 @@ from typing import Sequence
 
 from ..config import apply_overrides, build, load_yaml
 from ..errors import ScenarioError
-from .schema import KINDS, WORKLOADS, Scenario
+from .schema import KINDS, MAX_REQUESTS, WORKLOADS, Scenario
 
 DEFAULT_SCENARIO = "needle"
 
@@ -115,6 +115,10 @@ def _cross_checks(s: Scenario, source: str) -> None:
         if len(set(names)) != len(names):
             raise ScenarioError(f"{source}: workload.tenants: tenant names must be unique, got "
                                 f"{names}")
+        requests = sum(t.requests for t in s.workload.tenants)
+        if requests > MAX_REQUESTS:
+            raise ScenarioError(f"{source}: workload.tenants: {requests} requests in all, expected "
+                                f"at most {MAX_REQUESTS} (each is Python state visited every step)")
         total = sum(t.share for t in s.workload.tenants)
         if total > 1.0 + 1e-9:
             raise ScenarioError(f"{source}: workload.tenants: shares add up to {total:.2f}, "
