@@ -98,7 +98,8 @@ def run_scenario(scenario: Scenario, backend_name: str = "sim", source: str = "s
                  progress: bool = False) -> RunResult:
     """Run ``scenario``; refused first (one ScenarioError line) if this machine cannot hold
     what it is estimated to need, and stopped if it runs past its estimated steps."""
-    from .scenarios.estimate import StepGuard, check_needs, estimate_scenario
+    from .scenarios.estimate import (StepGuard, check_device, check_needs, device_free_bytes,
+                                     estimate_scenario)
     profile = load_profile(scenario.profile)
     if backend_name not in BACKENDS:
         raise ScenarioError(f"unknown backend {backend_name!r}; expected one of "
@@ -107,6 +108,8 @@ def run_scenario(scenario: Scenario, backend_name: str = "sim", source: str = "s
     check_needs(scenario, needs, backend_name, profile, source)
     backend = make_backend(backend_name, profile)
     try:
+        if backend_name == "cuda":
+            check_device(needs, device_free_bytes(), source)
         driver = driver_for(scenario.kind)(scenario, backend, profile, source)
         bar = None
         if progress:

@@ -179,3 +179,33 @@ def test_needs_describe_themselves_for_validate():
     assert r.exit_code == 0, r.output
     assert "needs: host" in r.output and "at most 24 steps" in r.output
     assert isinstance(estimate_scenario(load_scenario("needle", TINY_NEEDLE)), Needs)
+
+
+def test_without_a_gpu_there_is_no_free_device_memory_to_check_against():
+    from synapse.scenarios.estimate import check_device, device_free_bytes
+    try:
+        import pycuda.driver  # noqa: F401
+        pytest.skip("PyCUDA is importable here")
+    except ImportError:
+        pass
+    assert device_free_bytes() is None
+    check_device(estimate_scenario(load_scenario("needle", TINY_NEEDLE), "cuda"), None)
+
+
+@pytest.mark.cuda
+def test_on_the_gpu_the_device_need_is_checked_against_its_free_memory():
+    from synapse.scenarios.estimate import check_device, device_free_bytes
+    try:
+        from synapse.hw.cuda_backend import CudaBackend
+        backend = CudaBackend()
+    except Exception as e:  # ImportError, BackendUnavailable
+        pytest.skip(f"needs PyCUDA and an NVIDIA GPU: {e}")
+    try:
+        free = device_free_bytes()
+        assert free is not None and free > 0
+        needs = estimate_scenario(load_scenario("needle", TINY_NEEDLE), "cuda")
+        check_device(needs, free)  # the tiny scenario fits
+        with pytest.raises(ScenarioError, match="what this GPU has free"):
+            check_device(dataclasses.replace(needs, device_bytes=free + 1), free)
+    finally:
+        backend.close()

@@ -93,6 +93,16 @@ class Needs:
         return ", ".join(parts)
 
 
+def device_free_bytes() -> int | None:
+    """Free memory of the current CUDA context's device (after the cuda backend has made
+    its context current), None where PyCUDA or a context is missing."""
+    try:
+        import pycuda.driver as cuda
+        return int(cuda.mem_get_info()[0])
+    except Exception:  # noqa: BLE001 - no PyCUDA, no context: nothing to check against
+        return None
+
+
 # -- per kind ---------------------------------------------------------------------------------
 def _sizes(s: Scenario):
     from ..drivers.kv_common import BlockSizes
@@ -286,6 +296,17 @@ def estimate_scenario(s: Scenario, backend: str = "sim", source: str = "scenario
     """What ``s`` needs on ``backend`` (see the module docstring); a ScenarioError for a
     serving scenario that could never finish."""
     return _KINDS[s.kind](s, backend, source)
+
+
+def check_device(needs: Needs, free_bytes: int | None, source: str = "scenario") -> None:
+    """On the GPU itself: refuse before allocating when the device has less free memory
+    than the scenario needs (the profile's HBM was checked already)."""
+    if free_bytes is not None and needs.device_bytes > free_bytes:
+        path, value, what = needs.blame
+        field_part = f"{path}: got {value}, " if path else ""
+        raise ScenarioError(f"{source}: {field_part}needs {fmt_bytes(needs.device_bytes)} of "
+                            f"device memory, expected at most what this GPU has free "
+                            f"({fmt_bytes(free_bytes)})")
 
 
 def check_needs(s: Scenario, needs: Needs, backend: str, profile, source: str = "scenario",
