@@ -124,12 +124,27 @@ def disk_facts(d: dict) -> dict:
 
 
 def write_profile(prof: Profile, path: Path, measured_on: str | None = None) -> None:
-    """Write the profile YAML, checked to load back."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write the profile YAML (atomically), checked to load back."""
+    from .outputs import atomic_write
     header = (f"# Measured by `synapse calibrate` on {measured_on or prof.device}.\n"
               f"# Rates are GB/s (1e9 bytes/s); fixed costs are microseconds.\n")
     text = header + yaml.safe_dump(to_dict(prof), sort_keys=False)
     build(Profile, yaml.safe_load(text), str(path))  # what we write must load back
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write(path, text)
+
+
+def build_profile_checked(name: str, m, source: str) -> tuple[Profile, dict]:
+    """``build_profile`` for a record read from a file: a record that is not one (a key
+    missing, a value of the wrong type, measurements that cannot be fitted) is one
+    ScenarioError line naming the file."""
+    if not isinstance(m, dict):
+        raise ScenarioError(f"{source}: expected a measurement record (a JSON object) from "
+                            f"synapse calibrate, got {type(m).__name__}")
+    try:
+        return build_profile(name, m)
+    except KeyError as e:
+        raise ScenarioError(f"{source}: not a measurement record from synapse calibrate "
+                            f"(no {e.args[0]!r})") from None
+    except (TypeError, ValueError, AttributeError, IndexError) as e:
+        raise ScenarioError(f"{source}: cannot fit a profile from these measurements "
+                            f"({' '.join(str(e).split())})") from None

@@ -1,7 +1,9 @@
 """The ``synapse`` command: thin wrappers over the library; results are files.
 
-Every ``SynapseError`` (bad scenario, unknown name, missing backend) ends the command
-with one line on stderr and exit code 2; a traceback means a bug.
+Every ``SynapseError`` (bad scenario, unknown name, missing backend, an output location
+that cannot be written) and every usage error of click's (an unknown option, a bad choice)
+ends the command with one line on stderr and exit code 2; a traceback means a bug.
+Output locations are checked before any work starts (``synapse.outputs``).
 """
 
 from __future__ import annotations
@@ -16,18 +18,44 @@ from . import __version__
 from .errors import ScenarioError, SynapseError
 
 
+def _one_line(text: str) -> str:
+    return "; ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
 def one_line_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except SynapseError as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {_one_line(e)}", err=True)
             sys.exit(2)
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineGroup(click.Group):
+    """Click's own usage errors (``--backend tpu``, an unknown option) as one line too,
+    naming the command and where its help is, instead of click's usage block."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+        except click.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            where = f"{ctx.command_path}: " if ctx is not None else ""
+            hint = (f" (see '{ctx.command_path} --help')"
+                    if isinstance(e, click.UsageError) and ctx is not None else "")
+            click.echo(f"error: {where}{_one_line(e.format_message())}{hint}", err=True)
+            sys.exit(e.exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="synapse")
 def main():
     """Tiered GPU memory for LLM inference: simulate a policy, then run it on the GPU.
@@ -47,10 +75,11 @@ SET_HELP = "Override a scenario field, e.g. --set memory.l1_budget=10% (repeatab
                    "hardware path's allocator, ring and INT4 layout with NumPy (a reference, "
                    "not a performance path). cuda: PyCUDA on an NVIDIA GPU.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
-@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", "out", type=click.Path(path_type=Path),
               help="Directory for result.json, decisions.jsonl and ops.json "
-                   "(default: runs/<scenario>-<policy>-<backend>, never overwritten).")
-@click.option("--prometheus", type=click.Path(dir_okay=False, path_type=Path),
+                   "(default: runs/<scenario>-<policy>-<backend>, never overwritten). "
+                   "Checked before the run starts; each file is written whole or not at all.")
+@click.option("--prometheus", type=click.Path(path_type=Path),
               help="Also write the metrics in Prometheus text format to this file.")
 @click.option("--serve-metrics", "serve_port", type=click.IntRange(0, 65535), metavar="PORT",
               help="Serve live /metrics and /health on PORT while the run goes (0: any free "
@@ -67,12 +96,19 @@ def run(scenario, backend, overrides, out, prometheus, serve_port, metrics_host,
 
     Prints a summary table and writes result.json with the same fields from every
     backend, so runs can be compared (`synapse compare`) and plotted (`synapse dashboard`).
+    The scenario is checked, its needs estimated against this machine and the output
+    location tested before anything runs.
     """
-    from .runner import default_out_dir, run_scenario, write_result
+    from .outputs import check_dir, check_file
+    from .runner import default_out_dir, run_scenario
     from .scenarios.loader import load_scenario, resolve_path
 
-    source = str(resolve_path(scenario))
+    source = str(resolve_path(scenario)) + (" with --set" if overrides else "")
     sc = load_scenario(scenario, overrides)
+    out_dir = out or default_out_dir(sc, backend)
+    check_dir(out_dir, "--out")
+    if prometheus:
+        check_file(prometheus, "--prometheus")
     server = observe = None
     if serve_port is not None:
         from .monitor import serve
@@ -88,34 +124,59 @@ def run(scenario, backend, overrides, out, prometheus, serve_port, metrics_host,
                 import time
                 time.sleep(linger)
             server.close()
-    out_dir = out or default_out_dir(sc, backend)
-    path = write_result(res, out_dir)
+    path = _write_or_rescue(res, out_dir, sc.name)
     if prometheus:
+        from .outputs import atomic_write
         from .telemetry import prometheus_text
-        prometheus.write_text(prometheus_text(res.metrics, {"scenario": sc.name,
-                                                            "backend": backend,
-                                                            "policy": sc.policy.eviction}))
+        atomic_write(prometheus, prometheus_text(res.metrics, {"scenario": sc.name,
+                                                               "backend": backend,
+                                                               "policy": sc.policy.eviction}))
     if not quiet:
         from .report import summary_table
         click.echo(summary_table(res.result))
     click.echo(f"wrote {path}")
 
 
+def _write_or_rescue(res, out_dir: Path, name: str) -> Path:
+    """The result files into ``out_dir``; if that fails now (the disk filled up during the
+    run, say), into a new temporary folder, named in the one-line error: a finished run is
+    never lost."""
+    import tempfile
+
+    from .errors import OutputError
+    from .runner import write_result
+    try:
+        return write_result(res, out_dir)
+    except OutputError as e:
+        rescue = Path(tempfile.mkdtemp(prefix=f"synapse-{name}-"))
+        write_result(res, rescue)
+        raise OutputError(f"{e}; the results were written to {rescue} instead") from None
+
+
 @main.command()
 @click.argument("scenario", required=False)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--backend", default="sim", show_default=True,
+              type=click.Choice(["sim", "cpu", "cuda"]),
+              help="Backend to estimate the scenario's needs for (memory, steps, time).")
 @one_line_errors
-def validate(scenario, overrides):
-    """Check SCENARIO and print its resolved configuration (defaults, file, --set)."""
+def validate(scenario, overrides, backend):
+    """Check SCENARIO and print its resolved configuration (defaults, file, --set), then
+    what it needs on a backend, checked against this machine as `synapse run` does."""
     import yaml
 
     from .config import to_dict
+    from .scenarios.estimate import check_needs, estimate_scenario
     from .scenarios.loader import load_scenario, resolve_path
     from .sim.profile import load_profile
 
+    source = str(resolve_path(scenario)) + (" with --set" if overrides else "")
     sc = load_scenario(scenario, overrides)
-    load_profile(sc.profile)
+    profile = load_profile(sc.profile)
+    needs = estimate_scenario(sc, backend, source)
+    check_needs(sc, needs, backend, profile, source)
     click.echo(yaml.safe_dump(to_dict(sc), sort_keys=False).rstrip())
+    click.echo(f"needs: {needs.describe(backend)}")
     click.echo(f"ok: {resolve_path(scenario)} is a valid {sc.kind} scenario")
 
 
@@ -123,9 +184,9 @@ def validate(scenario, overrides):
 @click.option("--backend", default="cuda", show_default=True, type=click.Choice(["cuda", "disk"]),
               help="What to measure: cuda, this GPU and the disk; disk, only the disk (no GPU "
                    "needed; the other figures are copied from --base).")
-@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
               help="Profile to write, e.g. profiles/h100-mine.yaml (the raw measurements go "
-                   "beside it as .measurements.json).")
+                   "beside it as .measurements.json); checked before measuring starts.")
 @click.option("--name", help="Profile name scenarios refer to (default: the file's stem).")
 @click.option("--quick", is_flag=True, help="Smaller buffers and files: about a quarter of the time.")
 @click.option("--disk-dir", "disk_dir", type=click.Path(file_okay=False, path_type=Path),
@@ -143,20 +204,27 @@ def calibrate(backend, output, name, quick, disk_dir, base, from_json):
     `--backend disk --base h200` measures only the disk."""
     import json
 
-    from .calibrate import build_profile, with_disk, write_profile
+    from .calibrate import build_profile_checked, with_disk, write_profile
+    from .outputs import atomic_write, check_file
+    from .results import read_json
 
     name = name or output.stem
+    check_file(output, "-o")
+    measurements = output.with_suffix(".measurements.json")
     disk_dir = disk_dir or output.resolve().parent
     progress = lambda msg: click.echo(f"measuring: {msg}", err=True)  # noqa: E731
     if backend == "disk" and base is None and not from_json:
         raise ScenarioError("calibrate --backend disk: --base PROFILE is needed (the profile "
                             "whose other figures are kept), e.g. --base h200")
     if from_json:
-        raw = json.loads(from_json.read_text())
+        raw = read_json(from_json)
     elif backend == "disk":
         raw = {"disk": _measure_disk(disk_dir, quick, progress)}
     else:
+        check_file(measurements, "-o")
         try:
+            import pycuda.driver  # noqa: F401  (measure_all imports it only once it starts)
+
             from .hw.measure import measure_all
         except ImportError as e:
             from .errors import BackendUnavailable
@@ -164,8 +232,7 @@ def calibrate(backend, output, name, quick, disk_dir, base, from_json):
         raw = measure_all(progress=progress, quick=quick)
         raw["disk"] = _measure_disk(disk_dir, quick, progress)
     if not from_json:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.with_suffix(".measurements.json").write_text(json.dumps(raw, indent=1, default=str))
+        atomic_write(measurements, json.dumps(raw, indent=1, default=str))
     measured_on = None
     if backend == "disk":
         from .sim.profile import load_profile
@@ -173,7 +240,7 @@ def calibrate(backend, output, name, quick, disk_dir, base, from_json):
         measured_on = (f"the disk at {raw['disk']['directory']} only; every other figure is "
                        f"profile {base}'s")
     else:
-        prof, quality = build_profile(name, raw)
+        prof, quality = build_profile_checked(name, raw, str(from_json or measurements))
     write_profile(prof, output, measured_on)
     l, k = prof.link, prof.kernels
     if backend != "disk":

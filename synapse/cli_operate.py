@@ -33,8 +33,10 @@ def audit(backend, out, preset, seed, quiet):
     """
     from .cli import one_line_errors
     from .monitor.audit import run_audit, summary, write
+    from .outputs import check_dir
 
     def go():
+        check_dir(out, "--out")  # before minutes of audits, not after
         report = run_audit(backend, preset, seed, progress=not quiet and sys.stderr.isatty())
         path = write(report, out)
         if not quiet:

@@ -44,7 +44,8 @@ def trace_group():
 @click.option("--prefill-chunk", type=int, default=None, help="Prompt tokens per forward pass.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
-@click.option("-o", "--out", "out", required=True, type=click.Path(), help="Trace file (.npz).")
+@click.option("-o", "--out", "out", required=True, type=click.Path(),
+              help="Trace file (.npz), checked before the model runs and written atomically.")
 @_one_line_errors
 def capture_cmd(model_config, random_init, prompt_tokens, prompt_file, decode_steps,
                 block_tokens, prefill_chunk, seed, device, out):
@@ -53,7 +54,9 @@ def capture_cmd(model_config, random_init, prompt_tokens, prompt_file, decode_st
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .errors import ScenarioError
+    from .outputs import check_file
     from .trace_capture import capture
+    check_file(out, "-o")  # before the model runs
     path = Path(model_config)
     if path.is_file():
         cfg = _config_from_json(path)

@@ -43,9 +43,10 @@ def _echo_err(msg: str) -> None:
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
               help="Points run at once (default: the number of CPUs; 1 runs them in this "
                    "process; with --executor dask, the local cluster's workers).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              help="Sweep folder (default: sweeps/<scenario>-<backend>). Rerunning with the "
-                   "same folder resumes: finished points are not run again.")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Sweep folder (default: sweeps/<scenario>-<backend>), checked before the "
+                   "first point runs. Rerunning with the same folder resumes: finished points "
+                   "are not run again.")
 @click.option("--executor", type=click.Choice(["local", "dask"]), default="local",
               show_default=True,
               help="local: processes on this machine. dask: a Dask cluster (--scheduler, or a "
@@ -65,6 +66,7 @@ def sweep(scenario, grid, overrides, backend, jobs, out, executor, scheduler, re
     2 for bad input (nothing written).
     """
     from .errors import ScenarioError
+    from .outputs import check_dir
     from .sweep import plan_sweep, run_sweep
 
     plan = plan_sweep(scenario, grid, overrides, backend)
@@ -74,6 +76,7 @@ def sweep(scenario, grid, overrides, backend, jobs, out, executor, scheduler, re
         raise ScenarioError("--backend cuda: points share the GPU, so run them one at a time "
                             "(-j 1), or spread them over GPUs with --executor dask")
     out = out or Path("sweeps") / f"{plan.name}-{backend}"
+    check_dir(out, "--out")
     outcome = run_sweep(plan, out, jobs=jobs, executor=executor, scheduler=scheduler,
                         retry_failed=retry_failed, progress=not quiet, log=_echo_err)
     msg = (f"{outcome.total} points: {outcome.ran} ran, {outcome.skipped} already done, "
@@ -105,7 +108,8 @@ def compare(a, b, out):
     compare.json, which `synapse dashboard` plots.
     """
     from .compare import compare_paths, default_out_dir, format_report
-    from .results import COMPARE_FILE, atomic_write
+    from .outputs import atomic_write
+    from .results import COMPARE_FILE
     import json
 
     report = compare_paths(a, b)
@@ -136,9 +140,12 @@ def dashboard(paths, output, png_dir, metrics):
     """
     from .dashboard import build_dashboard, default_output, write_pngs
     from .errors import ScenarioError
+    from .outputs import check_dir
 
     if len(paths) > 2:
         raise ScenarioError(f"dashboard: expected one folder or two runs, got {len(paths)} paths")
+    if png_dir:
+        check_dir(png_dir, "--png")
     page = build_dashboard(list(paths), list(metrics) or None)
     output = output or default_output(paths[0])
     page.write(output)

@@ -1,16 +1,20 @@
 """Strict loading of frozen-dataclass trees from YAML, with layered overrides.
 
 Layers: the dataclass defaults, then the YAML file, then ``--set key.path=value``
-overrides (values parsed as YAML scalars). Unknown keys, missing fields, wrong types and
-values a field's check rejects all raise ``ScenarioError`` with one line naming the file,
-the YAML path of the field, the bad value and what was expected, plus a did-you-mean for
-unknown keys. ``to_dict`` gives back the resolved tree, which is saved with every result.
+overrides (values parsed as YAML scalars). Unknown keys, missing fields, wrong types,
+non-finite numbers and values a field's check rejects all raise ``ScenarioError`` with one
+line naming the file, the YAML path of the field, the bad value and what was expected (and
+why, for a bound), plus a did-you-mean for unknown keys. A file that is not UTF-8, is not
+YAML, or nests deeper or holds more values than any scenario needs is refused the same
+way, before anything recurses over it. ``to_dict`` gives back the resolved tree, which is
+saved with every result.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -23,10 +27,18 @@ from .errors import ScenarioError
 Check = Callable[[Any], "str | None"]  # returns what was expected, or None if fine
 
 
+# A scenario nests a handful of levels (workload.tenants[0].name is four) and holds a few
+# hundred values; anything far beyond is a mistake or an attack (YAML aliases expand).
+MAX_DEPTH = 16
+MAX_VALUES = 100_000
+MAX_FILE_BYTES = 16 << 20  # and a few KiB on disk (a path to /dev/zero must not read for ever)
+
+
 def checked(default: Any = dataclasses.MISSING, check: Check | None = None, doc: str = "",
-            **kw) -> Any:
-    """A dataclass field with a value check and a one-line description (for ``validate``)."""
-    md = {"check": check, "doc": doc}
+            why: str = "", **kw) -> Any:
+    """A dataclass field with a value check, a one-line description and, for a bound, the
+    reason for it (``why``), which the error for a value outside it repeats."""
+    md = {"check": check, "doc": doc, "why": why}
     if default is dataclasses.MISSING:
         return dataclasses.field(metadata=md, **kw)
     return dataclasses.field(default=default, metadata=md, **kw)
@@ -45,18 +57,33 @@ def fraction(v):
     return None if 0.0 <= v <= 1.0 else "a fraction within [0, 1]"
 
 
-def one_of(*names: str) -> Check:
+def one_of(*names) -> Check:
     def check(v):
-        return None if v in names else f"one of {', '.join(names)}"
+        return None if v in names else f"one of {', '.join(map(str, names))}"
+    return check
+
+
+def _num(x) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+def within(lo, hi, lo_open: bool = False) -> Check:
+    """``lo <= v <= hi`` (``lo < v`` with ``lo_open``)."""
+    left = "(" if lo_open else "["
+    def check(v):
+        ok = (v > lo if lo_open else v >= lo) and v <= hi
+        return None if ok else f"a value within {left}{_num(lo)}, {_num(hi)}]"
     return check
 
 
 def size_check(v):
-    from .units import parse_bytes
+    from .units import MAX_BYTES, parse_bytes
     try:
         n = parse_bytes(v)
     except ValueError as e:
         return str(e).replace("expected ", "").split(", got ")[0]
+    if n > MAX_BYTES:
+        return "a size of at most 1 EiB (more memory than any machine has)"
     return None if n > 0 else "a size > 0"
 
 
@@ -73,23 +100,83 @@ def budget_check(v):
 # -- loading ----------------------------------------------------------------------------
 def load_yaml(path: str | Path) -> dict:
     p = Path(path)
-    if not p.exists():
-        raise ScenarioError(f"{p}: no such file")
-    if p.is_dir():
-        raise ScenarioError(f"{p}: is a directory, expected a YAML file")
     try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark
-        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark else str(p)
-        raise ScenarioError(f"{where}: YAML syntax error: {e.problem}") from None
-    except yaml.YAMLError as e:
-        raise ScenarioError(f"{p}: YAML syntax error: {e}") from None
+        if not p.exists():
+            raise ScenarioError(f"{p}: no such file")
+        if p.is_dir():
+            raise ScenarioError(f"{p}: is a directory, expected a YAML file")
+        with open(p, "rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise ScenarioError(f"{p}: cannot read ({e.strerror or e})") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ScenarioError(f"{p}: larger than {MAX_FILE_BYTES >> 20} MiB, expected a scenario "
+                            f"or profile file of a few KiB")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ScenarioError(f"{p}:{line}:{col}: not UTF-8 text (byte 0x{raw[e.start]:02x}), "
+                            f"expected a UTF-8 YAML file") from None
+    data = parse_yaml(text, str(p))
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ScenarioError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
     return data
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load`` whose every failure is one ScenarioError line naming ``source``,
+    and whose result is checked for depth and size before anything recurses over it."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        raise ScenarioError(f"{where}: YAML syntax error: {_one_line(e.problem)}") from None
+    except yaml.reader.ReaderError as e:  # a character YAML does not allow (NUL, say)
+        line = text.count("\n", 0, e.position) + 1
+        col = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
+        raise ScenarioError(f"{source}:{line}:{col}: YAML syntax error: character "
+                            f"#x{e.character if isinstance(e.character, int) else ord(e.character):04x} "
+                            f"is not allowed in YAML") from None
+    except yaml.YAMLError as e:
+        raise ScenarioError(f"{source}: YAML syntax error: {_one_line(str(e))}") from None
+    except ValueError as e:  # a constructor's: an integer of more than 4300 digits, say
+        raise ScenarioError(f"{source}: a value YAML cannot hold: {_one_line(e)}") from None
+    except RecursionError:
+        raise ScenarioError(f"{source}: nested too deeply for the YAML parser, expected at "
+                            f"most {MAX_DEPTH} levels") from None
+    check_shape(data, source)
+    return data
+
+
+def check_shape(data: Any, source: str) -> None:
+    """Refuse data nested deeper than MAX_DEPTH or holding more than MAX_VALUES values
+    (without recursion: this is what keeps the recursive code after it safe)."""
+    stack, seen = [(data, 0, "")], 0
+    while stack:
+        node, depth, path = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            raise ScenarioError(f"{source}: more than {MAX_VALUES:,} values (YAML aliases "
+                                f"expanding?), expected a scenario-sized document")
+        if isinstance(node, dict):
+            items = [(_join(path, str(k)), v) for k, v in node.items()]
+        elif isinstance(node, list):
+            items = [(f"{path}[{i}]", v) for i, v in enumerate(node)]
+        else:
+            continue
+        if depth >= MAX_DEPTH:
+            raise ScenarioError(f"{source}: {path or 'the document'}: nested more than "
+                                f"{MAX_DEPTH} levels deep, expected at most {MAX_DEPTH}")
+        stack.extend((v, depth + 1, p) for p, v in items)
+
+
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
 
 
 def parse_override(text: str, source: str = "--set") -> tuple[list[str], Any]:
@@ -99,10 +186,18 @@ def parse_override(text: str, source: str = "--set") -> tuple[list[str], Any]:
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ScenarioError(f"{source} {text!r}: expected key.path=value")
+    if len(key.split(".")) > MAX_DEPTH:
+        raise ScenarioError(f"{source} {key}: more than {MAX_DEPTH} levels, expected a "
+                            f"scenario key such as memory.l1_budget")
+    where = f"{source} {key}"
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
+    except (yaml.YAMLError, ValueError):
+        value = raw  # not YAML: the text itself, which the field's type check judges
+    except RecursionError:
+        raise ScenarioError(f"{where}: nested too deeply for the YAML parser, expected at "
+                            f"most {MAX_DEPTH} levels") from None
+    check_shape(value, where)
     return key.split("."), value
 
 
@@ -155,7 +250,9 @@ def build(cls: type, data: Mapping | None, source: str, path: str = "") -> Any:
         if check is not None and value is not None:
             problem = check(value)
             if problem:
-                raise ScenarioError(f"{source}: {fpath}: got {_show(data[name])}, expected {problem}")
+                why = f.metadata.get("why")
+                raise ScenarioError(f"{source}: {fpath}: got {_show(data[name])}, expected "
+                                    f"{problem}" + (f" ({why})" if why else ""))
         kwargs[name] = value
     try:
         return cls(**kwargs)
@@ -202,7 +299,13 @@ def _coerce(tp, value, source, path):
             return int(value)
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                f = float(value)
+            except OverflowError:  # an integer beyond any float
+                f = math.inf
+            if math.isfinite(f):
+                return f
+            raise ScenarioError(f"{source}: {path}: got {_show(value)}, expected a finite number")
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -225,7 +328,9 @@ def _expected(tp) -> str:
 
 def _show(v) -> str:
     if isinstance(v, str):
-        return repr(v)
+        return repr(v) if len(v) <= 80 else repr(v[:77]) + "..."
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 10**30:
+        return f"an integer of about {int(abs(v).bit_length() * 0.30103) + 1} digits"
     if v is None:
         return "null"
     if isinstance(v, bool):

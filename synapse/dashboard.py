@@ -25,8 +25,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .results import (COMPARE_FILE, ResultsError, atomic_write, folder_kind, load_run,
-                      read_json)
+from .outputs import atomic_write
+from .results import COMPARE_FILE, ResultsError, folder_kind, load_run, read_json
 
 MAX_LANE_OPS = 20_000      # ops drawn as lanes (the earliest ones); more makes a heavy page
 MAX_TABLE_ROWS = 500

@@ -44,3 +44,7 @@ class BackendUnavailable(SynapseError):
 class StorageError(SynapseError):
     """The disk tier cannot use its directory (not writable, disk full, not a directory);
     the message names the directory."""
+
+
+class OutputError(SynapseError):
+    """A result cannot be written where it was asked to go (names the path and why)."""

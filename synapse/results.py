@@ -4,14 +4,13 @@
 ``result.json``, ``decisions.jsonl`` and ``ops.json``; a sweep folder's ``sweep.json`` and
 ``sweep.jsonl``; a comparison's ``compare.json``), so a result can be plotted or compared
 on another machine, months later, without rerunning anything. Everything here refuses a
-missing or damaged file with one ``ResultsError`` line, and writes files atomically
-(a temporary file, then ``os.replace``), so an interrupted command never leaves half a file.
+missing or damaged file with one ``ResultsError`` line; what writes them goes through
+``synapse.outputs.atomic_write``, so an interrupted command never leaves half a file.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,14 +105,3 @@ def folder_kind(path: Path) -> str | None:
     if (path / RESULT_FILE).is_file():
         return "run"
     return None
-
-
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write ``path`` whole or not at all: a temporary file beside it, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if isinstance(data, bytes):
-        tmp.write_bytes(data)
-    else:
-        tmp.write_text(data)
-    os.replace(tmp, path)

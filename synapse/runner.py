@@ -99,18 +99,29 @@ def environment() -> dict:
 
 def run_scenario(scenario: Scenario, backend_name: str = "sim", source: str = "scenario",
                  progress: bool = False, observe=None) -> RunResult:
-    """``observe(driver, backend)``, if given, returns a probe whose ``step()`` runs after
+    """Run ``scenario``; refused first (one ScenarioError line) if this machine cannot hold
+    what it is estimated to need, and stopped if it runs past its estimated steps.
+    ``observe(driver, backend)``, if given, returns a probe whose ``step()`` runs after
     every step and ``finish(records)`` after the run (live metrics: synapse.monitor)."""
+    from .scenarios.estimate import (StepGuard, check_device, check_needs, device_free_bytes,
+                                     estimate_scenario)
     profile = load_profile(scenario.profile)
+    if backend_name not in BACKENDS:
+        raise ScenarioError(f"unknown backend {backend_name!r}; expected one of "
+                            f"{', '.join(BACKENDS)}")
+    needs = estimate_scenario(scenario, backend_name, source)
+    check_needs(scenario, needs, backend_name, profile, source)
     backend = make_backend(backend_name, profile)
     try:
+        if backend_name == "cuda":
+            check_device(needs, device_free_bytes(), source)
         driver = driver_for(scenario.kind)(scenario, backend, profile, source)
         bar = None
         if progress:
             from tqdm import tqdm
             bar = tqdm(total=getattr(driver, "num_steps", None), unit="step",
                        desc=f"{scenario.name} on {backend_name}", file=sys.stderr, leave=False)
-            driver.rec.on_step = bar.update
+        driver.rec.on_step = StepGuard(needs.steps, source, bar.update if bar else None)
         probe = observe(driver, backend) if observe is not None else None
         if probe is not None:
             driver.rec.on_step = _both(driver.rec.on_step, probe.step)
@@ -182,20 +193,16 @@ def _jsonable(o):
 
 
 def write_result(run: RunResult, out_dir: Path) -> Path:
-    """Write result.json, decisions.jsonl and ops.json into ``out_dir`` (atomically each)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_dir / OPS_FILE, json.dumps(run.ops, default=_jsonable))
+    """Write ops.json, decisions.jsonl and then result.json into ``out_dir``, each
+    atomically: a folder with a result.json holds all three, whole."""
+    from .outputs import atomic_write, make_dir
+    make_dir(out_dir)
+    atomic_write(out_dir / OPS_FILE, json.dumps(run.ops, default=_jsonable))
     lines = "".join(json.dumps({"step": s, "action": a, "blocks": ids}) + "\n"
                     for s, a, ids in run.decisions)
-    _atomic_write(out_dir / DECISIONS_FILE, lines)
-    _atomic_write(out_dir / RESULT_FILE, json.dumps(run.result, indent=1, default=_jsonable))
+    atomic_write(out_dir / DECISIONS_FILE, lines)
+    atomic_write(out_dir / RESULT_FILE, json.dumps(run.result, indent=1, default=_jsonable))
     return out_dir / RESULT_FILE
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def default_out_dir(scenario: Scenario, backend: str, root: Path = Path("runs")) -> Path:

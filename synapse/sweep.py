@@ -44,8 +44,8 @@ from .config import apply_overrides, build, to_dict
 from .errors import ScenarioError
 from .executors import open_executor
 from .grid import MAX_POINTS, PROFILE_PREFIX, Axis, check_keys, parse_grid
-from .results import (SWEEP_CSV, SWEEP_JSONL, SWEEP_MANIFEST, ResultsError, atomic_write,
-                      read_json)
+from .outputs import atomic_write
+from .results import SWEEP_CSV, SWEEP_JSONL, SWEEP_MANIFEST, ResultsError, read_json
 from .runner import DECISIONS_FILE, OPS_FILE, RESULT_FILE
 from .units import parse_bytes
 

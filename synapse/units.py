@@ -7,6 +7,7 @@ workload's working set ("20%"). Everything inside Synapse is in bytes and second
 
 from __future__ import annotations
 
+import math
 import re
 
 _UNITS = {
@@ -14,6 +15,7 @@ _UNITS = {
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
+MAX_BYTES = 2**60  # 1 EiB: sizes beyond are typos (a machine with more memory does not exist)
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 
@@ -21,6 +23,8 @@ def parse_bytes(value: int | float | str) -> int:
     """Return a byte count from an int or a string such as ``"2GiB"``; ValueError otherwise."""
     if isinstance(value, bool):
         raise ValueError(f"expected a size, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"expected a finite size, got {value!r}")
     if isinstance(value, (int, float)):
         if value != int(value):
             raise ValueError(f"expected a whole number of bytes, got {value!r}")
@@ -28,7 +32,10 @@ def parse_bytes(value: int | float | str) -> int:
     m = _SIZE_RE.match(str(value))
     if not m or m.group(2).lower() not in _UNITS:
         raise ValueError(f"expected a size such as 4096, '64KiB' or '2GiB', got {value!r}")
-    return int(round(float(m.group(1)) * _UNITS[m.group(2).lower()]))
+    n = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if not math.isfinite(n):
+        raise ValueError(f"expected a finite size, got {value!r}")
+    return int(round(n))
 
 
 def parse_budget(value: int | float | str, whole_bytes: int | None) -> int:

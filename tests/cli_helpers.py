@@ -6,7 +6,7 @@ from synapse.cli import main
 
 
 def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+    return CliRunner().invoke(main, [str(a) for a in args], prog_name="synapse")
 
 
 def one_line_error(r, *fragments):

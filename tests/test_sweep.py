@@ -78,7 +78,7 @@ def test_every_point_is_checked_before_anything_runs():
     ("profile.link.h2d_gbps=10", ("did you mean 'profile.link.h2d_gb_per_s'",)),
     ("memory.l1_budget=40%:10%:10%", ("empty range",)),
     ("policy.eviction=lru,lur", ("policy.eviction", "'lur'")),
-    ("profile.link.h2d_gb_per_s=-5", ("profile.link.h2d_gb_per_s", "> 0")),
+    ("profile.link.h2d_gb_per_s=-5", ("profile.link.h2d_gb_per_s", "got -5", "[0.001, 1e+06]")),
 ])
 def test_bad_grid_is_one_line_and_writes_nothing(tmp_path, grid, fragments):
     out = tmp_path / "sweep"

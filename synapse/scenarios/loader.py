@@ -13,7 +13,7 @@ from typing import Sequence
 
 from ..config import apply_overrides, build, load_yaml
 from ..errors import ScenarioError
-from .schema import KINDS, WORKLOADS, Scenario
+from .schema import KINDS, MAX_REQUESTS, WORKLOADS, Scenario
 
 DEFAULT_SCENARIO = "needle"
 
@@ -58,6 +58,8 @@ def load_scenario(name_or_path: str | None = None, overrides: Sequence[str] = ()
     if workload is not None and not isinstance(workload, dict):
         raise ScenarioError(f"{source}: workload: expected a mapping, got "
                             f"{type(workload).__name__}")
+    if "kind" not in data and workload:
+        _check_kind_given(workload, source)
     scenario = build(Scenario, data, source)
     if scenario.kind not in KINDS:  # the field check already refused it; keep mypy calm
         raise ScenarioError(f"{source}: kind: unknown kind {scenario.kind!r}")
@@ -65,6 +67,19 @@ def load_scenario(name_or_path: str | None = None, overrides: Sequence[str] = ()
     scenario = dataclasses.replace(scenario, workload=wl)
     _cross_checks(scenario, source)
     return scenario
+
+
+def _check_kind_given(workload: dict, source: str) -> None:
+    """Without ``kind`` a scenario is a needle one; if its workload's keys say otherwise,
+    the missing ``kind`` is the error to report, not the keys the needle kind lacks."""
+    default = next(f.default for f in dataclasses.fields(Scenario) if f.name == "kind")
+    keys = {str(k) for k in workload}
+    fits = [k for k, cls in WORKLOADS.items() if keys <= {f.name for f in dataclasses.fields(cls)}]
+    if default in fits:
+        return
+    hint = f"; its workload's keys fit kind {' or '.join(map(repr, fits))}" if fits else ""
+    raise ScenarioError(f"{source}: kind: missing (without it, the scenario is a {default} one), "
+                        f"expected one of {', '.join(KINDS)}{hint}")
 
 
 def _cross_checks(s: Scenario, source: str) -> None:
@@ -79,6 +94,10 @@ def _cross_checks(s: Scenario, source: str) -> None:
                             f"expected <= policy.high_watermark ({s.policy.high_watermark})")
     if s.kind == "needle":
         w = s.workload
+        if w.noise_rank > s.model.head_dim - 3:
+            raise ScenarioError(f"{source}: workload.noise_rank: got {w.noise_rank}, expected at "
+                                f"most model.head_dim - 3 = {s.model.head_dim - 3} (a block's "
+                                f"structured key, 3 + noise_rank numbers, is stored in its keys)")
         if w.prefill_chunk_tokens % s.memory.block_tokens:
             raise ScenarioError(f"{source}: workload.prefill_chunk_tokens: got "
                                 f"{w.prefill_chunk_tokens}, expected a multiple of "
@@ -96,6 +115,10 @@ def _cross_checks(s: Scenario, source: str) -> None:
         if len(set(names)) != len(names):
             raise ScenarioError(f"{source}: workload.tenants: tenant names must be unique, got "
                                 f"{names}")
+        requests = sum(t.requests for t in s.workload.tenants)
+        if requests > MAX_REQUESTS:
+            raise ScenarioError(f"{source}: workload.tenants: {requests} requests in all, expected "
+                                f"at most {MAX_REQUESTS} (each is Python state visited every step)")
         total = sum(t.share for t in s.workload.tenants)
         if total > 1.0 + 1e-9:
             raise ScenarioError(f"{source}: workload.tenants: shares add up to {total:.2f}, "

@@ -13,17 +13,26 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from ..config import build, checked, load_yaml, non_negative, positive
+from ..config import build, checked, load_yaml, within
+from ..units import MAX_BYTES
 from ..errors import ScenarioError
+
+
+# Bounds with their reasons: far outside any real hardware, so that only typos hit them.
+_US = "a second per call is beyond any launch or copy latency"
+_GBS = "from 1 MB/s to 1 PB/s, beyond any link or memory at both ends"
+_BYTES = "1 EiB is more memory than any machine has"
 
 
 @dataclass(frozen=True)
 class Rate:
     """A fixed cost per call plus a transfer rate (and an optional arithmetic ceiling)."""
 
-    fixed_us: float = checked(5.0, non_negative, "fixed cost per call, microseconds")
-    gb_per_s: float = checked(1000.0, positive, "bytes moved per second, in GB/s (1e9)")
-    tflops: float = checked(0.0, non_negative, "arithmetic ceiling, TFLOP/s (0: bytes only)")
+    fixed_us: float = checked(5.0, within(0.0, 1e6), "fixed cost per call, microseconds", _US)
+    gb_per_s: float = checked(1000.0, within(1e-3, 1e6), "bytes moved per second, in GB/s (1e9)",
+                              _GBS)
+    tflops: float = checked(0.0, within(0.0, 1e6), "arithmetic ceiling, TFLOP/s (0: bytes only)",
+                            "an exaflop per second is beyond any device")
 
     def seconds(self, nbytes: float, calls: int = 1, flops: float = 0.0) -> float:
         t = nbytes / (self.gb_per_s * 1e9)
@@ -36,11 +45,16 @@ class Rate:
 class Link:
     """The host link (PCIe) as two directions with a shared cap when both are busy."""
 
-    h2d_gb_per_s: float = checked(55.0, positive, "pinned host-to-device bandwidth, GB/s")
-    d2h_gb_per_s: float = checked(55.0, positive, "pinned device-to-host bandwidth, GB/s")
-    duplex_gb_per_s: float = checked(83.0, positive, "both directions at once, together, GB/s")
-    copy_latency_us: float = checked(4.0, non_negative, "fixed cost of one copy, microseconds")
-    copy_engines: int = checked(2, positive, "copies that can be in flight at once")
+    h2d_gb_per_s: float = checked(55.0, within(1e-3, 1e6), "pinned host-to-device bandwidth, GB/s",
+                                  _GBS)
+    d2h_gb_per_s: float = checked(55.0, within(1e-3, 1e6), "pinned device-to-host bandwidth, GB/s",
+                                  _GBS)
+    duplex_gb_per_s: float = checked(83.0, within(1e-3, 1e6),
+                                     "both directions at once, together, GB/s", _GBS)
+    copy_latency_us: float = checked(4.0, within(0.0, 1e6), "fixed cost of one copy, microseconds",
+                                     _US)
+    copy_engines: int = checked(2, within(1, 64), "copies that can be in flight at once",
+                                "GPUs have 1 to 8 copy engines")
 
 
 @dataclass(frozen=True)
@@ -55,14 +69,16 @@ class Kernels:
 
 @dataclass(frozen=True)
 class Host:
-    submit_us: float = checked(8.0, non_negative, "host time to enqueue one op (Python + driver)")
-    memset_gb_per_s: float = checked(10.0, positive, "host memset of pinned memory, GB/s")
+    submit_us: float = checked(8.0, within(0.0, 1e6),
+                               "host time to enqueue one op (Python + driver)", _US)
+    memset_gb_per_s: float = checked(10.0, within(1e-3, 1e6), "host memset of pinned memory, GB/s",
+                                     _GBS)
     per_item_us: float = checked(
-        0.0, non_negative, "host time per further row of a batched copy, ingest, memset or "
-        "quantize op (one driver call each on the hardware); 0: not modelled")
+        0.0, within(0.0, 1e6), "host time per further row of a batched copy, ingest, memset or "
+        "quantize op (one driver call each on the hardware); 0: not modelled", _US)
     stage_gb_per_s: float = checked(
-        0.0, non_negative, "host copy of an ingested payload into pinned staging, GB/s "
-        "(0: not modelled; calibrate measures it)")
+        0.0, within(0.0, 1e6), "host copy of an ingested payload into pinned staging, GB/s "
+        "(0: not modelled; calibrate measures it)", _GBS)
 
     def memcpy_seconds(self, nbytes: int) -> float:
         """A host copy between pinned buffers (a compacting L2), at the staging rate."""
@@ -95,8 +111,9 @@ class Disk:
 class Profile:
     name: str = checked(doc="profile name, as scenarios refer to it")
     device: str = checked("", doc="what it describes")
-    hbm_bytes: int = checked(80 * 10**9, positive, "device memory, bytes")
-    host_pinned_bytes: int = checked(512 * 2**30, positive, "pinned host memory available, bytes")
+    hbm_bytes: int = checked(80 * 10**9, within(1, MAX_BYTES), "device memory, bytes", _BYTES)
+    host_pinned_bytes: int = checked(512 * 2**30, within(1, MAX_BYTES),
+                                     "pinned host memory available, bytes", _BYTES)
     link: Link = field(default_factory=Link)
     kernels: Kernels = field(default_factory=Kernels)
     host: Host = field(default_factory=Host)

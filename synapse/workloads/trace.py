@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,13 +59,13 @@ class Trace:
         return self.header["model"]
 
     def save(self, path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as f:
-            np.savez_compressed(f, header=np.array(json.dumps(self.header)), tokens=self.tokens,
-                                mass=self.mass, layer_mass=self.layer_mass,
-                                token_ids=self.token_ids)
-        return path
+        import io
+
+        from ..outputs import atomic_write
+        buf = io.BytesIO()
+        np.savez_compressed(buf, header=np.array(json.dumps(self.header)), tokens=self.tokens,
+                            mass=self.mass, layer_mass=self.layer_mass, token_ids=self.token_ids)
+        return atomic_write(Path(path), buf.getvalue())
 
     @classmethod
     def load(cls, path) -> "Trace":
@@ -75,7 +76,7 @@ class Trace:
                 arrays = {k: z[k] for k in ("tokens", "mass", "layer_mass", "token_ids")}
         except FileNotFoundError:
             raise ScenarioError(f"{path}: no such trace file") from None
-        except (KeyError, ValueError, OSError) as e:
+        except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
             raise ScenarioError(f"{path}: not a Synapse trace file ({e})") from None
         if header.get("format") != FORMAT:
             raise ScenarioError(f"{path}: format {header.get('format')!r}, expected {FORMAT!r}")

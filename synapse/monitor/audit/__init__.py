@@ -119,8 +119,8 @@ def summary(report: dict) -> str:
 
 
 def write(report: dict, out_dir: Path) -> Path:
-    from ...runner import _atomic_write, _jsonable
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_dir / REPORT_FILE, json.dumps(report, indent=1, default=_jsonable))
-    _atomic_write(out_dir / SUMMARY_FILE, summary(report) + "\n")
+    from ...outputs import atomic_write
+    from ...runner import _jsonable
+    atomic_write(out_dir / REPORT_FILE, json.dumps(report, indent=1, default=_jsonable))
+    atomic_write(out_dir / SUMMARY_FILE, summary(report) + "\n")
     return out_dir / REPORT_FILE
