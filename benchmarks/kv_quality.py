@@ -36,6 +36,8 @@ attends to fewer tokens than the presses; the ``tiered_<policy>_drop_wm1`` rows
 keeps every token (4-bit ones and a full-precision window), so it is matched by bits, not
 memory. Every row reports the KV bytes it holds, measured on its tensors after every
 token: peak and at the end (TieredCache: its L1 blocks only; its L2 blocks are host memory).
+kvpress's prefill holds more for a moment: each layer's KV of the whole context, before
+the press prunes it (``prefill_peak_bytes``, sampled as each layer's attention returns).
 TieredCache's attention is dense over what it keeps: ``l2`` and ``int4`` read demoted
 blocks back for every step, so only ``drop`` loses tokens.
 
@@ -334,6 +336,8 @@ def summarize(results: dict) -> dict:
                     forced_top1_match=statistics.mean(f["top1_match"] for f in forced),
                     forced_max_rel_logit_diff=max(f["max_rel_logit_diff"] for f in forced),
                     forced_mean_rel_logit_diff=statistics.mean(f["mean_rel_logit_diff"] for f in forced))
+            if any("prefill_peak_bytes" in e for e in ok):
+                row["prefill_peak_bytes"] = max(e["prefill_peak_bytes"] for e in ok)
             needle = [e["needle_retention"] for e in ok if "needle_retention" in e]
             if needle:
                 row["needle_retention"] = needle[0]
@@ -368,6 +372,33 @@ def print_tables(summary: dict) -> None:
             print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
         for n in notes:
             print(n)
+
+
+DOC_ROWS = ("tiered_full", "tiered_h2o_l2", "tiered_h2o_int4", "tiered_lru_int4",
+            "tiered_sinks_int4", "quanto", "hqq", "tiered_h2o_drop", "tiered_lru_drop",
+            "tiered_sinks_drop", "tiered_h2o_drop_wm1", "tiered_lru_drop_wm1",
+            "tiered_sinks_drop_wm1", "kvpress_observed_attention", "kvpress_streaming_llm",
+            "kvpress_snapkv")
+
+
+def markdown_table(summary: dict) -> str:
+    """docs/hf.md's table: per model, teacher-forced top-1 / mean relative logits error
+    (greedy prefix match)."""
+    models = list(summary)
+    lines = ["| cache | KV on device, peak KiB | keys at the last step | "
+             + " | ".join(models) + " |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in models) + " |"]
+    for name in DOC_ROWS:
+        rows = [summary[m].get(name, {}) for m in models]
+        if not any(r.get("status") == "ok" for r in rows):
+            lines.append(f"| `{name}` | {rows[0].get('status', 'not run')} |" + " |" * (len(models) + 1))
+            continue
+        first = next(r for r in rows if r.get("status") == "ok")
+        cells = [f"{r['forced_top1_match']:.2f} / {r['forced_mean_rel_logit_diff']:.3f} "
+                 f"({r['prefix_match']:.2f})" if r.get("status") == "ok" else "not run" for r in rows]
+        lines.append(f"| `{name}` | {first['kv_held_peak_bytes'] / 1024:.0f} | "
+                     f"{first['keys_seen_last_step']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 # -- the run -----------------------------------------------------------------------------
@@ -543,6 +574,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2) + "\n")
     print_tables(res["summary"])
+    print("\n" + markdown_table(res["summary"]))
     print(f"\ncontrol: {res['control']}")
     print(f"kvpress: {res['kvpress']['status']}; needle test: {res['kvpress'].get('needle_test')}")
     print(f"wrote {out} ({res['total_s']:.0f} s)")

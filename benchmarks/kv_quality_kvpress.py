@@ -67,9 +67,18 @@ def run_one(model, ids, context: int, new_tokens: int, press, forced=None):
     cache = DynamicCache()
     probe = KeyProbe(cache)
     device = ids.device
+    # Registered before the press's own hooks, so these run first: they see each layer's
+    # KV of the whole context before it is pruned (the prefill's peak).
+    prefill_held = []
+    hooks = [layer.self_attn.register_forward_hook(
+        lambda *_: prefill_held.append(held_kv_bytes(cache, device))) for layer in model.model.layers]
     with torch.no_grad():
-        with press(model) if press is not None else contextlib.nullcontext():
-            model.model(input_ids=ids[:, :context], past_key_values=cache)
+        try:
+            with press(model) if press is not None else contextlib.nullcontext():
+                model.model(input_ids=ids[:, :context], past_key_values=cache)
+        finally:
+            for h in hooks:
+                h.remove()
         kept_context = cache.get_seq_length()
         pos = torch.arange(context, ids.shape[1]).unsqueeze(0)
         out = model(input_ids=ids[:, context:], past_key_values=cache, position_ids=pos)
@@ -88,7 +97,8 @@ def run_one(model, ids, context: int, new_tokens: int, press, forced=None):
     meta = {"kept_context_tokens": int(kept_context),
             "kept_tokens_end": int(cache.get_seq_length()),
             "keys_seen_last_step": probe.keys_seen[-1],
-            "kv_held_peak_bytes": max(held), "kv_held_end_bytes": held[-1]}
+            "kv_held_peak_bytes": max(held), "kv_held_end_bytes": held[-1],
+            "prefill_peak_bytes": max(prefill_held)}
     return meta, torch.tensor(tokens), torch.stack(logits), probe.last_keys
 
 
