@@ -53,7 +53,7 @@ from ..monitor.cache_probe import publish_cache_step
 from ..telemetry import Recorder
 from .errors import UnsupportedModel
 from .int4 import dequantize_rows
-from .scores import QueryTap, token_mass
+from .scores import FUSED_FROM_QUERIES, QueryTap, token_mass, token_mass_fused
 
 NEEDS_SCORES = ("h2o", "lru")  # h2o: accumulated attention; lru: "used" = mass threshold
 
@@ -116,6 +116,10 @@ class TieredCache(Cache):
     ``demote``: ``int4``, ``l2`` or ``drop``. ``backend``: ``cpu`` (CPU tensors play the
     device, accounting enforced) or ``cuda``. ``vmm``: the L1 arena on CUDA virtual memory
     (None: where available, else one allocation; True: required; False: never).
+    ``prefetch_blocks`` is 0 by default here (8 in the scenarios): attention reads every L2
+    block through every step anyway, so bringing one back into L1 saves only its share of
+    that read and costs a fetch now and a demotion later (measured on the H200: it made
+    the h2o decode slower, not faster).
     """
 
     def __init__(self, config_or_model, policy: str = "h2o", l1_budget_tokens: int = 4096,
@@ -123,7 +127,7 @@ class TieredCache(Cache):
                  model=None, l2_budget_tokens: int | None = None, int4_group: int | None = None,
                  heavy_ratio: float = 0.5, sink_blocks: int = 1, high_watermark: float = 0.95,
                  low_watermark: float = 0.85, eviction_ratio: float = 0.25,
-                 prefetch_blocks: int = 8, access_factor: float = 4.0,
+                 prefetch_blocks: int = 0, access_factor: float = 4.0,
                  record_masses: bool = False, vmm: bool | None = None):
         if hasattr(config_or_model, "config") and isinstance(config_or_model, torch.nn.Module):
             model = config_or_model if model is None else model
@@ -346,7 +350,8 @@ class TieredCache(Cache):
             values = vp[:n].permute(1, 0, 2).unsqueeze(0)
         if self.needs_scores:
             qs = self.tap.query(layer_idx)
-            tok = token_mass(qs, keys, self.tap.scaling(layer_idx), keys.shape[-2] - q)
+            mass = token_mass_fused if q >= FUSED_FROM_QUERIES and keys.is_cuda else token_mass
+            tok = mass(qs, keys, self.tap.scaling(layer_idx), keys.shape[-2] - q)
             self._step_mass = tok if self._step_mass is None else self._step_mass.add_(tok)
             if self.record_masses:
                 self._layer_mass_rows.append(self._slot_masses(tok))
@@ -507,8 +512,7 @@ class TieredCache(Cache):
         """Block ids in the order of this step's keys: L1's slots before the tail, L2's,
         then L1's from the tail on (a block per ``block_tokens`` keys)."""
         mgr, bt = self.stack.manager, self.block_tokens
-        l1 = np.fromiter((x.block for x in mgr.spaces.l1.slots), np.int64, mgr.spaces.l1.num_live)
-        l2 = np.fromiter((x.block for x in mgr.spaces.l2.slots), np.int64, mgr.spaces.l2.num_live)
+        l1, l2 = mgr.spaces.l1.blocks(), mgr.spaces.l2.blocks()
         if not len(l2):
             return l1
         k = self._step["cut"] // bt

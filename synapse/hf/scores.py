@@ -20,7 +20,7 @@ import torch
 
 from .errors import UnsupportedModel
 
-QUERY_CHUNK = 512  # query rows scored at once (bounds the [heads, rows, keys] buffer)
+FUSED_FROM_QUERIES = 64  # CUDA: from this many queries a step (prefill), the fused path
 
 
 def attention_modules(model) -> list:
@@ -137,3 +137,95 @@ def block_mass(tok: torch.Tensor, block_index: torch.Tensor, num_blocks: int) ->
     """Sum of ``tok`` per block: ``block_index[j]`` is the (live) block of key j."""
     out = torch.zeros(num_blocks, dtype=torch.float32, device=tok.device)
     return out.index_add_(0, block_index, tok)
+
+
+def _lse_cpu(q, k, causal: bool, scale: float) -> torch.Tensor:
+    """log-sum-exp of each query row's logits (CPU flash attention's own)."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, k, 0.0, causal, scale=scale)[1]
+
+
+_NARROW_V: dict = {}
+
+
+def _lse_cuda(q, k, causal: bool, scale: float) -> torch.Tensor:
+    """log-sum-exp of each query row's logits, from CUDA's memory-efficient attention
+    kernel (fused: no logits in memory). Its values are a dummy of 8 dims when the kernel
+    takes a narrower value than key (it does on sm_80+), else the keys themselves."""
+    q, k = q.contiguous(), k.contiguous()  # the kernel's layout checks: plain strides
+    narrow = _NARROW_V.get(q.device.index, True)
+    v = torch.zeros((*k.shape[:-1], 8), dtype=k.dtype, device=k.device) if narrow else k
+    try:
+        out = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, None, True, 0.0, causal, scale=scale)
+    except RuntimeError:
+        if not narrow:
+            raise
+        _NARROW_V[q.device.index] = False
+        return _lse_cuda(q, k, causal, scale)
+    return out[1][..., : q.shape[-2]].float()
+
+
+def token_mass_fused(q: torch.Tensor, k: torch.Tensor, scaling: float, past: int,
+                     lse=None) -> torch.Tensor:
+    """``token_mass`` for many queries (a prefill chunk) without ever holding the logits:
+    two passes of a fused attention kernel that reports each row's log-sum-exp.
+
+    1. Each query row's normaliser ``lse_i = log sum_j exp(s q_i . k_j)`` (past keys
+       unmasked, then the chunk's own keys causally; combined with logaddexp).
+    2. Each key's column sum ``sum_i exp(s q_i . k_j - lse_i)``: the same kernel with the
+       roles swapped, keys as queries and queries as keys, each widened by two dimensions
+       that carry ``-lse_i`` (split into two fp16 parts for fp32 precision) against a 1,
+       so the kernel's own log-sum-exp *is* the log of the column sum. The chunk's own
+       keys see only later queries: both sequences reversed, that is a causal mask.
+    Query heads of a group are stacked along the sequence for the unmasked parts (the
+    kernel sums over them), taken one by one for the causal parts; past keys in pieces.
+    The transient: a few tensors of [kv heads, chunk, head_dim + 8] (about 10 MiB each at
+    4 KV heads, 8k-token chunks, head_dim 128), never [heads, queries, keys]. Equal to
+    ``token_mass`` up to floating-point rounding (tests/test_hf_scores.py).
+    """
+    lse = lse or (_lse_cuda if q.is_cuda else _lse_cpu)
+    b, hq, nq, d = q.shape
+    hk, n = k.shape[1], k.shape[2]
+    g = hq // hk
+    dt = k.dtype
+    qs = (q.to(dt) * scaling).contiguous()                   # [1, Hq, Q, D]
+    k_past, k_own = k[:, :, :past], k[:, :, past:]
+    # 1. row normalisers
+    lse_row = torch.empty((b, hq, nq), dtype=torch.float32, device=k.device)
+    for r in range(g):  # the r-th query head of every group against its KV head
+        lse_row[:, r::g] = lse(qs[:, r::g], k_own, True, 1.0)
+    if past:
+        stacked = qs.view(b, hk, g * nq, d)
+        for lo in range(0, past, PAST_PIECE):
+            part = lse(stacked, k_past[:, :, lo:lo + PAST_PIECE], False, 1.0).view(b, hk, g, nq)
+            lse_row = torch.logaddexp(lse_row, part.reshape(b, hq, nq))
+    # 2. column sums, through widened vectors
+    pad = 8
+    qa = torch.zeros((b, hq, nq, d + pad), dtype=dt, device=k.device)
+    qa[..., :d] = qs
+    hi = (-lse_row).to(dt)
+    qa[..., d] = hi
+    qa[..., d + 1] = (-lse_row - hi.float()).to(dt)
+
+    def widen(x):
+        out = torch.zeros((*x.shape[:-1], d + pad), dtype=dt, device=k.device)
+        out[..., :d] = x
+        out[..., d:d + 2] = 1
+        return out
+
+    mass = torch.empty(n, dtype=torch.float32, device=k.device)
+    ko = widen(k_own).flip(2)
+    own = torch.zeros(nq, dtype=torch.float32, device=k.device)
+    for r in range(g):
+        own += torch.exp(lse(ko, qa[:, r::g].flip(2), True, 1.0)).sum(dim=(0, 1)).flip(0)
+    mass[past:] = own
+    if past:
+        qa_stacked = qa.view(b, hk, g * nq, d + pad)
+        for lo in range(0, past, PAST_PIECE):
+            kp = widen(k_past[:, :, lo:lo + PAST_PIECE])
+            mass[lo:lo + kp.shape[2]] = torch.exp(lse(kp, qa_stacked, False, 1.0)).sum(dim=(0, 1))
+    return mass / (b * hq * nq)
+
+
+PAST_PIECE = 8192  # past keys per pass (bounds the widened copies)

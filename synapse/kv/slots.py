@@ -28,6 +28,8 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..errors import AccessDenied, AllocatorError, CapacityError
 
 
@@ -37,7 +39,8 @@ class Slot:
     table's id for the block in it (set when the page table records the handle)."""
 
     __slots__ = ("offset", "nbytes", "class_bytes", "tenant", "allocator_id", "generation",
-                 "block", "index")
+                 "_block", "index")
+    assigned = 0  # bumped whenever any slot learns its block: ``SlotArena.blocks`` keys on it
 
     def __init__(self, index, nbytes, tenant, allocator_id, generation):
         self.index = index
@@ -46,7 +49,16 @@ class Slot:
         self.tenant = tenant
         self.allocator_id = allocator_id
         self.generation = generation
-        self.block = -1
+        self._block = -1
+
+    @property
+    def block(self) -> int:
+        return self._block
+
+    @block.setter
+    def block(self, b: int) -> None:
+        self._block = b
+        Slot.assigned += 1
 
     def __repr__(self) -> str:
         return f"Slot(index={self.index}, offset={self.offset}, tenant={self.tenant!r}, block={self.block})"
@@ -97,6 +109,8 @@ class SlotArena:
         self._pending: dict[int, tuple[Slot, int, int]] = {}  # id(slot) -> relocation
         self._fresh: dict[int, Slot] = {}  # slots allocated since take_relocations, by id
         self.zero_on_free = zero_on_free
+        self.version = 0  # bumped by every change of the slot order
+        self._blocks, self._blocks_version = np.zeros(0, np.int64), -1
         self._zero: list[tuple[int, int]] = []  # freed byte ranges owed a memset
         self._bytes_per_tenant: dict[str, int] = {}
         self._generation = 0
@@ -119,6 +133,15 @@ class SlotArena:
     def live_end_bytes(self) -> int:
         """Bytes from the arena's start to the end of its last live slot (= used)."""
         return len(self.slots) * self.slot_bytes
+
+    def blocks(self) -> np.ndarray:
+        """The page-table id of the block in each slot, in slot order (recomputed only
+        after the arena changed: most decode steps change nothing)."""
+        key = (self.version, Slot.assigned)
+        if self._blocks_version != key:
+            self._blocks = np.fromiter((s._block for s in self.slots), np.int64, len(self.slots))
+            self._blocks_version = key
+        return self._blocks
 
     def can_allocate(self, nbytes: int) -> bool:
         return nbytes == self.slot_bytes and len(self.slots) < self.max_slots
@@ -160,6 +183,7 @@ class SlotArena:
             per_tenant[tenant] = per_tenant.get(tenant, 0) + sb
             out.append(s)
         self.num_allocs += len(out)
+        self.version += 1
         if out and self._last is not None:
             self._swap(self._last, slots[-1])
         if out and self._extent is not None:
@@ -215,6 +239,7 @@ class SlotArena:
         if self._last is not None and self._last.index != n_new - 1:
             self._swap(self._last, placed[n_new - 1])
         self.num_frees += len(slots)
+        self.version += 1
         if self.zero_on_free:  # after the relocations have read it: see take_relocations
             self._zero.append((n_new * self.slot_bytes, (n_old - n_new) * self.slot_bytes))
         if self._extent is not None:  # pages past the end go once the relocations are done
@@ -282,6 +307,7 @@ class SlotArena:
 
     def _move(self, s: Slot, to: int) -> None:
         """``s`` is now at slot ``to``; remember where its bytes were before this batch."""
+        self.version += 1
         if id(s) not in self._fresh:
             first = self._pending.get(id(s))
             src = first[1] if first is not None else s.offset
