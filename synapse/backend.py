@@ -39,6 +39,13 @@ class Backend(abc.ABC):
         ``zero(offset, nbytes)`` and ``address(offset)`` (synapse.hw.memory.Memory).
         """
 
+    def paged_memory(self, space: str, nbytes: int):
+        """Device memory for a compacting slot arena (``synapse.kv.slots``), which reports
+        its live prefix through ``extent``: on CUDA, virtual memory whose pages are mapped
+        as that prefix grows (``synapse.kv.vmm``); elsewhere ``memory(space, nbytes,
+        "device")``. Only a caller that reports its extent may use it."""
+        return self.memory(space, nbytes, "device")
+
     @abc.abstractmethod
     def submit(self, op: Op, stream: Stream, after: Sequence[Any] = ()) -> Any:
         """Enqueue ``op`` on ``stream`` after ``after`` completed; return its ticket."""

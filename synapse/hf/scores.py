@@ -33,8 +33,54 @@ def attention_modules(model) -> list:
     return mods
 
 
+class _RopeWatch:
+    """The modeling module's ``apply_rotary_pos_emb``, wrapped to keep the rotated query
+    it returns: the attention module calls it right before ``cache.update``, so the cache
+    scores the very query the model attends with, without computing it again. One per
+    modeling module, shared by every tap on it; the original is put back with the last."""
+
+    _active: dict = {}
+
+    def __init__(self, module):
+        self.module, self.orig = module, module.apply_rotary_pos_emb
+        self.last: torch.Tensor | None = None
+        self.users = 0
+        watch = self
+
+        def apply_rotary_pos_emb(q, k, *args, **kwargs):
+            out = watch.orig(q, k, *args, **kwargs)
+            watch.last = out[0]
+            return out
+        apply_rotary_pos_emb.__wrapped__ = self.orig
+        module.apply_rotary_pos_emb = apply_rotary_pos_emb
+
+    @classmethod
+    def on(cls, module) -> "_RopeWatch":
+        w = cls._active.get(module.__name__)
+        if w is None:
+            w = cls._active[module.__name__] = cls(module)
+        w.users += 1
+        return w
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users == 0:
+            self.module.apply_rotary_pos_emb = self.orig
+            del _RopeWatch._active[self.module.__name__]
+
+    def take(self) -> torch.Tensor | None:
+        q, self.last = self.last, None
+        return q
+
+
 class QueryTap:
-    """Hooks that keep each attention layer's query inputs until the cache scores them."""
+    """The query each attention layer attends with, kept until the cache scores it.
+
+    Where the modeling module applies rotary embeddings through its own
+    ``apply_rotary_pos_emb`` (Llama, Qwen2, Qwen3, Mistral, ...), the rotated query it
+    returns is taken as is (``_RopeWatch``): nothing is recomputed. Otherwise a forward
+    hook on ``q_proj`` and a pre-hook on the attention module keep what is needed to
+    rebuild it (view, ``q_norm``, transpose, rotary) when the cache asks."""
 
     def __init__(self, model) -> None:
         mods = attention_modules(model)
@@ -54,6 +100,9 @@ class QueryTap:
                     f"apply_rotary_pos_emb or the module no scaling; TieredCache cannot rebuild "
                     f"its queries. Use policy 'fifo' or 'sinks'")
             self.rope[m.layer_idx] = fn
+        self._watches = [_RopeWatch.on(mod) for mod in
+                         {sys.modules[type(m).__module__] for m in mods}]
+        self._watch_of = {m.layer_idx: _RopeWatch._active[type(m).__module__] for m in mods}
         self._q: dict[int, torch.Tensor] = {}
         self._pos: dict[int, tuple] = {}
         self._handles = []
@@ -79,6 +128,9 @@ class QueryTap:
         m = self.modules.get(layer_idx)
         out = self._q.pop(layer_idx, None)
         pe = self._pos.pop(layer_idx, None)
+        rotated = self._watch_of[layer_idx].take() if m is not None else None
+        if rotated is not None and out is not None and rotated.shape[-2] == out.shape[-2]:
+            return rotated
         if m is None or out is None:
             raise UnsupportedModel(f"layer {layer_idx}: no query was observed before cache.update; "
                                    f"the attention module does not call q_proj before the cache")
@@ -98,6 +150,9 @@ class QueryTap:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for w in self._watches:
+            w.release()
+        self._watches = []
 
 
 SCORE_TRANSIENT_BYTES = 64 << 20  # bound on the logits a score pass holds at once

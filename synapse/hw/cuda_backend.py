@@ -264,11 +264,16 @@ class CudaBackend(Backend):
             raise
 
     # -- memory -------------------------------------------------------------------
+    def paged_memory(self, space: str, nbytes: int):
+        if self.vmm is False:
+            return self.memory(space, nbytes, "device")
+        return self._keep(space, self._vmm_memory(space, nbytes))
+
     def memory(self, space: str, nbytes: int, kind: str):
-        if space == "l1" and kind == "device" and self.vmm is not False:
-            mem = self._vmm_memory(space, nbytes)
-        else:
-            mem = DeviceMemory(self, space, nbytes) if kind == "device" else PinnedMemory(space, nbytes)
+        mem = DeviceMemory(self, space, nbytes) if kind == "device" else PinnedMemory(space, nbytes)
+        return self._keep(space, mem)
+
+    def _keep(self, space: str, mem):
         old = self._mem.pop(space, None)
         if old is not None:
             old.free()

@@ -80,7 +80,7 @@ def build_stack(shape: KVShape, backend, l1_bytes: int, l2_bytes: int, policy: P
     l1_slots = l1_bytes // full
     if l1_slots < 1:
         raise CapacityError(f"an L1 budget of {l1_bytes} bytes holds no KV block of {full} bytes")
-    l1 = SlotArena(backend.memory("l1", l1_slots * full, "device"), full)
+    l1 = SlotArena(backend.paged_memory("l1", l1_slots * full), full)
     l2_format_bytes = q4 if demote is Demotion.L2_INT4 else full
     if l2_compact:  # grows as demotions need it, up to the budget
         l2_slots = max(1, l2_bytes // l2_format_bytes)

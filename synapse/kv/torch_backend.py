@@ -132,11 +132,15 @@ class TorchBackend(Backend):
             mem = PlaneMemory(space, self.planes, kind, self.planes, self.device,
                               tensor=torch.zeros((self.planes, 1), dtype=torch.uint8))
             mem.nbytes = nbytes
-        elif kind == "device" and self.cuda and self.vmm_requested is not False:
-            mem = self._vmm_memory(space, nbytes)
         else:
             mem = PlaneMemory(space, nbytes, kind, self.planes, self.device)
         self._mem[space] = mem
+        return mem
+
+    def paged_memory(self, space: str, nbytes: int) -> PlaneMemory:
+        if not self.cuda or self.vmm_requested is False:
+            return self.memory(space, nbytes, "device")
+        mem = self._mem[space] = self._vmm_memory(space, nbytes)
         return mem
 
     def _vmm_memory(self, space: str, nbytes: int) -> PlaneMemory:

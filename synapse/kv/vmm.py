@@ -32,7 +32,7 @@ class VmmUnavailable(SynapseError):
 
 def _track(va: int, nbytes: int):
     from ..monitor.tracker import track
-    return track(va, nbytes, "device", "kv_pages", owner="vmm_arena")
+    return track(va, nbytes, "device", "l1_arena", owner="vmm_arena")
 
 
 def _untrack(handle) -> None:
