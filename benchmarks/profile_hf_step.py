@@ -21,7 +21,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=32768)
     ap.add_argument("--new-tokens", type=int, default=12)
     ap.add_argument("--rows", type=int, default=30)
-    ap.add_argument("--phase", choices=("decode", "prefill"), default="decode")
+    ap.add_argument("--phase", choices=("decode", "prefill", "generate"), default="decode")
     a = ap.parse_args(argv)
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -48,6 +48,17 @@ def main(argv=None) -> int:
                     out = model(nxt, past_key_values=cache, use_cache=True)
                     nxt = out.logits[:, -1:].argmax(-1)
                 torch.cuda.synchronize()
+        elif a.phase == "generate":  # Python hot spots of a whole generate(), cProfile
+            import cProfile
+            import pstats
+            pr = cProfile.Profile()
+            torch.cuda.synchronize()
+            pr.enable()
+            model.generate(ids, past_key_values=cache, **kw)
+            torch.cuda.synchronize()
+            pr.disable()
+            pstats.Stats(pr).sort_stats("tottime").print_stats(a.rows)
+            return 0
         else:
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 model.generate(ids, past_key_values=cache, max_new_tokens=1, do_sample=False,

@@ -82,9 +82,10 @@ def build_stack(shape: KVShape, backend, l1_bytes: int, l2_bytes: int, policy: P
         raise CapacityError(f"an L1 budget of {l1_bytes} bytes holds no KV block of {full} bytes")
     l1 = SlotArena(backend.paged_memory("l1", l1_slots * full), full)
     l2_format_bytes = q4 if demote is Demotion.L2_INT4 else full
-    if l2_compact:  # grows as demotions need it, up to the budget
+    if l2_compact:  # grows as demotions need it, up to the budget: pinned memory costs
+        # about a second per GiB to allocate (a full-budget cache never needs any)
         l2_slots = max(1, l2_bytes // l2_format_bytes)
-        first = min(l2_slots, max(16, l1_slots))
+        first = min(l2_slots, 16)
         l2 = SlotArena(backend.memory("l2", first * l2_format_bytes, "pinned_host"),
                        l2_format_bytes, max_slots=l2_slots)
     else:
