@@ -45,13 +45,16 @@ def main(argv=None) -> int:
         same = runs[hw].decisions == runs[model].decisions
         row = {"decisions_identical": same,
                "decisions": len(runs[hw].decisions),
-               hw: {k: rh.get(k) for k in ("run_time_s", "host_busy_s", "wall_s")},
+               hw: {k: rh.get(k) for k in ("run_time_s", "host_busy_s", "wall_s", "decision_s",
+                                           "host_rest_s", "host_rest_fraction")},
                model: {k: rm.get(k) for k in ("run_time_s", "host_busy_s", "wall_s")},
                "run_time_rel_error": (rm["run_time_s"] - rh["run_time_s"]) / rh["run_time_s"],
                "op_p50_s": {hw: _op_p50(runs[hw].result), model: _op_p50(runs[model].result)}}
         summary[name] = row
         print(f"{name:10s} decisions identical: {same}  run time {hw} {rh['run_time_s']:.3f} s "
-              f"(host busy {rh.get('host_busy_s') or 0:.3f})  {model} {rm['run_time_s']:.3f} s "
+              f"(host busy {rh.get('host_busy_s') or 0:.3f}, of it decisions "
+              f"{rh.get('decision_s') or 0:.3f}; the rest {rh.get('host_rest_fraction') or 0:.0%} "
+              f"of the wall time)  {model} {rm['run_time_s']:.3f} s "
               f"(host busy {rm.get('host_busy_s') or 0:.3f})  error {row['run_time_rel_error']:+.1%}")
         for op in sorted(set(row["op_p50_s"][hw]) | set(row["op_p50_s"][model])):
             a_, b_ = row["op_p50_s"][hw].get(op), row["op_p50_s"][model].get(op)

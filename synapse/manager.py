@@ -25,7 +25,9 @@ its way in (through an INT4 staging slot on the device), as it is quantized on i
 
 from __future__ import annotations
 
+import functools
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -112,6 +114,19 @@ def can_allocate_all(alloc, sizes: Sequence[int]) -> bool:
     return pages >= 0
 
 
+def _decision(fn):
+    """Count the wall time of a planning call in ``TierManager.decision_s``: the policy's
+    and the manager's share of a step's host time, reported apart from the rest."""
+    @functools.wraps(fn)
+    def timed(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            self.decision_s += time.perf_counter() - t0
+    return timed
+
+
 class TierManager:
     def __init__(self, table: PageTable, spaces: Spaces, policy: EvictionPolicy,
                  demotion: Demotion, watermarks: Watermarks, prefetch: KVPrefetch | None,
@@ -129,6 +144,7 @@ class TierManager:
         self._busy = np.zeros(1024, bool)  # in flight or pinned: never a victim
         self.pinned: set[int] = set()  # blocks never chosen as victims (a partial tail)
         self.tail_last = tail_last  # keep the pinned tail last in a compacting L1
+        self.decision_s = 0.0  # host seconds spent planning (see _decision)
         policy.bind(spaces.l1.capacity_bytes // sizes[Fmt.FP16])
 
     # -- queries --------------------------------------------------------------------
@@ -168,10 +184,12 @@ class TierManager:
         self.counters.refusals += len(np.atleast_1d(ids))
         self.log.add(step, "refuse", ids)
 
+    @_decision
     def touch(self, ids: np.ndarray, step: int) -> None:
         """These blocks were used at ``step`` (LRU's clock; others ignore it)."""
         self.policy.on_access(np.asarray(ids, np.int64), step)
 
+    @_decision
     def observe(self, ids: np.ndarray, mass: np.ndarray, step: int) -> None:
         """Attention mass each block received at ``step`` (H2O's score)."""
         self.policy.on_attention(np.asarray(ids, np.int64), mass, step)
@@ -273,6 +291,7 @@ class TierManager:
         return l1[keep]
 
     # -- insertion ------------------------------------------------------------------
+    @_decision
     def insert(self, specs: Sequence[BlockSpec], step: int, positions: np.ndarray) -> np.ndarray:
         if not specs:
             return np.zeros(0, np.int64)
@@ -290,6 +309,7 @@ class TierManager:
         return ids
 
     # -- eviction -------------------------------------------------------------------
+    @_decision
     def make_room(self, sizes: Sequence[int], protected: np.ndarray, step: int,
                   arriving: np.ndarray | None = None) -> list[Move]:
         """Victims whose leaving frees at least ``sum(sizes)`` bytes of L1 (forced eviction).
@@ -330,6 +350,7 @@ class TierManager:
         k = int(np.searchsorted(covered, need_bytes)) + 1
         return np.sort(chosen[:k])
 
+    @_decision
     def evict(self, victims: np.ndarray, step: int, forced: bool = False) -> list[Move]:
         """Moves for these L1 blocks, chosen by the caller (a scheduler swapping whole
         requests): demotions or drops as the demotion rule says; see ``_evict``."""
@@ -393,6 +414,7 @@ class TierManager:
         return moves
 
     # -- fetch ----------------------------------------------------------------------
+    @_decision
     def plan_fetch(self, ids: np.ndarray, step: int, purpose: str = "fetch") -> list[Move]:
         """L1 destinations (full precision) for L2 blocks, in order, for as many as L1
         (and, for INT4 blocks, the device staging that takes them before dequantization)
@@ -432,6 +454,7 @@ class TierManager:
         self.log.add(step, purpose, done)
         return moves
 
+    @_decision
     def plan_background(self, step: int, protected: np.ndarray) -> tuple[list[Move], list[Move]]:
         """Demote down to the low watermark; then prefetch L2 blocks the policy ranks above
         L1's weakest into the headroom below the high watermark."""
@@ -463,6 +486,7 @@ class TierManager:
         return self.plan_fetch(chosen, step, "prefetch")
 
     # -- completion -----------------------------------------------------------------
+    @_decision
     def commit(self, moves: Sequence[Move], step: int) -> None:
         """The ops of these moves finished: the page table follows, sources are freed."""
         if not moves:
@@ -513,6 +537,7 @@ class TierManager:
             if m.staging is not None:
                 self.spaces.staging.free(m.staging)
 
+    @_decision
     def release(self, ids: np.ndarray) -> None:
         """The owner is done with these blocks: they leave every tier (freed, counted)."""
         ids = np.asarray(ids, np.int64)

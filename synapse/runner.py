@@ -140,6 +140,10 @@ def run_scenario(scenario: Scenario, backend_name: str = "sim", source: str = "s
             # Work after the timed region (reference passes) is not part of the run.
             "run_time_s": getattr(driver, "run_end_s", None) or backend.now(),
             "host_busy_s": backend.host_busy_s(),
+            # wall time of the manager's planning calls, measured on hardware backends (on
+            # the simulator a host measurement would make its results irreproducible)
+            "decision_s": None if backend.simulated else
+            getattr(getattr(driver, "mgr", None), "decision_s", None),
             "l1_hits": c.l1_hits, "l2_hits": c.l2_hits, "misses": c.misses,
             "evictions": c.evictions, "demotions": c.demotions, "drops": c.drops,
             "forced_evictions": c.forced_evictions, "fetches": c.fetches,
@@ -147,6 +151,12 @@ def run_scenario(scenario: Scenario, backend_name: str = "sim", source: str = "s
             "lost_blocks": driver.lost_blocks(),
             "needle_retained": None, "output_rel_error": None,
         }
+        busy, dec = metrics["host_busy_s"], metrics["decision_s"]
+        if busy is not None and dec is not None and wall > 0:
+            # the host's time apart from the policy's decisions, as a share of the wall time
+            metrics["host_rest_s"] = max(0.0, busy - dec)
+            metrics["host_rest_fraction"] = metrics["host_rest_s"] / wall
+            metrics["decision_fraction"] = dec / wall
         accessed = c.l1_hits + c.l2_hits + c.misses
         metrics["l1_hit_rate"] = c.l1_hits / accessed if accessed else None
         metrics.update(summarize(records, driver.rec.step_s))

@@ -129,7 +129,10 @@ class NeedleDriver:
             c = mgr.counters
             be.step_done()  # a safe point: the virtual-memory L1 unmaps what is past its end
             pages = be.l1_pages()
-            extra = {} if pages is None else {"l1_pages": pages}
+            # measured host time (not a model): the hardware backends' timelines only
+            extra = {} if be.simulated else {"decision_s": self.mgr.decision_s}
+            if pages is not None:
+                extra["l1_pages"] = pages
             self.rec.step(t, be.now(), **extra, l1_bytes=table.bytes_in(Tier.L1),
                           l2_bytes=table.bytes_in(Tier.L2), resident_blocks=len(resident),
                           l1_hits=c.l1_hits, l2_hits=c.l2_hits, misses=c.misses)

@@ -293,7 +293,10 @@ class ServingDriver:
                 assert self.lost_blocks() == 0, "an admitted request lost a block"
             be.step_done()  # a safe point: the virtual-memory L1 unmaps what is past its end
             pages = be.l1_pages()
-            extra = {} if pages is None else {"l1_pages": pages}
+            # measured host time (not a model): the hardware backends' timelines only
+            extra = {} if be.simulated else {"decision_s": self.mgr.decision_s}
+            if pages is not None:
+                extra["l1_pages"] = pages
             self.rec.step(t, be.now(), **extra, l1_bytes=self.table.bytes_in(Tier.L1),
                           l2_bytes=self.table.bytes_in(Tier.L2), l1_fraction=frac,
                           running=len(running), swapped=len(swapped), queued=len(queued),

@@ -224,6 +224,7 @@ class TieredCache(Cache):
         self._backend = None
         self._step: dict | None = None
         self._pending = False  # a finished step whose masses the policy has not seen
+        self._l2_free: dict = {}  # L2 read buffer -> event after its last reader
         self._step_mass: torch.Tensor | None = None
         self.device = None
         self.dtype = None
@@ -370,7 +371,9 @@ class TieredCache(Cache):
         if layer + 1 < self.num_layers:
             self._prefetch_l2(layer + 1)
         if st["l2_int4"] and self._assemble_kernel():
-            return self._assemble(kp, vp, data, cut, n)
+            out = self._assemble(kp, vp, data, cut, n)
+            self._l2_consumed(layer)
+            return out
         if st["l2_int4"]:
             x = dequantize_rows(data.view(2 * m, -1), sh.plane_numel, sh.int4_group, self.dtype)
         else:
@@ -378,7 +381,17 @@ class TieredCache(Cache):
         x = x.view(2, m * self.block_tokens, self.kv_heads, self.head_dim)
         keys = torch.cat((kp[:cut], x[0], kp[cut:n]), dim=0).permute(1, 0, 2).unsqueeze(0)
         values = torch.cat((vp[:cut], x[1], vp[cut:n]), dim=0).permute(1, 0, 2).unsqueeze(0)
+        self._l2_consumed(layer)
         return keys, values
+
+    def _l2_consumed(self, layer: int) -> None:
+        """The layer's L2 buffer has been read (the work reading it is queued): the copy
+        into it for layer + 2 may start once that work is done, not before."""
+        st = self._step
+        if st["copy_stream"] is not None:
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self.device))
+            self._l2_free[layer % 2] = ev  # kept across steps: the next step reuses it
 
     def _assemble_kernel(self) -> bool:
         """Whether the fused read-through kernel (``kv_assemble_int4`` in cuda/int4.cu)
@@ -420,7 +433,9 @@ class TieredCache(Cache):
         buf = st["l2_buf"][layer % 2]  # K's run then V's: [2 * m, per] contiguous
         cs = st["copy_stream"]
         if cs is not None:
-            cs.wait_stream(torch.cuda.current_stream(self.device))  # the buffer is free again
+            freed = self._l2_free.pop(layer % 2, None)  # whatever read it last is done
+            if freed is not None:
+                cs.wait_event(freed)
             with torch.cuda.stream(cs):
                 for i in range(2):
                     buf[i * m * per: (i + 1) * m * per].copy_(rows[i].reshape(-1),
@@ -495,6 +510,8 @@ class TieredCache(Cache):
             st["l2_plane_bytes"] = per
             buf = getattr(self, "_l2_buf", None)
             if buf is None or buf.shape[-1] < 2 * m * per:  # grown rarely: doubling
+                if buf is not None and self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)  # the copy stream may still write it
                 size = max(2 * m * per, 2 * (buf.shape[-1] if buf is not None else 0))
                 buf = self._l2_buf = torch.empty((2, size), dtype=torch.uint8, device=self.device)
             st["l2_buf"] = buf

@@ -201,6 +201,19 @@ def _lse_cpu(q, k, causal: bool, scale: float) -> torch.Tensor:
 
 
 _NARROW_V: dict = {}
+_DUMMY: dict = {}
+
+
+def _zeros_like_keys(k: torch.Tensor) -> torch.Tensor:
+    """A zero value tensor of 8 dims for ``k``'s batch, heads and length, cut from one
+    buffer kept per device and dtype (allocating one per call made the caching allocator
+    the prefill's bottleneck)."""
+    b, h, n, _ = k.shape
+    key = (k.device, k.dtype)
+    buf = _DUMMY.get(key)
+    if buf is None or buf.numel() < b * h * n * 8:
+        buf = _DUMMY[key] = torch.zeros(max(b * h * n * 8, 1 << 20), dtype=k.dtype, device=k.device)
+    return buf[: b * h * n * 8].view(b, h, n, 8)
 
 
 def _lse_cuda(q, k, causal: bool, scale: float) -> torch.Tensor:
@@ -209,7 +222,7 @@ def _lse_cuda(q, k, causal: bool, scale: float) -> torch.Tensor:
     takes a narrower value than key (it does on sm_80+), else the keys themselves."""
     q, k = q.contiguous(), k.contiguous()  # the kernel's layout checks: plain strides
     narrow = _NARROW_V.get(q.device.index, True)
-    v = torch.zeros((*k.shape[:-1], 8), dtype=k.dtype, device=k.device) if narrow else k
+    v = _zeros_like_keys(k) if narrow else k
     try:
         out = torch.ops.aten._scaled_dot_product_efficient_attention(
             q, k, v, None, True, 0.0, causal, scale=scale)
@@ -257,20 +270,23 @@ def token_mass_fused(q: torch.Tensor, k: torch.Tensor, scaling: float, past: int
             lse_row = torch.logaddexp(lse_row, part.reshape(b, hq, nq))
     # 2. column sums, through widened vectors
     pad = 8
-    qa = torch.zeros((b, hq, nq, d + pad), dtype=dt, device=k.device)
+    qa = torch.empty((b, hq, nq, d + pad), dtype=dt, device=k.device)
     qa[..., :d] = qs
     hi = (-lse_row).to(dt)
     qa[..., d] = hi
     qa[..., d + 1] = (-lse_row - hi.float()).to(dt)
+    qa[..., d + 2:] = 0
+    wide = torch.empty((b, hk, max(nq, min(past, PAST_PIECE)), d + pad), dtype=dt, device=k.device)
+    wide[..., d:d + 2] = 1
+    wide[..., d + 2:] = 0
 
-    def widen(x):
-        out = torch.zeros((*x.shape[:-1], d + pad), dtype=dt, device=k.device)
+    def widen(x):  # [k, 1, 1, 0...] in one buffer reused for every piece
+        out = wide[:, :, : x.shape[2]]
         out[..., :d] = x
-        out[..., d:d + 2] = 1
         return out
 
     mass = torch.empty(n, dtype=torch.float32, device=k.device)
-    ko = widen(k_own).flip(2)
+    ko = widen(k_own).flip(2).contiguous()
     own = torch.zeros(nq, dtype=torch.float32, device=k.device)
     for r in range(g):
         own += torch.exp(lse(ko, qa[:, r::g].flip(2), True, 1.0)).sum(dim=(0, 1)).flip(0)
