@@ -78,6 +78,13 @@ class Mover:
             self._barrier = tickets
         return tickets
 
+    def step_done(self) -> None:
+        """The driver finished a step: submit what compaction still owes (frees outside a
+        move, a request released), then let the backend reach its safe point (the
+        virtual-memory L1 unmaps past its live end once those copies have read it)."""
+        self.relocate()
+        self.backend.step_done()
+
     def submit_op(self, op, stream: Stream, after: Sequence = ()):
         """Submit an op of the caller's own (an ingest into new L1 blocks) after the
         compaction it may overlap."""

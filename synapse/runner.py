@@ -193,10 +193,8 @@ def _both(first, second):
 
 def _jsonable(o):
     import numpy as np
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
+    if isinstance(o, np.generic):  # NumPy scalars: integers, floats and bools alike
+        return o.item()
     if isinstance(o, np.ndarray):
         return o.tolist()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")

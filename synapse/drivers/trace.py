@@ -97,7 +97,7 @@ class TraceDriver:
             if self.s.checks.invariants:
                 mgr.check()
             c = mgr.counters
-            be.step_done()  # a safe point: the virtual-memory L1 unmaps what is past its end
+            self.mover.step_done()  # compaction owed, then the backend's safe point
             pages = be.l1_pages()
             # measured host time (not a model): the hardware backends' timelines only
             extra = {} if be.simulated else {"decision_s": self.mgr.decision_s}
