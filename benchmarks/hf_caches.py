@@ -13,8 +13,9 @@ fp32 on CPU, fp16 on CUDA) decodes ``--new-tokens`` greedy tokens after a random
   backend (transformers >= 5.24 only); each is "not run: <reason>" where it cannot run;
 - ``tiered_full``: ``TieredCache`` with an L1 budget above the context (nothing evicted);
 - ``tiered_h2o`` / ``tiered_lru``: ``TieredCache`` with ``l1_budget_tokens`` = 25% of the
-  context (prompt + new tokens), ``demote="int4"``, policy ``h2o`` / ``lru``; the prompt
-  goes in chunks that fit the budget (``prefill_chunk_size``).
+  prompt (a whole number of 2 MiB pages per layer plane at 32k tokens, 4 KV heads of
+  128), ``demote="int4"``, policy ``h2o`` / ``lru``; the prompt goes in chunks that fit
+  the budget (``prefill_chunk_size``).
 
 Per cache: one warm-up run, which is also the measurement run (logits, KV bytes after
 every token), then up to ``--repeats`` timed runs: fewer (``repeats_run``) where the
@@ -128,14 +129,16 @@ def round_down(n: int, m: int) -> int:
     return max(m, n // m * m)
 
 
-def cache_specs(cfg, device, context: int) -> dict:
+def cache_specs(cfg, device, context: int, prompt: int | None = None) -> dict:
     """name -> (settings, factory(model) -> cache, prefill_chunk or None)."""
     from transformers import DynamicCache, QuantizedCache
     backend = "cuda" if device.type == "cuda" else "cpu"
     # Full: above the context by more than the high watermark (0.95), so background
     # demotion never starts; fifo, so no attention scores are computed (pure block cost).
     full = math.ceil(context / 0.9 / BLOCK_TOKENS) * BLOCK_TOKENS + BLOCK_TOKENS
-    quarter = max(2 * BLOCK_TOKENS, round_down(context // 4, BLOCK_TOKENS))
+    # 25% of the prompt: with 2 MiB pages per layer plane a budget of a whole number of
+    # pages (8192 tokens at 32k for 4 KV heads of 128) maps no partial page
+    quarter = max(2 * BLOCK_TOKENS, round_down((prompt or context) // 4, BLOCK_TOKENS))
     # The largest chunk the planner accepts (its CapacityError names the same figure).
     chunk = max(BLOCK_TOKENS, (quarter // BLOCK_TOKENS - 1) * BLOCK_TOKENS)
     quant = dict(nbits=4, q_group_size=64, residual_length=128)
@@ -427,7 +430,7 @@ def run_cache(spec, model, ids, args, ref, allowance_s: float | None) -> tuple[d
         entry["telemetry"] = {k: telemetry.get(k) for k in (
             "l1_budget_tokens", "l1_peak_bytes", "l1_hit_rate", "evictions", "demotions", "drops",
             "forced_evictions", "fetches", "prefetches", "bytes_h2d", "bytes_d2h", "int4_rel_rmse",
-            "stall_s", "l1_arena", "l1_reserved_peak_bytes", "vmm")}
+            "stall_s", "l1_arena", "l1_reserved_peak_bytes", "vmm", "read_through")}
     entry["agreement"] = agreement(ref, warm) if ref is not None else None
     return entry, warm
 
@@ -661,7 +664,7 @@ def main(argv=None) -> int:
     cfg = model_config(device.type, a.tiny, a.model, a.prompt_tokens + a.new_tokens)
     model = build_model(cfg, device)
     ids = make_prompt(cfg, a.prompt_tokens, device)
-    specs = cache_specs(cfg, device, a.prompt_tokens + a.new_tokens)
+    specs = cache_specs(cfg, device, a.prompt_tokens + a.new_tokens, a.prompt_tokens)
     res = describe(a, cfg, model, device)
     if "quanto" in a.caches and backend_missing("quanto") is None:
         res["config"]["quanto_unpack"] = (

@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     cfg = hc.model_config("cuda", False, a.model, a.prompt_tokens + a.new_tokens)
     model = hc.build_model(cfg, device)
     ids = hc.make_prompt(cfg, a.prompt_tokens, device)
-    specs = hc.cache_specs(cfg, device, a.prompt_tokens + a.new_tokens)
+    specs = hc.cache_specs(cfg, device, a.prompt_tokens + a.new_tokens, a.prompt_tokens)
     _, make, chunk = specs[a.cache]
     kw = {"max_new_tokens": a.new_tokens, "do_sample": False}
     if chunk:

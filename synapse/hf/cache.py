@@ -646,6 +646,10 @@ class TieredCache(Cache):
         if mem.arena is not None:
             out["vmm"] = mem.arena.stats()
         out["l1_arena"] = be.vmm_status
+        fused = getattr(self, "_fused", None)
+        out["read_through"] = ("fused kernel (kv_assemble_int4)" if fused else
+                               f"torch ops ({getattr(self, '_fused_reason', 'not CUDA fp16')})"
+                               if fused is not None else "not used")
         out["run_time_s"] = time.perf_counter() - self._t0
         out["latency"] = {}
         return out

@@ -197,12 +197,22 @@ class TorchBackend(Backend):
             x = src.slots(size)[:, self._index(op.src_offsets, size).to(src.t.device)]
             p, k, per = x.shape
             rows = x.reshape(p * k, per).view(self.dtype)
-            q = quantize_rows(rows, self.shape.int4_group)
-            back = dequantize_rows(q, rows.shape[1], self.shape.int4_group, torch.float32)
-            ref = rows.to(torch.float32)
+            g = self.shape.int4_group
+            q = torch.empty((p * k, self.shape.plane_int4_bytes), dtype=torch.uint8,
+                            device=rows.device)
+            err = torch.zeros(2, dtype=torch.float64, device=rows.device)
+            # in pieces: the float32 temporaries of a whole round (a tenth of L1 demoted
+            # at once) were a third of the device memory a 32k-token decode held
+            step = max(1, (16 << 20) // (4 * rows.shape[1]))
+            for lo in range(0, rows.shape[0], step):
+                part = rows[lo:lo + step]
+                q[lo:lo + step] = quantize_rows(part, g)
+                back = dequantize_rows(q[lo:lo + step], part.shape[1], g, torch.float32)
+                ref = part.to(torch.float32)
+                err += torch.stack((((back - ref) ** 2).sum(), (ref * ref).sum())).double()
             # kept on the device (no sync per demotion); read by ``int4_error``
-            self._q_err.append(torch.stack((((back - ref) ** 2).sum(), (ref * ref).sum())))
-            self.q_count += ref.numel()
+            self._q_err.append(err)
+            self.q_count += rows.numel()
             self._staged[tuple(op.dst_offsets.tolist())] = q.view(p, k, -1)
             return None
         if isinstance(op, Dequantize):
@@ -210,8 +220,12 @@ class TorchBackend(Backend):
             dst = self._mem[op.dst_space]
             size = int(op.dst_sizes[0])
             p, k, _ = q.shape
-            x = dequantize_rows(q.reshape(p * k, -1), self.shape.plane_numel,
-                                self.shape.int4_group, self.dtype)
+            rows = q.reshape(p * k, -1)
+            x = torch.empty((p * k, self.shape.plane_numel), dtype=self.dtype, device=rows.device)
+            step = max(1, (16 << 20) // (4 * self.shape.plane_numel))  # bounded temporaries
+            for lo in range(0, p * k, step):
+                dequantize_rows(rows[lo:lo + step], self.shape.plane_numel,
+                                self.shape.int4_group, self.dtype, out=x[lo:lo + step])
             idx = self._index(op.dst_offsets, size).to(dst.t.device)
             dst.slots(size)[:, idx] = x.view(torch.uint8).view(p, k, -1)
             return None
