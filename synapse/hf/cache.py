@@ -19,8 +19,9 @@ runs on a replayed trace), and the moves go through the mover to a torch backend
   pages are mapped as the live prefix grows (``synapse.kv.vmm``), so the budget is the
   number of mapped pages; where that is unavailable, one allocation of the budget.
 - **L2** (host memory, pinned on CUDA): full precision (``demote="l2"``) or INT4
-  (``demote="int4"``: quantized on the device, then copied: about a quarter of the
-  bytes), compacted too, so a layer's L2 blocks are one run of bytes.
+  (``demote="int4"``: quantized on the device, then copied: a third of the bytes with
+  keys per channel, ``int4_keys``), compacted too, so a layer's L2 blocks are one run of
+  bytes (INT4: one layer row per block, ``synapse.hf.int4``).
 - **dropped** (``demote="drop"``): gone, as in H2O and StreamingLLM as published.
 
 Attention stays dense over what is kept: with everything in L1 a layer's ``update``

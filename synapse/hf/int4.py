@@ -68,20 +68,6 @@ class QTensor:
     def nbytes(self) -> int:
         return self.buf.numel()
 
-    def to(self, device, non_blocking: bool = False, pin: bool = False) -> "QTensor":
-        if pin:
-            dst = torch.empty(self.buf.shape, dtype=torch.uint8, pin_memory=True)
-            dst.copy_(self.buf, non_blocking=non_blocking)
-        else:
-            dst = self.buf.to(device, non_blocking=non_blocking)
-        return QTensor(dst, self.shape, self.dtype, self.group_size)
-
-    def clone(self) -> "QTensor":
-        return QTensor(self.buf.clone(), self.shape, self.dtype, self.group_size)
-
-    def record_stream(self, stream) -> None:
-        self.buf.record_stream(stream)
-
 
 def quantize(x: torch.Tensor, group_size: int) -> QTensor:
     if x.shape[-1] % group_size:
@@ -215,13 +201,3 @@ def dequantize_rows(buf: torch.Tensor, n: int, group_size: int, dtype: torch.dty
 def dequantize(t: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     n = math.prod(t.shape)
     return _decode(t.buf.reshape(1, -1), n, t.group_size).reshape(t.shape).to(dtype or t.dtype)
-
-
-def dequantize_blocks(ts: list, dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Dequantize QTensors of one shape in one pass and concatenate them along ``dim``
-    (the token axis of KV blocks): a few kernels for the lot instead of a few per block."""
-    t0 = ts[0]
-    n = math.prod(t0.shape)
-    out = _decode(torch.stack([t.buf for t in ts]), n, t0.group_size).to(dtype or t0.dtype)
-    out = out.reshape(len(ts), *t0.shape)          # [blocks, *shape]
-    return torch.cat(out.unbind(0), dim=dim) if len(ts) > 1 else out[0]

@@ -56,7 +56,7 @@ LEVELS = 15  # largest code: 4 bits
 # How the keys of a KV block are grouped: "channel" (one group per channel over a block's
 # tokens, the values per token) or "token" (keys and values in groups along head_dim).
 KEY_FORMATS = ("channel", "token")
-DEFAULT_KEY_FORMAT = "token"
+DEFAULT_KEY_FORMAT = "channel"
 
 
 @dataclass(frozen=True)

@@ -651,7 +651,8 @@ def attention_decode(q_ptr, table, layers: int, heads: int, head_dim: int, block
     Device: current context. ``q``: float32 [L, H, D], 16-byte aligned. ``table``: a
     ``DeviceBlockTable`` (or ``(ptrs, fmts, n_valid, num_blocks)`` device addresses) of
     blocks in the ``KVLayout(L, H, D, block_tokens, group_size)`` byte layout, fp16 (0) or
-    int4 (1). ``out``: float32 [L, H, D]; ``lse``: float32 [L, H, num_blocks] (per-block
+    int4 (1) in the token key format (``int4_keys="token"``; L1, which this reads, holds
+    full precision only, so the scenario drivers never hand it an INT4 block). ``out``: float32 [L, H, D]; ``lse``: float32 [L, H, num_blocks] (per-block
     log-sum-exp of the scaled scores, -inf for an empty block). D in {64, 128, 256},
     D % group_size == 0. Uses ``workspace`` (default: one per context, see
     ``AttentionWorkspace`` for the stream caveat). Returns the launch plan.
