@@ -180,6 +180,12 @@ def test_channel_sections_are_16_byte_aligned(layers, heads, groups_per_row, gro
         assert offset % 16 == 0
 
 
+def test_a_shape_without_int4_still_has_sizes_for_its_unused_staging():
+    from synapse.kv.shape import KVShape
+    shape = KVShape(2, 1, 4, 4, 32, int4_keys="token")  # head_dim 4: no INT4 group fits
+    assert not shape.int4_ok and shape.int4_bytes > 0
+
+
 def test_an_unknown_key_format_is_refused():
     with pytest.raises(ValueError, match="channel, token"):
         KVLayout(1, 1, 64, 4, 32, "head")

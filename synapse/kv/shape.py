@@ -80,17 +80,23 @@ class KVShape:
     def plane_fp16_bytes(self) -> int:
         return self.plane_numel * self.itemsize
 
+    def _token_row_bytes(self) -> int:
+        n, g = self.plane_numel, self.int4_group
+        if n % g:  # no INT4 for this shape (int4_ok); the figure only sizes unused staging
+            return n // 2 + 4 * -(-n // g)
+        return int4_ref.int4_nbytes(n, g)
+
     @property
     def key_row_int4_bytes(self) -> int:
         """INT4 bytes of one plane of keys (one layer of one block)."""
         if self.int4_keys == "channel":
             return int4_ref.channel_nbytes(self.block_tokens, self.kv_heads * self.head_dim)
-        return int4_ref.int4_nbytes(self.plane_numel, self.int4_group)
+        return self._token_row_bytes()
 
     @property
     def value_row_int4_bytes(self) -> int:
         """INT4 bytes of one plane of values (always per token)."""
-        return int4_ref.int4_nbytes(self.plane_numel, self.int4_group)
+        return self._token_row_bytes()
 
     @property
     def layer_int4_bytes(self) -> int:
