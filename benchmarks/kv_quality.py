@@ -15,9 +15,15 @@ with each cache; every one is compared with ``DynamicCache`` on the same model a
   prefill attends to the whole context before it prunes, TieredCache never holds more
   than B tokens, so its prefill already attends to the kept tokens only.
   ``tiered_full`` (fifo, a budget above the context) is the control: it must equal
-  ``DynamicCache`` token for token and logit for logit.
+  ``DynamicCache`` token for token and logit for logit. The INT4 rows come in both key
+  formats: ``tiered_<policy>_int4`` with ``int4_keys="channel"`` (keys per channel over a
+  block's 16 tokens, values per token: KIVI's split) and ``tiered_<policy>_int4_token``
+  (keys per token, the format before it); both report their INT4 bits per element.
 - ``quanto``, ``hqq``: ``QuantizedCache`` at 4 bits, group 64, residual 128 (the settings
-  of ``hf_caches.py``; extras ``optimum-quanto`` 0.2.7, ``hqq`` 0.2.8).
+  of ``hf_caches.py``; extras ``optimum-quanto`` 0.2.7, ``hqq`` 0.2.8), the prompt in one
+  forward pass; ``quanto_prefill16``, ``hqq_prefill16``: the same, fed the prompt one
+  block per pass as TieredCache is (its later prompt tokens then attend to quantized
+  states, as TieredCache's do).
 - ``kvpress_<press>``: NVIDIA kvpress 0.5.5's ObservedAttentionPress (H2O's score),
   StreamingLLMPress (sinks; ``n_sink`` = 16 = TieredCache's one sink block) and
   SnapKVPress (window 64, kernel 5), run by ``kv_quality_kvpress.py`` in a venv of their
@@ -51,7 +57,7 @@ attention saw) and the reference's attention share on the needle.
 
     .venv/bin/pip install -e '.[quality]'                 # optimum-quanto, hqq
     python benchmarks/kv_quality.py --setup-kvpress \\
-        --out benchmarks/results/cpu-2026-12-01/kv_quality.json      # ~5 min on 2 cores
+        --out benchmarks/results/cpu-2026-12-01/kv_quality.json      # ~9 min on 2 cores
     python benchmarks/kv_quality.py --tiny --no-kvpress    # a dry run, seconds
 
 ``--setup-kvpress`` creates ``.venv-kvpress`` (git-ignored) with ``KVPRESS_PINS`` when it
@@ -116,7 +122,9 @@ def cache_specs(context: int, budget: int) -> dict:
              "tiered_full": (*tiered("fifo", full, "l2"), None)}
     for p in POLICIES:
         for d in DEMOTES:
-            specs[f"tiered_{p}_{d}"] = (*tiered(p, budget, d), chunk)
+            extra = {"int4_keys": "channel"} if d == "int4" else {}
+            specs[f"tiered_{p}_{d}"] = (*tiered(p, budget, d, **extra), chunk)
+        specs[f"tiered_{p}_int4_token"] = (*tiered(p, budget, "int4", int4_keys="token"), chunk)
     # The default watermarks (0.95 / 0.85) drop down to 85% of the budget as soon as it
     # is crossed; at 1.0 / 1.0 a drop happens only when a new block does not fit, so the
     # whole budget is used, as by the presses (and, for sinks, as by StreamingLLM).
@@ -130,6 +138,12 @@ def cache_specs(context: int, budget: int) -> dict:
     specs["hqq"] = ({**QUANT, "axis_key": 1, "axis_value": 1},
                     lambda m: QuantizedCache(backend="hqq", config=m.config, axis_key=1,
                                              axis_value=1, **QUANT), None)
+    # The same caches fed the prompt as TieredCache is, one block per forward pass: their
+    # later prompt tokens then attend to quantized keys and values too (in one pass the
+    # prefill attends to full precision and quantizes afterwards), so these rows separate
+    # the quantization format from the prefill schedule.
+    for name in ("quanto", "hqq"):
+        specs[f"{name}_prefill{chunk}"] = (specs[name][0], specs[name][1], chunk)
     return specs
 
 
@@ -203,6 +217,9 @@ def run_cache(name, spec, model, ids, new_tokens, prompt, ref) -> tuple[dict, di
                  keys_seen_last_step=probe.keys_seen[-1])
     if kept is not None:
         entry["kept_tokens_end"] = kept
+    shape = getattr(cache, "shape", None)
+    if shape is not None and settings.get("demote") == "int4":
+        entry["int4_bits_per_element"] = 8 * shape.int4_bytes / shape.numel
     if tel is not None:
         entry["telemetry"] = {k: tel.get(k) for k in (
             "l1_budget_tokens", "l1_budget_bytes", "l1_peak_bytes", "evictions", "demotions",
@@ -341,6 +358,9 @@ def summarize(results: dict) -> dict:
             needle = [e["needle_retention"] for e in ok if "needle_retention" in e]
             if needle:
                 row["needle_retention"] = needle[0]
+            bits = [e["int4_bits_per_element"] for e in ok if "int4_bits_per_element" in e]
+            if bits:
+                row["int4_bits_per_element"] = bits[0]
             rows[name] = row
         out[mkey] = rows
     return out
@@ -375,7 +395,9 @@ def print_tables(summary: dict) -> None:
 
 
 DOC_ROWS = ("tiered_full", "tiered_h2o_l2", "tiered_h2o_int4", "tiered_lru_int4",
-            "tiered_sinks_int4", "quanto", "hqq", "tiered_h2o_drop", "tiered_lru_drop",
+            "tiered_sinks_int4", "tiered_h2o_int4_token", "tiered_lru_int4_token",
+            "tiered_sinks_int4_token", "quanto", "hqq", f"quanto_prefill{BLOCK_TOKENS}",
+            f"hqq_prefill{BLOCK_TOKENS}", "tiered_h2o_drop", "tiered_lru_drop",
             "tiered_sinks_drop", "tiered_h2o_drop_wm1", "tiered_lru_drop_wm1",
             "tiered_sinks_drop_wm1", "kvpress_observed_attention", "kvpress_streaming_llm",
             "kvpress_snapkv")
@@ -531,7 +553,7 @@ def main(argv=None) -> int:
             caches, ref = {}, None
             for name, s in specs.items():
                 bar.set_postfix_str(f"{mkey} {pkey} {name}")
-                why = quant_missing(name) if name in ("quanto", "hqq") else None
+                why = quant_missing(name.split("_")[0]) if name.startswith(("quanto", "hqq")) else None
                 if why is not None:
                     caches[name] = {"settings": s[0], "status": f"not run: {why}"}
                     bar.update()

@@ -14,10 +14,18 @@
 // 16-byte aligned, input finite. Launch: 1-D, blockDim.x = kThreads, any gridDim.x >= 1
 // (grid-stride loops).
 //
+// Per-channel rows (the key format "channel", synapse/hw/int4.py): [T][C] elements, one
+// group per column over its T tokens; [packed T*C/2, element (t, c) at nibble t*C + c]
+// [scales fp16 C][zeros fp16 C], the same rounding. With T % 4 == 0 and C % 8 == 0 every
+// section is 16-byte aligned, so a code word (8 channels of one token) has its scales and
+// zeros in one 16-byte load each.
+//
 // Entry points (extern "C"): int4_quantize_g{32,64,128}(const __half* src, uint8_t* dst,
 // unsigned long long n) and int4_dequantize_g{32,64,128}(const uint8_t* src, __half* dst,
-// unsigned long long n); kv_assemble_int4_g{32,64,128}, the read-through of one layer of
-// the transformers cache (see its comment below).
+// unsigned long long n); kv_block_quantize_int4_kc_g{32,64,128} and
+// kv_block_dequantize_int4_kc_g{32,64,128}, a scenario KV block in the channel-key format;
+// kv_assemble_int4_g{32,64,128}, the read-through of one layer of the transformers cache
+// (see their comments below).
 
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -55,15 +63,39 @@ __device__ __forceinline__ float dequant_value(uint32_t code, float zf, float sf
   return __fadd_rn(zf, __fmul_rn(static_cast<float>(code), sf));
 }
 
+// Where vector v (8 elements) of a run lives in fp16 memory: contiguous, or in rows of
+// row_vecs vectors whose starts are stride_vecs vectors apart (the values of a token-major
+// KV block: one token's values, then that token's next keys). 32-bit row arithmetic: the
+// wrappers check that a run has fewer than 2^32 vectors.
+struct Contiguous {
+  __device__ __forceinline__ unsigned long long operator()(unsigned long long v) const { return v; }
+};
+struct Strided {
+  unsigned row_vecs;
+  unsigned stride_vecs;
+  __device__ __forceinline__ unsigned long long operator()(unsigned long long v) const {
+    const unsigned r = static_cast<unsigned>(v) / row_vecs;
+    return static_cast<unsigned long long>(r) * stride_vecs + (static_cast<unsigned>(v) - r * row_vecs);
+  }
+};
+
+__device__ __forceinline__ uint4 floats_to_halves(const float (&x)[kVec]) {
+  uint4 raw;
+  __half2* h = reinterpret_cast<__half2*>(&raw);
+#pragma unroll
+  for (int i = 0; i < kVec / 2; ++i) h[i] = __floats2half2_rn(x[2 * i], x[2 * i + 1]);
+  return raw;
+}
+
 // One vector = 8 consecutive elements = one 16-byte load and one 4-byte code word. A group
 // spans G/8 consecutive lanes of one warp (tiles are warp-aligned), so its min/max is a
 // butterfly over those lanes. The tile loop is uniform across the block so every lane
 // reaches every shuffle; inactive lanes (tail) form whole groups and never mix with
 // active ones because n is a multiple of G.
-template <int G>
+template <int G, class Addr>
 __device__ __forceinline__ void quantize_impl(const __half* __restrict__ src,
                                               uint8_t* __restrict__ dst,
-                                              unsigned long long n) {
+                                              unsigned long long n, const Addr addr) {
   constexpr int kLanesPerGroup = G / kVec;
   static_assert(kLanesPerGroup >= 1 && kLanesPerGroup <= 32, "group must fit in a warp");
   const unsigned long long num_vec = n / kVec;
@@ -83,7 +115,7 @@ __device__ __forceinline__ void quantize_impl(const __half* __restrict__ src,
     for (int u = 0; u < kQuantUnroll; ++u) {
       const unsigned long long v = base + static_cast<unsigned long long>(u) * blockDim.x + threadIdx.x;
       active[u] = v < num_vec;
-      const uint4 raw = active[u] ? __ldg(in + v) : make_uint4(0u, 0u, 0u, 0u);
+      const uint4 raw = active[u] ? __ldg(in + addr(v)) : make_uint4(0u, 0u, 0u, 0u);
       halves_to_floats(raw, x[u]);
     }
 #pragma unroll
@@ -130,10 +162,10 @@ __device__ __forceinline__ void quantize_impl(const __half* __restrict__ src,
 // One vector = one 4-byte code word in, one 16-byte store of 8 fp16 out. No cross-lane
 // work, so a plain grid-stride loop; each thread loads kDequantUnroll words (coalesced
 // across the warp) before converting, to keep enough bytes in flight.
-template <int G>
+template <int G, class Addr>
 __device__ __forceinline__ void dequantize_impl(const uint8_t* __restrict__ src,
                                                 __half* __restrict__ dst,
-                                                unsigned long long n) {
+                                                unsigned long long n, const Addr addr) {
   constexpr int kVecPerGroup = G / kVec;
   const unsigned long long num_vec = n / kVec;
   const uint32_t* packed = reinterpret_cast<const uint32_t*>(src);
@@ -173,35 +205,165 @@ __device__ __forceinline__ void dequantize_impl(const uint8_t* __restrict__ src,
           const uint32_t hi = (word[u] >> (8 * i + 4)) & 0xFu;
           h[i] = __floats2half2_rn(dequant_value(lo, zf[u], sf[u]), dequant_value(hi, zf[u], sf[u]));
         }
-        out[v] = raw;
+        out[addr(v)] = raw;
       }
     }
+  }
+}
+
+// Per-channel quantization of one row of `tokens` tokens of c channels, token t at
+// src + t * stride (elements), into dst ([packed][scales c][zeros c]). Thread j of the
+// grid-stride loop owns channels 8j..8j+7: a pass over the tokens for their min and max,
+// then a second for the codes (the row is small: the re-read hits the cache).
+__device__ __forceinline__ void quantize_channels_impl(const __half* __restrict__ src,
+                                                       uint8_t* __restrict__ dst,
+                                                       unsigned tokens, unsigned c,
+                                                       unsigned long long stride,
+                                                       unsigned long long first,
+                                                       unsigned long long step) {
+  const unsigned long long half_n = static_cast<unsigned long long>(tokens) * c / 2;
+  uint32_t* packed = reinterpret_cast<uint32_t*>(dst);
+  uint4* scales = reinterpret_cast<uint4*>(dst + half_n);
+  uint4* zeros = reinterpret_cast<uint4*>(dst + half_n + 2ull * c);
+  const unsigned cv = c / kVec;
+  for (unsigned long long j = first; j < cv; j += step) {
+    const __half* col = src + j * kVec;
+    float lo[kVec], hi[kVec];
+    halves_to_floats(__ldg(reinterpret_cast<const uint4*>(col)), lo);
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) hi[e] = lo[e];
+    for (unsigned t = 1; t < tokens; ++t) {
+      float x[kVec];
+      halves_to_floats(__ldg(reinterpret_cast<const uint4*>(col + t * stride)), x);
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        lo[e] = fminf(lo[e], x[e]);
+        hi[e] = fmaxf(hi[e], x[e]);
+      }
+    }
+    float sf[kVec], zf[kVec];
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      const float l = __fadd_rn(lo[e], 0.0f);  // -0 -> +0, as in quantize_impl
+      sf[e] = __half2float(__float2half_rn(__fdiv_rn(__fsub_rn(__fadd_rn(hi[e], 0.0f), l), kLevels)));
+      zf[e] = __half2float(__float2half_rn(l));
+    }
+    scales[j] = floats_to_halves(sf);  // exact: sf and zf are fp16 values
+    zeros[j] = floats_to_halves(zf);
+    float inv[kVec];
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) inv[e] = sf[e] != 0.0f ? __frcp_rn(sf[e]) : 0.0f;
+    for (unsigned t = 0; t < tokens; ++t) {
+      float x[kVec];
+      halves_to_floats(__ldg(reinterpret_cast<const uint4*>(col + t * stride)), x);
+      uint32_t word = 0u;
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        if (sf[e] != 0.0f) word |= code_of(x[e], zf[e], sf[e], inv[e]) << (4 * e);
+      }
+      packed[(static_cast<unsigned long long>(t) * c) / kVec + j] = word;
+    }
+  }
+}
+
+// Eight values of a per-token row (group size G) from element i (a multiple of 8) on.
+template <int G>
+__device__ __forceinline__ uint4 decode_token_vec(const uint8_t* __restrict__ row,
+                                                  unsigned long long n, unsigned long long i) {
+  const uint32_t word = __ldg(reinterpret_cast<const uint32_t*>(row) + i / kVec);
+  const __half* scales = reinterpret_cast<const __half*>(row + n / 2);
+  const float sf = __half2float(__ldg(scales + i / G));
+  const float zf = __half2float(__ldg(scales + n / G + i / G));
+  float x[kVec];
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) x[e] = dequant_value((word >> (4 * e)) & 0xFu, zf, sf);
+  return floats_to_halves(x);
+}
+
+// Eight values of a per-channel row of c channels (n = tokens * c elements) from element
+// i (a multiple of 8) on: 8 channels of one token, their scales and zeros in one load each.
+__device__ __forceinline__ uint4 decode_channel_vec(const uint8_t* __restrict__ row,
+                                                    unsigned long long n, unsigned c,
+                                                    unsigned long long i) {
+  const unsigned cc = static_cast<unsigned>(i % c);
+  const uint32_t word = __ldg(reinterpret_cast<const uint32_t*>(row) + i / kVec);
+  float sf[kVec], zf[kVec];
+  halves_to_floats(__ldg(reinterpret_cast<const uint4*>(row + n / 2 + 2ull * cc)), sf);
+  halves_to_floats(__ldg(reinterpret_cast<const uint4*>(row + n / 2 + 2ull * c + 2ull * cc)), zf);
+  float x[kVec];
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) x[e] = dequant_value((word >> (4 * e)) & 0xFu, zf[e], sf[e]);
+  return floats_to_halves(x);
+}
+
+// A scenario KV block [bt][2][c] fp16 (token-major: a token's keys of every layer and
+// head, then its values; c = L*H*D) <-> the channel-key INT4 layout of
+// synapse/hw/kv_layout.py: [keys: per-channel row of bt x c][values: per-token row of
+// bt*c elements, groups of G]. blockIdx.y == 0 works on the keys, == 1 on the values
+// (quantize_impl / dequantize_impl over rows of c elements 2c apart). Contracts (checked by
+// kernels.py): c % G == 0, bt % 4 == 0, bt * c / 8 < 2^32, both pointers 16-byte aligned.
+// Launch: gridDim.y == 2, grid-stride in x.
+template <int G>
+__device__ __forceinline__ void block_quantize_kc(const __half* __restrict__ src,
+                                                  uint8_t* __restrict__ dst, unsigned bt,
+                                                  unsigned c) {
+  const unsigned long long n = static_cast<unsigned long long>(bt) * c;
+  if (blockIdx.y == 0) {
+    quantize_channels_impl(src, dst, bt, c, 2ull * c,
+                           static_cast<unsigned long long>(blockIdx.x) * blockDim.x + threadIdx.x,
+                           static_cast<unsigned long long>(gridDim.x) * blockDim.x);
+  } else {
+    quantize_impl<G>(src + c, dst + n / 2 + 4ull * c, n, Strided{c / kVec, 2 * c / kVec});
+  }
+}
+
+template <int G>
+__device__ __forceinline__ void block_dequantize_kc(const uint8_t* __restrict__ src,
+                                                    __half* __restrict__ dst, unsigned bt,
+                                                    unsigned c) {
+  const unsigned long long n = static_cast<unsigned long long>(bt) * c;
+  if (blockIdx.y == 0) {
+    const Strided addr{c / kVec, 2 * c / kVec};
+    uint4* out = reinterpret_cast<uint4*>(dst);
+    for (unsigned long long v = static_cast<unsigned long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+         v < n / kVec; v += static_cast<unsigned long long>(gridDim.x) * blockDim.x) {
+      out[addr(v)] = decode_channel_vec(src, n, c, v * kVec);
+    }
+  } else {
+    dequantize_impl<G>(src + n / 2 + 4ull * c, dst + c, n, Strided{c / kVec, 2 * c / kVec});
   }
 }
 
 // One layer's keys (blockIdx.y == 0) and values (== 1) for attention, assembled in one pass
 // (synapse/hf/cache.py, read-through of an INT4 L2): output token j of [0, n_tok) is
 //   j <  cut            : l1[j]                      (the L1 arena's full blocks)
-//   j <  cut + m * bt   : dequant(rows[(j - cut) / bt]) (the layer's L2 blocks, INT4)
+//   j <  cut + m * bt   : dequant(block (j - cut) / bt of rows)  (the layer's L2 blocks)
 //   otherwise           : l1[j - m * bt]             (the tail block and this step's tokens)
-// l1k / l1v: the layer's planes, [tokens][tok_elems] fp16; rows: m INT4 rows of keys, then
-// m of values, each row_bytes = n/2 + 4n/G for n = bt * tok_elems elements (one block's
-// plane in the layout above); outk / outv: [n_tok][tok_elems]. Dequantization is
-// bit-exact with int4_dequantize. Contracts (checked by the caller): tok_elems % 8 == 0,
-// every pointer 16-byte aligned. Launch: 2-D grid, gridDim.y == 2, grid-stride in x.
+// l1k / l1v: the layer's planes, [tokens][tok_elems] fp16; rows: m layer rows
+// (synapse/hf/int4.py), each the block's key row then its value row for n = bt * tok_elems
+// elements: the value row per token (n/2 + 4n/G bytes), the key row per channel
+// (key_channel != 0: n/2 + 4 * tok_elems bytes, one group per element of a token) or per
+// token; outk / outv: [n_tok][tok_elems]. Dequantization is bit-exact with
+// int4_dequantize and synapse/hf/int4.py. Contracts (checked by the caller):
+// tok_elems % 8 == 0, bt % 4 == 0, every pointer 16-byte aligned. Launch: 2-D grid,
+// gridDim.y == 2, grid-stride in x.
 template <int G>
 __device__ __forceinline__ void assemble_impl(const __half* __restrict__ l1k,
                                               const __half* __restrict__ l1v,
                                               const uint8_t* __restrict__ rows,
                                               __half* __restrict__ outk, __half* __restrict__ outv,
                                               unsigned cut, unsigned m, unsigned bt,
-                                              unsigned tok_elems, unsigned n_tok) {
+                                              unsigned tok_elems, unsigned n_tok,
+                                              unsigned key_channel) {
   const bool is_v = blockIdx.y == 1;
+  const bool channel = !is_v && key_channel != 0u;
   const __half* l1 = is_v ? l1v : l1k;
   __half* out = is_v ? outv : outk;
   const unsigned long long row_elems = static_cast<unsigned long long>(bt) * tok_elems;
-  const unsigned long long row_bytes = row_elems / 2 + 4 * (row_elems / G);
-  const uint8_t* base = rows + (is_v ? static_cast<unsigned long long>(m) * row_bytes : 0ull);
+  const unsigned long long token_row = row_elems / 2 + 4 * (row_elems / G);
+  const unsigned long long key_row = key_channel ? row_elems / 2 + 4ull * tok_elems : token_row;
+  const unsigned long long stride = key_row + token_row;  // one layer row
+  const uint8_t* base = rows + (is_v ? key_row : 0ull);
   const unsigned long long vec_per_tok = tok_elems / kVec;
   const unsigned long long total = static_cast<unsigned long long>(n_tok) * vec_per_tok;
   const unsigned long long lo = static_cast<unsigned long long>(cut) * vec_per_tok;
@@ -219,21 +381,9 @@ __device__ __forceinline__ void assemble_impl(const __half* __restrict__ l1k,
       const unsigned long long e = (v - lo) * kVec;       // element in the L2 run
       const unsigned long long r = e / row_elems;         // its row (block)
       const unsigned long long i = e - r * row_elems;     // element within the row
-      const uint8_t* row = base + r * row_bytes;
-      const uint32_t word = __ldg(reinterpret_cast<const uint32_t*>(row) + i / kVec);
-      const unsigned long long g = i / G;
-      const __half* scales = reinterpret_cast<const __half*>(row + row_elems / 2);
-      const float sf = __half2float(__ldg(scales + g));
-      const float zf = __half2float(__ldg(scales + row_elems / G + g));
-      uint4 raw;
-      __half2* h = reinterpret_cast<__half2*>(&raw);
-#pragma unroll
-      for (int k = 0; k < kVec / 2; ++k) {
-        const uint32_t c0 = (word >> (8 * k)) & 0xFu;
-        const uint32_t c1 = (word >> (8 * k + 4)) & 0xFu;
-        h[k] = __floats2half2_rn(dequant_value(c0, zf, sf), dequant_value(c1, zf, sf));
-      }
-      dst[v] = raw;
+      const uint8_t* row = base + r * stride;
+      dst[v] = channel ? decode_channel_vec(row, row_elems, tok_elems, i)
+                       : decode_token_vec<G>(row, row_elems, i);
     }
   }
 }
@@ -245,8 +395,9 @@ __device__ __forceinline__ void assemble_impl(const __half* __restrict__ l1k,
       const __half* __restrict__ l1k, const __half* __restrict__ l1v,                   \
       const uint8_t* __restrict__ rows, __half* __restrict__ outk,                      \
       __half* __restrict__ outv, unsigned cut, unsigned m, unsigned bt,                  \
-      unsigned tok_elems, unsigned n_tok) {                                             \
-    assemble_impl<G>(l1k, l1v, rows, outk, outv, cut, m, bt, tok_elems, n_tok);         \
+      unsigned tok_elems, unsigned n_tok, unsigned key_channel) {                       \
+    assemble_impl<G>(l1k, l1v, rows, outk, outv, cut, m, bt, tok_elems, n_tok,          \
+                     key_channel);                                                      \
   }
 
 SYNAPSE_ASSEMBLE_ENTRY(32)
@@ -257,12 +408,22 @@ SYNAPSE_ASSEMBLE_ENTRY(128)
   extern "C" __global__ void __launch_bounds__(kThreads)                               \
       int4_quantize_g##G(const __half* __restrict__ src, uint8_t* __restrict__ dst,    \
                          unsigned long long n) {                                       \
-    quantize_impl<G>(src, dst, n);                                                     \
+    quantize_impl<G>(src, dst, n, Contiguous{});                                       \
   }                                                                                    \
   extern "C" __global__ void __launch_bounds__(kThreads)                               \
       int4_dequantize_g##G(const uint8_t* __restrict__ src, __half* __restrict__ dst,  \
                            unsigned long long n) {                                     \
-    dequantize_impl<G>(src, dst, n);                                                   \
+    dequantize_impl<G>(src, dst, n, Contiguous{});                                     \
+  }                                                                                    \
+  extern "C" __global__ void __launch_bounds__(kThreads)                               \
+      kv_block_quantize_int4_kc_g##G(const __half* __restrict__ src,                   \
+                                     uint8_t* __restrict__ dst, unsigned bt, unsigned c) { \
+    block_quantize_kc<G>(src, dst, bt, c);                                             \
+  }                                                                                    \
+  extern "C" __global__ void __launch_bounds__(kThreads)                               \
+      kv_block_dequantize_int4_kc_g##G(const uint8_t* __restrict__ src,                \
+                                       __half* __restrict__ dst, unsigned bt, unsigned c) { \
+    block_dequantize_kc<G>(src, dst, bt, c);                                           \
   }
 
 SYNAPSE_INT4_ENTRY(32)

@@ -128,7 +128,9 @@ class Mover:
                                    dst_offsets=staging,
                                    src_sizes=_col(m.src.nbytes for m in quant),
                                    dst_sizes=staged_bytes,
-                                   numel=self.numel, group_size=self.group_size),
+                                   numel=self.numel, group_size=self.group_size,
+                                   int4_keys=self.shape.int4_keys,
+                                   block_tokens=self.shape.block_tokens),
                           Stream.COMPUTE, after)
             tickets.append(be.submit(Copy(purpose="demote", direction="d2h",
                                           src_space="staging", dst_space="l2",
@@ -159,7 +161,8 @@ class Mover:
                 Dequantize(purpose=purpose, src_space="staging", dst_space="l1",
                            src_offsets=staging.copy(), dst_offsets=_col(m.dst.offset for m in group),
                            src_sizes=q_bytes.copy(), dst_sizes=_col(m.dst.nbytes for m in group),
-                           numel=self.numel, group_size=self.group_size),
+                           numel=self.numel, group_size=self.group_size,
+                           int4_keys=self.shape.int4_keys, block_tokens=self.shape.block_tokens),
                 Stream.COMPUTE, [c]))
         return tickets
 

@@ -159,7 +159,8 @@ class DiskIO(_SizedRows, Op):
 class _Transcode(Op):
     """Rows of whole KV blocks converted between fp16 and INT4 on the GPU: row ``i``
     reads ``src_sizes[i]`` bytes at ``src_offsets[i]`` and writes ``dst_sizes[i]`` at
-    ``dst_offsets[i]``; each row holds ``numel`` values."""
+    ``dst_offsets[i]``; each row holds ``numel`` values of ``block_tokens`` tokens, in
+    the INT4 key format ``int4_keys`` (``synapse.hw.kv_layout``)."""
 
     src_space: str = "l1"
     dst_space: str = "staging"
@@ -169,6 +170,8 @@ class _Transcode(Op):
     dst_sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     numel: int = 0
     group_size: int = 64
+    int4_keys: str = "token"
+    block_tokens: int = 0
 
     @property
     def nbytes(self):  # bytes read + written, the kernel's traffic

@@ -61,6 +61,49 @@ def test_int4_torch_is_bit_exact_with_the_numpy_reference():
         assert np.array_equal(dequantize(q).numpy(), ref.dequantize(r))
 
 
+def test_int4_per_channel_rows_are_bit_exact_with_the_numpy_reference():
+    """Keys per channel (a group per (head, dim) over a block's tokens): the torch rows
+    hold the reference's bytes for fp16 and fp32 planes, and decode to its values."""
+    from synapse.hf.int4 import dequantize_channel_rows, quantize_channel_rows
+    from synapse.hw import int4 as ref
+    gen = torch.Generator().manual_seed(4)
+    for dtype in (torch.float16, torch.float32):
+        x = (torch.randn(5, 16, 2, 64, generator=gen) * 3).to(dtype)  # 5 planes [BT, H, D]
+        x[1, :, 0, 7] = -0.5  # a flat channel: scale 0
+        q = quantize_channel_rows(x.reshape(5, 16, 128))
+        back = dequantize_channel_rows(q, 16, 128, dtype)
+        for r in range(5):
+            t = ref.quantize_channels(x[r].numpy())
+            want = np.concatenate([t.packed, t.scales.view(np.uint8), t.zeros.view(np.uint8)])
+            assert np.array_equal(q[r].numpy(), want)
+            assert np.array_equal(back[r].numpy(), ref.dequantize_channels(t).reshape(-1))
+
+
+@pytest.mark.parametrize("keys", ["channel", "token"])
+def test_a_layer_row_is_the_key_row_then_the_value_row(keys):
+    from synapse.hf.int4 import dequantize_layer_rows, quantize_layer_rows
+    from synapse.hw import int4 as ref
+    gen = torch.Generator().manual_seed(8)
+    k = torch.randn(3, 8, 128, generator=gen).half()
+    v = torch.randn(3, 8, 128, generator=gen).half()
+    rows = quantize_layer_rows(k, v, keys, 64)
+    for r in range(3):
+        kt = ref.quantize_channels(k[r].numpy()) if keys == "channel" \
+            else ref.quantize(k[r].numpy(), 64)
+        vt = ref.quantize(v[r].numpy(), 64)
+        want = b"".join(a.tobytes() for a in (kt.packed, kt.scales, kt.zeros,
+                                              vt.packed, vt.scales, vt.zeros))
+        assert rows[r].numpy().tobytes() == want
+    bk, bv = dequantize_layer_rows(rows, 8, 128, keys, 64, torch.float32)
+    assert bk.shape == bv.shape == (3, 8 * 128)
+    assert float((bv - v.reshape(3, -1).float()).abs().max()) < 0.5
+
+
+def test_an_unknown_int4_key_format_is_refused():
+    with pytest.raises(ValueError, match="int4_keys must be one of channel, token"):
+        TieredCache(tiny_config(), l1_budget_tokens=64, int4_keys="head")
+
+
 # -- INT4 demotion: bounded error ------------------------------------------------------------
 def element_bound(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
     """Per-group bound on |x - x_hat| (docs/hf.md, "INT4 error bound"): half a step, plus
@@ -78,9 +121,10 @@ def teacher_forced(model, cache, ids, chunk):
     return out
 
 
-def test_int4_demotion_stays_within_the_int4_bound():
+@pytest.mark.parametrize("keys", ["channel", "token"])
+def test_int4_demotion_stays_within_the_int4_bound(keys):
     """INT4 demotion of old blocks (budget 32 tokens of a 96-token run), per layer 0's
-    attention and end to end.
+    attention and end to end, with keys per channel or per token.
 
     Layer 0 sees identical inputs in both runs (teacher forcing), so its attention output
     differs only through the INT4 keys and values, and obeys the bound derived in
@@ -101,7 +145,7 @@ def test_int4_demotion_stays_within_the_int4_bound():
         return hook
 
     cache = TieredCache(m.config, policy="h2o", l1_budget_tokens=32, demote="int4",
-                        block_tokens=8, model=m)
+                        block_tokens=8, model=m, int4_keys=keys)
     q_tap, bounds = {}, []
 
     def bound_hook(_mod, args):  # layer 0's attention is done: its blocks are as it read them

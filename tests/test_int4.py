@@ -186,3 +186,92 @@ def test_expected_rmse_formula():
     assert int4.expected_rmse([0.0, 2.0]) == pytest.approx((2.0 / 12) ** 0.5)
     with pytest.raises(ValueError):
         int4.expected_rmse([])
+
+
+# --------------------------------------------------------------------------- per-channel rows
+#
+# Four tokens of eight channels, x[t, c] = t * (c + 1): channel c's range is 3 (c + 1), so
+# its scale is fp16((c + 1) / 5) and every channel's codes are 0, 5, 10, 15 (the rounding
+# of the scale moves the quotients by far less than half a code). Codes are stored in C
+# order, token after token: token t's 8 codes are 4 bytes of (5t | 5t << 4).
+CHANNEL_HAND = (np.arange(4)[:, None] * np.arange(1, 9)[None, :]).astype(np.float16)
+CHANNEL_PACKED = bytes.fromhex("00000000 55555555 aaaaaaaa ffffffff")
+
+
+def test_per_channel_hand_vector_packs_to_the_expected_bytes():
+    buf = np.zeros(int4.channel_nbytes(4, 8), dtype=np.uint8)
+    assert buf.size == 16 + 16 + 16  # codes, 8 fp16 scales, 8 fp16 zeros
+    int4.pack_channels_into(CHANNEL_HAND, buf)
+    scales = (np.arange(1, 9, dtype=np.float32) * 3 / np.float32(15)).astype(np.float16)
+    assert buf.tobytes() == CHANNEL_PACKED + scales.tobytes() + bytes(16)
+    out = int4.unpack_channels_from(buf, 4, 8, np.float32)
+    expected = np.arange(4)[:, None].astype(np.float32) * 5 * scales.astype(np.float32)[None, :]
+    np.testing.assert_array_equal(out, expected)  # zero + code * scale, in fp32
+
+
+def test_per_channel_sections_and_alignment():
+    assert int4.channel_nbytes(16, 256) == 16 * 256 // 2 + 4 * 256
+    assert int4.channel_section_offsets(16, 256) == (0, 2048, 2048 + 512)
+    for tokens in (4, 8, 12, 16, 64):
+        for channels in (8, 24, 64, 8 * 37):
+            offsets = int4.channel_section_offsets(tokens, channels)
+            assert all(o % 16 == 0 for o in offsets + (int4.channel_nbytes(tokens, channels),))
+
+
+def test_an_outlier_channel_costs_the_other_channels_nothing():
+    """KIVI's observation, as a spec: keys with one channel of large magnitude. Per token,
+    that channel sets every token's step and the others lose their resolution; per
+    channel, each keeps its own range."""
+    rng = np.random.default_rng(7)
+    x = (0.1 * rng.standard_normal((16, 64))).astype(np.float32)
+    x[:, 5] += 20.0 + rng.standard_normal(16).astype(np.float32)
+    per_channel = int4.dequantize_channels(int4.quantize_channels(x))
+    per_token = int4.dequantize(int4.quantize(x, 64))
+    others = np.arange(64) != 5
+    err_c = np.abs(per_channel - x)[:, others].max()
+    err_t = np.abs(per_token - x)[:, others].max()
+    assert err_c < 0.03 < 0.3 < err_t, (err_c, err_t)
+
+
+def test_per_channel_groups_are_columns():
+    """Each column constant, columns different: exact only if a group is a column."""
+    x = np.broadcast_to(np.arange(32, dtype=np.float16)[None, :] * 3, (8, 32)).copy()
+    t = int4.quantize_channels(x)
+    assert not t.scales.any() and not t.packed.any()
+    np.testing.assert_array_equal(t.zeros, x[0])
+    np.testing.assert_array_equal(int4.dequantize_channels(t), x)
+
+
+def test_per_channel_keeps_the_shape_and_refuses_bad_rows():
+    x = np.random.default_rng(2).standard_normal((8, 2, 16)).astype(np.float32)
+    t = int4.quantize_channels(x)
+    assert (t.tokens, t.channels, t.nbytes) == (8, 32, 8 * 32 // 2 + 4 * 32)
+    y = int4.dequantize_channels(t)
+    assert y.shape == x.shape and y.dtype == np.float32
+    with pytest.raises(ValueError, match="odd"):
+        int4.quantize_channels(np.zeros((3, 3), np.float16))
+    with pytest.raises(ValueError, match="tokens, channels"):
+        int4.quantize_channels(np.zeros(8, np.float16))
+    with pytest.raises(ValueError, match="NaN"):
+        int4.quantize_channels(np.full((4, 8), np.inf, np.float32))
+    with pytest.raises(ValueError, match="exactly 48"):
+        int4.unpack_channels_from(np.zeros(47, np.uint8), 4, 8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    data=st.data(),
+    tokens=st.sampled_from([4, 8, 16, 32]),
+    channels=st.sampled_from([8, 16, 64]),
+    dtype=st.sampled_from([np.float16, np.float32]),
+)
+def test_every_element_of_a_per_channel_row_is_within_its_bound(data, tokens, channels, dtype):
+    elements = st.floats(-1000, 1000, width=16 if dtype == np.float16 else 32)
+    x = data.draw(hnp.arrays(dtype, (tokens, channels), elements=elements))
+    x_hat = int4.dequantize_channels(int4.quantize_channels(x))
+    err = np.abs(x.astype(np.float64) - x_hat.astype(np.float64))
+    bound = int4.channel_error_bound(x, x_hat)
+    assert (err <= bound).all(), (err - bound).max()
+    # and it is not vacuous: half of the channel's step, plus fp16 rounding
+    step = (x.astype(np.float32).max(0) - x.astype(np.float32).min(0)) / 15
+    assert (bound <= step[None, :] * 0.51 + 2.0**-9 * np.abs(x).max() + 1e-5).all()

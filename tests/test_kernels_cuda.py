@@ -267,7 +267,7 @@ def _emulate_attention(slab, offsets, fmts, n_valid, q, L, H, D, BT, G, scale, p
 @pytest.mark.parametrize("head_dim, group_size, ctas_per_sm", [(64, 32, 8), (128, 64, 1), (256, 128, 1)])
 def test_emulated_kernel_algorithm_matches_the_reference(rng, head_dim, group_size, ctas_per_sm):
     L, H, BT = 2, 3, 8
-    layout = KVLayout(L, H, head_dim, BT, group_size)
+    layout = KVLayout(L, H, head_dim, BT, group_size, "token")
     specs = [("fp16", 8), ("int4", 8), ("fp16", 3), ("int4", 0), ("int4", 1), ("fp16", 0), ("int4", 7)]
     entries, offsets, slab = [], [], bytearray()
     for fmt, nv in specs:
@@ -282,6 +282,189 @@ def test_emulated_kernel_algorithm_matches_the_reference(rng, head_dim, group_si
                                   [nv for _, nv in specs], q, L, H, head_dim, BT, group_size, 0.2, plan)
     ref_out, ref_lse = attention_decode_ref(q, entries, layout, 0.2)
     _check_attention(out, lse, ref_out, ref_lse)
+
+
+# --------------------------------------------------------------------------- channel keys
+#
+# Transcriptions of int4.cu's channel-key kernels in NumPy, reading and writing raw bytes
+# with the kernels' own address arithmetic (vector by vector, as a thread does): they
+# check the layout and the indexing as written, not the CUDA compiler; the bit-exact
+# GPU tests below check the compiled kernels.
+
+
+def _halves(buf, off, count=8):
+    return np.frombuffer(buf, np.float16, count, off).astype(np.float32)
+
+
+def _decode_token_vec(row: bytes, n: int, i: int, G: int) -> np.ndarray:
+    word = int(np.frombuffer(row, "<u4", 1, i // 2)[0])
+    sf = _halves(row, n // 2 + 2 * (i // G), 1)[0]
+    zf = _halves(row, n // 2 + 2 * (n // G) + 2 * (i // G), 1)[0]
+    codes = np.array([(word >> (4 * e)) & 0xF for e in range(8)], np.float32)
+    return (zf + codes * sf).astype(np.float16)
+
+
+def _decode_channel_vec(row: bytes, n: int, c: int, i: int) -> np.ndarray:
+    cc = i % c
+    word = int(np.frombuffer(row, "<u4", 1, i // 2)[0])
+    sf = _halves(row, n // 2 + 2 * cc)
+    zf = _halves(row, n // 2 + 2 * c + 2 * cc)
+    codes = np.array([(word >> (4 * e)) & 0xF for e in range(8)], np.float32)
+    return (zf + codes * sf).astype(np.float16)
+
+
+def _emulate_assemble(l1k, l1v, rows: bytes, cut, m, bt, tok, n_tok, G, key_channel):
+    """assemble_impl, both grid rows (keys y=0, values y=1), vector by vector."""
+    row_elems = bt * tok
+    token_row = row_elems // 2 + 4 * (row_elems // G)
+    key_row = row_elems // 2 + 4 * tok if key_channel else token_row
+    stride = key_row + token_row
+    lo, hi = cut * tok // 8, (cut + m * bt) * tok // 8
+    outs = []
+    for y, l1 in ((0, l1k.reshape(-1)), (1, l1v.reshape(-1))):
+        channel = y == 0 and key_channel
+        base = key_row if y == 1 else 0
+        out = np.empty(n_tok * tok, np.float16)
+        for v in range(n_tok * tok // 8):
+            if v < lo:
+                out[8 * v: 8 * v + 8] = l1[8 * v: 8 * v + 8]
+            elif v >= hi:
+                w = v - (hi - lo)
+                out[8 * v: 8 * v + 8] = l1[8 * w: 8 * w + 8]
+            else:
+                e = (v - lo) * 8
+                r, i = divmod(e, row_elems)
+                row = rows[base + r * stride:]
+                out[8 * v: 8 * v + 8] = _decode_channel_vec(row, row_elems, tok, i) if channel \
+                    else _decode_token_vec(row, row_elems, i, G)
+        outs.append(out.reshape(n_tok, tok))
+    return outs
+
+
+@pytest.mark.parametrize("key_channel", [True, False])
+def test_emulated_read_through_equals_the_torch_path(key_channel):
+    """kv_assemble_int4 over layer rows (key row then value row, per block) gives what
+    TieredCache's torch read-through gives, bit for bit."""
+    torch = pytest.importorskip("torch")
+    from synapse.hf.int4 import dequantize_layer_rows, quantize_layer_rows
+    keys = "channel" if key_channel else "token"
+    g = torch.Generator().manual_seed(1)
+    bt, heads, dim, G = 8, 2, 32, 32
+    tok = heads * dim
+    l1k = torch.randn((40, tok), generator=g).half()
+    l1v = torch.randn((40, tok), generator=g).half()
+    m, cut, n = 3, 16, 21
+    k = torch.randn((m, bt, tok), generator=g).half()
+    v = torch.randn((m, bt, tok), generator=g).half()
+    rows = quantize_layer_rows(k, v, keys, G)
+    dk, dv = dequantize_layer_rows(rows, bt, tok, keys, G, torch.float16)
+    want_k = torch.cat((l1k[:cut], dk.view(m * bt, tok), l1k[cut:n]))
+    want_v = torch.cat((l1v[:cut], dv.view(m * bt, tok), l1v[cut:n]))
+    got_k, got_v = _emulate_assemble(l1k.numpy(), l1v.numpy(), rows.numpy().tobytes(), cut, m,
+                                     bt, tok, n + m * bt, G, key_channel)
+    assert np.array_equal(got_k, want_k.numpy()) and np.array_equal(got_v, want_v.numpy())
+
+
+def _strided(v: int, c: int) -> int:
+    """Strided{c / 8, 2c / 8}: vector v of a run of rows of c elements, 2c apart."""
+    r, w = divmod(v, c // 8)
+    return r * (2 * c // 8) + w
+
+
+def _emulate_block_quantize(block: np.ndarray, bt: int, c: int, G: int) -> bytes:
+    """block_quantize_kc: keys (y=0) a thread per 8 channels, two passes over the tokens;
+    values (y=1) quantize_impl's groups of G/8 vectors read through Strided."""
+    src = block.reshape(-1)
+    n = bt * c
+    out = np.zeros(n // 2 + 4 * c + n // 2 + 4 * n // G, np.uint8)
+    packed = out[: n // 2].view("<u4")
+    scales = out[n // 2: n // 2 + 2 * c].view(np.float16)
+    zeros = out[n // 2 + 2 * c: n // 2 + 4 * c].view(np.float16)
+
+    def codes(x, zf, sf):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.clip(np.rint((x - zf) / sf), 0, 15)
+        return np.where(sf == 0, 0, q).astype(np.uint32)
+
+    def word(q):
+        return int(sum(int(q[e]) << (4 * e) for e in range(8)))
+
+    for j in range(c // 8):
+        col = [src[t * 2 * c + 8 * j: t * 2 * c + 8 * j + 8].astype(np.float32) for t in range(bt)]
+        lo = np.min(col, axis=0) + np.float32(0)
+        hi = np.max(col, axis=0) + np.float32(0)
+        sf = ((hi - lo) / np.float32(15)).astype(np.float16)
+        zf = lo.astype(np.float16)
+        scales[8 * j: 8 * j + 8], zeros[8 * j: 8 * j + 8] = sf, zf
+        for t in range(bt):
+            packed[t * c // 8 + j] = word(codes(col[t], zf.astype(np.float32), sf.astype(np.float32)))
+    vbytes = out[n // 2 + 4 * c:]
+    vpacked = vbytes[: n // 2].view("<u4")
+    vscales = vbytes[n // 2: n // 2 + 2 * n // G].view(np.float16)
+    vzeros = vbytes[n // 2 + 2 * n // G:].view(np.float16)
+    vals = src[c:]  # the values' run starts c elements into the block
+    for grp in range(n // G):
+        vecs = [vals[8 * _strided(v, c): 8 * _strided(v, c) + 8].astype(np.float32)
+                for v in range(grp * G // 8, (grp + 1) * G // 8)]
+        x = np.concatenate(vecs)
+        lo, hi = x.min() + np.float32(0), x.max() + np.float32(0)
+        sf, zf = np.float16((hi - lo) / np.float32(15)), np.float16(lo)
+        vscales[grp], vzeros[grp] = sf, zf
+        for u, vec in enumerate(vecs):
+            vpacked[grp * G // 8 + u] = word(codes(vec, np.float32(zf), np.float32(sf)))
+    return out.tobytes()
+
+
+def _emulate_block_dequantize(buf: bytes, bt: int, c: int, G: int) -> np.ndarray:
+    n = bt * c
+    out = np.full(2 * n, np.nan, np.float16)
+    for v in range(n // 8):  # keys: decode_channel_vec into Strided rows
+        a = 8 * _strided(v, c)
+        out[a: a + 8] = _decode_channel_vec(buf, n, c, 8 * v)
+    vrow = buf[n // 2 + 4 * c:]
+    for v in range(n // 8):  # values: dequantize_impl, written through Strided, c elements in
+        a = c + 8 * _strided(v, c)
+        out[a: a + 8] = _decode_token_vec(vrow, n, 8 * v, G)
+    return out
+
+
+@pytest.mark.parametrize("group_size", int4.GROUP_SIZES)
+def test_emulated_channel_block_kernels_equal_the_layout(rng, group_size):
+    lay = KVLayout(layers=2, kv_heads=1, head_dim=128, block_tokens=8, group_size=group_size,
+                   int4_keys="channel")
+    kv = (rng.standard_normal(lay.shape) * 10.0 ** rng.uniform(-2, 2, (1, 1, 2, 1, 128)))
+    kv = kv.astype(np.float16)
+    kv[:, 0, 1, 0, 8:16] = 0.75  # flat key channels: scale 0
+    want = lay.pack(kv, "int4")
+    got = _emulate_block_quantize(kv, 8, lay.channels, group_size)
+    assert got == want.tobytes()
+    back = _emulate_block_dequantize(got, 8, lay.channels, group_size)
+    assert np.array_equal(back, lay.unpack(want, "int4").reshape(-1))
+
+
+@pytest.mark.parametrize("bt, c", [(4, 256), (16, 4096), (64, 32768)])
+def test_kv_block_grid_covers_every_key_vector_and_value_tile(bt, c):
+    for num_sms, per_sm in [(132, 6), (1, 1)]:
+        grid = kernels.kv_block_grid(bt, c, kernels.QUANT_VECS_PER_THREAD, num_sms, per_sm)
+        assert 1 <= grid <= num_sms * per_sm
+        threads = grid * kernels.INT4_THREADS
+        keys = np.zeros(c // 8, np.int64)
+        for t in range(threads):
+            keys[t::threads] += 1
+        assert (keys == 1).all()
+        hits = _covered_vectors(bt * c // 8, grid, kernels.INT4_THREADS, kernels.QUANT_VECS_PER_THREAD)
+        assert (hits == 1).all()
+
+
+def test_channel_block_wrappers_check_arguments_before_touching_the_device():
+    with pytest.raises(ValueError, match="block_tokens % 4"):
+        kernels.quantize_kv_block_int4(4096, 8192, 6, 256, 64)
+    with pytest.raises(ValueError, match="channels % group_size"):
+        kernels.dequantize_kv_block_int4(4096, 8192, 16, 96, 64)
+    with pytest.raises(ValueError, match="src_ptr"):
+        kernels.quantize_kv_block_int4(8, 8192, 16, 256, 64)
+    with pytest.raises(ValueError, match="bt 6 of 4"):
+        kernels.kv_assemble_int4(4096, 4096, 4096, 4096, 4096, 0, 1, 6, 64, 6, 64)
 
 
 # =========================================================================== GPU
@@ -437,6 +620,37 @@ def test_round_trip_on_a_stream_into_the_middle_of_a_slab(gpu, rng, group_size):
     _assert_written(_download(gpu, out, 2 * n), expected.tobytes(), 0xFF, "round trip")
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("group_size", int4.GROUP_SIZES)
+@pytest.mark.parametrize("bt, layers, heads, head_dim", [(4, 1, 1, 128), (16, 2, 3, 128),
+                                                         (64, 4, 8, 128), (16, 32, 8, 128)])
+def test_channel_block_quantize_and_dequantize_are_bit_exact(gpu, rng, group_size, bt, layers,
+                                                              heads, head_dim):
+    """A scenario block in the channel-key format (kv_layout), both directions, against
+    pack_int4_block / unpack_int4_block: the awkward groups of _int4_input in the values,
+    and per-channel magnitudes from 1e-3 to 1e3 plus flat and signed-zero channels in
+    the keys."""
+    lay = KVLayout(layers, heads, head_dim, bt, group_size, "channel")
+    c = lay.channels
+    kv = np.empty((bt, 2, c), np.float16)
+    kv[:, 1] = _int4_input(rng, bt * c, group_size).reshape(bt, c)
+    keys = rng.standard_normal((bt, c)) * 10.0 ** rng.uniform(-3, 3, (1, c))
+    keys[:, 3] = 2.5
+    keys[:, 9] = np.where(rng.random(bt) < 0.5, -0.0, 0.0)
+    keys[:, 17] = [(t % 15) + 0.5 for t in range(bt)]
+    kv[:, 0] = keys.astype(np.float16)
+    expected = lay.pack(kv.reshape(lay.shape), "int4")
+    decoded = lay.unpack(expected, "int4").view(np.uint8)
+    for kernel, src, want in ((kernels.quantize_kv_block_int4, kv, expected),
+                              (kernels.dequantize_kv_block_int4, expected, decoded)):
+        dev = _upload(gpu, src)
+        for poison in POISONS:
+            dst = _poisoned(gpu, want.size, poison)
+            kernel(dev, dst, bt, c, group_size)
+            _assert_written(_download(gpu, dst, want.size), want.tobytes(), poison,
+                            kernel.__name__)
+
+
 # --------------------------------------------------------------------------- attention
 
 
@@ -503,7 +717,8 @@ def _check_attention(out, lse, ref_out, ref_lse):
 @pytest.mark.cuda
 @pytest.mark.parametrize("head_dim, group_size", ATTN_SHAPES)
 def test_attention_mixed_table_matches_reference(gpu, rng, head_dim, group_size):
-    layout = KVLayout(layers=2, kv_heads=3, head_dim=head_dim, block_tokens=16, group_size=group_size)
+    layout = KVLayout(layers=2, kv_heads=3, head_dim=head_dim, block_tokens=16, group_size=group_size,
+                      int4_keys="token")  # the attention kernel reads this format
     specs = [("fp16", 16), ("int4", 16), ("fp16", 5), ("int4", 0),
              ("int4", 1), ("fp16", 0), ("int4", 11), ("fp16", 16)]
     entries, _slab, table = _kv_slab(gpu, rng, layout, specs)
@@ -517,7 +732,8 @@ def test_attention_mixed_table_matches_reference(gpu, rng, head_dim, group_size)
 
 @pytest.mark.cuda
 def test_attention_many_blocks_several_per_split(gpu, rng):
-    layout = KVLayout(layers=1, kv_heads=2, head_dim=128, block_tokens=16, group_size=64)
+    layout = KVLayout(layers=1, kv_heads=2, head_dim=128, block_tokens=16, group_size=64,
+                      int4_keys="token")  # the attention kernel reads this format
     nb = 3000
     fmts = rng.choice(["fp16", "int4"], nb)
     n_valid = rng.integers(0, 17, nb)
@@ -532,7 +748,8 @@ def test_attention_many_blocks_several_per_split(gpu, rng):
 @pytest.mark.cuda
 def test_attention_long_blocks(gpu, rng):
     """block_tokens 256: several score rounds per block, warp 0 loops over >32 scores."""
-    layout = KVLayout(layers=1, kv_heads=1, head_dim=64, block_tokens=256, group_size=64)
+    layout = KVLayout(layers=1, kv_heads=1, head_dim=64, block_tokens=256, group_size=64,
+                      int4_keys="token")  # the attention kernel reads this format
     entries, _slab, table = _kv_slab(gpu, rng, layout, [("int4", 256), ("fp16", 100), ("int4", 33)])
     q = rng.standard_normal((1, 1, 64)).astype(np.float32)
     ref_out, ref_lse = attention_decode_ref(q, entries, layout, 0.125)
@@ -543,7 +760,8 @@ def test_attention_long_blocks(gpu, rng):
 @pytest.mark.cuda
 @pytest.mark.parametrize("specs", [[("fp16", 0), ("int4", 0)], []], ids=["all-empty", "no-blocks"])
 def test_attention_without_valid_tokens_writes_zeros_and_minus_inf(gpu, rng, specs):
-    layout = KVLayout(layers=2, kv_heads=2, head_dim=64, block_tokens=16, group_size=32)
+    layout = KVLayout(layers=2, kv_heads=2, head_dim=64, block_tokens=16, group_size=32,
+                      int4_keys="token")  # the attention kernel reads this format
     _entries, _slab, table = _kv_slab(gpu, rng, layout, specs)
     q = rng.standard_normal((2, 2, 64)).astype(np.float32)
     out, lse, _ = _run_attention(gpu, q, table, layout, 0.125, 0xFF)
@@ -556,7 +774,8 @@ def test_attention_without_valid_tokens_writes_zeros_and_minus_inf(gpu, rng, spe
 def test_attention_int4_block_equals_its_fp16_decoding(gpu, rng, head_dim, group_size):
     """The kernel dequantizes exactly as int4.py: an int4 block and the fp16 block holding
     its decoding give the same result (same values, same arithmetic order)."""
-    layout = KVLayout(layers=2, kv_heads=2, head_dim=head_dim, block_tokens=16, group_size=group_size)
+    layout = KVLayout(layers=2, kv_heads=2, head_dim=head_dim, block_tokens=16, group_size=group_size,
+                      int4_keys="token")  # the attention kernel reads this format
     entries, _s1, table4 = _kv_slab(gpu, rng, layout, [("int4", 16), ("int4", 9)])
     decoded = [(layout.pack(layout.unpack(buf, "int4"), "fp16"), "fp16", nv) for buf, _, nv in entries]
     host = np.zeros(2 * -(-layout.fp16_bytes // 256) * 256, dtype=np.uint8)

@@ -92,28 +92,57 @@ def test_tiered_cache_on_cuda_keeps_its_budget_with_int4_demotion():
     assert 0 < t["int4_rel_rmse"] < 0.2
 
 
-def test_the_fused_read_through_kernel_equals_the_torch_path_bit_for_bit():
+@pytest.mark.parametrize("keys", ["channel", "token"])
+def test_the_fused_read_through_kernel_equals_the_torch_path_bit_for_bit(keys):
     torch = _torch_cuda_or_skip()
     try:
         from synapse.hw import kernels
         kernels.use_primary_context(torch.cuda.current_device())
     except Exception as e:  # noqa: BLE001
         pytest.skip(f"needs PyCUDA: {e}")
-    from synapse.hf.int4 import dequantize_rows, quantize_rows
+    from synapse.hf.int4 import dequantize_layer_rows, quantize_layer_rows
     g = torch.Generator(device="cuda").manual_seed(0)
     bt, heads, dim, group = 16, 4, 128, 64
     tok = heads * dim
     l1k = torch.randn((300, heads, dim), generator=g, device="cuda").half()
     l1v = torch.randn((300, heads, dim), generator=g, device="cuda").half()
     m, cut, n = 7, 160, 181  # L1: 160 tokens before the tail, 21 from it on
-    blocks = torch.randn((2 * m, bt * tok), generator=g, device="cuda").half()
-    rows = quantize_rows(blocks, group)
-    want_k = torch.cat((l1k[:cut], dequantize_rows(rows[:m], bt * tok, group, torch.float16)
-                        .view(m * bt, heads, dim), l1k[cut:n]))
-    want_v = torch.cat((l1v[:cut], dequantize_rows(rows[m:], bt * tok, group, torch.float16)
-                        .view(m * bt, heads, dim), l1v[cut:n]))
+    k = torch.randn((m, bt, tok), generator=g, device="cuda").half()
+    v = torch.randn((m, bt, tok), generator=g, device="cuda").half()
+    k[:, :, 5] *= 50.0  # an outlier channel
+    rows = quantize_layer_rows(k, v, keys, group)  # the layer's L2 run: m layer rows
+    dk, dv = dequantize_layer_rows(rows, bt, tok, keys, group, torch.float16)
+    want_k = torch.cat((l1k[:cut], dk.view(m * bt, heads, dim), l1k[cut:n]))
+    want_v = torch.cat((l1v[:cut], dv.view(m * bt, heads, dim), l1v[cut:n]))
     got_k, got_v = torch.empty_like(want_k), torch.empty_like(want_v)
     kernels.kv_assemble_int4(l1k.data_ptr(), l1v.data_ptr(), rows.data_ptr(), got_k.data_ptr(),
-                             got_v.data_ptr(), cut, m, bt, tok, n + m * bt, group, stream=None)
+                             got_v.data_ptr(), cut, m, bt, tok, n + m * bt, group,
+                             key_channel=keys == "channel", stream=None)
     torch.cuda.synchronize()
     assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+
+
+@pytest.mark.parametrize("keys", ["channel", "token"])
+def test_tiered_cache_int4_on_cuda_equals_the_same_cache_on_the_cpu(keys):
+    """The fused read-through and the device-side quantization give the CPU path's logits
+    (fp16 model, teacher-forced): the same INT4 bytes and the same dequantized keys."""
+    torch = _torch_cuda_or_skip()
+    from hf_models import VOCAB, tiny_model
+    from synapse.hf import TieredCache
+    ids = torch.randint(3, VOCAB, (1, 96), generator=torch.Generator().manual_seed(2))
+    steps = [ids[:, :16]] + [ids[:, i:i + 1] for i in range(16, 96)]
+    out = {}
+    for backend in ("cpu", "cuda"):
+        m = tiny_model("llama", seed=1, dtype=torch.float16)
+        m = m.cuda() if backend == "cuda" else m
+        cache = TieredCache(m.config, policy="fifo", l1_budget_tokens=32, demote="int4",
+                            block_tokens=16, backend=backend, int4_keys=keys)
+        with torch.no_grad():
+            out[backend] = [m(x.to(m.device), past_key_values=cache, use_cache=True).logits[:, -1].float().cpu()
+                            for x in steps]
+        assert cache.telemetry()["l2_hits"] > 0
+        if backend == "cuda":
+            assert cache._assemble_kernel(), getattr(cache, "_fused_reason", "")
+    worst = max(float((a - b).abs().max()) for a, b in zip(out["cpu"], out["cuda"]))
+    scale = max(float(a.abs().max()) for a in out["cpu"])
+    assert worst <= 0.02 * scale, (worst, scale)  # fp16 matmuls differ between CPU and GPU

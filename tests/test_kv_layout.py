@@ -12,7 +12,8 @@ from synapse.hw.kv_layout import FMT_FP16, FMT_INT4, KVLayout, format_code, form
 
 
 def test_sizes_of_a_llama_like_block():
-    lay = KVLayout(layers=32, kv_heads=8, head_dim=128, block_tokens=16, group_size=64)
+    lay = KVLayout(layers=32, kv_heads=8, head_dim=128, block_tokens=16, group_size=64,
+                   int4_keys="token")
     n = 2 * 32 * 8 * 16 * 128
     assert lay.shape == (16, 2, 32, 8, 128)
     assert lay.numel == n
@@ -25,7 +26,8 @@ def test_sizes_of_a_llama_like_block():
 
 
 def test_int4_section_offsets():
-    lay = KVLayout(layers=2, kv_heads=3, head_dim=64, block_tokens=4, group_size=32)
+    lay = KVLayout(layers=2, kv_heads=3, head_dim=64, block_tokens=4, group_size=32,
+                   int4_keys="token")
     n = lay.numel
     assert lay.int4_offsets == (0, n // 2, n // 2 + 2 * n // 32)
 
@@ -96,7 +98,8 @@ def test_fp16_round_trip_is_exact():
 
 @pytest.mark.parametrize("group_size", int4.GROUP_SIZES)
 def test_int4_form_is_the_int4_format_of_the_flat_tensor(group_size):
-    lay = KVLayout(layers=2, kv_heads=3, head_dim=128, block_tokens=8, group_size=group_size)
+    lay = KVLayout(layers=2, kv_heads=3, head_dim=128, block_tokens=8, group_size=group_size,
+                   int4_keys="token")
     kv = np.random.default_rng(group_size).standard_normal(lay.shape).astype(np.float16)
     buf = lay.pack(kv, "int4")
     assert buf.size == lay.int4_bytes
@@ -128,3 +131,61 @@ def test_pack_writes_into_a_given_buffer_and_checks_it():
         lay.pack(kv.astype(np.float32), "fp16")
     with pytest.raises(ValueError, match="uint8"):
         lay.view_fp16(np.zeros(128, dtype=np.float16))
+
+
+# --------------------------------------------------------------------------- channel-key INT4
+
+
+def test_channel_form_is_a_per_channel_key_row_then_a_per_token_value_row():
+    lay = KVLayout(layers=2, kv_heads=3, head_dim=64, block_tokens=8, group_size=32,
+                   int4_keys="channel")
+    kv = np.random.default_rng(5).standard_normal(lay.shape).astype(np.float16)
+    buf = lay.pack(kv, "int4")
+    c = 2 * 3 * 64
+    keys = int4.quantize_channels(kv[:, 0].reshape(8, c))
+    values = int4.quantize(kv[:, 1].reshape(-1), 32)
+    assert buf.tobytes() == b"".join(a.tobytes() for a in (
+        keys.packed, keys.scales, keys.zeros, values.packed, values.scales, values.zeros))
+    back = lay.unpack(buf, "int4")
+    np.testing.assert_array_equal(back[:, 0], int4.dequantize_channels(keys).reshape(8, 2, 3, 64))
+    np.testing.assert_array_equal(back[:, 1], int4.dequantize(values).reshape(8, 2, 3, 64))
+
+
+def test_both_key_formats_cost_what_the_kv_engine_accounts():
+    """The scenario layout and the planes of synapse.kv hold the same elements in the same
+    groups, so a block's INT4 bytes are one figure for the manager, the simulator and the
+    cpu backend: L x (key row + value row)."""
+    from synapse.kv.shape import KVShape
+    for keys in ("channel", "token"):
+        for bt, g in ((16, 64), (4, 32), (64, 128)):
+            lay = KVLayout(3, 2, 128, bt, g, keys)
+            shape = KVShape(3, 2, 128, bt, g, int4_keys=keys)
+            assert lay.int4_bytes == shape.int4_bytes == 3 * shape.layer_int4_bytes
+    shape = KVShape(32, 8, 128, 16, 64, int4_keys="channel")
+    n = shape.plane_numel
+    assert shape.key_row_int4_bytes == n // 2 + 4 * 8 * 128   # 6 bits per key
+    assert shape.value_row_int4_bytes == n // 2 + 4 * n // 64  # 4.5 bits per value
+    assert 8 * shape.int4_bytes / shape.numel == pytest.approx(5.25)
+
+
+@settings(max_examples=100, deadline=None)
+@given(layers=st.integers(1, 5), heads=st.integers(1, 5), groups_per_row=st.integers(1, 3),
+       group_size=st.sampled_from(int4.GROUP_SIZES), block_quads=st.integers(1, 8))
+def test_channel_sections_are_16_byte_aligned(layers, heads, groups_per_row, group_size,
+                                              block_quads):
+    lay = KVLayout(layers, heads, groups_per_row * group_size, 4 * block_quads, group_size,
+                   "channel")
+    assert len(lay.int4_offsets) == 5
+    for offset in lay.int4_offsets + (lay.int4_bytes,):
+        assert offset % 16 == 0
+
+
+def test_a_shape_without_int4_still_has_sizes_for_its_unused_staging():
+    from synapse.kv.shape import KVShape
+    shape = KVShape(2, 1, 4, 4, 32, int4_keys="token")  # head_dim 4: no INT4 group fits
+    assert not shape.int4_ok and shape.int4_bytes > 0
+
+
+def test_an_unknown_key_format_is_refused():
+    with pytest.raises(ValueError, match="channel, token"):
+        KVLayout(1, 1, 64, 4, 32, "head")

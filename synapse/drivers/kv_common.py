@@ -15,7 +15,8 @@ from ..units import fmt_bytes, parse_budget
 def shape_of(s: Scenario) -> KVShape:
     """The scenario's KV geometry (token-major blocks, fp16: ``synapse.hw.kv_layout``)."""
     m = s.model
-    return KVShape(m.layers, m.kv_heads, m.head_dim, s.memory.block_tokens, s.memory.int4_group)
+    return KVShape(m.layers, m.kv_heads, m.head_dim, s.memory.block_tokens, s.memory.int4_group,
+                   int4_keys=s.memory.int4_keys)
 
 
 def policy_of(s: Scenario) -> PolicySettings:

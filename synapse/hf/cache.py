@@ -19,8 +19,9 @@ runs on a replayed trace), and the moves go through the mover to a torch backend
   pages are mapped as the live prefix grows (``synapse.kv.vmm``), so the budget is the
   number of mapped pages; where that is unavailable, one allocation of the budget.
 - **L2** (host memory, pinned on CUDA): full precision (``demote="l2"``) or INT4
-  (``demote="int4"``: quantized on the device, then copied: about a quarter of the
-  bytes), compacted too, so a layer's L2 blocks are one run of bytes.
+  (``demote="int4"``: quantized on the device, then copied: a third of the bytes with
+  keys per channel, ``int4_keys``), compacted too, so a layer's L2 blocks are one run of
+  bytes (INT4: one layer row per block, ``synapse.hf.int4``).
 - **dropped** (``demote="drop"``): gone, as in H2O and StreamingLLM as published.
 
 Attention stays dense over what is kept: with everything in L1 a layer's ``update``
@@ -46,13 +47,14 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..blocks import Fmt, Tier
 from ..errors import CapacityError
+from ..hw.int4 import DEFAULT_KEY_FORMAT, KEY_FORMATS
 from ..kv.planner import SequencePlanner
 from ..kv.shape import KVShape
 from ..kv.stack import DEMOTE_NAMES, PolicySettings, build_stack
 from ..monitor.cache_probe import publish_cache_step
 from ..telemetry import Recorder
 from .errors import UnsupportedModel
-from .int4 import dequantize_rows
+from .int4 import dequantize_layer_rows, layer_row_sections
 from .scores import FUSED_FROM_QUERIES, QueryTap, token_mass, token_mass_fused
 
 NEEDS_SCORES = ("h2o", "lru")  # h2o: accumulated attention; lru: "used" = mass threshold
@@ -116,6 +118,9 @@ class TieredCache(Cache):
     ``demote``: ``int4``, ``l2`` or ``drop``. ``backend``: ``cpu`` (CPU tensors play the
     device, accounting enforced) or ``cuda``. ``vmm``: the L1 arena on CUDA virtual memory
     (None: where available, else one allocation; True: required; False: never).
+    ``int4_keys``: how ``demote="int4"`` groups the keys: ``"channel"`` (one group per
+    (head, dim) channel over a block's tokens, as KIVI does) or ``"token"`` (groups of
+    ``int4_group`` along ``head_dim``); values are always per token (docs/hf.md).
     ``prefetch_blocks`` is 0 by default here (8 in the scenarios): attention reads every L2
     block through every step anyway, so bringing one back into L1 saves only its share of
     that read and costs a fetch now and a demotion later (measured on the H200: it made
@@ -128,7 +133,8 @@ class TieredCache(Cache):
                  heavy_ratio: float = 0.5, sink_blocks: int = 1, high_watermark: float = 0.95,
                  low_watermark: float = 0.85, eviction_ratio: float = 0.25,
                  prefetch_blocks: int = 0, access_factor: float = 4.0,
-                 record_masses: bool = False, vmm: bool | None = None):
+                 record_masses: bool = False, vmm: bool | None = None,
+                 int4_keys: str = DEFAULT_KEY_FORMAT):
         if hasattr(config_or_model, "config") and isinstance(config_or_model, torch.nn.Module):
             model = config_or_model if model is None else model
             config = config_or_model.config
@@ -182,6 +188,9 @@ class TieredCache(Cache):
         self.l1_budget_tokens = int(l1_budget_tokens)
         self.l2_budget_tokens = int(l2_budget_tokens) if l2_budget_tokens else 1 << 22
         self.int4_group = int4_group
+        if int4_keys not in KEY_FORMATS:
+            raise ValueError(f"int4_keys must be one of {', '.join(KEY_FORMATS)}, got {int4_keys!r}")
+        self.int4_keys = int4_keys
         self._policy_kw = dict(policy=policy, demote=demote_key, heavy_ratio=heavy_ratio,
                                sink_blocks=sink_blocks, high_watermark=high_watermark,
                                low_watermark=low_watermark, eviction_ratio=eviction_ratio,
@@ -260,12 +269,13 @@ class TieredCache(Cache):
                                    f"use backend='cuda'")
         from ..kv.torch_backend import TorchBackend
         shape = KVShape(self.num_layers, self.kv_heads, self.head_dim, self.block_tokens,
-                        self.int4_group, key_states.element_size())
+                        self.int4_group, key_states.element_size(), self.int4_keys)
         self.shape = shape
         self.token_bytes = shape.token_bytes
         self.l1_budget_bytes = shape.blocks_in(self.l1_budget_tokens * shape.token_bytes) \
             * shape.fp16_bytes
-        backend = TorchBackend(device, shape, dtype, vmm=self.vmm)
+        backend = TorchBackend(device, shape, dtype, vmm=self.vmm,
+                               l2_int4=self.demote == "l2_int4")
         k = self._policy_kw
         settings = PolicySettings(k["policy"], k["demote"], k["heavy_ratio"], k["sink_blocks"],
                                   k["high_watermark"], k["low_watermark"], k["eviction_ratio"],
@@ -322,14 +332,12 @@ class TieredCache(Cache):
         l2 = self.stack.manager.spaces.l2
         m = len(l2.slots)
         if m and self.demote == "l2_int4":
-            rows = self._backend.space("l2").slots(l2.slot_bytes)[2 * layer: 2 * layer + 2, :m]
-            rows = rows.reshape(2 * m, -1).cpu()
-            a, g = sh.plane_numel // 2, sh.plane_numel // sh.int4_group
-            sc = rows[:, a:a + 2 * g].contiguous().view(torch.float16).view(2, m * g)
-            ze = rows[:, a + 2 * g:].contiguous().view(torch.float16).view(2, m * g)
-            vals = dequantize_rows(rows[m:], sh.plane_numel, sh.int4_group, torch.float32)
-            out.update(l2_key_scales=sc[0], l2_key_zeros=ze[0], l2_value_scales=sc[1],
-                       l2_value_zeros=ze[1], l2_values=vals)
+            rows = self._backend.space("l2").layer_runs(layer, m, l2.slot_bytes)[0].cpu()
+            c = self.kv_heads * self.head_dim
+            sec = layer_row_sections(rows, self.block_tokens, c, sh.int4_keys, sh.int4_group)
+            _, vals = dequantize_layer_rows(rows, self.block_tokens, c, sh.int4_keys,
+                                            sh.int4_group, torch.float32)
+            out.update({f"l2_{k}": v for k, v in sec.items()}, l2_values=vals)
         return out
 
     # -- the Cache API ---------------------------------------------------------------------
@@ -374,8 +382,10 @@ class TieredCache(Cache):
             out = self._assemble(kp, vp, data, cut, n)
             self._l2_consumed(layer)
             return out
-        if st["l2_int4"]:
-            x = dequantize_rows(data.view(2 * m, -1), sh.plane_numel, sh.int4_group, self.dtype)
+        if st["l2_int4"]:  # m layer rows: keys then values of each block
+            x = torch.stack(dequantize_layer_rows(data.view(m, -1), self.block_tokens,
+                                                  self.kv_heads * self.head_dim, sh.int4_keys,
+                                                  sh.int4_group, self.dtype))
         else:
             x = data.view(self.dtype)  # the buffer's bytes, as the model's dtype
         x = x.view(2, m * self.block_tokens, self.kv_heads, self.head_dim)
@@ -420,33 +430,35 @@ class TieredCache(Cache):
         values = torch.empty_like(keys)
         kernels.kv_assemble_int4(kp.data_ptr(), vp.data_ptr(), data.data_ptr(), keys.data_ptr(),
                                  values.data_ptr(), cut, m, self.block_tokens,
-                                 self.kv_heads * self.head_dim, total, sh.int4_group, stream=None)
+                                 self.kv_heads * self.head_dim, total, sh.int4_group,
+                                 key_channel=sh.int4_keys == "channel", stream=None)
         return keys.permute(1, 0, 2).unsqueeze(0), values.permute(1, 0, 2).unsqueeze(0)
 
     def _prefetch_l2(self, layer: int) -> None:
-        """Copy ``layer``'s L2 run (K and V planes, each contiguous) to the device: on
-        CUDA on a side stream into one of two buffers, while the current layer computes."""
+        """Copy ``layer``'s L2 run (K and V planes, each contiguous; INT4: one run of layer
+        rows) to the device: on CUDA on a side stream into one of two buffers, while the
+        current layer computes."""
         st = self._step
         m, slot = st["l2_blocks"], self.stack.manager.spaces.l2.slot_bytes
-        rows = self._backend.space("l2").slots(slot)[2 * layer: 2 * layer + 2, :m]
+        rows = self._backend.space("l2").layer_runs(layer, m, slot)
         per = rows.shape[-1]
-        buf = st["l2_buf"][layer % 2]  # K's run then V's: [2 * m, per] contiguous
+        buf = st["l2_buf"][layer % 2]  # the runs back to back: 2 * m * (slot / planes) bytes
         cs = st["copy_stream"]
         if cs is not None:
             freed = self._l2_free.pop(layer % 2, None)  # whatever read it last is done
             if freed is not None:
                 cs.wait_event(freed)
             with torch.cuda.stream(cs):
-                for i in range(2):
+                for i in range(len(rows)):
                     buf[i * m * per: (i + 1) * m * per].copy_(rows[i].reshape(-1),
                                                                non_blocking=True)
             ev = torch.cuda.Event()
             ev.record(cs)
             st["l2_ready"][layer] = ev
         else:
-            for i in range(2):
+            for i in range(len(rows)):
                 buf[i * m * per: (i + 1) * m * per].copy_(rows[i].reshape(-1))
-        self.read_h2d += 2 * m * per
+        self.read_h2d += len(rows) * m * per
 
     def _l2_rows(self, layer: int) -> torch.Tensor:
         st = self._step
@@ -670,6 +682,7 @@ class TieredCache(Cache):
                 "kv_heads": self.kv_heads, "head_dim": self.head_dim,
                 "block_tokens": self.block_tokens, "l1_budget_tokens": self.l1_budget_tokens,
                 "l2_budget_tokens": self.l2_budget_tokens, "int4_group": self.int4_group,
+                "int4_keys": self.int4_keys,
                 "access_factor": self.access_factor, **self._policy_kw}
 
     def result(self, name: str = "hf-tiered-cache") -> dict:

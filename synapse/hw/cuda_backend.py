@@ -402,12 +402,17 @@ class CudaBackend(Backend):
         if isinstance(op, (Quantize, Dequantize)):
             from . import kernels
             kernel = kernels.quantize_int4 if isinstance(op, Quantize) else kernels.dequantize_int4
+            args = (op.numel, op.group_size)
+            if op.int4_keys == "channel":  # keys per channel, values per token (kv_layout)
+                kernel = kernels.quantize_kv_block_int4 if isinstance(op, Quantize) \
+                    else kernels.dequantize_kv_block_int4
+                args = (op.block_tokens, op.numel // (2 * op.block_tokens), op.group_size)
             src = (self._mem[op.src_space].base + op.src_offsets).tolist()
             dst = (self._mem[op.dst_space].base + op.dst_offsets).tolist()
 
             def launch():
                 for a, b in zip(src, dst):
-                    kernel(a, b, op.numel, op.group_size, stream=self.compute)
+                    kernel(a, b, *args, stream=self.compute)
             return launch
         if isinstance(op, Attention):
             return self._attention(op, s, ticket)

@@ -20,9 +20,8 @@ from ..backend import Backend, _Wait, run_sync
 from ..errors import KernelError
 from ..ops import (Attention, Copy, Dequantize, DiskIO, Ingest, LayerCompute, Op, OpRecord,
                    Quantize, Region, Stream, Zero)
-from . import int4
 from .attention_ref import BlockRef, attention_decode_ref
-from .kv_layout import FMT_FP16, FMT_INT4
+from .kv_layout import FMT_FP16, FMT_INT4, pack_int4_block, unpack_int4_block
 from .memory import HostMemory
 
 _FMT_NAME = {0: "fp16", 1: "fp16", 2: "int4"}  # blocks.Fmt values -> layout formats
@@ -107,12 +106,13 @@ class HostBackend(Backend):
             for s, d, ns, nd in zip(op.src_offsets.tolist(), op.dst_offsets.tolist(),
                                     op.src_sizes.tolist(), op.dst_sizes.tolist()):
                 x = src.view(s, op.numel * 2).view(np.float16)
-                int4.pack_into(x, op.group_size, dst.view(d, nd))
+                pack_int4_block(x, op.block_tokens, op.group_size, op.int4_keys, dst.view(d, nd))
         elif isinstance(op, Dequantize):
             src, dst = self._mem[op.src_space], self._mem[op.dst_space]
             for s, d, ns, nd in zip(op.src_offsets.tolist(), op.dst_offsets.tolist(),
                                     op.src_sizes.tolist(), op.dst_sizes.tolist()):
-                x = int4.unpack_from(src.view(s, ns), op.numel, op.group_size, np.float16)
+                x = unpack_int4_block(src.view(s, ns), op.numel, op.block_tokens,
+                                      op.group_size, op.int4_keys, np.float16)
                 dst.view(d, nd)[:] = x.view(np.uint8)
         elif isinstance(op, Attention):
             return self._attention(op)

@@ -22,6 +22,27 @@ Format, for ``n`` elements and a group size ``G`` in ``GROUP_SIZES`` (``n % G ==
 
 Values must be finite, and the per-group zero and scale must fit in float16 (always true
 for float16 input); otherwise ``ValueError``.
+
+**Per-channel rows** (the key format of KIVI, Liu et al. 2024, arXiv:2402.02750: keys
+have a few channels of large magnitude, so a group along a channel shares one range
+across tokens instead of mixing those channels into every token's groups). A row is a
+``[T, C]`` array (``T`` tokens of ``C`` channels, C order: for a KV plane ``[BT, H, D]``,
+``C = H * D``); group ``c`` is column ``c``, its ``T`` values strided by ``C``. Same
+rounding as above per group (fp16 scale and zero, ``rint`` half to even, ``q = 0``
+where the scale is 0, dequantization ``zero + q * scale`` without FMA), and::
+
+      [packed uint8, T*C/2 bytes, codes in C order][scales fp16, C][zeros fp16, C]
+
+so ``channel_nbytes(T, C) == T*C/2 + 4*C``: element ``(t, c)`` is nibble ``t*C + c``.
+Alignment: with ``T % 4 == 0`` and ``C % 8 == 0`` (block_tokens a multiple of 4,
+head_dim a multiple of 8) every section starts at a multiple of 16 bytes and so does the
+row's end, and 8 consecutive codes of one token (one 32-bit word) have their 8 scales
+and 8 zeros in one 16-byte load each.
+
+Error bound (both layouts, per group): ``|x - x_hat| <= s/2 + 15*|s - s32|`` plus the
+fp32 arithmetic and output rounding, plus ``2**-11 * |zero|`` for float32 input, where
+``s`` is the stored fp16 scale and ``s32 = (max - min) / 15`` the exact step
+(``element_error_bound``, ``channel_error_bound``).
 """
 
 from __future__ import annotations
@@ -32,6 +53,10 @@ import numpy as np
 
 GROUP_SIZES = (32, 64, 128)
 LEVELS = 15  # largest code: 4 bits
+# How the keys of a KV block are grouped: "channel" (one group per channel over a block's
+# tokens, the values per token) or "token" (keys and values in groups along head_dim).
+KEY_FORMATS = ("channel", "token")
+DEFAULT_KEY_FORMAT = "channel"
 
 
 @dataclass(frozen=True)
@@ -229,6 +254,21 @@ def measured_rmse(x, x_hat) -> float:
     return float(np.sqrt(np.mean(d * d)))
 
 
+def _group_bound(g: np.ndarray, dtype) -> np.ndarray:
+    """Per-group part of the element bound for float32 groups ``g`` [groups, size]."""
+    s32 = (g.max(axis=1) - g.min(axis=1)) / np.float32(LEVELS)
+    s16 = s32.astype(np.float16).astype(np.float64)
+    absmax = np.abs(g).max(axis=1).astype(np.float64)
+    per_group = s16 / 2 + LEVELS * np.abs(s16 - s32) + 1e-6 * absmax + 2.0**-25
+    if dtype != np.float16:
+        per_group = per_group + 2.0**-11 * absmax
+    return per_group
+
+
+def _output_rounding(x_hat) -> np.ndarray:
+    return 2.0**-11 * np.abs(np.asarray(x_hat, np.float64)) * 1.001
+
+
 def element_error_bound(x, x_hat, group_size: int) -> np.ndarray:
     """Per-element bound on ``|x - x_hat|``: s/2 + 15|s - s_fp32| + output rounding + fp32
     arithmetic, plus, for float32 input, the rounding of the zero point to fp16.
@@ -239,12 +279,122 @@ def element_error_bound(x, x_hat, group_size: int) -> np.ndarray:
     (the group's min) is exactly representable; for float32 it may sit off the fp16 grid.
     """
     x = np.asarray(x)
-    g = x.reshape(-1, group_size).astype(np.float32)
-    s32 = (g.max(axis=1) - g.min(axis=1)) / np.float32(LEVELS)
-    s16 = s32.astype(np.float16).astype(np.float64)
-    absmax = np.abs(g).max(axis=1).astype(np.float64)
-    per_group = s16 / 2 + LEVELS * np.abs(s16 - s32) + 1e-6 * absmax + 2.0**-25
-    if x.dtype != np.float16:
-        per_group = per_group + 2.0**-11 * absmax
-    out = np.repeat(per_group, group_size)
-    return out + 2.0**-11 * np.abs(np.asarray(x_hat, np.float64).reshape(-1)) * 1.001
+    per_group = _group_bound(x.reshape(-1, group_size).astype(np.float32), x.dtype)
+    return np.repeat(per_group, group_size) + _output_rounding(x_hat).reshape(-1)
+
+
+# --------------------------------------------------------------------------- per-channel rows
+
+
+@dataclass(frozen=True)
+class Int4Channels:
+    """A per-channel quantized row: packed codes of ``[T, C]`` in C order, fp16 scale and
+    zero per channel (see the module docstring)."""
+
+    packed: np.ndarray  # uint8 [T*C/2]
+    scales: np.ndarray  # float16 [C]
+    zeros: np.ndarray  # float16 [C]
+    shape: tuple[int, ...]  # the input's shape: (T, ...) with C = prod of the rest
+    dtype: np.dtype
+
+    @property
+    def tokens(self) -> int:
+        return self.shape[0]
+
+    @property
+    def channels(self) -> int:
+        return int(np.prod(self.shape[1:], dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return channel_nbytes(self.tokens, self.channels)
+
+
+def _check_rows(tokens, channels) -> tuple[int, int]:
+    for name, v in (("tokens", tokens), ("channels", channels)):
+        if not _is_int(v) or v <= 0:
+            raise ValueError(f"a per-channel row needs a positive integer count of {name}, "
+                             f"got {v!r}")
+    if (tokens * channels) % 2:
+        raise ValueError(f"a per-channel row of {tokens} x {channels} elements has an odd "
+                         f"count; codes are packed two per byte")
+    return int(tokens), int(channels)
+
+
+def channel_nbytes(tokens: int, channels: int) -> int:
+    """Bytes of a per-channel row of ``tokens x channels`` elements: ``T*C/2 + 4*C``."""
+    tokens, channels = _check_rows(tokens, channels)
+    return tokens * channels // 2 + 4 * channels
+
+
+def channel_section_offsets(tokens: int, channels: int) -> tuple[int, int, int]:
+    """Byte offsets of the (packed, scales, zeros) sections of a per-channel row."""
+    tokens, channels = _check_rows(tokens, channels)
+    scales_off = tokens * channels // 2
+    return 0, scales_off, scales_off + 2 * channels
+
+
+def _as_rows(x) -> np.ndarray:
+    arr = _float_input(x)
+    if arr.ndim < 2:
+        raise ValueError(f"a per-channel row is [tokens, channels...], got shape {arr.shape}")
+    _check_rows(arr.shape[0], int(np.prod(arr.shape[1:], dtype=np.int64)))
+    return arr
+
+
+def quantize_channels(x) -> Int4Channels:
+    """Quantize ``x`` [T, ...] (float16/float32) with one group per channel (column of
+    ``x.reshape(T, -1)``) over its T tokens."""
+    arr = _as_rows(x)
+    cols = arr.reshape(arr.shape[0], -1).astype(np.float32).T  # [C, T]: a group per row
+    scales, zeros = _group_params(cols)
+    codes = _codes(cols, scales, zeros).T  # back to [T, C]: C order
+    packed = _pack_nibbles(np.ascontiguousarray(codes).reshape(-1))
+    return Int4Channels(packed, scales, zeros, tuple(arr.shape), arr.dtype)
+
+
+def _dequantize_channel_parts(packed, scales, zeros, tokens: int, dtype) -> np.ndarray:
+    codes = _unpack_nibbles(packed).reshape(tokens, -1).astype(np.float32)
+    sf = scales.astype(np.float32)[None, :]
+    zf = zeros.astype(np.float32)[None, :]
+    return (zf + codes * sf).astype(dtype)  # product rounded, then sum: no FMA
+
+
+def dequantize_channels(t: Int4Channels) -> np.ndarray:
+    """Reconstruct ``t`` in its original shape and dtype."""
+    out = _dequantize_channel_parts(t.packed, t.scales, t.zeros, t.tokens, t.dtype)
+    return out.reshape(t.shape)
+
+
+def split_channel_sections(buf: np.ndarray, tokens: int, channels: int):
+    """Views (packed uint8, scales fp16, zeros fp16) into a buffer holding a per-channel row."""
+    buf = _byte_buffer(buf, channel_nbytes(tokens, channels), "per-channel INT4 row")
+    _, s_off, z_off = channel_section_offsets(tokens, channels)
+    return buf[:s_off], buf[s_off:z_off].view(np.float16), buf[z_off:].view(np.float16)
+
+
+def pack_channels_into(x, out_bytes: np.ndarray) -> Int4Channels:
+    """Quantize ``x`` [T, ...] per channel and write the row's bytes into ``out_bytes``."""
+    t = quantize_channels(x)
+    packed, scales, zeros = split_channel_sections(out_bytes, t.tokens, t.channels)
+    packed[:], scales[:], zeros[:] = t.packed, t.scales, t.zeros
+    return Int4Channels(packed, scales, zeros, t.shape, t.dtype)
+
+
+def unpack_channels_from(buf: np.ndarray, tokens: int, channels: int,
+                         dtype=np.float16) -> np.ndarray:
+    """Dequantize a per-channel row from its bytes; returns ``[tokens, channels]``."""
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float16, np.float32):
+        raise ValueError(f"output dtype must be float16 or float32, got {dtype}")
+    packed, scales, zeros = split_channel_sections(buf, tokens, channels)
+    return _dequantize_channel_parts(packed, scales, zeros, tokens, dtype)
+
+
+def channel_error_bound(x, x_hat) -> np.ndarray:
+    """``element_error_bound`` for a per-channel row: the same terms, per column of
+    ``x.reshape(T, -1)``; returned in that [T, C] shape."""
+    x = np.asarray(x)
+    rows = x.reshape(x.shape[0], -1)
+    per_channel = _group_bound(rows.astype(np.float32).T, x.dtype)
+    return per_channel[None, :] + _output_rounding(x_hat).reshape(rows.shape)

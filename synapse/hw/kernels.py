@@ -206,6 +206,15 @@ def int4_grid(n: int, vecs_per_thread: int, num_sms: int, blocks_per_sm: int,
     return max(1, min(tiles, num_sms * blocks_per_sm))
 
 
+def kv_block_grid(block_tokens: int, channels: int, vecs_per_thread: int, num_sms: int,
+                  blocks_per_sm: int, threads: int = INT4_THREADS) -> int:
+    """x-size of the grid of a channel-key KV block kernel (``gridDim.y == 2``): enough CTAs
+    for a thread per 8 key channels and for the values' tiles, at most one full wave."""
+    keys = -(-(channels // INT4_VEC_ELEMS) // threads)
+    values = int4_grid(block_tokens * channels, vecs_per_thread, num_sms, blocks_per_sm, threads)
+    return max(1, min(max(keys, values), num_sms * blocks_per_sm))
+
+
 @dataclass(frozen=True)
 class AttentionPlan:
     """How one attention decode call is launched (see cuda/attention_decode.cu)."""
@@ -358,7 +367,9 @@ _ARG_FORMATS = {
     "int4_dequantize": "PPQ",
     "attention_decode_split": "PPPPiiiiifPPPP",
     "attention_decode_combine": "PPPiiP",
-    "kv_assemble_int4": "PPPPPIIIII",
+    "kv_assemble_int4": "PPPPPIIIIII",
+    "kv_block_quantize_int4_kc": "PPII",
+    "kv_block_dequantize_int4_kc": "PPII",
 }
 
 
@@ -451,6 +462,56 @@ def dequantize_int4(src_ptr, dst_ptr, n: int, group_size: int, stream=None) -> N
     _int4("dequantize", DEQUANT_VECS_PER_THREAD, src_ptr, dst_ptr, n, group_size, stream)
 
 
+def _check_kv_block_args(block_tokens, channels, group_size) -> tuple[int, int, int]:
+    group_size = int4_ref.check_group_size(group_size)
+    bt = _positive(block_tokens, "block_tokens")
+    c = _positive(channels, "channels")
+    if bt % 4 or c % group_size:
+        raise ValueError(f"a channel-key KV block needs block_tokens % 4 == 0 and channels "
+                         f"% group_size == 0; got block_tokens {bt}, channels {c}, group_size "
+                         f"{group_size}")
+    if bt * c // INT4_VEC_ELEMS >= 1 << 32:
+        raise ValueError(f"a KV block of {bt} x {c} elements is too large for one launch "
+                         f"(2^32 vectors of 8)")
+    return bt, c, group_size
+
+
+def _kv_block(direction: str, vecs_per_thread: int, src_ptr, dst_ptr, block_tokens, channels,
+              group_size, stream) -> None:
+    bt, c, group_size = _check_kv_block_args(block_tokens, channels, group_size)
+    src = _ptr(src_ptr, "src_ptr", 16)
+    dst = _ptr(dst_ptr, "dst_ptr", 16)
+    family = f"kv_block_{direction}_int4_kc"
+    fn, state = _function("int4.cu", f"{family}_g{group_size}", family)
+    grid = kv_block_grid(bt, c, vecs_per_thread, state.num_sms,
+                         _blocks_per_sm(fn, state, INT4_THREADS))
+    _launch(f"kv block {direction}", fn, (grid, 2), (INT4_THREADS, 1, 1), stream,
+            (src, dst, bt, c))
+
+
+def quantize_kv_block_int4(src_ptr, dst_ptr, block_tokens: int, channels: int,
+                           group_size: int, stream=None) -> None:
+    """Quantize one token-major KV block to the channel-key INT4 layout.
+
+    Device: current context. ``src``: fp16 ``[block_tokens][2][channels]`` (a token's
+    keys of every layer and head, then its values: ``channels = L*H*D``), finite, 16-byte
+    aligned. ``dst``: ``kv_layout.int4_block_nbytes(...)`` bytes, 16-byte aligned: the keys
+    as one per-channel row, then the values per token in groups of ``group_size``
+    (bit-exact with ``kv_layout.pack_int4_block(..., "channel")``). ``block_tokens % 4 ==
+    0``, ``channels % group_size == 0``. Buffers must not overlap.
+    """
+    _kv_block("quantize", QUANT_VECS_PER_THREAD, src_ptr, dst_ptr, block_tokens, channels,
+              group_size, stream)
+
+
+def dequantize_kv_block_int4(src_ptr, dst_ptr, block_tokens: int, channels: int,
+                             group_size: int, stream=None) -> None:
+    """``quantize_kv_block_int4``'s inverse, into fp16 ``[block_tokens][2][channels]`` at
+    ``dst`` (16-byte aligned); bit-exact with ``kv_layout.unpack_int4_block(..., "channel")``."""
+    _kv_block("dequantize", DEQUANT_VECS_PER_THREAD, src_ptr, dst_ptr, block_tokens, channels,
+              group_size, stream)
+
+
 _PUSHED: dict = {}
 
 
@@ -476,16 +537,20 @@ def use_primary_context(device: int = 0) -> None:
 
 
 def kv_assemble_int4(l1k_ptr, l1v_ptr, rows_ptr, outk_ptr, outv_ptr, cut: int, m: int, bt: int,
-                     tok_elems: int, n_tok: int, group_size: int, stream=None) -> None:
+                     tok_elems: int, n_tok: int, group_size: int, key_channel: bool = False,
+                     stream=None) -> None:
     """One layer's keys and values for attention, from the L1 planes and the layer's INT4
     L2 rows, in one launch (see ``kv_assemble_int4_g*`` in int4.cu for the layout).
 
-    Device: current context. ``l1k``/``l1v``: fp16 [tokens][tok_elems]; ``rows``: ``2 m``
-    INT4 rows of ``bt * tok_elems`` elements (keys, then values); ``outk``/``outv``: fp16
-    [n_tok][tok_elems]. All pointers 16-byte aligned, ``tok_elems % 8 == 0``."""
-    if tok_elems % INT4_VEC_ELEMS or group_size not in int4_ref.GROUP_SIZES:
+    Device: current context. ``l1k``/``l1v``: fp16 [tokens][tok_elems]; ``rows``: ``m``
+    layer rows of ``bt * tok_elems`` elements each (``synapse.hf.int4.quantize_layer_rows``:
+    the key row, per channel when ``key_channel`` else per token, then the value row);
+    ``outk``/``outv``: fp16 [n_tok][tok_elems]. All pointers 16-byte aligned,
+    ``tok_elems % 8 == 0``, ``bt % 4 == 0``."""
+    if tok_elems % INT4_VEC_ELEMS or bt % 4 or group_size not in int4_ref.GROUP_SIZES:
         raise ValueError(f"kv_assemble_int4: tok_elems {tok_elems} must be a multiple of "
-                         f"{INT4_VEC_ELEMS} and group_size in {int4_ref.GROUP_SIZES}")
+                         f"{INT4_VEC_ELEMS}, bt {bt} of 4 and group_size in "
+                         f"{int4_ref.GROUP_SIZES}")
     ptrs = [_ptr(p, name, 16) for p, name in ((l1k_ptr, "l1k"), (l1v_ptr, "l1v"),
                                               (rows_ptr, "rows"), (outk_ptr, "outk"),
                                               (outv_ptr, "outv"))]
@@ -494,7 +559,7 @@ def kv_assemble_int4(l1k_ptr, l1v_ptr, rows_ptr, outk_ptr, outv_ptr, cut: int, m
     per_sm = _blocks_per_sm(fn, state, INT4_THREADS)
     grid = max(1, min(-(-vecs // INT4_THREADS), state.num_sms * per_sm))
     _launch("kv assemble", fn, (grid, 2), (INT4_THREADS, 1, 1), stream,
-            (*ptrs, cut, m, bt, tok_elems, n_tok))
+            (*ptrs, cut, m, bt, tok_elems, n_tok, int(bool(key_channel))))
 
 
 @dataclass(frozen=True)
@@ -586,7 +651,8 @@ def attention_decode(q_ptr, table, layers: int, heads: int, head_dim: int, block
     Device: current context. ``q``: float32 [L, H, D], 16-byte aligned. ``table``: a
     ``DeviceBlockTable`` (or ``(ptrs, fmts, n_valid, num_blocks)`` device addresses) of
     blocks in the ``KVLayout(L, H, D, block_tokens, group_size)`` byte layout, fp16 (0) or
-    int4 (1). ``out``: float32 [L, H, D]; ``lse``: float32 [L, H, num_blocks] (per-block
+    int4 (1) in the token key format (``int4_keys="token"``; L1, which this reads, holds
+    full precision only, so the scenario drivers never hand it an INT4 block). ``out``: float32 [L, H, D]; ``lse``: float32 [L, H, num_blocks] (per-block
     log-sum-exp of the scaled scores, -inf for an empty block). D in {64, 128, 256},
     D % group_size == 0. Uses ``workspace`` (default: one per context, see
     ``AttentionWorkspace`` for the stream caveat). Returns the launch plan.
@@ -654,9 +720,12 @@ __all__ = [
     "attention_plan",
     "compile_cubin",
     "dequantize_int4",
+    "dequantize_kv_block_int4",
     "forget_context",
     "int4_grid",
+    "kv_block_grid",
     "quantize_int4",
+    "quantize_kv_block_int4",
     "resident_blocks_per_sm",
     "upload_block_table",
 ]

@@ -10,7 +10,12 @@ Memory is laid out in *planes* (``synapse.kv.shape``): a space of ``n`` bytes is
 byte offset ``o`` (in the manager's units, a multiple of the slot size) owns bytes
 ``[o / P, (o + size) / P)`` of every plane. A plane of L1 reinterpreted as the model's
 dtype is ``[tokens, kv_heads, head_dim]``, so a layer's keys are a view of the arena's
-front (``synapse.kv.slots`` keeps the live blocks there). L1 is device memory (CUDA
+front (``synapse.kv.slots`` keeps the live blocks there). The INT4 spaces (staging, and
+L2 when it holds INT4) have ``L`` planes instead, one per layer: a block's bytes in plane
+``l`` are its *layer row*, the layer's key row then its value row
+(``synapse.hf.int4.quantize_layer_rows``; keys per channel or per token,
+``KVShape.int4_keys``), so rows of unequal size keep the plane split and a layer's L2
+run is one contiguous copy. L1 is device memory (CUDA
 virtual memory where available: ``synapse.kv.vmm``), L2 pinned host memory (plain host
 memory on a CPU-only machine), and INT4 staging holds the tensors in flight between a
 ``Quantize`` and its D2H copy (or an H2D copy and its ``Dequantize``), keyed by the
@@ -33,7 +38,7 @@ import torch
 from ..backend import Backend, _Wait, run_sync
 from ..errors import KernelError
 from ..ops import Copy, Dequantize, Op, OpRecord, Quantize, Stream, Zero
-from ..hf.int4 import dequantize_rows, quantize_rows
+from ..hf.int4 import dequantize_layer_rows, quantize_layer_rows
 from .shape import KVShape
 
 
@@ -41,10 +46,11 @@ class PlaneMemory:
     """One space as ``[planes, nbytes / planes]`` bytes (see the module docstring)."""
 
     def __init__(self, space: str, nbytes: int, kind: str, planes: int, device: torch.device,
-                 tensor: torch.Tensor | None = None, arena=None):
+                 tensor: torch.Tensor | None = None, arena=None, planes_per_layer: int = 2):
         if nbytes % planes:
             raise ValueError(f"{space}: {nbytes} bytes do not split into {planes} planes")
         self.space, self.nbytes, self.kind, self.planes = space, nbytes, kind, planes
+        self.planes_per_layer = planes_per_layer  # 2: K and V planes; 1: INT4 layer rows
         self.plane_bytes = nbytes // planes
         self.arena = arena  # the VMM arena behind a device space, if any
         if tensor is None:
@@ -66,6 +72,12 @@ class PlaneMemory:
         per_token = kv_heads * head_dim * item
         n = self.plane_bytes // per_token
         return self.t[:, : n * per_token].view(dtype).view(self.planes, n, kv_heads, head_dim)
+
+    def layer_runs(self, layer: int, count: int, slot_bytes: int) -> torch.Tensor:
+        """The bytes of slots ``[0, count)`` of ``layer``: ``[runs, count, per]``, each run
+        contiguous: its K and V planes (2 planes a layer), or its layer rows (1)."""
+        k = self.planes_per_layer
+        return self.slots(slot_bytes)[k * layer: k * (layer + 1), :count]
 
     def zero(self, offset: int, nbytes: int) -> None:
         p = self.planes
@@ -108,8 +120,11 @@ class TorchBackend(Backend):
     moves_data = True
     simulated = False
 
-    def __init__(self, device, shape: KVShape, dtype: torch.dtype, vmm: bool | None = None):
+    def __init__(self, device, shape: KVShape, dtype: torch.dtype, vmm: bool | None = None,
+                 l2_int4: bool = False):
+        """``l2_int4``: L2 holds INT4 blocks (layer rows, ``L`` planes: module docstring)."""
         self.device = torch.device(device)
+        self.l2_int4 = l2_int4
         self.shape = shape
         self.dtype = dtype
         self.planes = shape.planes
@@ -128,10 +143,14 @@ class TorchBackend(Backend):
 
     # -- memory -----------------------------------------------------------------------
     def memory(self, space: str, nbytes: int, kind: str) -> PlaneMemory:
+        layers = self.shape.layers
         if space == "staging":  # tensors in flight, keyed by offset (see module docstring)
-            mem = PlaneMemory(space, self.planes, kind, self.planes, self.device,
-                              tensor=torch.zeros((self.planes, 1), dtype=torch.uint8))
+            mem = PlaneMemory(space, layers, kind, layers, self.device,
+                              tensor=torch.zeros((layers, 1), dtype=torch.uint8),
+                              planes_per_layer=1)
             mem.nbytes = nbytes
+        elif space == "l2" and self.l2_int4:
+            mem = PlaneMemory(space, nbytes, kind, layers, self.device, planes_per_layer=1)
         else:
             mem = PlaneMemory(space, nbytes, kind, self.planes, self.device)
         self._mem[space] = mem
@@ -195,39 +214,49 @@ class TorchBackend(Backend):
             src = self._mem[op.src_space]
             size = int(op.src_sizes[0])
             x = src.slots(size)[:, self._index(op.src_offsets, size).to(src.t.device)]
-            p, k, per = x.shape
-            rows = x.reshape(p * k, per).view(self.dtype)
-            g = self.shape.int4_group
-            q = torch.empty((p * k, self.shape.plane_int4_bytes), dtype=torch.uint8,
-                            device=rows.device)
-            err = torch.zeros(2, dtype=torch.float64, device=rows.device)
+            sh, k = self.shape, x.shape[1]
+            layers, bt, c = sh.layers, sh.block_tokens, sh.kv_heads * sh.head_dim
+            kv = x.view(self.dtype).view(layers, 2, k, bt, c)
+            keys = kv[:, 0].reshape(layers * k, bt, c)
+            values = kv[:, 1].reshape(layers * k, bt, c)
+            q = torch.empty((layers * k, sh.layer_int4_bytes), dtype=torch.uint8,
+                            device=keys.device)
+            err = torch.zeros(2, dtype=torch.float64, device=keys.device)
             # in pieces: the float32 temporaries of a whole round (a tenth of L1 demoted
             # at once) were a third of the device memory a 32k-token decode held
-            step = max(1, (16 << 20) // (4 * rows.shape[1]))
-            for lo in range(0, rows.shape[0], step):
-                part = rows[lo:lo + step]
-                q[lo:lo + step] = quantize_rows(part, g)
-                back = dequantize_rows(q[lo:lo + step], part.shape[1], g, torch.float32)
-                ref = part.to(torch.float32)
-                err += torch.stack((((back - ref) ** 2).sum(), (ref * ref).sum())).double()
+            step = max(1, (16 << 20) // (4 * bt * c))
+            for lo in range(0, layers * k, step):
+                pk, pv = keys[lo:lo + step], values[lo:lo + step]
+                q[lo:lo + step] = quantize_layer_rows(pk, pv, sh.int4_keys, sh.int4_group)
+                bk, bv = dequantize_layer_rows(q[lo:lo + step], bt, c, sh.int4_keys,
+                                               sh.int4_group, torch.float32)
+                rk = pk.reshape(bk.shape).to(torch.float32)
+                rv = pv.reshape(bv.shape).to(torch.float32)
+                err += torch.stack((((bk - rk) ** 2).sum() + ((bv - rv) ** 2).sum(),
+                                    (rk * rk).sum() + (rv * rv).sum())).double()
             # kept on the device (no sync per demotion); read by ``int4_error``
             self._q_err.append(err)
-            self.q_count += rows.numel()
-            self._staged[tuple(op.dst_offsets.tolist())] = q.view(p, k, -1)
+            self.q_count += 2 * keys.numel()
+            self._staged[tuple(op.dst_offsets.tolist())] = q.view(layers, k, -1)
             return None
         if isinstance(op, Dequantize):
             q = self._staged.pop(tuple(op.src_offsets.tolist()))
             dst = self._mem[op.dst_space]
             size = int(op.dst_sizes[0])
-            p, k, _ = q.shape
-            rows = q.reshape(p * k, -1)
-            x = torch.empty((p * k, self.shape.plane_numel), dtype=self.dtype, device=rows.device)
-            step = max(1, (16 << 20) // (4 * self.shape.plane_numel))  # bounded temporaries
-            for lo in range(0, p * k, step):
-                dequantize_rows(rows[lo:lo + step], self.shape.plane_numel,
-                                self.shape.int4_group, self.dtype, out=x[lo:lo + step])
+            sh, (layers, k, _) = self.shape, q.shape
+            rows = q.reshape(layers * k, -1)
+            bt, c = sh.block_tokens, sh.kv_heads * sh.head_dim
+            bk = torch.empty((layers * k, bt * c), dtype=self.dtype, device=rows.device)
+            bv = torch.empty_like(bk)
+            step = max(1, (16 << 20) // (4 * bt * c))  # bounded temporaries
+            for lo in range(0, layers * k, step):
+                pk, pv = dequantize_layer_rows(rows[lo:lo + step], bt, c, sh.int4_keys,
+                                               sh.int4_group, self.dtype)
+                bk[lo:lo + step] = pk.reshape(pk.shape[0], -1)
+                bv[lo:lo + step] = pv.reshape(pv.shape[0], -1)
+            x = torch.stack((bk.view(layers, k, -1), bv.view(layers, k, -1)), dim=1)
             idx = self._index(op.dst_offsets, size).to(dst.t.device)
-            dst.slots(size)[:, idx] = x.view(torch.uint8).view(p, k, -1)
+            dst.slots(size)[:, idx] = x.view(2 * layers, k, -1).view(torch.uint8)
             return None
         if isinstance(op, Zero):
             for r in op.regions:

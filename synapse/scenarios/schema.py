@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..config import budget_check, checked, fraction, one_of, within
+from ..hw.int4 import DEFAULT_KEY_FORMAT, KEY_FORMATS
 
 POLICY_NAMES = ("lru", "fifo", "h2o", "sinks", "belady")
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
@@ -68,6 +69,9 @@ class MemoryConfig:
                                 "of more than 4096 tokens leave a policy nothing to choose")
     int4_group: int = checked(64, one_of(32, 64, 128), "INT4 quantisation group size",
                               "the INT4 kernels are built for groups of 32, 64 and 128")
+    int4_keys: str = checked(DEFAULT_KEY_FORMAT, one_of(*KEY_FORMATS),
+                             "INT4 keys: channel (a group per channel over a block's tokens, "
+                             "KIVI) or token (groups along head_dim); values are per token")
     staging_blocks: int = checked(64, within(1, 4096),
                                   "INT4 staging slots on the device for demotion",
                                   "device memory held for blocks being demoted; a step "
