@@ -212,7 +212,6 @@ class NeedleDriver:
 
     # -- results --------------------------------------------------------------------------
     def metrics(self) -> dict:
-        c = self.mgr.counters
         q_err = next((e for t, e in self.errors if t == self.trace.question_step), None)
         out = {
             "needle_retained": self.needle_tier == "L1",

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..blocks import Fmt, Tier
+from ..blocks import Tier
 from ..errors import CapacityError
 from ..hw.int4 import DEFAULT_KEY_FORMAT, KEY_FORMATS
 from ..kv.planner import SequencePlanner
