@@ -68,3 +68,18 @@ def audit_residency(driver) -> None:
         driver.residency_report = rep
     else:
         driver.residency_report.merge(rep)
+
+
+def finish_step(driver) -> dict:
+    """End of a driver's step: what compaction owes is submitted and the backend reaches
+    its safe point (``Mover.step_done``); returns the timeline columns every KV driver
+    adds: the decision time so far (measured host time: the hardware backends only) and
+    the L1 pages mapped (virtual-memory arena only)."""
+    driver.mover.step_done()
+    be = driver.backend
+    extra = {} if be.simulated else {"decision_s": driver.mgr.decision_s}
+    pages = be.l1_pages()
+    if pages is not None:
+        extra["l1_pages"] = pages
+    return extra
+

@@ -20,7 +20,7 @@ from ..ops import Attention, Ingest, Region, Stream
 from ..telemetry import Recorder
 from ..workloads.needle import NeedleTrace
 from ..kv.planner import follow_tail
-from .kv_common import audit_residency, build_kv, shape_of
+from .kv_common import audit_residency, build_kv, finish_step, shape_of
 
 _NONE, _L1, _L2 = int(Tier.NONE), int(Tier.L1), int(Tier.L2)  # NumPy compares plain ints fast
 
@@ -127,12 +127,7 @@ class NeedleDriver:
             if self.s.checks.invariants:
                 mgr.check()
             c = mgr.counters
-            self.mover.step_done()  # compaction owed, then the backend's safe point
-            pages = be.l1_pages()
-            # measured host time (not a model): the hardware backends' timelines only
-            extra = {} if be.simulated else {"decision_s": self.mgr.decision_s}
-            if pages is not None:
-                extra["l1_pages"] = pages
+            extra = finish_step(self)
             self.rec.step(t, be.now(), **extra, l1_bytes=table.bytes_in(Tier.L1),
                           l2_bytes=table.bytes_in(Tier.L2), resident_blocks=len(resident),
                           l1_hits=c.l1_hits, l2_hits=c.l2_hits, misses=c.misses)

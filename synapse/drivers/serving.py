@@ -24,7 +24,7 @@ from ..blocks import BlockSpec, State, Tier
 from ..errors import AccessDenied, AdmissionRefused, ScenarioError
 from ..ops import Attention, Ingest, Region, Stream
 from ..telemetry import Recorder
-from .kv_common import audit_residency, build_kv, shape_of
+from .kv_common import audit_residency, build_kv, finish_step, shape_of
 
 
 @dataclass
@@ -291,12 +291,7 @@ class ServingDriver:
             if self.s.checks.invariants:
                 mgr.check()
                 assert self.lost_blocks() == 0, "an admitted request lost a block"
-            self.mover.step_done()  # compaction owed, then the backend's safe point
-            pages = be.l1_pages()
-            # measured host time (not a model): the hardware backends' timelines only
-            extra = {} if be.simulated else {"decision_s": self.mgr.decision_s}
-            if pages is not None:
-                extra["l1_pages"] = pages
+            extra = finish_step(self)
             self.rec.step(t, be.now(), **extra, l1_bytes=self.table.bytes_in(Tier.L1),
                           l2_bytes=self.table.bytes_in(Tier.L2), l1_fraction=frac,
                           running=len(running), swapped=len(swapped), queued=len(queued),

@@ -26,7 +26,7 @@ from ..blocks import Tier
 from ..kv.planner import SequencePlanner
 from ..telemetry import Recorder
 from ..workloads.trace import Trace
-from .kv_common import audit_residency, build_kv, shape_of
+from .kv_common import audit_residency, build_kv, finish_step, shape_of
 
 
 def _resolve(path: str, source: str) -> Path:
@@ -97,12 +97,7 @@ class TraceDriver:
             if self.s.checks.invariants:
                 mgr.check()
             c = mgr.counters
-            self.mover.step_done()  # compaction owed, then the backend's safe point
-            pages = be.l1_pages()
-            # measured host time (not a model): the hardware backends' timelines only
-            extra = {} if be.simulated else {"decision_s": self.mgr.decision_s}
-            if pages is not None:
-                extra["l1_pages"] = pages
+            extra = finish_step(self)
             self.rec.step(t, be.now(), **extra, l1_bytes=table.bytes_in(Tier.L1),
                           l2_bytes=table.bytes_in(Tier.L2), resident_blocks=len(resident),
                           tokens=pl.tokens, l1_hits=c.l1_hits, l2_hits=c.l2_hits,
