@@ -129,11 +129,6 @@ class SlotArena:
     def used_bytes(self) -> int:
         return len(self.slots) * self.slot_bytes
 
-    @property
-    def live_end_bytes(self) -> int:
-        """Bytes from the arena's start to the end of its last live slot (= used)."""
-        return len(self.slots) * self.slot_bytes
-
     def blocks(self) -> np.ndarray:
         """The page-table id of the block in each slot, in slot order (recomputed only
         after the arena changed: most decode steps change nothing)."""
@@ -337,9 +332,6 @@ class SlotArena:
                     or not (0 <= s.index < len(live)) or live[s.index] is not s:
                 return False
         return True
-
-    def count_denied(self, n: int) -> None:
-        self.num_denied += n
 
     # -- introspection ----------------------------------------------------------------
     def stats(self) -> SlotStats:

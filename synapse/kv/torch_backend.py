@@ -28,7 +28,6 @@ host wall times around the calls (``OpRecord``), not device times.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Sequence
 
@@ -128,8 +127,6 @@ class TorchBackend(Backend):
         self.shape = shape
         self.dtype = dtype
         self.planes = shape.planes
-        # offsets must split into planes on 16-byte boundaries (vector loads)
-        self.alignment_bytes = 256 * self.planes // math.gcd(256, self.planes)
         self._mem: dict[str, PlaneMemory] = {}
         self._staged: dict[tuple, torch.Tensor] = {}
         self._records: list[OpRecord] = []
