@@ -102,12 +102,24 @@ class Copy(_SizedRows, Op):
 class Ingest(Op):
     """New data from the host (a prompt's KV, a model's weights) into device regions.
 
-    ``source(i)`` returns the bytes (uint8 array) for region ``i``; the simulator never
-    calls it, so large workloads cost it nothing.
+    ``source(i)`` returns the bytes (uint8 array) for region ``i``; or ``fill(i, out)``
+    writes them into ``out`` (uint8, the region's size: a staging slice, so the payload
+    is copied once). The simulator calls neither, so large workloads cost it nothing.
     """
 
     dst: tuple = ()
     source: Optional[Callable[[int], np.ndarray]] = None
+    fill: Optional[Callable[[int, np.ndarray], None]] = None
+
+    def write_into(self, i: int, out: np.ndarray) -> None:
+        """Region ``i``'s bytes into ``out``; ValueError if the source's size differs."""
+        if self.fill is not None:
+            self.fill(i, out)
+            return
+        data = self.source(i)
+        if data.nbytes != out.nbytes:
+            raise ValueError(f"{data.nbytes} bytes for a region of {out.nbytes}")
+        out[:] = data.view(np.uint8).reshape(-1)
 
     @property
     def kind(self):

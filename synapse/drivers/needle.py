@@ -56,15 +56,18 @@ class NeedleDriver:
         kv = self.trace.block_payload(pos, self.m.layers, self.m.kv_heads, self.m.head_dim)
         return kv
 
-    def _ingest_source(self, items):
-        def source(i: int) -> np.ndarray:
+    def _ingest_fill(self, items):
+        m = self.m
+        row = (2, m.layers, m.kv_heads, m.head_dim)
+
+        def fill(i: int, out: np.ndarray) -> None:
             pos, tok_lo, tok_hi = items[i]
-            kv = self._payload(pos)
+            kv = out.view(np.float16).reshape((tok_hi - tok_lo,) + row)
+            self.trace.write_block_payload(pos, kv, tok_lo)
             if (self.s.checks.data and pos not in self._mean_v
                     and tok_hi == self.trace.bt and tok_lo == 0):  # kept for _check_output
                 self._mean_v[pos] = kv[:, 1].astype(np.float64).mean(axis=0)
-            return np.ascontiguousarray(kv[tok_lo:tok_hi]).view(np.uint8).reshape(-1)
-        return source
+        return fill
 
     # -- the process ----------------------------------------------------------------------
     def process(self):
@@ -164,8 +167,8 @@ class NeedleDriver:
         self.tail = follow_tail(mgr, self.tail, last, bool(full))
         if not regions:
             return None
-        source = self._ingest_source(items) if self.backend.moves_data else None
-        return self.mover.submit_op(Ingest(purpose="ingest", dst=tuple(regions), source=source),
+        fill = self._ingest_fill(items) if self.backend.moves_data else None
+        return self.mover.submit_op(Ingest(purpose="ingest", dst=tuple(regions), fill=fill),
                                     Stream.H2D)
 
     def _attention(self, t, resident, nvalid):

@@ -335,13 +335,13 @@ class ServingDriver:
     def _submit_ingest(self, regions, items):
         if not regions:
             return None
-        source = None
+        fill = None
         if self.backend.moves_data:
-            def source(i, items=items):
+            def fill(i, out, items=items):
                 rid, pos, lo, hi = items[i]
                 kv = self._payload(rid, pos)
-                return np.ascontiguousarray(kv[lo:hi]).view(np.uint8).reshape(-1)
-        return self.mover.submit_op(Ingest(purpose="ingest", dst=tuple(regions), source=source),
+                out.view(np.float16).reshape((hi - lo,) + kv.shape[1:])[:] = kv[lo:hi]
+        return self.mover.submit_op(Ingest(purpose="ingest", dst=tuple(regions), fill=fill),
                                     Stream.H2D)
 
     def _attention(self, r: Request, ids, t: int, after):

@@ -37,6 +37,11 @@ except (ImportError, OSError) as e:  # no PyCUDA, or no libcuda
     raise ImportError(f"PyCUDA is not usable here: {e}") from None
 
 _FMT_CODE = {0: 0, 1: 0, 2: 1}  # blocks.Fmt -> kernel table code (fp16 0, int4 1)
+_FMT_LUT = np.array([_FMT_CODE[i] for i in range(3)], np.int32)
+
+
+def _pad256(n: int) -> int:
+    return (n + 255) // 256 * 256
 
 
 class DeviceMemory:
@@ -387,11 +392,11 @@ class CudaBackend(Backend):
             self.staging.reserve(sum((r.nbytes + 255) // 256 * 256 for r in op.dst))
             pairs = []
             for i, r in enumerate(op.dst):
-                data = op.source(i)
-                if data.nbytes != r.nbytes:
-                    raise KernelError(f"{data.nbytes} bytes for a region of {r.nbytes}")
                 off = self.staging.take(r.nbytes, s)
-                self.staging.host.view(off, r.nbytes)[:] = data.view(np.uint8).reshape(-1)
+                try:
+                    op.write_into(i, self.staging.host.view(off, r.nbytes))
+                except ValueError as e:
+                    raise KernelError(str(e)) from None
                 pairs.append((self._addr(r.space, r.offset), self.staging.host.address(off),
                               r.nbytes))
 
@@ -475,32 +480,41 @@ class CudaBackend(Backend):
         lay = op.layout
         nb = len(op.offsets)
         L, H, D = lay.layers, lay.kv_heads, lay.head_dim
-        mem = self._mem[op.space]
-        ptrs = (mem.base + op.offsets).astype(np.uint64)
-        fmts = np.array([_FMT_CODE[int(f)] for f in op.fmts], np.int32)
-        nv = op.n_valid.astype(np.int32)
-        q = np.ascontiguousarray(op.query, np.float32)
-        sizes = (8 * nb, 4 * nb, 4 * nb, q.nbytes, 4 * L * H * D, 4 * L * H * max(nb, 1))
-        pads = [(n + 255) // 256 * 256 for n in sizes]
-        total = sum(pads)
+        q = op.query
+        if q.dtype != np.float32 or not q.flags.c_contiguous:
+            q = np.ascontiguousarray(q, np.float32)
+        # One staging slice: the table (ptrs u64, fmts i32, n_valid i32) and q go up in
+        # one copy; out and the per-block lse come back in one. The host side of an op is
+        # most of a scenario step's time on the GPU, so this avoids NumPy temporaries.
+        p_ptr, p_fmt, p_nv, p_q = _pad256(8 * nb), _pad256(4 * nb), _pad256(4 * nb), _pad256(q.nbytes)
+        o_bytes, l_bytes = 4 * L * H * D, 4 * L * H * max(nb, 1)
+        up = p_ptr + p_fmt + p_nv + p_q
+        total = up + _pad256(o_bytes) + l_bytes
         self.staging.reserve(total)
         off = self.staging.take(total, s)
-        offs = np.cumsum([0] + pads[:-1]) + off
         host = self.staging.host
-        for data, o in zip((ptrs, fmts, nv, q), offs[:4]):
-            raw = data.view(np.uint8).reshape(-1)
-            host.view(int(o), raw.size)[:] = raw
-        upload = int(offs[3] - off + q.nbytes)
-        dev = [self.staging.dev + int(o) for o in offs]
-        out_bytes = sizes[4] + (pads[4] - sizes[4]) + sizes[5]
-        ticket.post = ("attention", int(offs[4]), int(offs[5]), (L, H, D), (L, H, nb))
+        buf = host.view(off, up)
+        np.add(op.offsets, self._mem[op.space].base, out=buf[:8 * nb].view(np.int64),
+               casting="unsafe")
+        np.take(_FMT_LUT, op.fmts, out=buf[p_ptr:p_ptr + 4 * nb].view(np.int32))
+        o = p_ptr + p_fmt
+        buf[o:o + 4 * nb].view(np.int32)[:] = op.n_valid
+        o += p_nv
+        buf[o:o + q.nbytes] = q.reshape(-1).view(np.uint8)
+        dev = self.staging.dev + off
+        o_off, l_off = off + up, off + up + _pad256(o_bytes)
+        upload = up - p_q + q.nbytes
+        ticket.post = ("attention", o_off, l_off, (L, H, D), (L, H, nb))
+        launch_attention = kernels.attention_launcher(L, H, D, lay.block_tokens, op.group_size,
+                                                      nb)
 
         def launch():
-            drv.memcpy_htod_async(self.staging.dev + off, host.address(off), upload, s)
-            kernels.attention_decode(dev[3], (dev[0], dev[1], dev[2], nb), L, H, D,
-                                     lay.block_tokens, op.group_size, op.softmax_scale,
-                                     dev[4], dev[5], stream=self.compute)
-            drv.memcpy_dtoh_async(host.address(int(offs[4])), dev[4], out_bytes, s)
+            drv.memcpy_htod_async(dev, host.address(off), upload, s)
+            launch_attention(dev + up - p_q, dev, dev + p_ptr, dev + p_ptr + p_fmt,
+                             op.softmax_scale, self.staging.dev + o_off,
+                             self.staging.dev + l_off, self.compute)
+            drv.memcpy_dtoh_async(host.address(o_off), self.staging.dev + o_off,
+                                  total - up, s)
         return launch
 
     def _torch_mod(self):

@@ -96,11 +96,10 @@ class HostBackend(Backend):
                 dst.view(d, n)[:] = b
         elif isinstance(op, Ingest):
             for i, r in enumerate(op.dst):
-                data = op.source(i)
-                if data.nbytes != r.nbytes:
-                    raise KernelError(f"ingest ({op.purpose}): {data.nbytes} bytes for a "
-                                      f"region of {r.nbytes}")
-                self.view(r)[:] = data
+                try:
+                    op.write_into(i, self.view(r))
+                except ValueError as e:
+                    raise KernelError(f"ingest ({op.purpose}): {e}") from None
         elif isinstance(op, Quantize):
             src, dst = self._mem[op.src_space], self._mem[op.dst_space]
             for s, d, ns, nd in zip(op.src_offsets.tolist(), op.dst_offsets.tolist(),

