@@ -29,6 +29,7 @@ class Backend(abc.ABC):
 
     name: str = "base"
     moves_data: bool = False   # True: ops carry real bytes (workloads must build payloads)
+    dma_ingest: bool = False   # True: Ingest.pinned sources are copied with no host work
     simulated: bool = False    # True: time is simulated (``sim_time_s`` in results)
 
     @abc.abstractmethod

@@ -213,7 +213,7 @@ class Mover:
         self.relocate()
 
     def attention(self, ids, n_valid, tenant: str, query, flops: float, layout,
-                  softmax_scale: float = 1.0, after=()):
+                  softmax_scale: float = 1.0, after=(), readback: bool = True):
         """Submit one attention step over L1-resident ``ids`` read on behalf of ``tenant``.
 
         The tenant check is vectorised over the page table's tenant column (which mirrors
@@ -233,7 +233,8 @@ class Mover:
         op = Attention(purpose="decode", space="l1", offsets=table.offset[ids],
                        fmts=table.fmt[ids], n_valid=np.asarray(n_valid, np.int64),
                        sizes=table.nbytes[ids], query=query, layout=layout,
-                       group_size=self.group_size, flops=flops, softmax_scale=softmax_scale)
+                       group_size=self.group_size, flops=flops, softmax_scale=softmax_scale,
+                       readback=readback)
         return self.backend.submit(op, Stream.COMPUTE, list(after) + self._barrier)
 
     def block_region(self, block: int) -> tuple[Region, Fmt]:

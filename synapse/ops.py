@@ -110,6 +110,14 @@ class Ingest(Op):
     dst: tuple = ()
     source: Optional[Callable[[int], np.ndarray]] = None
     fill: Optional[Callable[[int, np.ndarray], None]] = None
+    # Where a backend can DMA from page-locked memory (``Backend.dma_ingest``):
+    # ``pinned(i)`` is ``(host address, key)`` of region i's bytes already there, or None
+    # to use ``fill``. ``key`` (fp16, kd values, or None) is then written by the device
+    # over the start of every key row of the region's tokens, whose layout is
+    # [token][2][key_rows][head_dim] fp16.
+    pinned: Optional[Callable[[int], Optional[tuple]]] = None
+    key_rows: int = 0
+    head_dim: int = 0
 
     def write_into(self, i: int, out: np.ndarray) -> None:
         """Region ``i``'s bytes into ``out``; ValueError if the source's size differs."""
@@ -238,6 +246,9 @@ class Attention(Op):
     group_size: int = 64
     flops: float = 0.0
     softmax_scale: float = 1.0
+    # False: the output stays on the device, as a model's next layer would read it (the
+    # serving drivers never read it; copying it back cost 33 us of host time per op).
+    readback: bool = True
 
     @property
     def kind(self):

@@ -198,3 +198,41 @@ def test_the_simulator_moves_the_int4_bytes_of_the_key_format(keys):
         by = m["bytes_by_purpose"]
         assert by["demote_d2h"] == m["demotions"] * shape.int4_bytes
         assert by["fetch_h2d"] == m["fetches"] * shape.int4_bytes
+
+
+@pytest.mark.cuda
+def test_dma_ingest_with_device_written_keys_equals_the_host_filled_bytes():
+    """The cuda backend DMAs needle payloads from the pinned pool and writes each block's
+    structured key on the device; the bytes must equal what the host fill path writes."""
+    _cuda_or_skip()
+    from synapse.hw.cuda_backend import CudaBackend
+    from synapse.ops import Ingest, Region, Stream
+    from synapse.workloads.payload import PayloadPool
+    L, H, D, T, kd = 2, 2, 64, 16, 5
+    tok = 2 * L * H * D
+    be = CudaBackend()
+    try:
+        be.memory("l1", 4 * T * tok * 2, "device")
+        pool = PayloadPool.for_backend(3, be)
+        assert pool.pinned
+        keys = np.arange(3 * kd, dtype=np.float16).reshape(3, kd) + 1
+        items = [(0, 0, T), (1, 0, T), (2, 4, 7)]  # (block, first token, end token)
+        regions = tuple(Region("l1", i * T * tok * 2, (hi - lo) * tok * 2)
+                        for i, (_, lo, hi) in enumerate(items))
+
+        def expect(i):
+            b, lo, hi = items[i]
+            kv = pool.take((b,), T * tok, copy=True).reshape(T, 2, L, H, D)[lo:hi]
+            kv[:, 0, :, :, :kd] = keys[b]
+            return kv.view(np.uint8).reshape(-1)
+
+        def pinned(i):
+            b, lo, _ = items[i]
+            return pool.address(pool.window_start((b,), T * tok) + lo * tok), keys[b]
+        op = Ingest(purpose="test", dst=regions, fill=lambda i, out: None, pinned=pinned,
+                    key_rows=L * H, head_dim=D)
+        be.result(be.submit(op, Stream.H2D))
+        for i, r in enumerate(regions):
+            np.testing.assert_array_equal(be.read_region(r), expect(i))
+    finally:
+        be.close()

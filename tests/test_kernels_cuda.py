@@ -169,7 +169,8 @@ def test_compile_cubin_for_sm90_and_cache_it(tmp_path, source):
     assert kernels.compile_cubin(source, "sm_90", out_dir=tmp_path) == cubin
     assert cubin.stat().st_mtime_ns == stamp  # second call is a cache hit
     names = {"int4.cu": [b"int4_quantize_g32", b"int4_dequantize_g128"],
-             "attention_decode.cu": [b"attention_decode_split_d128_g64", b"attention_decode_combine"]}
+             "attention_decode.cu": [b"attention_decode_split_d128_g64", b"attention_decode_combine"],
+             "kv_fill.cu": [b"kv_key_prefix"]}
     data = cubin.read_bytes()
     assert all(name in data for name in names[source])  # extern "C": unmangled names
     assert not list(tmp_path.glob("*.tmp"))

@@ -46,6 +46,8 @@ class NeedleDriver:
         self.errors: list[tuple[int, float]] = []
         self.score_err = 0.0
         self.tail: int | None = None
+        if backend.moves_data:  # set-up, not run time (pinned where the backend DMAs)
+            self.trace.payload_pool(backend)
 
     def _next_use(self, ids: np.ndarray, step: int) -> np.ndarray:
         # Block ids are assigned in position order for a single sequence.
@@ -55,6 +57,24 @@ class NeedleDriver:
     def _payload(self, pos: int) -> np.ndarray:
         kv = self.trace.block_payload(pos, self.m.layers, self.m.kv_heads, self.m.head_dim)
         return kv
+
+    def _ingest_pinned(self, items):
+        """DMA sources: each block's window of the pinned pool, its key written on the
+        device (``cuda/kv_fill.cu``); None when the pool is not pinned."""
+        m, tr = self.m, self.trace
+        if not tr.payload_pool(self.backend).pinned:
+            return None
+        pool = tr.payload_pool()
+        tok = 2 * m.layers * m.kv_heads * m.head_dim
+        keys = tr.keys
+
+        def pinned(i: int):
+            pos, tok_lo, _ = items[i]
+            start = tr.block_window(pos, tr.bt * tok)
+            if start is None:
+                return None
+            return pool.address(start + tok_lo * tok), keys[pos].astype(np.float16)
+        return pinned
 
     def _ingest_fill(self, items):
         m = self.m
@@ -167,9 +187,13 @@ class NeedleDriver:
         self.tail = follow_tail(mgr, self.tail, last, bool(full))
         if not regions:
             return None
-        fill = self._ingest_fill(items) if self.backend.moves_data else None
-        return self.mover.submit_op(Ingest(purpose="ingest", dst=tuple(regions), fill=fill),
-                                    Stream.H2D)
+        fill = pinned = None
+        if self.backend.moves_data:
+            fill, pinned = self._ingest_fill(items), self._ingest_pinned(items)
+        m = self.m
+        return self.mover.submit_op(Ingest(purpose="ingest", dst=tuple(regions), fill=fill,
+                                           pinned=pinned, key_rows=m.layers * m.kv_heads,
+                                           head_dim=m.head_dim), Stream.H2D)
 
     def _attention(self, t, resident, nvalid):
         m = self.m

@@ -77,6 +77,8 @@ class ServingDriver:
         self.padded_fetches, self.fetch_pad_s = 0, 0.0
         self.protected_fetch_s: list[float] = []  # observed swap-in times, padded
         self._pool = None
+        if backend.moves_data:  # set-up, not run time (pinned where the backend DMAs)
+            self._payload_pool()
         self._queries: dict[int, np.ndarray] = {}
         self.denied = 0
         self.leaks = 0
@@ -129,13 +131,31 @@ class ServingDriver:
 
     def _payload(self, rid: int, pos: int) -> np.ndarray:
         m = self.s.model
-        if self._pool is None:
-            from ..workloads.payload import PayloadPool
-            self._pool = PayloadPool(self.s.seed)
         shape = (self.bt, 2, m.layers, m.kv_heads, m.head_dim)
         # a read-only view: decode steps ingest one token of it, not a copy of the block
-        return self._pool.take((self.s.seed, 0x7271, rid, pos), int(np.prod(shape)),
-                               copy=False).reshape(shape)
+        return self._payload_pool().take((self.s.seed, 0x7271, rid, pos), math.prod(shape),
+                                         copy=False).reshape(shape)
+
+    def _payload_pool(self):
+        if self._pool is None:
+            from ..workloads.payload import PayloadPool
+            self._pool = PayloadPool.for_backend(self.s.seed, self.backend)
+        return self._pool
+
+    def _pinned_source(self, items):
+        """DMA sources (each region's slice of its block's window of the pinned pool), or
+        None when the pool is not pinned."""
+        pool = self._payload_pool()
+        if not pool.pinned:
+            return None
+        m = self.s.model
+        tok = 2 * m.layers * m.kv_heads * m.head_dim
+
+        def pinned(i):
+            rid, pos, lo, _ = items[i]
+            start = pool.window_start((self.s.seed, 0x7271, rid, pos), self.bt * tok)
+            return None if start is None else (pool.address(start + lo * tok), None)
+        return pinned
 
     def _admit(self, r: Request, t: int) -> None:
         need = r.max_blocks(self.bt)
@@ -335,14 +355,15 @@ class ServingDriver:
     def _submit_ingest(self, regions, items):
         if not regions:
             return None
-        fill = None
+        fill = pinned = None
         if self.backend.moves_data:
             def fill(i, out, items=items):
                 rid, pos, lo, hi = items[i]
                 kv = self._payload(rid, pos)
                 out.view(np.float16).reshape((hi - lo,) + kv.shape[1:])[:] = kv[lo:hi]
-        return self.mover.submit_op(Ingest(purpose="ingest", dst=tuple(regions), fill=fill),
-                                    Stream.H2D)
+            pinned = self._pinned_source(items)
+        return self.mover.submit_op(Ingest(purpose="ingest", dst=tuple(regions), fill=fill,
+                                           pinned=pinned), Stream.H2D)
 
     def _attention(self, r: Request, ids, t: int, after):
         m = self.s.model
@@ -358,7 +379,8 @@ class ServingDriver:
                 self._queries[r.rid] = q
         flops = 4.0 * m.layers * m.kv_heads * m.head_dim * float(nv.sum())
         return self.mover.attention(ids, nv, r.tenant, q, flops, self.sizes.layout,
-                                    softmax_scale=m.head_dim ** -0.5, after=after)
+                                    softmax_scale=m.head_dim ** -0.5, after=after,
+                                    readback=False)
 
     def _pad_fetch(self, swapped_in, t0: float):
         """Timing protection: when a protected tenant's request was swapped in, the host

@@ -17,6 +17,7 @@ Context: the device's primary context, shared with PyTorch; pushed here and popp
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from typing import Sequence
@@ -228,6 +229,7 @@ class _Ticket:
 class CudaBackend(Backend):
     name = "cuda"
     moves_data = True
+    dma_ingest = True
     simulated = False
 
     def __init__(self, device: int = 0, staging_bytes: int = 256 << 20, vmm: bool | None = None):
@@ -258,6 +260,7 @@ class CudaBackend(Backend):
             self._pending_zero: dict[str, list] = {}
             self._tickets: list[_Ticket] = []
             self._base_event = drv.event_create()
+            self._fill_events = (drv.event_create(), drv.event_create())
             drv.event_record(self._base_event, self.streams[Stream.COMPUTE])
             self._staging_blocked_s = 0.0
             self.staging = _Staging(staging_bytes, self._staging_wait)
@@ -288,7 +291,12 @@ class CudaBackend(Backend):
     def _vmm_memory(self, space: str, nbytes: int):
         from ..kv import vmm
         try:
-            arena = vmm.VmmArena(nbytes, 1, self.device_index, prefill_pages=16)
+            # Unmapped pages stay in the pool up to the arena's size (the L1 budget): a
+            # tsunami run swings L1 by hundreds of pages a step, and releasing then
+            # re-creating them cost 7,398 cuMemCreate + cuMemRelease in the run.
+            pages = -(-nbytes // (2 << 20))
+            arena = vmm.VmmArena(nbytes, 1, self.device_index, prefill_pages=16,
+                                 spare_pages=pages)
         except vmm.VmmUnavailable as e:
             if self.vmm:
                 raise BackendUnavailable(f"L1 on CUDA virtual memory: {e}") from None
@@ -389,21 +397,7 @@ class CudaBackend(Backend):
         if isinstance(op, Copy):
             return self._copy(op, s)
         if isinstance(op, Ingest):
-            self.staging.reserve(sum((r.nbytes + 255) // 256 * 256 for r in op.dst))
-            pairs = []
-            for i, r in enumerate(op.dst):
-                off = self.staging.take(r.nbytes, s)
-                try:
-                    op.write_into(i, self.staging.host.view(off, r.nbytes))
-                except ValueError as e:
-                    raise KernelError(str(e)) from None
-                pairs.append((self._addr(r.space, r.offset), self.staging.host.address(off),
-                              r.nbytes))
-
-            def launch():
-                for d, h, n in pairs:
-                    drv.memcpy_htod_async(d, h, n, s)
-            return launch
+            return self._ingest(op, s)
         if isinstance(op, (Quantize, Dequantize)):
             from . import kernels
             kernel = kernels.quantize_int4 if isinstance(op, Quantize) else kernels.dequantize_int4
@@ -433,6 +427,63 @@ class CudaBackend(Backend):
                     drv.memset_d8_async(a, 0, n, s)
             return launch
         raise KernelError(f"the cuda backend cannot run {type(op).__name__}")
+
+    def _ingest(self, op: Ingest, s: int):
+        """Regions whose bytes sit in pinned memory are DMA'd from there (their keys, if
+        any, written by one kernel after); the others are filled into staging first."""
+        srcs = [op.pinned(i) for i in range(len(op.dst))] if op.pinned else [None] * len(op.dst)
+        keyed = [(self._addr(r.space, r.offset), src[1], r.nbytes)
+                 for r, src in zip(op.dst, srcs) if src is not None and src[1] is not None]
+        host = self.staging.host
+        table_bytes = 0
+        if keyed:
+            kd = len(keyed[0][1])
+            n = len(keyed)
+            table_bytes = _pad256(8 * n) + _pad256(2 * kd * n) + _pad256(4 * n)
+        self.staging.reserve(table_bytes + sum(_pad256(r.nbytes) for r, src in zip(op.dst, srcs)
+                                               if src is None))
+        pairs = []
+        for i, (r, src) in enumerate(zip(op.dst, srcs)):
+            d = self._addr(r.space, r.offset)
+            if src is not None:
+                pairs.append((d, src[0], r.nbytes))
+                continue
+            off = self.staging.take(r.nbytes, s)
+            try:
+                op.write_into(i, host.view(off, r.nbytes))
+            except ValueError as e:
+                raise KernelError(str(e)) from None
+            pairs.append((d, host.address(off), r.nbytes))
+        table = None
+        if keyed:
+            token_bytes = 4 * op.key_rows * op.head_dim
+            off = self.staging.take(table_bytes, s)
+            buf = host.view(off, table_bytes)
+            p_ptr, p_key = _pad256(8 * n), _pad256(2 * kd * n)
+            buf[:8 * n].view(np.int64)[:] = [d for d, _, _ in keyed]
+            buf[p_ptr:p_ptr + 2 * kd * n].view(np.float16).reshape(n, kd)[:] = \
+                [k for _, k, _ in keyed]
+            buf[p_ptr + p_key:p_ptr + p_key + 4 * n].view(np.int32)[:] = \
+                [nb // token_bytes for _, _, nb in keyed]
+            dev = self.staging.dev + off
+            table = (off, dev, dev + p_ptr, dev + p_ptr + p_key, n, kd)
+
+        def launch():
+            for d, h, nb in pairs:
+                drv.memcpy_htod_async(d, h, nb, s)
+            if table is not None:
+                from . import kernels
+                off, ptrs, keys, ntok, n, kd = table
+                drv.memcpy_htod_async(ptrs, host.address(off), table_bytes, s)
+                # kernels run on the compute stream: order it after this stream's copies,
+                # and this stream's end event after the kernel
+                drv.event_record(self._fill_events[0], s)
+                drv.stream_wait_event(self.streams[Stream.COMPUTE], self._fill_events[0])
+                kernels.key_prefix(ptrs, keys, ntok, n, kd, op.key_rows, op.head_dim,
+                                   stream=self.compute)
+                drv.event_record(self._fill_events[1], self.streams[Stream.COMPUTE])
+                drv.stream_wait_event(s, self._fill_events[1])
+        return launch
 
     def _copy(self, op: Copy, s: int):
         src, dst = self._mem[op.src_space], self._mem[op.dst_space]
@@ -504,7 +555,9 @@ class CudaBackend(Backend):
         dev = self.staging.dev + off
         o_off, l_off = off + up, off + up + _pad256(o_bytes)
         upload = up - p_q + q.nbytes
-        ticket.post = ("attention", o_off, l_off, (L, H, D), (L, H, nb))
+        readback = op.readback
+        if readback:
+            ticket.post = ("attention", o_off, l_off, (L, H, D), (L, H, nb))
         launch_attention = kernels.attention_launcher(L, H, D, lay.block_tokens, op.group_size,
                                                       nb)
 
@@ -513,8 +566,9 @@ class CudaBackend(Backend):
             launch_attention(dev + up - p_q, dev, dev + p_ptr, dev + p_ptr + p_fmt,
                              op.softmax_scale, self.staging.dev + o_off,
                              self.staging.dev + l_off, self.compute)
-            drv.memcpy_dtoh_async(host.address(o_off), self.staging.dev + o_off,
-                                  total - up, s)
+            if readback:
+                drv.memcpy_dtoh_async(host.address(o_off), self.staging.dev + o_off,
+                                      total - up, s)
         return launch
 
     def _torch_mod(self):
@@ -572,8 +626,8 @@ class CudaBackend(Backend):
         if t.post is not None:  # results leave the staging ring before it is reused
             _, o_off, l_off, oshape, lshape = t.post
             host = self.staging.host
-            out = host.view(o_off, 4 * int(np.prod(oshape))).view(np.float32).reshape(oshape)
-            lse = host.view(l_off, 4 * int(np.prod(lshape))).view(np.float32).reshape(lshape)
+            out = host.view(o_off, 4 * math.prod(oshape)).view(np.float32).reshape(oshape)
+            lse = host.view(l_off, 4 * math.prod(lshape)).view(np.float32).reshape(lshape)
             t.value = (out.copy(), lse.copy())
 
     def _staging_wait(self, t: _Ticket) -> None:

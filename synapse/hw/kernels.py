@@ -55,7 +55,7 @@ except (ImportError, OSError) as _exc:  # no PyCUDA, or PyCUDA without a driver
 else:
     _IMPORT_ERROR = None
 
-SOURCES = ("int4.cu", "attention_decode.cu")
+SOURCES = ("int4.cu", "attention_decode.cu", "kv_fill.cu")
 # Same optimisation flags as .ci/check-cuda, so its register report matches these cubins.
 # No fast-math: the INT4 kernels rely on IEEE division and exact float->half rounding.
 NVCC_FLAGS = ("-O3", "-std=c++17")
@@ -371,6 +371,7 @@ _ARG_FORMATS = {
     "kv_assemble_int4": "PPPPPIIIIII",
     "kv_block_quantize_int4_kc": "PPII",
     "kv_block_dequantize_int4_kc": "PPII",
+    "kv_key_prefix": "PPPiii",
 }
 
 
@@ -399,7 +400,7 @@ def _function(source: str, name: str, family: str):
         return fn, state
 
 
-def preload(sources=("int4.cu", "attention_decode.cu")) -> None:
+def preload(sources=SOURCES) -> None:
     """Compile (nvcc, cached on disk) and load every kernel module in the current context
     now, so a run does not pay seconds of nvcc at its first launch."""
     cuda = _driver()
@@ -718,6 +719,20 @@ def _attention_kernels(layers, heads, head_dim, block_tokens, group_size, num_bl
     return split_fn, combine_fn, plan, state
 
 
+def key_prefix(dst_ptrs: int, keys: int, ntok: int, regions: int, kd: int, rows: int,
+               head_dim: int, stream=None) -> None:
+    """Write each region's ``kd`` key values over the start of every key row of its tokens
+    (``cuda/kv_fill.cu``: device arrays ``dst_ptrs`` u64, ``keys`` fp16 [regions, kd],
+    ``ntok`` i32). One launch for every region of an ingest op."""
+    if regions <= 0:
+        return
+    if not 0 < kd <= head_dim:
+        raise ValueError(f"kd must be in 1..head_dim ({head_dim}), got {kd}")
+    fn, _ = _function("kv_fill.cu", "kv_key_prefix", "kv_key_prefix")
+    _launch("kv key prefix", fn, (int(regions), 8), (256, 1, 1), stream,
+            (dst_ptrs, keys, ntok, int(kd), int(rows), int(head_dim)))
+
+
 def attention_launcher(layers: int, heads: int, head_dim: int, block_tokens: int,
                        group_size: int, num_blocks: int):
     """``attention_decode`` for one shape, checked and planned once: returns
@@ -771,6 +786,7 @@ __all__ = [
     "dequantize_kv_block_int4",
     "forget_context",
     "int4_grid",
+    "key_prefix",
     "kv_block_grid",
     "quantize_int4",
     "quantize_kv_block_int4",

@@ -154,7 +154,8 @@ class VmmArena:
     """``planes`` reserved ranges of ``nbytes / planes`` each, pages mapped on demand."""
 
     def __init__(self, nbytes: int, planes: int, device: int = 0, *, driver=None,
-                 pool: PagePool | None = None, tenant: str = "default", prefill_pages: int = 0):
+                 pool: PagePool | None = None, tenant: str = "default", prefill_pages: int = 0,
+                 spare_pages: int = 16):
         self.driver = driver if driver is not None else CudaVmm(device)
         self.page_bytes = self.driver.page_bytes
         self.planes = planes
@@ -163,7 +164,7 @@ class VmmArena:
         self.plane_stride = pages_per_plane * self.page_bytes  # virtual bytes per plane
         self.nbytes = nbytes
         self.base = self.driver.reserve(planes * self.plane_stride)
-        self.pool = pool if pool is not None else PagePool(self.driver)
+        self.pool = pool if pool is not None else PagePool(self.driver, spare_pages)
         self.own_pool = pool is None
         self.tenant = tenant
         self.mapped: list[list] = [[] for _ in range(planes)]  # handles, in page order

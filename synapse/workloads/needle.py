@@ -190,16 +190,27 @@ class NeedleTrace:
         self.write_block_payload(b, kv)
         return kv
 
+    def payload_pool(self, backend=None):
+        """The pool payloads are windows of (``PayloadPool.for_backend`` on first use)."""
+        if self._pool is None:
+            from .payload import PayloadPool
+            self._pool = PayloadPool.for_backend(self.seed, backend)
+        return self._pool
+
+    def _payload_key(self, b: int) -> tuple:
+        return (self.seed, 0x6B76, int(b))
+
+    def block_window(self, b: int, block_numel: int) -> int | None:
+        """Where block b's payload starts in the pool (elements; None if not one window)."""
+        return self.payload_pool().window_start(self._payload_key(b), block_numel)
+
     def write_block_payload(self, b: int, out: np.ndarray, tok_lo: int = 0) -> None:
         """Tokens ``tok_lo`` to ``tok_lo + len(out)`` of ``block_payload(b, ...)`` into
         ``out`` ([n, 2, layers, heads, head_dim] fp16), e.g. a pinned staging slice: one
         copy, where building the block and then staging it took two."""
-        if self._pool is None:
-            from .payload import PayloadPool
-            self._pool = PayloadPool(self.seed)
         shape = (self.bt,) + out.shape[1:]
-        window = self._pool.take((self.seed, 0x6B76, int(b)), int(np.prod(shape)),
-                                 copy=False).reshape(shape)
+        window = self.payload_pool().take(self._payload_key(b), int(np.prod(shape)),
+                                          copy=False).reshape(shape)
         n = out.shape[0]
         out[:] = window[tok_lo:tok_lo + n]
         out[:, 0, :, :, : self.key_dims] = self.keys[b].astype(np.float16)

@@ -20,6 +20,35 @@ class PayloadPool:
     def __init__(self, seed: int, numel: int = POOL_NUMEL):
         rng = np.random.default_rng([seed, 0x706F6F6C])
         self.values = rng.standard_normal(numel, dtype=np.float32).astype(np.float16)
+        self._memory = None
+
+    @classmethod
+    def for_backend(cls, seed: int, backend) -> "PayloadPool":
+        """The pool, in page-locked memory of ``backend`` where it DMAs ingest from there."""
+        pool = cls(seed)
+        if getattr(backend, "dma_ingest", False):
+            pool.pin(backend.memory("payload_pool", pool.values.nbytes, "pinned_host"))
+        return pool
+
+    @property
+    def pinned(self) -> bool:
+        return self._memory is not None
+
+    def pin(self, memory) -> None:
+        """Move the pool into ``memory`` (page-locked, from ``Backend.memory``), so that
+        ingest copies DMA from it (``address``) with no host copy."""
+        arr = memory.view(0, self.values.nbytes).view(np.float16)
+        arr[:] = self.values
+        self.values, self._memory = arr, memory
+
+    def address(self, element: int) -> int:
+        """Host address of pool element ``element`` (a pinned pool only)."""
+        return self._memory.address(2 * int(element))
+
+    def window_start(self, key, numel: int) -> int | None:
+        """Where ``take(key, numel)``'s window starts in the pool (None: it wraps)."""
+        n = len(self.values)
+        return None if numel > n else _offset(key, n - numel + 1)
 
     def take(self, key, numel: int, copy: bool = True) -> np.ndarray:
         """``numel`` fp16 values for ``key`` (a tuple of ints): a fresh array, or with
