@@ -248,3 +248,30 @@ def test_a_batch_is_refused_in_one_line():
     m = tiny_model("llama")
     with l2_store(m) as store, pytest.raises(UnsupportedModel, match=r"one sequence: .*\(2, 8\)"):
         with_prefix(m, prompt(8).repeat(2, 1), store)
+
+
+# -- telemetry and the docs ------------------------------------------------------------------------
+def lookups(result, tier):
+    from synapse.monitor.metrics import REGISTRY
+    return REGISTRY.get_sample_value("synapse_prefix_lookups_total",
+                                     {"result": result, "tier": tier}) or 0.0
+
+
+def test_each_load_counts_its_chunks_in_metrics():
+    m = tiny_model("llama")
+    first, second = document_and_questions()
+    with l2_store(m) as store:
+        with_prefix(m, first, store)
+        hits, misses = lookups("hit", "l2"), lookups("miss", "none")
+        with_prefix(m, second, store)
+    assert lookups("hit", "l2") - hits == 6       # the document's chunks
+    assert lookups("miss", "none") - misses == 1  # the question's whole chunk
+
+
+def test_the_docs_example_runs_as_printed(capsys):
+    text = (Path(__file__).resolve().parents[1] / "docs" / "hf.md").read_text()
+    start = text.index("```python", text.index("## Prefix reuse")) + len("```python")
+    exec(compile(text[start:text.index("```", start)], "docs/hf.md (Prefix reuse)", "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    assert "'restored_tokens': 96" in lines[1] and "'computed_tokens': 20" in lines[1]
+    assert lines[2] == "{'l2': 96}"

@@ -107,9 +107,11 @@ def load_prefix(model, input_ids, store, cache=None, *, tenant: str = "default",
     ``step_tokens`` (a ``TieredCache``: default and at most what its L1 budget admits in
     one step). Returns ``(cache, PrefixReuse)``; the cache must be empty."""
     tokens = _prompt(input_ids)
-    check_store(store, model)
     cache = _cache(model, cache)
     reuse = PrefixReuse(len(tokens))
+    if store is None:  # reuse off: the same call computes everything
+        return cache, reuse
+    check_store(store, model)
     t0 = time.perf_counter()
     got = store.load(tokens, tenant=tenant, max_tokens=len(tokens) - 1)
     t1 = time.perf_counter()
@@ -199,7 +201,8 @@ class _Saver:
         self.model, self.cache, self.store, self.tokens = model, cache, store, tokens
         self.reuse, self.tenant = reuse, tenant
         self.start = reuse.restored_tokens
-        self.on = on and len(tokens) // store.chunk_tokens > self.start // store.chunk_tokens
+        c = store.chunk_tokens if store is not None else 0
+        self.on = on and c > 0 and len(tokens) // c > self.start // c  # a new whole chunk
         self.tiered = hasattr(cache, "on_update")
         self.keys: dict[int, list] = {}
         self.values: dict[int, list] = {}
