@@ -275,3 +275,26 @@ def test_the_docs_example_runs_as_printed(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert "'restored_tokens': 96" in lines[1] and "'computed_tokens': 20" in lines[1]
     assert lines[2] == "{'l2': 96}"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["dynamic", "tiered"])
+def test_on_cuda_a_prefix_from_pinned_l2_and_l3_gives_dynamic_cache_tokens(kind, tmp_path):
+    m = tiny_model("llama", dtype=torch.float16).cuda()
+    first, second = (ids.cuda() for ids in document_and_questions())
+    ref = greedy(m, second, DynamicCache(config=m.config))
+
+    def cache():
+        if kind == "dynamic":
+            return DynamicCache(config=m.config)
+        return TieredCache(m, policy="h2o", l1_budget_tokens=256, block_tokens=8, backend="cuda")
+
+    fp = prefix_fingerprint(m, chunk_tokens=CHUNK)
+    for tiers in (dict(l2_bytes=1 << 24), dict(l3_dir=tmp_path / "l3", l3_bytes=1 << 26)):
+        with PrefixStore(fp, **tiers) as store:
+            with_prefix(m, first, store, cache())
+            store.flush()
+            out = with_prefix(m, second, store, cache())
+            assert sum(store.report()["hit_tokens"].values()) == 96
+        assert torch.equal(out, ref)
