@@ -244,6 +244,14 @@ def test_a_store_fingerprinted_for_another_model_or_dtype_is_refused():
         with_prefix(llama, prompt(40), fp16)
 
 
+def test_a_cache_that_already_holds_tokens_is_refused():
+    m = tiny_model("llama")
+    cache = DynamicCache(config=m.config)
+    greedy(m, prompt(8), cache)
+    with l2_store(m) as store, pytest.raises(UnsupportedModel, match="needs an empty cache"):
+        with_prefix(m, prompt(40), store, cache)
+
+
 def test_a_batch_is_refused_in_one_line():
     m = tiny_model("llama")
     with l2_store(m) as store, pytest.raises(UnsupportedModel, match=r"one sequence: .*\(2, 8\)"):

@@ -112,6 +112,8 @@ def load_prefix(model, input_ids, store, cache=None, *, tenant: str = "default",
     if store is None:  # reuse off: the same call computes everything
         return cache, reuse
     check_store(store, model)
+    if cache.get_seq_length() or getattr(cache, "planner", None) is not None:
+        raise UnsupportedModel("load_prefix needs an empty cache (a new one, or after reset())")
     t0 = time.perf_counter()
     got = store.load(tokens, tenant=tenant, max_tokens=len(tokens) - 1)
     t1 = time.perf_counter()
@@ -137,8 +139,8 @@ def generate_with_prefix(model, input_ids, *, store, cache=None, tenant: str = "
     """``model.generate(input_ids, past_key_values=cache, **generate_kwargs)``, with the
     prompt's cached prefix loaded from ``store`` instead of computed and (``save``) the
     prompt's new whole chunks saved to it. With ``prefill_chunk_size``, the prefix goes
-    into the cache in steps of that size too, as the prefill without reuse would. Returns what ``generate`` returns; the call's
-    ``PrefixReuse`` is added to ``cache.prefix_telemetry`` (a running total; in
+    into the cache in steps of that size too, as the prefill without reuse would.
+    Returns what ``generate`` returns; the call's ``PrefixReuse`` is added to ``cache.prefix_telemetry`` (a running total; in
     ``TieredCache.telemetry()["prefix"]`` too)."""
     cache, reuse = load_prefix(model, input_ids, store, cache, tenant=tenant,
                                step_tokens=generate_kwargs.get("prefill_chunk_size"))
@@ -170,12 +172,8 @@ def _into_cache(cache, chunks, step_tokens: int | None) -> None:
     step = step_tokens or n
     tiered = hasattr(cache, "l1_budget_tokens")
     if tiered:
-        if cache.get_seq_length() or cache.planner is not None:
-            raise UnsupportedModel("load_prefix needs an empty TieredCache (a new one or after reset())")
         bt = cache.block_tokens
         step = min(step, max(bt, (cache.l1_budget_tokens // bt - 1) * bt))  # new + the tail
-    elif cache.get_seq_length():
-        raise UnsupportedModel("load_prefix needs an empty cache")
     layers = chunks[0].shape[0]
     keys = [torch.cat([c[i, 0] for c in chunks], dim=1).unsqueeze(0) for i in range(layers)]
     values = [torch.cat([c[i, 1] for c in chunks], dim=1).unsqueeze(0) for i in range(layers)]
