@@ -59,6 +59,12 @@ SEED = 0
 GOALS = {"l2_speedup": 10.0, "l2_of_h2d": 0.8, "l3_of_disk": 0.8}
 
 
+def bad_input(message: str):
+    """One line on stderr, exit status 2 (the project's rule for bad input)."""
+    print(f"prefix_reuse.py: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 # -- model, prompt and clock ------------------------------------------------------------
 def model_config(name: str, max_tokens: int):
     from transformers import LlamaConfig
@@ -72,7 +78,7 @@ def model_config(name: str, max_tokens: int):
         return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                            num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                            head_dim=128, rope_theta=500000.0, **common)
-    raise SystemExit(f"--model: got {name!r}, expected tiny, llama-8b-shape or a local path")
+    bad_input(f"--model: got {name!r}, expected tiny, llama-8b-shape or a local path")
 
 
 def build_model(name: str, device, max_tokens: int):
@@ -153,25 +159,26 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cuda", help="cuda or cpu")
     ap.add_argument("--model", default="tiny", help="tiny, llama-8b-shape (random weights) or "
                                                     "a local model directory")
-    ap.add_argument("--prompt-tokens", type=int, default=32768)
-    ap.add_argument("--saved-tokens", type=int, default=30720)
-    ap.add_argument("--chunk-tokens", type=int, default=256)
+    ap.add_argument("--prompt-tokens", type=int, default=32768, help="tokens in the prompt")
+    ap.add_argument("--saved-tokens", type=int, default=30720,
+                    help="leading tokens of the prompt saved before the timed runs")
+    ap.add_argument("--chunk-tokens", type=int, default=256, help="tokens per store chunk")
     ap.add_argument("--caches", default=",".join(CACHES),
                     help="comma-separated: dynamic (DynamicCache), tiered (TieredCache)")
     ap.add_argument("--l3-dir", help="directory on the disk under test (default: a temporary one)")
     ap.add_argument("--io-workers", type=int, default=8, help="L3 reader threads")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up")
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's); "
                                                 "1 on a shared CPU, where 2 thrash")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     a = ap.parse_args(argv)
     if not 0 < a.saved_tokens < a.prompt_tokens:
-        raise SystemExit(f"--saved-tokens: got {a.saved_tokens}, expected 0 < it < "
-                         f"--prompt-tokens ({a.prompt_tokens})")
+        bad_input(f"--saved-tokens: got {a.saved_tokens}, expected 0 < it < "
+                  f"--prompt-tokens ({a.prompt_tokens})")
     caches = [c for c in a.caches.split(",") if c]
     if not caches or set(caches) - set(CACHES):
-        raise SystemExit(f"--caches: got {a.caches!r}, expected a comma-separated list of "
-                         f"{', '.join(CACHES)}")
+        bad_input(f"--caches: got {a.caches!r}, expected a comma-separated list of "
+                  f"{', '.join(CACHES)}")
 
     import numpy as np
     import torch
