@@ -206,6 +206,27 @@ def test_a_loaded_prefix_is_dropped_as_the_same_cache_without_reuse_drops_it():
     assert torch.equal(out, plain)
 
 
+def test_what_is_saved_is_the_full_precision_kv_the_policy_later_demotes():
+    """INT4 over a 32-token L1, prefill in chunks of 16: blocks are demoted while the
+    prompt goes in, yet the saved layer-0 keys and values (which no attention feeds)
+    equal DynamicCache's bit for bit: they were taken at the cache's update, before
+    the policy quantized them."""
+    m = tiny_model("llama")
+    ids = prompt(64)
+    ref = DynamicCache(config=m.config)
+    with torch.no_grad():
+        m(ids, past_key_values=ref, use_cache=True)
+    cache = TieredCache(m, policy="fifo", l1_budget_tokens=32, demote="int4", block_tokens=8)
+    with l2_store(m) as store:
+        with_prefix(m, ids, store, cache, prefill_chunk_size=16)
+        got = store.load(ids[0])
+    assert cache.telemetry()["demotions"] > 0
+    assert got.tokens == 64
+    saved = torch.cat(got.chunks, dim=3)[0]            # layer 0: [2, kv_heads, 64, head_dim]
+    assert torch.equal(saved[0], ref.layers[0].keys[0])
+    assert torch.equal(saved[1], ref.layers[0].values[0])
+
+
 # -- what must not hit -----------------------------------------------------------------------------
 def test_another_tenant_gets_no_hit_on_a_saved_prefix():
     m = tiny_model("llama")
