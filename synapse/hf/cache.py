@@ -200,6 +200,10 @@ class TieredCache(Cache):
         self.vmm = vmm  # None: CUDA virtual memory where available; False: one allocation
         self.needs_scores = policy in NEEDS_SCORES or record_masses
         self.tap: QueryTap | None = None
+        # synapse.hf.prefix: a callback(layer_idx, keys, values) seeing each update's
+        # full-precision KV before the policy moves any, and its counters for telemetry()
+        self.on_update = None
+        self.prefix_telemetry: dict | None = None
         super().__init__(layers=[_Layer(self, i) for i in range(self.num_layers)])
         if model is not None:
             self.attach(model)
@@ -342,6 +346,8 @@ class TieredCache(Cache):
 
     # -- the Cache API ---------------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if self.on_update is not None:
+            self.on_update(layer_idx, key_states, value_states)
         if self.planner is None:
             self._start(key_states)
         if not self._begun:
@@ -630,6 +636,8 @@ class TieredCache(Cache):
                "l1_budget_tokens": self.l1_budget_tokens,
                "l1_budget_bytes": getattr(self, "l1_budget_bytes", None),
                "l1_peak_bytes": self.l1_peak_bytes, "stall_s": self.stall_s}
+        if self.prefix_telemetry is not None:
+            out["prefix"] = dict(self.prefix_telemetry)
         if mgr is None:
             return out
         c = mgr.counters
