@@ -22,7 +22,9 @@
 //
 // Entry points (extern "C"): int4_quantize_g{32,64,128}(const __half* src, uint8_t* dst,
 // unsigned long long n) and int4_dequantize_g{32,64,128}(const uint8_t* src, __half* dst,
-// unsigned long long n); kv_block_quantize_int4_kc_g{32,64,128} and
+// unsigned long long n); their faster variants, same arguments and bytes,
+// int4_quantize_{lean,staged}_g* and int4_dequantize_staged_g* ("Faster variants" below);
+// kv_block_quantize_int4_kc_g{32,64,128} and
 // kv_block_dequantize_int4_kc_g{32,64,128}, a scenario KV block in the channel-key format;
 // kv_assemble_int4_g{32,64,128}, the read-through of one layer of the transformers cache
 // (see their comments below).
@@ -415,11 +417,11 @@ __device__ __forceinline__ void assemble_impl(const __half* __restrict__ l1k,
 // Faster variants of int4_quantize / int4_dequantize (same bytes; synapse/hw/kernels.py
 // picks one with QUANT_VARIANT / DEQUANT_VARIANT, benchmarks/int4_kernels.py times them).
 //
-// Why: on an H100 the warp kernel above was latency-bound with the issue slots 73% busy
-// (README); the H200 reads HBM ~1.4x faster with the same SMs, so at 90% of its copy
-// bandwidth the quantize kernel would need more instruction issue than an SM has
-// (roughly 200 instructions per 8 elements today, ~110 available). The variants cut
-// instructions per element and, in "staged", keep the loads in flight without registers:
+// Why: on an H100 (132 SMs) the warp kernel ran at 2272 GB/s with the issue slots 73% busy
+// (Nsight Compute, README). The H200 has the same SMs and clocks and a faster HBM: at the
+// same instructions per byte, 90% of its copy (3793 GB/s) would need 73% * 3793 / 2272 =
+// 122% of the issue slots. So the variants first cut instructions per element and, in
+// "staged", keep the loads in flight without registers or load instructions:
 //
 // * "lean" (quantize): the warp kernel's data mapping, cheaper arithmetic. Min and max
 //   are taken on half2 pairs (exact: a min is one of its inputs) and a group's (min,

@@ -129,28 +129,6 @@ def staged_quantize(x16: np.ndarray, group_size: int, grid: int) -> bytes:
     return layout_bytes(words, scales, zeros)
 
 
-def awkward_input(rng, n: int, group_size: int) -> np.ndarray:
-    """Per-group magnitudes 1e-3..1e3 and the groups that break shortcuts: constant, exact
-    .5 ties, subnormal scales, on-grid values, signed zeros, values a hair from a tie."""
-    groups = n // group_size
-    x = rng.standard_normal((groups, group_size)) * 10.0 ** rng.uniform(-3, 3, (groups, 1))
-    near = np.array([0.0, 15.0] + [(k % 14) + 0.5 for k in range(group_size - 2)])
-    specials = [
-        np.full(group_size, rng.standard_normal() * 10),
-        np.array([0.0, 15.0] + [(k % 15) + 0.5 for k in range(group_size - 2)]),
-        rng.standard_normal(group_size) * 1e-6,
-        rng.integers(0, 16, group_size) * 0.25 - 1.0,
-        np.where(rng.random(group_size) < 0.5, -0.0, rng.random(group_size)),
-        np.where(rng.random(group_size) < 0.5, -0.0, 0.0),
-        np.nextafter(near.astype(np.float16), np.float16(np.inf)).astype(np.float64),
-        np.nextafter(near.astype(np.float16), np.float16(-np.inf)).astype(np.float64),
-        np.array([-65504.0, 65504.0] + list(rng.uniform(-65504, 65504, group_size - 2))),
-    ]
-    for i, row in zip(rng.permutation(groups)[: len(specials)], specials):
-        x[i] = row
-    return x.astype(np.float16).reshape(-1)
-
-
 def spec_bytes(x16: np.ndarray, group_size: int) -> bytes:
     out = np.zeros(int4.int4_nbytes(x16.size, group_size), np.uint8)
     int4.pack_into(x16, group_size, out)
@@ -160,7 +138,7 @@ def spec_bytes(x16: np.ndarray, group_size: int) -> bytes:
 @pytest.mark.parametrize("group_size", int4.GROUP_SIZES)
 def test_lean_arithmetic_gives_the_spec_bytes(group_size):
     rng = np.random.default_rng(group_size)
-    x = awkward_input(rng, group_size * 3000, group_size)
+    x = int4.edge_case_input(rng, group_size * 3000, group_size)
     ties = []
     assert lean_quantize(x, group_size, ties) == spec_bytes(x, group_size)
     assert ties[0] > 0, "the near-tie fallback was never taken: the input misses the ties"
@@ -186,7 +164,7 @@ def test_the_near_tie_fallback_is_needed():
 def test_staged_tiles_give_the_spec_bytes(group_size, tiles, grid):
     rng = np.random.default_rng(int(tiles * 8) + group_size)
     n = int(tiles * STAGE_VECS * 8) // group_size * group_size + group_size
-    x = awkward_input(rng, n, group_size)
+    x = int4.edge_case_input(rng, n, group_size)
     assert staged_quantize(x, group_size, grid) == spec_bytes(x, group_size)
 
 
