@@ -23,7 +23,7 @@
 // Entry points (extern "C"): int4_quantize_g{32,64,128}(const __half* src, uint8_t* dst,
 // unsigned long long n) and int4_dequantize_g{32,64,128}(const uint8_t* src, __half* dst,
 // unsigned long long n); their faster variants, same arguments and bytes,
-// int4_quantize_{lean,staged}_g* and int4_dequantize_staged_g* ("Faster variants" below);
+// int4_quantize_{lean,lean4,staged}_g* and int4_dequantize_staged_g* ("Faster variants" below);
 // kv_block_quantize_int4_kc_g{32,64,128} and
 // kv_block_dequantize_int4_kc_g{32,64,128}, a scenario KV block in the channel-key format;
 // kv_assemble_int4_g{32,64,128}, the read-through of one layer of the transformers cache
@@ -430,7 +430,8 @@ __device__ __forceinline__ void assemble_impl(const __half* __restrict__ l1k,
 //   integer, ties to even, into the low mantissa bits: rint without the conversion pipe),
 //   the clamp to 15 comes before the rounding (rint is monotone and 15 an integer), and
 //   the near-tie test is accumulated over the 8 elements into one predicate, so the exact
-//   division runs for a whole vector only when some element needs it.
+//   division runs for a whole vector only when some element needs it. "lean4": the same
+//   with 4 vectors per thread in flight instead of 2 (48 registers: 5 CTAs per SM, not 8).
 // * "staged" (quantize): the Tensor Memory Accelerator's bulk copy (cp.async.bulk, one
 //   instruction per 16 KiB tile) streams tiles into shared memory two stages deep while
 //   the previous tile is reduced, so bytes in flight no longer cost registers or issue
@@ -753,6 +754,11 @@ SYNAPSE_INT4_ENTRY(128)
       int4_quantize_lean_g##G(const __half* __restrict__ src, uint8_t* __restrict__ dst, \
                               unsigned long long n) {                                  \
     quantize_impl<G, Contiguous, LeanCodes, kQuantUnroll>(src, dst, n, Contiguous{}, LeanCodes{}); \
+  }                                                                                    \
+  extern "C" __global__ void __launch_bounds__(kThreads)                               \
+      int4_quantize_lean4_g##G(const __half* __restrict__ src, uint8_t* __restrict__ dst, \
+                               unsigned long long n) {                                 \
+    quantize_impl<G, Contiguous, LeanCodes, 2 * kQuantUnroll>(src, dst, n, Contiguous{}, LeanCodes{}); \
   }                                                                                    \
   extern "C" __global__ void __launch_bounds__(kThreads)                               \
       int4_quantize_staged_g##G(const __half* __restrict__ src, uint8_t* __restrict__ dst, \

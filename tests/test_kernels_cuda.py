@@ -99,11 +99,13 @@ def test_int4_grid_visits_every_vector_once(group_size, groups, unroll):
 
 
 @pytest.mark.parametrize("group_size", int4.GROUP_SIZES)
-def test_int4_groups_sit_inside_aligned_warp_slices(group_size):
+@pytest.mark.parametrize("unroll", sorted({u for _, u in kernels.INT4_QUANT_VARIANTS.values()}))
+def test_int4_groups_sit_inside_aligned_warp_slices(group_size, unroll):
     """Quantize's shuffles assume a group's G/8 vectors are lanes [k*G/8, (k+1)*G/8) of one
-    warp: true when tiles start at multiples of 32 vectors and blockDim is a multiple of 32."""
+    warp: true when tiles start at multiples of 32 vectors and blockDim is a multiple of 32
+    (every variant's unroll; the staged kernel's pass 2 needs no shuffles)."""
     lanes = group_size // 8
-    threads, unroll = kernels.INT4_THREADS, kernels.QUANT_VECS_PER_THREAD
+    threads = kernels.INT4_THREADS
     assert threads % 32 == 0 and 32 % lanes == 0
     for base in range(0, 10 * unroll * threads, unroll * threads):
         for u in range(unroll):
@@ -557,7 +559,7 @@ def test_quantize_is_bit_exact(gpu, rng, group_size, size, variant):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("quant, dequant", [("lean", "warp"), ("staged", "staged")])
+@pytest.mark.parametrize("quant, dequant", [("lean", "warp"), ("lean4", "warp"), ("staged", "staged")])
 def test_variants_agree_over_many_tiles_per_block(gpu, rng, quant, dequant):
     """2^25 elements: about 5 staged tiles per CTA on an H200-sized grid, so both stage
     buffers are reused and the mbarrier phases flip several times; each variant pair gives

@@ -73,6 +73,7 @@ STAGED_VECS_PER_THREAD = 4  # kStageVecs / kThreads: one staged tile = 8192 elem
 # 2026-12-01 (quantize 55%, dequantize 83% of the device copy).
 INT4_QUANT_VARIANTS = {"warp": ("", QUANT_VECS_PER_THREAD),
                        "lean": ("_lean", QUANT_VECS_PER_THREAD),
+                       "lean4": ("_lean4", 2 * QUANT_VECS_PER_THREAD),
                        "staged": ("_staged", STAGED_VECS_PER_THREAD)}
 INT4_DEQUANT_VARIANTS = {"warp": ("", DEQUANT_VECS_PER_THREAD),
                          "staged": ("_staged", STAGED_VECS_PER_THREAD)}
