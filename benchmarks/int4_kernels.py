@@ -85,6 +85,8 @@ def measure_variant(direction: str, variant: str, group_sizes, sizes, repeats: i
     dev = cuda.Context.get_device()
     rng = np.random.default_rng(11)
     res = {"direction": direction, "variant": variant, "device": dev.name(),
+           "driver": cuda.get_driver_version(),
+           "nvcc": kernels.nvcc_version(kernels.nvcc_path()).splitlines()[-1],
            "kernel": kernels.int4_kernel(direction, variant)[0], "groups": {}}
     quantize = direction == "quantize"
     run = kernels.quantize_int4 if quantize else kernels.dequantize_int4
