@@ -23,7 +23,8 @@
 // Entry points (extern "C"): int4_quantize_g{32,64,128}(const __half* src, uint8_t* dst,
 // unsigned long long n) and int4_dequantize_g{32,64,128}(const uint8_t* src, __half* dst,
 // unsigned long long n); their faster variants, same arguments and bytes,
-// int4_quantize_{lean,lean4,staged}_g* and int4_dequantize_staged_g* ("Faster variants" below);
+// int4_quantize_{lean,lean4,staged}_g*, int4_dequantize_staged_g* and
+// kv_block_quantize_int4_kc_lean_g* ("Faster variants" below);
 // kv_block_quantize_int4_kc_g{32,64,128} and
 // kv_block_dequantize_int4_kc_g{32,64,128}, a scenario KV block in the channel-key format;
 // kv_assemble_int4_g{32,64,128}, the read-through of one layer of the transformers cache
@@ -241,7 +242,10 @@ __device__ __forceinline__ void dequantize_impl(const uint8_t* __restrict__ src,
 // Per-channel quantization of one row of `tokens` tokens of c channels, token t at
 // src + t * stride (elements), into dst ([packed][scales c][zeros c]). Thread j of the
 // grid-stride loop owns channels 8j..8j+7: a pass over the tokens for their min and max,
-// then a second for the codes (the row is small: the re-read hits the cache).
+// then a second for the codes (the row is small: the re-read hits the cache). Channels is
+// the arithmetic (WarpChannels below, LeanChannels of the faster variants): range() fills
+// each channel's fp16-rounded zero and scale and the reciprocal, word() one token's codes.
+template <class Channels>
 __device__ __forceinline__ void quantize_channels_impl(const __half* __restrict__ src,
                                                        uint8_t* __restrict__ dst,
                                                        unsigned tokens, unsigned c,
@@ -255,6 +259,23 @@ __device__ __forceinline__ void quantize_channels_impl(const __half* __restrict_
   const unsigned cv = c / kVec;
   for (unsigned long long j = first; j < cv; j += step) {
     const __half* col = src + j * kVec;
+    float sf[kVec], zf[kVec], inv[kVec];
+    Channels::range(col, tokens, stride, zf, sf, inv);
+    scales[j] = floats_to_halves(sf);  // exact: sf and zf are fp16 values
+    zeros[j] = floats_to_halves(zf);
+    for (unsigned t = 0; t < tokens; ++t) {
+      float x[kVec];
+      halves_to_floats(__ldg(reinterpret_cast<const uint4*>(col + t * stride)), x);
+      packed[(static_cast<unsigned long long>(t) * c) / kVec + j] = Channels::word(x, zf, sf, inv);
+    }
+  }
+}
+
+// The arithmetic measured on the H200 (fp32 min/max, code_of per element).
+struct WarpChannels {
+  static __device__ __forceinline__ void range(const __half* col, unsigned tokens,
+                                               unsigned long long stride, float (&zf)[kVec],
+                                               float (&sf)[kVec], float (&inv)[kVec]) {
     float lo[kVec], hi[kVec];
     halves_to_floats(__ldg(reinterpret_cast<const uint4*>(col)), lo);
 #pragma unroll
@@ -268,30 +289,24 @@ __device__ __forceinline__ void quantize_channels_impl(const __half* __restrict_
         hi[e] = fmaxf(hi[e], x[e]);
       }
     }
-    float sf[kVec], zf[kVec];
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
-      const float l = __fadd_rn(lo[e], 0.0f);  // -0 -> +0, as in quantize_impl
+      const float l = __fadd_rn(lo[e], 0.0f);  // -0 -> +0, as in WarpCodes
       sf[e] = __half2float(__float2half_rn(__fdiv_rn(__fsub_rn(__fadd_rn(hi[e], 0.0f), l), kLevels)));
       zf[e] = __half2float(__float2half_rn(l));
-    }
-    scales[j] = floats_to_halves(sf);  // exact: sf and zf are fp16 values
-    zeros[j] = floats_to_halves(zf);
-    float inv[kVec];
-#pragma unroll
-    for (int e = 0; e < kVec; ++e) inv[e] = sf[e] != 0.0f ? __frcp_rn(sf[e]) : 0.0f;
-    for (unsigned t = 0; t < tokens; ++t) {
-      float x[kVec];
-      halves_to_floats(__ldg(reinterpret_cast<const uint4*>(col + t * stride)), x);
-      uint32_t word = 0u;
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) {
-        if (sf[e] != 0.0f) word |= code_of(x[e], zf[e], sf[e], inv[e]) << (4 * e);
-      }
-      packed[(static_cast<unsigned long long>(t) * c) / kVec + j] = word;
+      inv[e] = sf[e] != 0.0f ? __frcp_rn(sf[e]) : 0.0f;
     }
   }
-}
+  static __device__ __forceinline__ uint32_t word(const float (&x)[kVec], const float (&zf)[kVec],
+                                                  const float (&sf)[kVec], const float (&inv)[kVec]) {
+    uint32_t w = 0u;
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      if (sf[e] != 0.0f) w |= code_of(x[e], zf[e], sf[e], inv[e]) << (4 * e);
+    }
+    return w;
+  }
+};
 
 // Eight values of a per-token row (group size G) from element i (a multiple of 8) on.
 template <int G>
@@ -327,18 +342,20 @@ __device__ __forceinline__ uint4 decode_channel_vec(const uint8_t* __restrict__ 
 // (quantize_impl / dequantize_impl over rows of c elements 2c apart). Contracts (checked by
 // kernels.py): c % G == 0, bt % 4 == 0, bt * c / 8 < 2^32, both pointers 16-byte aligned.
 // Launch: gridDim.y == 2, grid-stride in x.
-template <int G>
+// Codes: the value rows' arithmetic (WarpCodes, LeanCodes); Channels: the key row's
+// (WarpChannels, LeanChannels).
+template <int G, class Codes, class Channels>
 __device__ __forceinline__ void block_quantize_kc(const __half* __restrict__ src,
                                                   uint8_t* __restrict__ dst, unsigned bt,
                                                   unsigned c) {
   const unsigned long long n = static_cast<unsigned long long>(bt) * c;
   if (blockIdx.y == 0) {
-    quantize_channels_impl(src, dst, bt, c, 2ull * c,
-                           static_cast<unsigned long long>(blockIdx.x) * blockDim.x + threadIdx.x,
-                           static_cast<unsigned long long>(gridDim.x) * blockDim.x);
+    quantize_channels_impl<Channels>(src, dst, bt, c, 2ull * c,
+                                     static_cast<unsigned long long>(blockIdx.x) * blockDim.x + threadIdx.x,
+                                     static_cast<unsigned long long>(gridDim.x) * blockDim.x);
   } else {
-    quantize_impl<G, Strided, WarpCodes, kQuantUnroll>(src + c, dst + n / 2 + 4ull * c, n,
-                                                       Strided{c / kVec, 2 * c / kVec}, WarpCodes{});
+    quantize_impl<G, Strided, Codes, kQuantUnroll>(src + c, dst + n / 2 + 4ull * c, n,
+                                                   Strided{c / kVec, 2 * c / kVec}, Codes{});
   }
 }
 
@@ -482,18 +499,19 @@ __device__ __forceinline__ GroupCode group_code(const __half2 pair) {
   return g;
 }
 
-// The code word of 8 values of one group, bit-exact with code_of. t >= 0 because zf is
-// the group's exact minimum; after the clamp t + M lies in [M, M + 15], so its low nibble
-// is the code. Two codes become a byte with one shift-add ((b1 << 4) + b0: b0's junk
-// starts above bit 3, b1's above bit 7), four bytes a word with three byte permutes.
-__device__ __forceinline__ uint32_t lean_word(const uint4 raw, float zf, float sf, float inv) {
-  float x[kVec];
-  halves_to_floats(raw, x);
+// The code word of 8 values, value e of the group with zf[e], sf[e], inv[e] (one group for
+// all 8 in a per-token row, 8 channels' groups in a per-channel row), bit-exact with
+// code_of. t >= 0 because zf is the group's exact minimum; after the clamp t + M lies in
+// [M, M + 15], so its low nibble is the code. Two codes become a byte with one shift-add
+// ((b1 << 4) + b0: b0's junk starts above bit 3, b1's above bit 7), four bytes a word
+// with three byte permutes.
+__device__ __forceinline__ uint32_t lean_codes8(const float (&x)[kVec], const float (&zf)[kVec],
+                                                const float (&sf)[kVec], const float (&inv)[kVec]) {
   uint32_t b[kVec];
   bool near_tie = false;
 #pragma unroll
   for (int e = 0; e < kVec; ++e) {
-    const float t = fminf(__fmul_rn(__fsub_rn(x[e], zf), inv), kLevels);
+    const float t = fminf(__fmul_rn(__fsub_rn(x[e], zf[e]), inv[e]), kLevels);
     const float y = __fadd_rn(t, kRoundMagic);
     near_tie |= fabsf(__fsub_rn(t, __fsub_rn(y, kRoundMagic))) > kNearTie;
     b[e] = __float_as_uint(y);
@@ -506,12 +524,58 @@ __device__ __forceinline__ uint32_t lean_word(const uint4 raw, float zf, float s
     word = 0u;
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
-      const int q = __float2int_rn(__fdiv_rn(__fsub_rn(x[e], zf), sf));
+      const int q = sf[e] != 0.0f ? __float2int_rn(__fdiv_rn(__fsub_rn(x[e], zf[e]), sf[e])) : 0;
       word |= static_cast<uint32_t>(min(max(q, 0), 15)) << (4 * e);
     }
   }
   return word;
 }
+
+__device__ __forceinline__ uint32_t lean_word(const uint4 raw, float zf, float sf, float inv) {
+  float x[kVec], z[kVec], s[kVec], r[kVec];
+  halves_to_floats(raw, x);
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) {
+    z[e] = zf;
+    s[e] = sf;
+    r[e] = inv;
+  }
+  return lean_codes8(x, z, s, r);
+}
+
+// WarpChannels with lean's arithmetic: the per-channel min and max over the tokens on
+// half2 pairs (4 + 4 HMNMX2 per token for 8 channels instead of 16 FMNMX), lean_codes8.
+struct LeanChannels {
+  static __device__ __forceinline__ void range(const __half* col, unsigned tokens,
+                                               unsigned long long stride, float (&zf)[kVec],
+                                               float (&sf)[kVec], float (&inv)[kVec]) {
+    const uint4 raw0 = __ldg(reinterpret_cast<const uint4*>(col));
+    __half2 mn[kVec / 2], mx[kVec / 2];
+#pragma unroll
+    for (int i = 0; i < kVec / 2; ++i) mn[i] = mx[i] = reinterpret_cast<const __half2*>(&raw0)[i];
+    for (unsigned t = 1; t < tokens; ++t) {
+      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(col + t * stride));
+      const __half2* h = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+      for (int i = 0; i < kVec / 2; ++i) {
+        mn[i] = __hmin2(mn[i], h[i]);
+        mx[i] = __hmax2(mx[i], h[i]);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kVec / 2; ++i) {
+      const __half2 nmx = __hneg2(mx[i]);
+      const GroupCode even = group_code(__lows2half2(mn[i], nmx));
+      const GroupCode odd = group_code(__highs2half2(mn[i], nmx));
+      zf[2 * i] = even.zf, sf[2 * i] = even.sf, inv[2 * i] = even.inv;
+      zf[2 * i + 1] = odd.zf, sf[2 * i + 1] = odd.sf, inv[2 * i + 1] = odd.inv;
+    }
+  }
+  static __device__ __forceinline__ uint32_t word(const float (&x)[kVec], const float (&zf)[kVec],
+                                                  const float (&sf)[kVec], const float (&inv)[kVec]) {
+    return lean_codes8(x, zf, sf, inv);
+  }
+};
 
 struct LeanCodes {
   template <int kLanesPerGroup>
@@ -737,7 +801,7 @@ SYNAPSE_ASSEMBLE_ENTRY(128)
   extern "C" __global__ void __launch_bounds__(kThreads)                               \
       kv_block_quantize_int4_kc_g##G(const __half* __restrict__ src,                   \
                                      uint8_t* __restrict__ dst, unsigned bt, unsigned c) { \
-    block_quantize_kc<G>(src, dst, bt, c);                                             \
+    block_quantize_kc<G, WarpCodes, WarpChannels>(src, dst, bt, c);                    \
   }                                                                                    \
   extern "C" __global__ void __launch_bounds__(kThreads)                               \
       kv_block_dequantize_int4_kc_g##G(const uint8_t* __restrict__ src,                \
@@ -764,6 +828,12 @@ SYNAPSE_INT4_ENTRY(128)
       int4_quantize_staged_g##G(const __half* __restrict__ src, uint8_t* __restrict__ dst, \
                                 unsigned long long n) {                                \
     quantize_staged_impl<G>(src, dst, n);                                              \
+  }                                                                                    \
+  extern "C" __global__ void __launch_bounds__(kThreads)                               \
+      kv_block_quantize_int4_kc_lean_g##G(const __half* __restrict__ src,              \
+                                          uint8_t* __restrict__ dst, unsigned bt,      \
+                                          unsigned c) {                                \
+    block_quantize_kc<G, LeanCodes, LeanChannels>(src, dst, bt, c);                    \
   }                                                                                    \
   extern "C" __global__ void __launch_bounds__(kThreads)                               \
       int4_dequantize_staged_g##G(const uint8_t* __restrict__ src, __half* __restrict__ dst, \

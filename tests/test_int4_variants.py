@@ -47,7 +47,8 @@ def group_code(lo16, neg_hi16):
 def lean_words(x16: np.ndarray, zf, sf, inv, count_ties: list | None = None) -> np.ndarray:
     """lean_word for vectors [nv, 8] of fp16 with per-vector zf, sf, inv: uint32 words."""
     x = x16.astype(f32)
-    zf, sf, inv = (np.asarray(a, f32)[:, None] for a in (zf, sf, inv))
+    zf, sf, inv = (np.broadcast_to(np.asarray(a, f32).reshape(len(x), -1), x.shape)
+                   for a in (zf, sf, inv))
     t = np.minimum((x - zf) * inv, f32(15))
     y = t + ROUND_MAGIC
     near = (np.abs(t - (y - ROUND_MAGIC)) > NEAR_TIE).any(axis=1)
@@ -56,7 +57,8 @@ def lean_words(x16: np.ndarray, zf, sf, inv, count_ties: list | None = None) -> 
     word = byte_perm(byte_perm(p[0], p[1], 0x0040), byte_perm(p[2], p[3], 0x0040), 0x5410)
     if near.any():
         with np.errstate(divide="ignore", invalid="ignore"):
-            q = np.clip(np.rint((x[near] - zf[near]) / sf[near]), 0, 15).astype(np.uint32)
+            q = np.clip(np.rint((x[near] - zf[near]) / sf[near]), 0, 15)
+        q = np.where(sf[near] != 0, q, 0).astype(np.uint32)
         word[near] = (q << (np.arange(8, dtype=np.uint32) * np.uint32(4))).sum(axis=1, dtype=np.uint32)
     if count_ties is not None:
         count_ties.append(int(near.sum()))
@@ -85,6 +87,18 @@ def lean_quantize(x16: np.ndarray, group_size: int, count_ties=None) -> bytes:
     words = lean_words(vecs, zf, sf, inv, count_ties)
     first = lane % lanes == 0
     return layout_bytes(words, scale[first], zero[first])
+
+
+def lean_channels(x16: np.ndarray) -> bytes:
+    """quantize_channels_lean_impl on one [T, C] row: per-channel min and max over the
+    tokens (elementwise on half2 pairs), then token t's 8-channel vector j -> word t*C/8 + j."""
+    tokens, c = x16.shape
+    mn, mx = x16.min(axis=0), x16.max(axis=0)
+    scale, zero, zf, sf, inv = group_code(mn, -mx)
+    vecs = x16.reshape(tokens * c // 8, 8)
+    per = lambda a: np.tile(a.reshape(c // 8, 8), (tokens, 1))  # noqa: E731
+    words = lean_words(vecs, per(zf), per(sf), per(inv))
+    return layout_bytes(words, scale, zero)
 
 
 def group_rotation(v: int, lane):
@@ -168,6 +182,23 @@ def test_staged_tiles_give_the_spec_bytes(group_size, tiles, grid):
     assert staged_quantize(x, group_size, grid) == spec_bytes(x, group_size)
 
 
+@pytest.mark.parametrize("tokens, channels", [(4, 256), (16, 1024), (64, 512)])
+def test_lean_channel_rows_give_the_spec_bytes(tokens, channels):
+    """The key row of a channel-key KV block: channels of every kind (ties, subnormal
+    ranges, signed zeros, constant) side by side, so one 8-channel word mixes groups with a
+    zero scale and groups that need the tie fallback."""
+    rng = np.random.default_rng(tokens * channels)
+    g = min(size for size in int4.GROUP_SIZES if size >= tokens)
+    cols = int4.edge_case_input(rng, g * channels, g).reshape(channels, g)[:, :tokens]
+    x = np.ascontiguousarray(cols[rng.permutation(channels)].T)
+    x[:, 0] = ([0.0, 15.0] + [(t % 15) + 0.5 for t in range(tokens)])[:tokens]  # ties,
+    # in the same 8-channel word as a range whose fp16 scale is 0:
+    x[:, 1] = np.where(np.arange(tokens) % 2, np.float16(2.0**-24), np.float16(0))
+    out = np.zeros(int4.channel_nbytes(tokens, channels), np.uint8)
+    int4.pack_channels_into(x, out)
+    assert lean_channels(x) == out.tobytes()
+
+
 @pytest.mark.parametrize("group_size", int4.GROUP_SIZES)
 def test_pass_one_reads_are_free_of_bank_conflicts(group_size):
     """A 16-byte shared load is served a quarter warp (8 lanes) at a time; 8 lanes reading
@@ -201,3 +232,9 @@ def test_every_variant_resolves_to_a_kernel_and_bad_names_are_refused():
             direction, kernels.QUANT_VARIANT if direction == "quantize" else kernels.DEQUANT_VARIANT)[0]
         with pytest.raises(ValueError, match="variant must be one of"):
             kernels.int4_kernel(direction, "nope")
+
+
+def test_kv_block_variants_are_checked_before_the_device():
+    assert "warp" in kernels.KV_QUANT_VARIANTS and kernels.KV_QUANT_VARIANT in kernels.KV_QUANT_VARIANTS
+    with pytest.raises(ValueError, match="variant must be one of"):
+        kernels.quantize_kv_block_int4(16, 16, 16, 256, 64, variant="nope")

@@ -12,6 +12,7 @@ that must stay untouched.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -623,11 +624,12 @@ def test_round_trip_on_a_stream_into_the_middle_of_a_slab(gpu, rng, group_size):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("variant", kernels.KV_QUANT_VARIANTS)
 @pytest.mark.parametrize("group_size", int4.GROUP_SIZES)
 @pytest.mark.parametrize("bt, layers, heads, head_dim", [(4, 1, 1, 128), (16, 2, 3, 128),
                                                          (64, 4, 8, 128), (16, 32, 8, 128)])
 def test_channel_block_quantize_and_dequantize_are_bit_exact(gpu, rng, group_size, bt, layers,
-                                                              heads, head_dim):
+                                                              heads, head_dim, variant):
     """A scenario block in the channel-key format (kv_layout), both directions, against
     pack_int4_block / unpack_int4_block: the awkward groups of _int4_input in the values,
     and per-channel magnitudes from 1e-3 to 1e3 plus flat and signed-zero channels in
@@ -640,10 +642,14 @@ def test_channel_block_quantize_and_dequantize_are_bit_exact(gpu, rng, group_siz
     keys[:, 3] = 2.5
     keys[:, 9] = np.where(rng.random(bt) < 0.5, -0.0, 0.0)
     keys[:, 17] = [(t % 15) + 0.5 for t in range(bt)]
+    keys[:, 24] = ([0.0, 15.0] + [(t % 15) + 0.5 for t in range(bt)])[:bt]  # exact ties, and
+    keys[:, 25] = np.where(np.arange(bt) % 2, 2.0**-24, 0.0)  # a zero scale in the same word
     kv[:, 0] = keys.astype(np.float16)
     expected = lay.pack(kv.reshape(lay.shape), "int4")
     decoded = lay.unpack(expected, "int4").view(np.uint8)
-    for kernel, src, want in ((kernels.quantize_kv_block_int4, kv, expected),
+    quantize = functools.partial(kernels.quantize_kv_block_int4, variant=variant)
+    quantize.__name__ = f"quantize_kv_block_int4 ({variant})"
+    for kernel, src, want in ((quantize, kv, expected),
                               (kernels.dequantize_kv_block_int4, expected, decoded)):
         dev = _upload(gpu, src)
         for poison in POISONS:

@@ -404,8 +404,9 @@ def edge_case_input(rng: np.random.Generator, n: int, group_size: int) -> np.nda
     """fp16 test data that exercises the format's corners, for checking kernels (tests,
     benchmarks/int4_kernels.py): per-group magnitudes 1e-3..1e3, and groups that break
     shortcuts: constant, exact .5 ties, subnormal scales, on-grid values, signed zeros,
-    values one fp16 step either side of a tie, the fp16 extremes. ``n % group_size == 0``
-    and ``n >= 9 * group_size`` for every kind of group to appear."""
+    values one fp16 step either side of a tie, the fp16 extremes, a range so small that
+    the fp16 scale is 0. ``n % group_size == 0`` and ``n >= 10 * group_size`` for every
+    kind of group to appear."""
     group_size = check_group_size(group_size)
     groups = _check_numel(n, group_size) // group_size
     x = rng.standard_normal((groups, group_size)) * 10.0 ** rng.uniform(-3, 3, (groups, 1))
@@ -420,6 +421,7 @@ def edge_case_input(rng: np.random.Generator, n: int, group_size: int) -> np.nda
         np.nextafter(tie, np.float16(np.inf)).astype(np.float64),
         np.nextafter(tie, np.float16(-np.inf)).astype(np.float64),
         np.array([-65504.0, 65504.0] + list(rng.uniform(-65504, 65504, group_size - 2))),
+        np.where(rng.random(group_size) < 0.5, 2.0**-24, 0.0),  # not constant, scale 0
     ]
     for i, row in zip(rng.permutation(groups)[: len(specials)], specials):
         x[i] = row

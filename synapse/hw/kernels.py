@@ -79,6 +79,9 @@ INT4_DEQUANT_VARIANTS = {"warp": ("", DEQUANT_VECS_PER_THREAD),
                          "staged": ("_staged", STAGED_VECS_PER_THREAD)}
 QUANT_VARIANT = "warp"  # what quantize_int4 launches by default
 DEQUANT_VARIANT = "warp"  # what dequantize_int4 launches by default
+# The channel-key KV block quantize kernel: name -> kernel infix (same bytes; not yet timed).
+KV_QUANT_VARIANTS = {"warp": "", "lean": "_lean"}
+KV_QUANT_VARIANT = "warp"  # what quantize_kv_block_int4 launches by default
 ATTN_THREADS = 128  # kAttnThreads in attention_decode.cu
 ATTN_HEAD_DIMS = (64, 128, 256)
 MAX_GRID_Y = 65535
@@ -506,12 +509,12 @@ def _check_kv_block_args(block_tokens, channels, group_size) -> tuple[int, int, 
 
 
 def _kv_block(direction: str, vecs_per_thread: int, src_ptr, dst_ptr, block_tokens, channels,
-              group_size, stream) -> None:
+              group_size, stream, infix: str = "") -> None:
     bt, c, group_size = _check_kv_block_args(block_tokens, channels, group_size)
     src = _ptr(src_ptr, "src_ptr", 16)
     dst = _ptr(dst_ptr, "dst_ptr", 16)
     family = f"kv_block_{direction}_int4_kc"
-    fn, state = _function("int4.cu", f"{family}_g{group_size}", family)
+    fn, state = _function("int4.cu", f"{family}{infix}_g{group_size}", family)
     grid = kv_block_grid(bt, c, vecs_per_thread, state.num_sms,
                          _blocks_per_sm(fn, state, INT4_THREADS))
     _launch(f"kv block {direction}", fn, (grid, 2), (INT4_THREADS, 1, 1), stream,
@@ -519,7 +522,7 @@ def _kv_block(direction: str, vecs_per_thread: int, src_ptr, dst_ptr, block_toke
 
 
 def quantize_kv_block_int4(src_ptr, dst_ptr, block_tokens: int, channels: int,
-                           group_size: int, stream=None) -> None:
+                           group_size: int, stream=None, variant: str | None = None) -> None:
     """Quantize one token-major KV block to the channel-key INT4 layout.
 
     Device: current context. ``src``: fp16 ``[block_tokens][2][channels]`` (a token's
@@ -527,10 +530,15 @@ def quantize_kv_block_int4(src_ptr, dst_ptr, block_tokens: int, channels: int,
     aligned. ``dst``: ``kv_layout.int4_block_nbytes(...)`` bytes, 16-byte aligned: the keys
     as one per-channel row, then the values per token in groups of ``group_size``
     (bit-exact with ``kv_layout.pack_int4_block(..., "channel")``). ``block_tokens % 4 ==
-    0``, ``channels % group_size == 0``. Buffers must not overlap.
+    0``, ``channels % group_size == 0``. Buffers must not overlap. ``variant``: a key of
+    ``KV_QUANT_VARIANTS`` (same bytes), default ``KV_QUANT_VARIANT``.
     """
+    variant = variant or KV_QUANT_VARIANT
+    if variant not in KV_QUANT_VARIANTS:
+        raise ValueError(f"kv block quantize variant must be one of {sorted(KV_QUANT_VARIANTS)}, "
+                         f"got {variant!r}")
     _kv_block("quantize", QUANT_VECS_PER_THREAD, src_ptr, dst_ptr, block_tokens, channels,
-              group_size, stream)
+              group_size, stream, KV_QUANT_VARIANTS[variant])
 
 
 def dequantize_kv_block_int4(src_ptr, dst_ptr, block_tokens: int, channels: int,
