@@ -44,6 +44,9 @@ SIZES = (1 << 20, 1 << 23, 1 << 26)  # synapse.hw.measure.int4_sweep's numels
 COPY_BYTES = 1 << 30  # synapse.hw.measure: Buffers(1 GiB) in measure_all
 CALIBRATE_GROUP = 64  # the group size calibrate measures
 SAMPLE_GROUPS = 3000  # groups of the NumPy-checked sample
+# KV blocks (block_tokens, channels = layers * kv_heads * head_dim): a scenario block of a
+# 32-layer, 8-head, 128-dim model at 16 tokens (2 MiB of fp16), and larger ones.
+KV_SHAPES = ((16, 32768), (64, 32768), (256, 32768))
 POISON = 0xA5
 
 
@@ -91,11 +94,7 @@ def measure_variant(direction: str, variant: str, group_sizes, sizes, repeats: i
     quantize = direction == "quantize"
     run = kernels.quantize_int4 if quantize else kernels.dequantize_int4
 
-    src_c, dst_c = cuda.mem_alloc(COPY_BYTES), cuda.mem_alloc(COPY_BYTES)
-    cuda.memset_d8(src_c, 0x3C, COPY_BYTES)
-    t = _events_time(cuda, lambda: cuda.memcpy_dtod_async(dst_c, src_c, COPY_BYTES), repeats)
-    res["device_copy"] = {"bytes": 2 * COPY_BYTES, "seconds": t, "gb_per_s": 2 * COPY_BYTES / t / 1e9}
-    src_c.free(), dst_c.free()
+    res["device_copy"] = _copy_rate(cuda, repeats)
     copy = res["device_copy"]["gb_per_s"]
 
     for g in group_sizes:
@@ -154,6 +153,60 @@ def measure_variant(direction: str, variant: str, group_sizes, sizes, repeats: i
     return res
 
 
+def measure_kv_block(variant: str, shapes, group_size: int, repeats: int, batch: int) -> dict:
+    """The channel-key KV block quantize kernel (the scenario path's demotion) at block
+    shapes (block_tokens, channels): kernel-only rates against the device copy, bytes
+    against the warp kernel on the timed block and against kv_layout's NumPy on a sample."""
+    import pycuda.driver as cuda
+    from synapse.hw.kv_layout import KVLayout
+    kernels.use_primary_context(0)
+    rng = np.random.default_rng(12)
+    res = {"direction": "kv_block_quantize", "variant": variant,
+           "device": cuda.Context.get_device().name(), "group_size": group_size, "shapes": []}
+    res["device_copy"] = _copy_rate(cuda, repeats)
+    checks = []
+    for bt, c in shapes:
+        lay = KVLayout(c // 1024, 8, 128, bt, group_size, "channel")  # L x 8 heads x 128
+        assert lay.channels == c, (c, lay.channels)
+        kv = np.empty((bt, 2, c), np.float16)
+        g = min(size for size in int4.GROUP_SIZES if size >= bt) if bt <= 128 else None
+        kv[:, 0] = (rng.standard_normal((bt, c)) * 10.0 ** rng.uniform(-3, 3, (1, c))).astype(np.float16)
+        if g:  # the edge-case columns as channels
+            kv[:, 0, : c] = int4.edge_case_input(rng, g * c, g).reshape(c, g)[:, :bt].T
+        kv[:, 1] = int4.edge_case_input(rng, bt * c, group_size).reshape(bt, c)
+        want = lay.pack(kv.reshape(lay.shape), "int4")
+        src = cuda.to_device(kv)
+        ref, dst = cuda.mem_alloc(want.size), cuda.mem_alloc(want.size)
+        cuda.memset_d8(ref, POISON, want.size)
+        cuda.memset_d8(dst, POISON ^ 0xFF, want.size)
+        kernels.quantize_kv_block_int4(src, ref, bt, c, group_size, variant="warp")
+        kernels.quantize_kv_block_int4(src, dst, bt, c, group_size, variant=variant)
+        got = _download(cuda, dst, want.size)
+        check = {"numpy": _first_difference(got, want) or "equal",
+                 "warp": _first_difference(got, _download(cuda, ref, want.size)) or "equal"}
+        moved = kv.nbytes + want.size
+        t = _events_time(cuda, lambda: kernels.quantize_kv_block_int4(src, dst, bt, c, group_size,
+                                                                       variant=variant),
+                         repeats, batch=batch)
+        res["shapes"].append({"block_tokens": bt, "channels": c, "bytes": moved,
+                              "batched_seconds": t, "batched_gb_per_s": moved / t / 1e9,
+                              "batched_of_copy": moved / t / 1e9 / res["device_copy"]["gb_per_s"],
+                              "checks": check})
+        checks.append(check)
+        for p in (src, ref, dst):
+            p.free()
+    res["bit_exact"] = all(v == "equal" for ch in checks for v in ch.values())
+    return res
+
+
+def _copy_rate(cuda, repeats: int) -> dict:
+    src, dst = cuda.mem_alloc(COPY_BYTES), cuda.mem_alloc(COPY_BYTES)
+    cuda.memset_d8(src, 0x3C, COPY_BYTES)
+    t = _events_time(cuda, lambda: cuda.memcpy_dtod_async(dst, src, COPY_BYTES), repeats)
+    src.free(), dst.free()
+    return {"bytes": 2 * COPY_BYTES, "seconds": t, "gb_per_s": 2 * COPY_BYTES / t / 1e9}
+
+
 def _child(direction: str, variant: str, a) -> dict:
     cmd = [sys.executable, __file__, "--child", f"{direction}:{variant}",
            "--group-sizes", ",".join(map(str, a.group_sizes)),
@@ -176,9 +229,19 @@ def _child(direction: str, variant: str, a) -> dict:
 
 
 def pick(results: list[dict], direction: str) -> tuple[str, str]:
-    """The bit-exact variant with the highest fitted rate at calibrate's group size."""
+    """The bit-exact variant with the highest fitted rate at calibrate's group size (KV
+    blocks: the highest kernel-only rate at the largest block)."""
     best, why = "warp", "no variant was measured"
     best_rate = -1.0
+    if direction == "kv_block_quantize":
+        for r in results:
+            if r["direction"] == direction and "error" not in r and r["bit_exact"]:
+                last = r["shapes"][-1]
+                if last["batched_gb_per_s"] > best_rate:
+                    best, best_rate = r["variant"], last["batched_gb_per_s"]
+                    why = (f"{best_rate:.0f} GB/s = {last['batched_of_copy']:.0%} of the device "
+                           f"copy at {last['block_tokens']} x {last['channels']}")
+        return best, why
     for r in results:
         g = r.get("groups", {}).get(str(CALIBRATE_GROUP))
         if r["direction"] != direction or "error" in r or not g:
@@ -198,6 +261,12 @@ def report(results: list[dict]) -> list[str]:
         name = f"{r['direction']} {r['variant']}"
         if "error" in r:
             lines.append(f"{name:<22} ERROR {r['error']}")
+            continue
+        if r["direction"] == "kv_block_quantize":
+            per = "  ".join(f"{s['batched_gb_per_s']:5.0f} ({s['batched_of_copy']:4.0%})" for s in r["shapes"])
+            ok = "equal" if r["bit_exact"] else "DIFFER: " + "; ".join(
+                f"{s['block_tokens']}x{s['channels']} {s['checks']}" for s in r["shapes"])
+            lines.append(f"{name:<22} {r['group_size']:>4} {'-':>11} {'-':>7}   {per:<44} {ok}")
             continue
         for g, gr in r["groups"].items():
             per = "  ".join(f"{s['batched_gb_per_s']:5.0f} ({s['batched_of_copy']:4.0%})" for s in gr["sizes"])
@@ -234,25 +303,34 @@ def main(argv=None) -> int:
         return 2
     if a.child:
         direction, variant = a.child.split(":")
-        print(json.dumps(measure_variant(direction, variant, a.group_sizes, a.sizes, a.repeats, a.batch)))
+        if direction == "kv_block_quantize":
+            res = measure_kv_block(variant, KV_SHAPES, CALIBRATE_GROUP, a.repeats, a.batch)
+        else:
+            res = measure_variant(direction, variant, a.group_sizes, a.sizes, a.repeats, a.batch)
+        print(json.dumps(res))
         return 0
     results = []
     for direction, table in (("quantize", kernels.INT4_QUANT_VARIANTS),
-                             ("dequantize", kernels.INT4_DEQUANT_VARIANTS)):
+                             ("dequantize", kernels.INT4_DEQUANT_VARIANTS),
+                             ("kv_block_quantize", kernels.KV_QUANT_VARIANTS)):
         for variant in table:
             print(f"... {direction} {variant}", flush=True)
             results.append(_child(direction, variant, a))
     lines = report(results)
     choice = {}
     for direction, const, current in (("quantize", "QUANT_VARIANT", kernels.QUANT_VARIANT),
-                                      ("dequantize", "DEQUANT_VARIANT", kernels.DEQUANT_VARIANT)):
+                                      ("dequantize", "DEQUANT_VARIANT", kernels.DEQUANT_VARIANT),
+                                      ("kv_block_quantize", "KV_QUANT_VARIANT",
+                                       kernels.KV_QUANT_VARIANT)):
         best, why = pick(results, direction)
         choice[const] = {"variant": best, "why": why, "current": current}
         lines.append(f"set {const} = {best!r} in synapse/hw/kernels.py ({why}; now {current!r})")
     print("\n".join(lines))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"results": results, "choice": choice, "table": lines}, indent=1) + "\n")
-    ok = all("error" not in r and all(g["bit_exact"] for g in r["groups"].values()) for r in results)
+    ok = all("error" not in r and (r["bit_exact"] if "shapes" in r else
+                                   all(g["bit_exact"] for g in r["groups"].values()))
+             for r in results)
     return 0 if ok else 1
 
 

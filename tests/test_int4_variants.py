@@ -238,3 +238,33 @@ def test_kv_block_variants_are_checked_before_the_device():
     assert "warp" in kernels.KV_QUANT_VARIANTS and kernels.KV_QUANT_VARIANT in kernels.KV_QUANT_VARIANTS
     with pytest.raises(ValueError, match="variant must be one of"):
         kernels.quantize_kv_block_int4(16, 16, 16, 256, 64, variant="nope")
+
+
+def _bench():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "int4_kernels.py"
+    spec = importlib.util.spec_from_file_location("int4_kernels_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_benchmark_picks_the_fastest_variant_whose_bytes_are_equal():
+    """benchmarks/int4_kernels.py decides what goes into QUANT_VARIANT: never a variant
+    whose bytes differ at any group size, nor one that failed, however fast."""
+    bench = _bench()
+
+    def result(variant, rate, exact=True, error=None):
+        if error:
+            return {"direction": "quantize", "variant": variant, "error": error}
+        groups = {str(g): {"bit_exact": exact or g != 128,
+                           "fitted": {"gb_per_s": rate, "of_copy": rate / 4000}}
+                  for g in int4.GROUP_SIZES}
+        return {"direction": "quantize", "variant": variant, "groups": groups}
+
+    results = [result("warp", 2300), result("lean", 3000), result("lean4", 3900, exact=False),
+               result("staged", 9999, error="no result within 240 s")]
+    assert bench.pick(results, "quantize")[0] == "lean"
+    assert bench.pick(results[:1], "quantize")[0] == "warp"
+    assert bench.pick([], "dequantize") == ("warp", "no variant was measured")
