@@ -432,7 +432,8 @@ __device__ __forceinline__ void assemble_impl(const __half* __restrict__ l1k,
 
 // =====================================================================================
 // Faster variants of int4_quantize / int4_dequantize (same bytes; synapse/hw/kernels.py
-// picks one with QUANT_VARIANT / DEQUANT_VARIANT, benchmarks/int4_kernels.py times them).
+// picks one with QUANT_VARIANT / DEQUANT_VARIANT, benchmarks/int4_kernels.py times them;
+// tests/test_int4_variants.py transcribes their arithmetic and indexing to NumPy).
 //
 // Why: on an H100 (132 SMs) the warp kernel ran at 2272 GB/s with the issue slots 73% busy
 // (Nsight Compute, README). The H200 has the same SMs and clocks and a faster HBM: at the
@@ -459,6 +460,8 @@ __device__ __forceinline__ void assemble_impl(const __half* __restrict__ l1k,
 // * "staged" (dequantize): the warp kernel's loads, but the fp16 output (78% of the bytes)
 //   goes to shared memory and out by one bulk store per tile (full-line writes, no
 //   per-thread store instructions).
+// * kv_block_quantize_int4_kc_lean (KV_QUANT_VARIANT): the channel-key block kernel with
+//   lean's arithmetic in its value rows (LeanCodes) and its key row (LeanChannels).
 // Contracts as for int4_quantize / int4_dequantize; the staged kernels also need their
 // static shared memory (about 36 KiB) and must be launched 1-D with blockDim.x == kThreads.
 // =====================================================================================
@@ -467,8 +470,9 @@ constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: ulp 1 over [2^23, 2^2
 // A reciprocal-multiplied quotient is within ~1e-6 of the IEEE one (|t| <= 22.5 here):
 // outside this distance of a .5 both round alike.
 constexpr float kNearTie = 0.5f - 1.0e-4f;
-constexpr int kStageVecs = kThreads * 4;  // 8192 elements, 16 KiB of fp16 per stage
-constexpr int kStages = 2;                // STAGED_STAGES in kernels.py
+// 8192 elements, 16 KiB of fp16 per stage; kThreads * STAGED_VECS_PER_THREAD in kernels.py
+constexpr int kStageVecs = kThreads * 4;
+constexpr int kStages = 2;  // two tiles per CTA in shared memory: ~35 KiB, 6 CTAs per SM
 
 // (min, -max) of 8 fp16 values as one half2: a later min of two such pairs is the pair of
 // the union, so one HMNMX2 serves both ends.
