@@ -470,9 +470,6 @@ constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: ulp 1 over [2^23, 2^2
 // A reciprocal-multiplied quotient is within ~1e-6 of the IEEE one (|t| <= 22.5 here):
 // outside this distance of a .5 both round alike.
 constexpr float kNearTie = 0.5f - 1.0e-4f;
-// 8192 elements, 16 KiB of fp16 per stage; kThreads * STAGED_VECS_PER_THREAD in kernels.py
-constexpr int kStageVecs = kThreads * 4;
-constexpr int kStages = 2;  // two tiles per CTA in shared memory: ~35 KiB, 6 CTAs per SM
 
 // (min, -max) of 8 fp16 values as one half2: a later min of two such pairs is the pair of
 // the union, so one HMNMX2 serves both ends.
@@ -596,6 +593,12 @@ struct LeanCodes {
     return lean_word(raw, g.zf, g.sf, g.inv);
   }
 };
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+
+// 8192 elements, 16 KiB of fp16 per stage; kThreads * STAGED_VECS_PER_THREAD in kernels.py
+constexpr int kStageVecs = kThreads * 4;
+constexpr int kStages = 2;  // two tiles per CTA in shared memory: ~35 KiB, 6 CTAs per SM
 
 // ---- Tensor Memory Accelerator bulk copies and mbarriers (PTX ISA 8.0, sm_90)
 
@@ -774,6 +777,20 @@ __device__ __forceinline__ void dequantize_staged_impl(const uint8_t* __restrict
   }
   if (threadIdx.x == 0) bulk_wait_all();  // shared memory must outlive the stores' reads
 }
+
+#else  // below sm_90 the staged kernels exist but trap; kernels.py refuses to launch them
+
+template <int G>
+__device__ __forceinline__ void quantize_staged_impl(const __half*, uint8_t*, unsigned long long) {
+  __trap();
+}
+
+template <int G>
+__device__ __forceinline__ void dequantize_staged_impl(const uint8_t*, __half*, unsigned long long) {
+  __trap();
+}
+
+#endif
 
 }  // namespace
 

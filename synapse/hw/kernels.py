@@ -466,6 +466,9 @@ def _int4(direction: str, variant, src_ptr, dst_ptr, n, group_size, stream) -> N
     dst = _ptr(dst_ptr, "dst_ptr", 16)
     family = f"int4_{direction}"
     fn, state = _function("int4.cu", f"{stem}_g{group_size}", family)
+    if stem.endswith("_staged") and int(state.arch[3:]) < 90:
+        raise KernelError(f"int4 {direction}: the staged variant needs TMA (sm_90 or newer); "
+                          f"this device is {state.arch}")
     grid = int4_grid(n, vecs_per_thread, state.num_sms, _blocks_per_sm(fn, state, INT4_THREADS))
     _launch(f"int4 {direction}", fn, (grid, 1), (INT4_THREADS, 1, 1), stream, (src, dst, n))
 
