@@ -23,7 +23,7 @@
 // Entry points (extern "C"): int4_quantize_g{32,64,128}(const __half* src, uint8_t* dst,
 // unsigned long long n) and int4_dequantize_g{32,64,128}(const uint8_t* src, __half* dst,
 // unsigned long long n); their faster variants, same arguments and bytes,
-// int4_quantize_{lean,lean4,staged}_g*, int4_dequantize_staged_g* and
+// int4_quantize_{lean,lean4,staged}_g*, int4_dequantize_{stream,staged}_g* and
 // kv_block_quantize_int4_kc_lean_g* ("Faster variants" below);
 // kv_block_quantize_int4_kc_g{32,64,128} and
 // kv_block_dequantize_int4_kc_g{32,64,128}, a scenario KV block in the channel-key format;
@@ -198,7 +198,7 @@ __device__ __forceinline__ uint4 decode_word(uint32_t word, float zf, float sf) 
 // One vector = one 4-byte code word in, one 16-byte store of 8 fp16 out. No cross-lane
 // work, so a plain grid-stride loop; each thread loads U words (coalesced
 // across the warp) before converting, to keep enough bytes in flight.
-template <int G, class Addr, int U = kDequantUnroll>
+template <int G, class Addr, int U = kDequantUnroll, bool kEvictFirst = false>
 __device__ __forceinline__ void dequantize_impl(const uint8_t* __restrict__ src,
                                                 __half* __restrict__ dst,
                                                 unsigned long long n, const Addr addr) {
@@ -233,7 +233,12 @@ __device__ __forceinline__ void dequantize_impl(const uint8_t* __restrict__ src,
     for (int u = 0; u < U; ++u) {
       const unsigned long long v = base + static_cast<unsigned long long>(u) * blockDim.x + threadIdx.x;
       if (v < num_vec) {
-        out[addr(v)] = decode_word(word[u], zf[u], sf[u]);
+        const uint4 x = decode_word(word[u], zf[u], sf[u]);
+        if (kEvictFirst) {
+          __stcs(out + addr(v), x);  // st.global.cs: the output is not read again soon
+        } else {
+          out[addr(v)] = x;
+        }
       }
     }
   }
@@ -460,6 +465,8 @@ __device__ __forceinline__ void assemble_impl(const __half* __restrict__ l1k,
 // * "staged" (dequantize): the warp kernel's loads, but the fp16 output (78% of the bytes)
 //   goes to shared memory and out by one bulk store per tile (full-line writes, no
 //   per-thread store instructions).
+// * "stream" (dequantize): the warp kernel with evict-first stores (st.global.cs): the
+//   output of a calibrate-sized call (128 MiB) is larger than L2 and is not read back.
 // * kv_block_quantize_int4_kc_lean (KV_QUANT_VARIANT): the channel-key block kernel with
 //   lean's arithmetic in its value rows (LeanCodes) and its key row (LeanChannels).
 // Contracts as for int4_quantize / int4_dequantize; the staged kernels also need their
@@ -855,6 +862,11 @@ SYNAPSE_INT4_ENTRY(128)
                                           uint8_t* __restrict__ dst, unsigned bt,      \
                                           unsigned c) {                                \
     block_quantize_kc<G, LeanCodes, LeanChannels>(src, dst, bt, c);                    \
+  }                                                                                    \
+  extern "C" __global__ void __launch_bounds__(kThreads, 8)                            \
+      int4_dequantize_stream_g##G(const uint8_t* __restrict__ src, __half* __restrict__ dst, \
+                                  unsigned long long n) {                              \
+    dequantize_impl<G, Contiguous, kDequantUnroll, true>(src, dst, n, Contiguous{});   \
   }                                                                                    \
   extern "C" __global__ void __launch_bounds__(kThreads)                               \
       int4_dequantize_staged_g##G(const uint8_t* __restrict__ src, __half* __restrict__ dst, \

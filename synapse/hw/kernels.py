@@ -76,6 +76,7 @@ INT4_QUANT_VARIANTS = {"warp": ("", QUANT_VECS_PER_THREAD),
                        "lean4": ("_lean4", 2 * QUANT_VECS_PER_THREAD),
                        "staged": ("_staged", STAGED_VECS_PER_THREAD)}
 INT4_DEQUANT_VARIANTS = {"warp": ("", DEQUANT_VECS_PER_THREAD),
+                         "stream": ("_stream", DEQUANT_VECS_PER_THREAD),
                          "staged": ("_staged", STAGED_VECS_PER_THREAD)}
 QUANT_VARIANT = "warp"  # what quantize_int4 launches by default
 DEQUANT_VARIANT = "warp"  # what dequantize_int4 launches by default
