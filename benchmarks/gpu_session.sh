@@ -101,8 +101,8 @@ fi
 
 if has int4k; then
   stage "INT4 kernel variants against the device copy (issue 11 item 4), then their bit-exactness tests"
-  timeout ${INT4K_LIMIT_S:-360} python3 benchmarks/int4_kernels.py --out "$OUT/int4_kernels.json" 2>&1 | tee "$OUT/logs/int4_kernels.log" | tail -25
-  timeout ${INT4K_TESTS_LIMIT_S:-150} python3 -m pytest -m cuda -q -rs tests/test_kernels_cuda.py -k "bit_exact or variants_agree" 2>&1 | tee "$OUT/logs/pytest_int4k.log" | tail -8
+  timeout ${INT4K_LIMIT_S:-300} python3 benchmarks/int4_kernels.py --out "$OUT/int4_kernels.json" 2>&1 | tee "$OUT/logs/int4_kernels.log" | tail -25
+  timeout ${INT4K_TESTS_LIMIT_S:-200} python3 -m pytest -m cuda -q -rs tests/test_kernels_cuda.py -k "bit_exact or variants_agree" 2>&1 | tee "$OUT/logs/pytest_int4k.log" | tail -8
 fi
 
 if has stream; then
