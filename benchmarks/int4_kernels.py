@@ -282,6 +282,11 @@ def report(results: list[dict]) -> list[str]:
     return lines
 
 
+def _write(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("int4_kernels.json"), help="JSON written here")
@@ -290,7 +295,7 @@ def main(argv=None) -> int:
                     help="element counts (default: calibrate's)")
     ap.add_argument("--repeats", type=int, default=9, help="timed repeats per point (median)")
     ap.add_argument("--batch", type=int, default=10, help="launches between events, kernel-only time")
-    ap.add_argument("--child-timeout", type=int, default=240, help="seconds per variant process")
+    ap.add_argument("--child-timeout", type=int, default=90, help="seconds per variant process")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     try:
@@ -316,6 +321,7 @@ def main(argv=None) -> int:
         for variant in table:
             print(f"... {direction} {variant}", flush=True)
             results.append(_child(direction, variant, a))
+            _write(a.out, {"results": results, "complete": False})  # survives a kill
     lines = report(results)
     choice = {}
     for direction, const, current in (("quantize", "QUANT_VARIANT", kernels.QUANT_VARIANT),
@@ -326,8 +332,7 @@ def main(argv=None) -> int:
         choice[const] = {"variant": best, "why": why, "current": current}
         lines.append(f"set {const} = {best!r} in synapse/hw/kernels.py ({why}; now {current!r})")
     print("\n".join(lines))
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"results": results, "choice": choice, "table": lines}, indent=1) + "\n")
+    _write(a.out, {"results": results, "choice": choice, "table": lines, "complete": True})
     ok = all("error" not in r and (r["bit_exact"] if "shapes" in r else
                                    all(g["bit_exact"] for g in r["groups"].values()))
              for r in results)
