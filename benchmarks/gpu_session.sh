@@ -17,6 +17,8 @@ trap 'echo "=== session limit (${SESSION_LIMIT_S:-560} s) reached: packing what 
 ( sleep "${SESSION_LIMIT_S:-560}"; kill -TERM $$; pkill -TERM -P $$ ) </dev/null >/dev/null 2>&1 &
 WATCHDOG=$!
 STAGES=${STAGES:-"env tests ncu stream hf slab calibrate scenarios summary"}
+# int4k (issue 11 item 4: every INT4 kernel variant timed against the device copy, with
+# their cuda tests: STAGES="env int4k"; then set QUANT_VARIANT / DEQUANT_VARIANT as printed);
 # kv (issue 11: VMM page costs, TieredCache vs transformers' caches on a Qwen2 shape, 32k);
 # ring (the MLP stack of 2026-11-24 against cpu_offload) is available but not in the default;
 # so are operate (synapse audit --backend cuda, monitor overhead on the GPU: STAGES="env operate")
@@ -95,6 +97,12 @@ if has ncu; then
   else
     echo "ncu not on PATH" | tee "$OUT/logs/ncu_int4.txt"
   fi
+fi
+
+if has int4k; then
+  stage "INT4 kernel variants against the device copy (issue 11 item 4), then their bit-exactness tests"
+  timeout ${INT4K_LIMIT_S:-300} python3 benchmarks/int4_kernels.py --out "$OUT/int4_kernels.json" 2>&1 | tee "$OUT/logs/int4_kernels.log" | tail -25
+  timeout ${INT4K_TESTS_LIMIT_S:-200} python3 -m pytest -m cuda -q -rs tests/test_kernels_cuda.py -k "bit_exact or variants_agree" 2>&1 | tee "$OUT/logs/pytest_int4k.log" | tail -8
 fi
 
 if has stream; then

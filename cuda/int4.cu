@@ -22,7 +22,10 @@
 //
 // Entry points (extern "C"): int4_quantize_g{32,64,128}(const __half* src, uint8_t* dst,
 // unsigned long long n) and int4_dequantize_g{32,64,128}(const uint8_t* src, __half* dst,
-// unsigned long long n); kv_block_quantize_int4_kc_g{32,64,128} and
+// unsigned long long n); their faster variants, same arguments and bytes,
+// int4_quantize_{lean,lean4,staged}_g*, int4_dequantize_{stream,staged}_g* and
+// kv_block_quantize_int4_kc_lean_g* ("Faster variants" below);
+// kv_block_quantize_int4_kc_g{32,64,128} and
 // kv_block_dequantize_int4_kc_g{32,64,128}, a scenario KV block in the channel-key format;
 // kv_assemble_int4_g{32,64,128}, the read-through of one layer of the transformers cache
 // (see their comments below).
@@ -87,65 +90,53 @@ __device__ __forceinline__ uint4 floats_to_halves(const float (&x)[kVec]) {
   return raw;
 }
 
+// The sections of a quantized buffer of n elements (file header): codes, scales, zeros.
+template <int G>
+__device__ __forceinline__ void quantized_sections(uint8_t* dst, unsigned long long n,
+                                                   uint32_t*& packed, __half*& scales,
+                                                   __half*& zeros) {
+  packed = reinterpret_cast<uint32_t*>(dst);
+  scales = reinterpret_cast<__half*>(dst + n / 2);
+  zeros = scales + n / G;
+}
+
 // One vector = 8 consecutive elements = one 16-byte load and one 4-byte code word. A group
 // spans G/8 consecutive lanes of one warp (tiles are warp-aligned), so its min/max is a
 // butterfly over those lanes. The tile loop is uniform across the block so every lane
 // reaches every shuffle; inactive lanes (tail) form whole groups and never mix with
-// active ones because n is a multiple of G.
-template <int G, class Addr>
+// active ones because n is a multiple of G. Codes is the arithmetic of one vector
+// (WarpCodes below, or LeanCodes of the faster variants): its code word and its group's
+// stored scale and zero.
+template <int G, class Addr, class Codes, int U>
 __device__ __forceinline__ void quantize_impl(const __half* __restrict__ src,
                                               uint8_t* __restrict__ dst,
-                                              unsigned long long n, const Addr addr) {
+                                              unsigned long long n, const Addr addr,
+                                              const Codes codes) {
   constexpr int kLanesPerGroup = G / kVec;
   static_assert(kLanesPerGroup >= 1 && kLanesPerGroup <= 32, "group must fit in a warp");
   const unsigned long long num_vec = n / kVec;
   const uint4* in = reinterpret_cast<const uint4*>(src);
-  uint32_t* packed = reinterpret_cast<uint32_t*>(dst);
-  __half* scales = reinterpret_cast<__half*>(dst + n / 2);
-  __half* zeros = scales + n / G;
+  uint32_t* packed;
+  __half *scales, *zeros;
+  quantized_sections<G>(dst, n, packed, scales, zeros);
   const unsigned lane = threadIdx.x & 31u;
-  const unsigned long long tile = static_cast<unsigned long long>(kQuantUnroll) * blockDim.x;
+  const unsigned long long tile = static_cast<unsigned long long>(U) * blockDim.x;
   const unsigned long long stride = tile * gridDim.x;
 
   for (unsigned long long base = tile * blockIdx.x; base < num_vec; base += stride) {
-    float x[kQuantUnroll][kVec];
-    bool active[kQuantUnroll];
+    uint4 raw[U];
+    bool active[U];
     // issue every load of the tile before any arithmetic: memory-level parallelism
 #pragma unroll
-    for (int u = 0; u < kQuantUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       const unsigned long long v = base + static_cast<unsigned long long>(u) * blockDim.x + threadIdx.x;
       active[u] = v < num_vec;
-      const uint4 raw = active[u] ? __ldg(in + addr(v)) : make_uint4(0u, 0u, 0u, 0u);
-      halves_to_floats(raw, x[u]);
+      raw[u] = active[u] ? __ldg(in + addr(v)) : make_uint4(0u, 0u, 0u, 0u);
     }
 #pragma unroll
-    for (int u = 0; u < kQuantUnroll; ++u) {
-      float lo = x[u][0];
-      float hi = x[u][0];
-#pragma unroll
-      for (int e = 1; e < kVec; ++e) {
-        lo = fminf(lo, x[u][e]);
-        hi = fmaxf(hi, x[u][e]);
-      }
-#pragma unroll
-      for (int off = 1; off < kLanesPerGroup; off <<= 1) {
-        lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, off));
-        hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, off));
-      }
-      // + 0 maps -0 to +0: fminf/fmaxf may return either of two equal zeros, the stored
-      // bits must not depend on that (the NumPy spec does the same)
-      lo = __fadd_rn(lo, 0.0f);
-      hi = __fadd_rn(hi, 0.0f);
-      const __half scale_h = __float2half_rn(__fdiv_rn(__fsub_rn(hi, lo), kLevels));
-      const __half zero_h = __float2half_rn(lo);
-      const float sf = __half2float(scale_h);
-      const float zf = __half2float(zero_h);
-      uint32_t word = 0u;
-      if (sf != 0.0f) {
-        const float inv_sf = __frcp_rn(sf);
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) word |= code_of(x[u][e], zf, sf, inv_sf) << (4 * e);
-      }
+    for (int u = 0; u < U; ++u) {
+      __half scale_h, zero_h;
+      const uint32_t word = codes.template word<kLanesPerGroup>(raw[u], scale_h, zero_h);
       if (active[u]) {
         const unsigned long long v = base + static_cast<unsigned long long>(u) * blockDim.x + threadIdx.x;
         packed[v] = word;
@@ -159,10 +150,55 @@ __device__ __forceinline__ void quantize_impl(const __half* __restrict__ src,
   }
 }
 
+// The arithmetic measured on the H100 and H200 (README): fp32 min/max, two shuffles per
+// level, rint through the conversion pipe, a near-tie test per element.
+struct WarpCodes {
+  template <int kLanesPerGroup>
+  __device__ __forceinline__ uint32_t word(const uint4 raw, __half& scale_h, __half& zero_h) const {
+    float x[kVec];
+    halves_to_floats(raw, x);
+    float lo = x[0];
+    float hi = x[0];
+#pragma unroll
+    for (int e = 1; e < kVec; ++e) {
+      lo = fminf(lo, x[e]);
+      hi = fmaxf(hi, x[e]);
+    }
+#pragma unroll
+    for (int off = 1; off < kLanesPerGroup; off <<= 1) {
+      lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, off));
+      hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, off));
+    }
+    // + 0 maps -0 to +0: fminf/fmaxf may return either of two equal zeros, the stored
+    // bits must not depend on that (the NumPy spec does the same)
+    lo = __fadd_rn(lo, 0.0f);
+    hi = __fadd_rn(hi, 0.0f);
+    scale_h = __float2half_rn(__fdiv_rn(__fsub_rn(hi, lo), kLevels));
+    zero_h = __float2half_rn(lo);
+    const float sf = __half2float(scale_h);
+    const float zf = __half2float(zero_h);
+    uint32_t w = 0u;
+    if (sf != 0.0f) {
+      const float inv_sf = __frcp_rn(sf);
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) w |= code_of(x[e], zf, sf, inv_sf) << (4 * e);
+    }
+    return w;
+  }
+};
+
+// Eight values of one group from their code word (element e in nibble e).
+__device__ __forceinline__ uint4 decode_word(uint32_t word, float zf, float sf) {
+  float x[kVec];
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) x[e] = dequant_value((word >> (4 * e)) & 0xFu, zf, sf);
+  return floats_to_halves(x);
+}
+
 // One vector = one 4-byte code word in, one 16-byte store of 8 fp16 out. No cross-lane
-// work, so a plain grid-stride loop; each thread loads kDequantUnroll words (coalesced
+// work, so a plain grid-stride loop; each thread loads U words (coalesced
 // across the warp) before converting, to keep enough bytes in flight.
-template <int G, class Addr>
+template <int G, class Addr, int U = kDequantUnroll, bool kEvictFirst = false>
 __device__ __forceinline__ void dequantize_impl(const uint8_t* __restrict__ src,
                                                 __half* __restrict__ dst,
                                                 unsigned long long n, const Addr addr) {
@@ -172,15 +208,15 @@ __device__ __forceinline__ void dequantize_impl(const uint8_t* __restrict__ src,
   const __half* scales = reinterpret_cast<const __half*>(src + n / 2);
   const __half* zeros = scales + n / G;
   uint4* out = reinterpret_cast<uint4*>(dst);
-  const unsigned long long tile = static_cast<unsigned long long>(kDequantUnroll) * blockDim.x;
+  const unsigned long long tile = static_cast<unsigned long long>(U) * blockDim.x;
   const unsigned long long stride = tile * gridDim.x;
 
   for (unsigned long long base = tile * blockIdx.x; base < num_vec; base += stride) {
-    uint32_t word[kDequantUnroll];
-    float sf[kDequantUnroll];
-    float zf[kDequantUnroll];
+    uint32_t word[U];
+    float sf[U];
+    float zf[U];
 #pragma unroll
-    for (int u = 0; u < kDequantUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       const unsigned long long v = base + static_cast<unsigned long long>(u) * blockDim.x + threadIdx.x;
       if (v < num_vec) {
         const unsigned long long g = v / kVecPerGroup;
@@ -194,18 +230,15 @@ __device__ __forceinline__ void dequantize_impl(const uint8_t* __restrict__ src,
       }
     }
 #pragma unroll
-    for (int u = 0; u < kDequantUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       const unsigned long long v = base + static_cast<unsigned long long>(u) * blockDim.x + threadIdx.x;
       if (v < num_vec) {
-        uint4 raw;
-        __half2* h = reinterpret_cast<__half2*>(&raw);
-#pragma unroll
-        for (int i = 0; i < kVec / 2; ++i) {
-          const uint32_t lo = (word[u] >> (8 * i)) & 0xFu;
-          const uint32_t hi = (word[u] >> (8 * i + 4)) & 0xFu;
-          h[i] = __floats2half2_rn(dequant_value(lo, zf[u], sf[u]), dequant_value(hi, zf[u], sf[u]));
+        const uint4 x = decode_word(word[u], zf[u], sf[u]);
+        if (kEvictFirst) {
+          __stcs(out + addr(v), x);  // st.global.cs: the output is not read again soon
+        } else {
+          out[addr(v)] = x;
         }
-        out[addr(v)] = raw;
       }
     }
   }
@@ -214,7 +247,10 @@ __device__ __forceinline__ void dequantize_impl(const uint8_t* __restrict__ src,
 // Per-channel quantization of one row of `tokens` tokens of c channels, token t at
 // src + t * stride (elements), into dst ([packed][scales c][zeros c]). Thread j of the
 // grid-stride loop owns channels 8j..8j+7: a pass over the tokens for their min and max,
-// then a second for the codes (the row is small: the re-read hits the cache).
+// then a second for the codes (the row is small: the re-read hits the cache). Channels is
+// the arithmetic (WarpChannels below, LeanChannels of the faster variants): range() fills
+// each channel's fp16-rounded zero and scale and the reciprocal, word() one token's codes.
+template <class Channels>
 __device__ __forceinline__ void quantize_channels_impl(const __half* __restrict__ src,
                                                        uint8_t* __restrict__ dst,
                                                        unsigned tokens, unsigned c,
@@ -228,6 +264,23 @@ __device__ __forceinline__ void quantize_channels_impl(const __half* __restrict_
   const unsigned cv = c / kVec;
   for (unsigned long long j = first; j < cv; j += step) {
     const __half* col = src + j * kVec;
+    float sf[kVec], zf[kVec], inv[kVec];
+    Channels::range(col, tokens, stride, zf, sf, inv);
+    scales[j] = floats_to_halves(sf);  // exact: sf and zf are fp16 values
+    zeros[j] = floats_to_halves(zf);
+    for (unsigned t = 0; t < tokens; ++t) {
+      float x[kVec];
+      halves_to_floats(__ldg(reinterpret_cast<const uint4*>(col + t * stride)), x);
+      packed[(static_cast<unsigned long long>(t) * c) / kVec + j] = Channels::word(x, zf, sf, inv);
+    }
+  }
+}
+
+// The arithmetic measured on the H200 (fp32 min/max, code_of per element).
+struct WarpChannels {
+  static __device__ __forceinline__ void range(const __half* col, unsigned tokens,
+                                               unsigned long long stride, float (&zf)[kVec],
+                                               float (&sf)[kVec], float (&inv)[kVec]) {
     float lo[kVec], hi[kVec];
     halves_to_floats(__ldg(reinterpret_cast<const uint4*>(col)), lo);
 #pragma unroll
@@ -241,30 +294,24 @@ __device__ __forceinline__ void quantize_channels_impl(const __half* __restrict_
         hi[e] = fmaxf(hi[e], x[e]);
       }
     }
-    float sf[kVec], zf[kVec];
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
-      const float l = __fadd_rn(lo[e], 0.0f);  // -0 -> +0, as in quantize_impl
+      const float l = __fadd_rn(lo[e], 0.0f);  // -0 -> +0, as in WarpCodes
       sf[e] = __half2float(__float2half_rn(__fdiv_rn(__fsub_rn(__fadd_rn(hi[e], 0.0f), l), kLevels)));
       zf[e] = __half2float(__float2half_rn(l));
-    }
-    scales[j] = floats_to_halves(sf);  // exact: sf and zf are fp16 values
-    zeros[j] = floats_to_halves(zf);
-    float inv[kVec];
-#pragma unroll
-    for (int e = 0; e < kVec; ++e) inv[e] = sf[e] != 0.0f ? __frcp_rn(sf[e]) : 0.0f;
-    for (unsigned t = 0; t < tokens; ++t) {
-      float x[kVec];
-      halves_to_floats(__ldg(reinterpret_cast<const uint4*>(col + t * stride)), x);
-      uint32_t word = 0u;
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) {
-        if (sf[e] != 0.0f) word |= code_of(x[e], zf[e], sf[e], inv[e]) << (4 * e);
-      }
-      packed[(static_cast<unsigned long long>(t) * c) / kVec + j] = word;
+      inv[e] = sf[e] != 0.0f ? __frcp_rn(sf[e]) : 0.0f;
     }
   }
-}
+  static __device__ __forceinline__ uint32_t word(const float (&x)[kVec], const float (&zf)[kVec],
+                                                  const float (&sf)[kVec], const float (&inv)[kVec]) {
+    uint32_t w = 0u;
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      if (sf[e] != 0.0f) w |= code_of(x[e], zf[e], sf[e], inv[e]) << (4 * e);
+    }
+    return w;
+  }
+};
 
 // Eight values of a per-token row (group size G) from element i (a multiple of 8) on.
 template <int G>
@@ -274,10 +321,7 @@ __device__ __forceinline__ uint4 decode_token_vec(const uint8_t* __restrict__ ro
   const __half* scales = reinterpret_cast<const __half*>(row + n / 2);
   const float sf = __half2float(__ldg(scales + i / G));
   const float zf = __half2float(__ldg(scales + n / G + i / G));
-  float x[kVec];
-#pragma unroll
-  for (int e = 0; e < kVec; ++e) x[e] = dequant_value((word >> (4 * e)) & 0xFu, zf, sf);
-  return floats_to_halves(x);
+  return decode_word(word, zf, sf);
 }
 
 // Eight values of a per-channel row of c channels (n = tokens * c elements) from element
@@ -303,17 +347,20 @@ __device__ __forceinline__ uint4 decode_channel_vec(const uint8_t* __restrict__ 
 // (quantize_impl / dequantize_impl over rows of c elements 2c apart). Contracts (checked by
 // kernels.py): c % G == 0, bt % 4 == 0, bt * c / 8 < 2^32, both pointers 16-byte aligned.
 // Launch: gridDim.y == 2, grid-stride in x.
-template <int G>
+// Codes: the value rows' arithmetic (WarpCodes, LeanCodes); Channels: the key row's
+// (WarpChannels, LeanChannels).
+template <int G, class Codes, class Channels>
 __device__ __forceinline__ void block_quantize_kc(const __half* __restrict__ src,
                                                   uint8_t* __restrict__ dst, unsigned bt,
                                                   unsigned c) {
   const unsigned long long n = static_cast<unsigned long long>(bt) * c;
   if (blockIdx.y == 0) {
-    quantize_channels_impl(src, dst, bt, c, 2ull * c,
-                           static_cast<unsigned long long>(blockIdx.x) * blockDim.x + threadIdx.x,
-                           static_cast<unsigned long long>(gridDim.x) * blockDim.x);
+    quantize_channels_impl<Channels>(src, dst, bt, c, 2ull * c,
+                                     static_cast<unsigned long long>(blockIdx.x) * blockDim.x + threadIdx.x,
+                                     static_cast<unsigned long long>(gridDim.x) * blockDim.x);
   } else {
-    quantize_impl<G>(src + c, dst + n / 2 + 4ull * c, n, Strided{c / kVec, 2 * c / kVec});
+    quantize_impl<G, Strided, Codes, kQuantUnroll>(src + c, dst + n / 2 + 4ull * c, n,
+                                                   Strided{c / kVec, 2 * c / kVec}, Codes{});
   }
 }
 
@@ -388,6 +435,383 @@ __device__ __forceinline__ void assemble_impl(const __half* __restrict__ l1k,
   }
 }
 
+// =====================================================================================
+// Faster variants of int4_quantize / int4_dequantize (same bytes; synapse/hw/kernels.py
+// picks one with QUANT_VARIANT / DEQUANT_VARIANT, benchmarks/int4_kernels.py times them;
+// tests/test_int4_variants.py transcribes their arithmetic and indexing to NumPy).
+//
+// Why: on an H100 (132 SMs) the warp kernel ran at 2272 GB/s with the issue slots 73% busy
+// (Nsight Compute, README). The H200 has the same SMs and clocks and a faster HBM: at the
+// same instructions per byte, 90% of its copy (3793 GB/s) would need 73% * 3793 / 2272 =
+// 122% of the issue slots. So the variants first cut instructions per element and, in
+// "staged", keep the loads in flight without registers or load instructions:
+//
+// * "lean" (quantize): the warp kernel's data mapping, cheaper arithmetic. Min and max
+//   are taken on half2 pairs (exact: a min is one of its inputs) and a group's (min,
+//   -max) travels as one half2 through the shuffles, one shuffle and one HMNMX2 per level
+//   instead of two and two. Codes are rounded by adding 1.5 * 2^23 (t + M rounds t to an
+//   integer, ties to even, into the low mantissa bits: rint without the conversion pipe),
+//   the clamp to 15 comes before the rounding (rint is monotone and 15 an integer), and
+//   the near-tie test is accumulated over the 8 elements into one predicate, so the exact
+//   division runs for a whole vector only when some element needs it. "lean4": the same
+//   with 4 vectors per thread in flight instead of 2 (48 registers: 5 CTAs per SM, not 8).
+// * "staged" (quantize): the Tensor Memory Accelerator's bulk copy (cp.async.bulk, one
+//   instruction per 16 KiB tile) streams tiles into shared memory two stages deep while
+//   the previous tile is reduced, so bytes in flight no longer cost registers or issue
+//   slots. Pass 1: one thread per group reads its group from shared memory (rotated start
+//   vector: conflict-free banks) and computes scale, zero and reciprocal once, not once
+//   per lane of the group. Pass 2: lanes take consecutive vectors again (conflict-free,
+//   coalesced 4-byte code stores) with lean's per-element arithmetic.
+// * "staged" (dequantize): the warp kernel's loads, but the fp16 output (78% of the bytes)
+//   goes to shared memory and out by one bulk store per tile (full-line writes, no
+//   per-thread store instructions).
+// * "stream" (dequantize): the warp kernel with evict-first stores (st.global.cs): the
+//   output of a calibrate-sized call (128 MiB) is larger than L2 and is not read back.
+// * kv_block_quantize_int4_kc_lean (KV_QUANT_VARIANT): the channel-key block kernel with
+//   lean's arithmetic in its value rows (LeanCodes) and its key row (LeanChannels).
+// Contracts as for int4_quantize / int4_dequantize; the staged kernels also need their
+// static shared memory (about 36 KiB) and must be launched 1-D with blockDim.x == kThreads.
+// =====================================================================================
+
+constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: ulp 1 over [2^23, 2^24)
+// A reciprocal-multiplied quotient is within ~1e-6 of the IEEE one (|t| <= 22.5 here):
+// outside this distance of a .5 both round alike.
+constexpr float kNearTie = 0.5f - 1.0e-4f;
+
+// (min, -max) of 8 fp16 values as one half2: a later min of two such pairs is the pair of
+// the union, so one HMNMX2 serves both ends.
+__device__ __forceinline__ __half2 minmax_pair(const uint4 raw) {
+  const __half2* h = reinterpret_cast<const __half2*>(&raw);
+  const __half2 mn = __hmin2(__hmin2(h[0], h[1]), __hmin2(h[2], h[3]));
+  const __half2 mx = __hmax2(__hmax2(h[0], h[1]), __hmax2(h[2], h[3]));
+  const __half2 nmx = __hneg2(mx);
+  return __hmin2(__lows2half2(mn, nmx), __highs2half2(mn, nmx));
+}
+
+struct GroupCode {
+  __half scale, zero;
+  float zf, sf, inv;  // inv = 0 when sf = 0: then every t is 0 and every code 0, no branch
+};
+
+// The group's stored scale and zero from its (min, -max), exactly as quantize_impl: the
+// + 0 maps -0 to +0 (which of two equal zeros a min returns is unspecified).
+__device__ __forceinline__ GroupCode group_code(const __half2 pair) {
+  const float lo = __fadd_rn(__low2float(pair), 0.0f);
+  const float hi = __fadd_rn(-__high2float(pair), 0.0f);
+  GroupCode g;
+  g.scale = __float2half_rn(__fdiv_rn(__fsub_rn(hi, lo), kLevels));
+  g.zero = __float2half_rn(lo);
+  g.sf = __half2float(g.scale);
+  g.zf = __half2float(g.zero);
+  g.inv = g.sf != 0.0f ? __frcp_rn(g.sf) : 0.0f;
+  return g;
+}
+
+// The code word of 8 values, value e of the group with zf[e], sf[e], inv[e] (one group for
+// all 8 in a per-token row, 8 channels' groups in a per-channel row), bit-exact with
+// code_of. t >= 0 because zf is the group's exact minimum; after the clamp t + M lies in
+// [M, M + 15], so its low nibble is the code. Two codes become a byte with one shift-add
+// ((b1 << 4) + b0: b0's junk starts above bit 3, b1's above bit 7), four bytes a word
+// with three byte permutes.
+__device__ __forceinline__ uint32_t lean_codes8(const float (&x)[kVec], const float (&zf)[kVec],
+                                                const float (&sf)[kVec], const float (&inv)[kVec]) {
+  uint32_t b[kVec];
+  bool near_tie = false;
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) {
+    const float t = fminf(__fmul_rn(__fsub_rn(x[e], zf[e]), inv[e]), kLevels);
+    const float y = __fadd_rn(t, kRoundMagic);
+    near_tie |= fabsf(__fsub_rn(t, __fsub_rn(y, kRoundMagic))) > kNearTie;
+    b[e] = __float_as_uint(y);
+  }
+  uint32_t p[kVec / 2];
+#pragma unroll
+  for (int i = 0; i < kVec / 2; ++i) p[i] = (b[2 * i + 1] << 4) + b[2 * i];
+  uint32_t word = __byte_perm(__byte_perm(p[0], p[1], 0x0040), __byte_perm(p[2], p[3], 0x0040), 0x5410);
+  if (near_tie) {  // rare: some element is within 1e-4 of a .5, take the IEEE quotient
+    word = 0u;
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      const int q = sf[e] != 0.0f ? __float2int_rn(__fdiv_rn(__fsub_rn(x[e], zf[e]), sf[e])) : 0;
+      word |= static_cast<uint32_t>(min(max(q, 0), 15)) << (4 * e);
+    }
+  }
+  return word;
+}
+
+__device__ __forceinline__ uint32_t lean_word(const uint4 raw, float zf, float sf, float inv) {
+  float x[kVec], z[kVec], s[kVec], r[kVec];
+  halves_to_floats(raw, x);
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) {
+    z[e] = zf;
+    s[e] = sf;
+    r[e] = inv;
+  }
+  return lean_codes8(x, z, s, r);
+}
+
+// WarpChannels with lean's arithmetic: the per-channel min and max over the tokens on
+// half2 pairs (4 + 4 HMNMX2 per token for 8 channels instead of 16 FMNMX), lean_codes8.
+struct LeanChannels {
+  static __device__ __forceinline__ void range(const __half* col, unsigned tokens,
+                                               unsigned long long stride, float (&zf)[kVec],
+                                               float (&sf)[kVec], float (&inv)[kVec]) {
+    const uint4 raw0 = __ldg(reinterpret_cast<const uint4*>(col));
+    __half2 mn[kVec / 2], mx[kVec / 2];
+#pragma unroll
+    for (int i = 0; i < kVec / 2; ++i) mn[i] = mx[i] = reinterpret_cast<const __half2*>(&raw0)[i];
+    for (unsigned t = 1; t < tokens; ++t) {
+      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(col + t * stride));
+      const __half2* h = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+      for (int i = 0; i < kVec / 2; ++i) {
+        mn[i] = __hmin2(mn[i], h[i]);
+        mx[i] = __hmax2(mx[i], h[i]);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kVec / 2; ++i) {
+      const __half2 nmx = __hneg2(mx[i]);
+      const GroupCode even = group_code(__lows2half2(mn[i], nmx));
+      const GroupCode odd = group_code(__highs2half2(mn[i], nmx));
+      zf[2 * i] = even.zf, sf[2 * i] = even.sf, inv[2 * i] = even.inv;
+      zf[2 * i + 1] = odd.zf, sf[2 * i + 1] = odd.sf, inv[2 * i + 1] = odd.inv;
+    }
+  }
+  static __device__ __forceinline__ uint32_t word(const float (&x)[kVec], const float (&zf)[kVec],
+                                                  const float (&sf)[kVec], const float (&inv)[kVec]) {
+    return lean_codes8(x, zf, sf, inv);
+  }
+};
+
+struct LeanCodes {
+  template <int kLanesPerGroup>
+  __device__ __forceinline__ uint32_t word(const uint4 raw, __half& scale_h, __half& zero_h) const {
+    __half2 pair = minmax_pair(raw);
+#pragma unroll
+    for (int off = 1; off < kLanesPerGroup; off <<= 1) {
+      const uint32_t other = __shfl_xor_sync(0xffffffffu, *reinterpret_cast<uint32_t*>(&pair), off);
+      pair = __hmin2(pair, *reinterpret_cast<const __half2*>(&other));
+    }
+    const GroupCode g = group_code(pair);
+    scale_h = g.scale;
+    zero_h = g.zero;
+    return lean_word(raw, g.zf, g.sf, g.inv);
+  }
+};
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+
+// 8192 elements, 16 KiB of fp16 per stage; kThreads * STAGED_VECS_PER_THREAD in kernels.py
+constexpr int kStageVecs = kThreads * 4;
+constexpr int kStages = 2;  // two tiles per CTA in shared memory: ~35 KiB, 6 CTAs per SM
+
+// ---- Tensor Memory Accelerator bulk copies and mbarriers (PTX ISA 8.0, sm_90)
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(bar)) : "memory");
+}
+
+__device__ __forceinline__ void mbar_fence_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+
+// Shared memory that the threads read (generic proxy) is about to be written by the TMA
+// (async proxy), or the reverse: order the two.
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+
+// Arm `bar` for `bytes` and start the bulk copy global -> shared that completes it.
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
+               ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               ::"r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)) : "memory");
+}
+
+__device__ __forceinline__ bool mbar_try_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n"
+      "}\n"
+      : "=r"(done) : "r"(smem_addr(bar)), "r"(parity) : "memory");
+  return done != 0;
+}
+
+// A tile lands in microseconds; a bulk copy that never completes (a bug, a bad address)
+// traps after ~2^26 polls (seconds) instead of hanging the GPU, so the benchmark's child
+// process reports an error and the session goes on.
+constexpr uint32_t kMaxPolls = 1u << 26;
+
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  for (uint32_t polls = 0; !mbar_try_wait(bar, parity);) {
+    if (++polls == kMaxPolls) __trap();
+  }
+}
+
+__device__ __forceinline__ void bulk_store(void* dst, const void* src, uint32_t bytes) {
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;"
+               ::"l"(dst), "r"(smem_addr(src)), "r"(bytes) : "memory");
+  asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+}
+
+// Wait until at most N bulk stores still read their shared memory.
+template <int N>
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void bulk_wait_all() {
+  asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+}
+
+// Where the thread that owns a group starts reading it, in vectors: lanes 8 apart meet in
+// the same banks otherwise (a group is 64, 128 or 256 bytes), so each lane of a quarter
+// warp starts on a different 16-byte bank quad. G = 32 (4 vectors): pairs of lanes share
+// a rotation, their groups sit 64 bytes apart, i.e. on the other half of the banks.
+template <int V>
+__device__ __forceinline__ unsigned group_rotation(unsigned lane) {
+  return V >= 8 ? lane % V : (lane >> 1) % V;
+}
+
+template <int G>
+__device__ __forceinline__ void quantize_staged_impl(const __half* __restrict__ src,
+                                                     uint8_t* __restrict__ dst,
+                                                     unsigned long long n) {
+  constexpr int V = G / kVec;
+  constexpr int kTileGroups = kStageVecs / V;
+  __shared__ __align__(128) uint4 stage[kStages][kStageVecs];
+  __shared__ float4 params[kTileGroups];  // zf, sf, inv of the tile's groups
+  __shared__ __align__(8) uint64_t full[kStages];
+  const unsigned long long num_vec = n / kVec;
+  const unsigned long long num_tiles = (num_vec + kStageVecs - 1) / kStageVecs;
+  uint32_t* packed;
+  __half *scales, *zeros;
+  quantized_sections<G>(dst, n, packed, scales, zeros);
+  const uint4* in = reinterpret_cast<const uint4*>(src);
+  auto tile_vecs = [&](unsigned long long t) {
+    return static_cast<unsigned>(min(static_cast<unsigned long long>(kStageVecs), num_vec - t * kStageVecs));
+  };
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) mbar_init(&full[s]);
+    mbar_fence_init();
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      const unsigned long long t = blockIdx.x + static_cast<unsigned long long>(s) * gridDim.x;
+      if (t < num_tiles) bulk_load(stage[s], in + t * kStageVecs, tile_vecs(t) * 16u, &full[s]);
+    }
+  }
+  unsigned k = 0;
+  for (unsigned long long t = blockIdx.x; t < num_tiles; t += gridDim.x, ++k) {
+    const unsigned s = k % kStages;
+    mbar_wait(&full[s], (k / kStages) & 1u);
+    const unsigned vecs = tile_vecs(t);
+    const uint4* tile = stage[s];
+    // pass 1: thread g reduces group g of the tile
+    for (unsigned g = threadIdx.x; g < vecs / V; g += blockDim.x) {
+      const unsigned rot = group_rotation<V>(g & 31u);
+      __half2 mn = __float2half2_rn(65504.0f);
+      __half2 mx = __float2half2_rn(-65504.0f);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const uint4 raw = tile[g * V + (j + rot) % V];
+        const __half2* h = reinterpret_cast<const __half2*>(&raw);
+        mn = __hmin2(__hmin2(mn, h[0]), __hmin2(h[1], __hmin2(h[2], h[3])));
+        mx = __hmax2(__hmax2(mx, h[0]), __hmax2(h[1], __hmax2(h[2], h[3])));
+      }
+      const __half2 nmx = __hneg2(mx);
+      const GroupCode c = group_code(__hmin2(__lows2half2(mn, nmx), __highs2half2(mn, nmx)));
+      params[g] = make_float4(c.zf, c.sf, c.inv, 0.0f);
+      const unsigned long long gg = t * kTileGroups + g;
+      scales[gg] = c.scale;
+      zeros[gg] = c.zero;
+    }
+    __syncthreads();
+    // pass 2: consecutive vectors per lane, as in the warp kernel
+#pragma unroll 2
+    for (unsigned v = threadIdx.x; v < vecs; v += blockDim.x) {
+      const float4 p = params[v / V];
+      packed[t * kStageVecs + v] = lean_word(tile[v], p.x, p.y, p.z);
+    }
+    __syncthreads();  // stage s and params are free again
+    if (threadIdx.x == 0) {
+      const unsigned long long next = t + static_cast<unsigned long long>(kStages) * gridDim.x;
+      if (next < num_tiles) {
+        fence_proxy_async();
+        bulk_load(stage[s], in + next * kStageVecs, tile_vecs(next) * 16u, &full[s]);
+      }
+    }
+  }
+}
+
+template <int G>
+__device__ __forceinline__ void dequantize_staged_impl(const uint8_t* __restrict__ src,
+                                                       __half* __restrict__ dst,
+                                                       unsigned long long n) {
+  constexpr int kVecPerGroup = G / kVec;
+  constexpr int U = kStageVecs / kThreads;
+  __shared__ __align__(128) uint4 stage[kStages][kStageVecs];
+  const unsigned long long num_vec = n / kVec;
+  const unsigned long long num_tiles = (num_vec + kStageVecs - 1) / kStageVecs;
+  const uint32_t* packed = reinterpret_cast<const uint32_t*>(src);
+  const __half* scales = reinterpret_cast<const __half*>(src + n / 2);
+  const __half* zeros = scales + n / G;
+  uint4* out = reinterpret_cast<uint4*>(dst);
+  unsigned k = 0;
+  for (unsigned long long t = blockIdx.x; t < num_tiles; t += gridDim.x, ++k) {
+    const unsigned s = k % kStages;
+    const unsigned long long base = t * kStageVecs;
+    const unsigned vecs = static_cast<unsigned>(min(static_cast<unsigned long long>(kStageVecs), num_vec - base));
+    uint32_t word[U];
+    float sf[U], zf[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {  // loads first: they do not touch the stage
+      const unsigned v = threadIdx.x + u * kThreads;
+      const unsigned long long g = (base + v) / kVecPerGroup;
+      const bool on = v < vecs;
+      word[u] = on ? __ldg(packed + base + v) : 0u;
+      sf[u] = on ? __half2float(__ldg(scales + g)) : 0.0f;
+      zf[u] = on ? __half2float(__ldg(zeros + g)) : 0.0f;
+    }
+    if (threadIdx.x == 0) bulk_wait_read<kStages - 1>();  // the store of tile k - kStages
+    __syncthreads();
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const unsigned v = threadIdx.x + u * kThreads;
+      if (v < vecs) stage[s][v] = decode_word(word[u], zf[u], sf[u]);
+    }
+    fence_proxy_async();  // each writer: its shared stores before the TMA reads them
+    __syncthreads();
+    if (threadIdx.x == 0) bulk_store(out + base, stage[s], vecs * 16u);
+  }
+  if (threadIdx.x == 0) bulk_wait_all();  // shared memory must outlive the stores' reads
+}
+
+#else  // below sm_90 the staged kernels exist but trap; kernels.py refuses to launch them
+
+template <int G>
+__device__ __forceinline__ void quantize_staged_impl(const __half*, uint8_t*, unsigned long long) {
+  __trap();
+}
+
+template <int G>
+__device__ __forceinline__ void dequantize_staged_impl(const uint8_t*, __half*, unsigned long long) {
+  __trap();
+}
+
+#endif
+
 }  // namespace
 
 #define SYNAPSE_ASSEMBLE_ENTRY(G)                                                      \
@@ -408,7 +832,7 @@ SYNAPSE_ASSEMBLE_ENTRY(128)
   extern "C" __global__ void __launch_bounds__(kThreads)                               \
       int4_quantize_g##G(const __half* __restrict__ src, uint8_t* __restrict__ dst,    \
                          unsigned long long n) {                                       \
-    quantize_impl<G>(src, dst, n, Contiguous{});                                       \
+    quantize_impl<G, Contiguous, WarpCodes, kQuantUnroll>(src, dst, n, Contiguous{}, WarpCodes{}); \
   }                                                                                    \
   extern "C" __global__ void __launch_bounds__(kThreads)                               \
       int4_dequantize_g##G(const uint8_t* __restrict__ src, __half* __restrict__ dst,  \
@@ -418,7 +842,7 @@ SYNAPSE_ASSEMBLE_ENTRY(128)
   extern "C" __global__ void __launch_bounds__(kThreads)                               \
       kv_block_quantize_int4_kc_g##G(const __half* __restrict__ src,                   \
                                      uint8_t* __restrict__ dst, unsigned bt, unsigned c) { \
-    block_quantize_kc<G>(src, dst, bt, c);                                             \
+    block_quantize_kc<G, WarpCodes, WarpChannels>(src, dst, bt, c);                    \
   }                                                                                    \
   extern "C" __global__ void __launch_bounds__(kThreads)                               \
       kv_block_dequantize_int4_kc_g##G(const uint8_t* __restrict__ src,                \
@@ -429,3 +853,40 @@ SYNAPSE_ASSEMBLE_ENTRY(128)
 SYNAPSE_INT4_ENTRY(32)
 SYNAPSE_INT4_ENTRY(64)
 SYNAPSE_INT4_ENTRY(128)
+
+#define SYNAPSE_INT4_VARIANT_ENTRY(G)                                                  \
+  extern "C" __global__ void __launch_bounds__(kThreads, 8)                            \
+      int4_quantize_lean_g##G(const __half* __restrict__ src, uint8_t* __restrict__ dst, \
+                              unsigned long long n) {                                  \
+    quantize_impl<G, Contiguous, LeanCodes, kQuantUnroll>(src, dst, n, Contiguous{}, LeanCodes{}); \
+  }                                                                                    \
+  extern "C" __global__ void __launch_bounds__(kThreads)                               \
+      int4_quantize_lean4_g##G(const __half* __restrict__ src, uint8_t* __restrict__ dst, \
+                               unsigned long long n) {                                 \
+    quantize_impl<G, Contiguous, LeanCodes, 2 * kQuantUnroll>(src, dst, n, Contiguous{}, LeanCodes{}); \
+  }                                                                                    \
+  extern "C" __global__ void __launch_bounds__(kThreads)                               \
+      int4_quantize_staged_g##G(const __half* __restrict__ src, uint8_t* __restrict__ dst, \
+                                unsigned long long n) {                                \
+    quantize_staged_impl<G>(src, dst, n);                                              \
+  }                                                                                    \
+  extern "C" __global__ void __launch_bounds__(kThreads)                               \
+      kv_block_quantize_int4_kc_lean_g##G(const __half* __restrict__ src,              \
+                                          uint8_t* __restrict__ dst, unsigned bt,      \
+                                          unsigned c) {                                \
+    block_quantize_kc<G, LeanCodes, LeanChannels>(src, dst, bt, c);                    \
+  }                                                                                    \
+  extern "C" __global__ void __launch_bounds__(kThreads, 8)                            \
+      int4_dequantize_stream_g##G(const uint8_t* __restrict__ src, __half* __restrict__ dst, \
+                                  unsigned long long n) {                              \
+    dequantize_impl<G, Contiguous, kDequantUnroll, true>(src, dst, n, Contiguous{});   \
+  }                                                                                    \
+  extern "C" __global__ void __launch_bounds__(kThreads)                               \
+      int4_dequantize_staged_g##G(const uint8_t* __restrict__ src, __half* __restrict__ dst, \
+                                  unsigned long long n) {                              \
+    dequantize_staged_impl<G>(src, dst, n);                                            \
+  }
+
+SYNAPSE_INT4_VARIANT_ENTRY(32)
+SYNAPSE_INT4_VARIANT_ENTRY(64)
+SYNAPSE_INT4_VARIANT_ENTRY(128)

@@ -12,6 +12,7 @@ that must stay untouched.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -99,11 +100,13 @@ def test_int4_grid_visits_every_vector_once(group_size, groups, unroll):
 
 
 @pytest.mark.parametrize("group_size", int4.GROUP_SIZES)
-def test_int4_groups_sit_inside_aligned_warp_slices(group_size):
+@pytest.mark.parametrize("unroll", sorted({u for _, u in kernels.INT4_QUANT_VARIANTS.values()}))
+def test_int4_groups_sit_inside_aligned_warp_slices(group_size, unroll):
     """Quantize's shuffles assume a group's G/8 vectors are lanes [k*G/8, (k+1)*G/8) of one
-    warp: true when tiles start at multiples of 32 vectors and blockDim is a multiple of 32."""
+    warp: true when tiles start at multiples of 32 vectors and blockDim is a multiple of 32
+    (every variant's unroll; the staged kernel's pass 2 needs no shuffles)."""
     lanes = group_size // 8
-    threads, unroll = kernels.INT4_THREADS, kernels.QUANT_VECS_PER_THREAD
+    threads = kernels.INT4_THREADS
     assert threads % 32 == 0 and 32 % lanes == 0
     for base in range(0, 10 * unroll * threads, unroll * threads):
         for u in range(unroll):
@@ -496,6 +499,12 @@ def gpu():
             ctx.pop()  # a context left pushed at exit aborts the interpreter
 
 
+def _skip_unless_supported(cuda, *variants):
+    """The staged INT4 kernels use TMA bulk copies: sm_90 and newer only."""
+    if any(v == "staged" for v in variants) and cuda.Context.get_device().compute_capability() < (9, 0):
+        pytest.skip("the staged INT4 kernels need sm_90 (TMA)")
+
+
 def _upload(cuda, host: np.ndarray):
     host = np.ascontiguousarray(host)
     dev = cuda.mem_alloc(max(host.nbytes, 16))
@@ -528,25 +537,6 @@ def _assert_written(host: np.ndarray, expected: bytes, poison: int, what: str):
     assert (guard == poison).all(), f"{what}: wrote past the end"
 
 
-def _int4_input(rng, n: int, group_size: int) -> np.ndarray:
-    """fp16 data with per-group magnitudes from 1e-3 to 1e3, plus the awkward groups:
-    constant, exact .5 ties, subnormal-scale, on-grid values and signed zeros."""
-    groups = n // group_size
-    mags = 10.0 ** rng.uniform(-3, 3, size=(groups, 1))
-    x = rng.standard_normal((groups, group_size)) * mags
-    specials = [
-        np.full(group_size, rng.standard_normal() * 10),
-        np.array([0.0, 15.0] + [(k % 15) + 0.5 for k in range(group_size - 2)]),
-        rng.standard_normal(group_size) * 1e-6,
-        rng.integers(0, 16, group_size) * 0.25 - 1.0,
-        np.where(rng.random(group_size) < 0.5, -0.0, rng.random(group_size)),  # signed zeros
-        np.where(rng.random(group_size) < 0.5, -0.0, 0.0),
-    ]
-    for i, row in zip(rng.permutation(groups)[: len(specials)], specials):
-        x[i] = row
-    return x.astype(np.float16).reshape(-1)
-
-
 INT4_SIZES = ["one group", "tail", "few tiles", "grid-stride"]
 
 
@@ -560,45 +550,67 @@ def _int4_n(size: str, group_size: int) -> int:
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("variant", kernels.INT4_QUANT_VARIANTS)
 @pytest.mark.parametrize("size", INT4_SIZES)
 @pytest.mark.parametrize("group_size", int4.GROUP_SIZES)
-def test_quantize_is_bit_exact(gpu, rng, group_size, size):
+def test_quantize_is_bit_exact(gpu, rng, group_size, size, variant):
+    _skip_unless_supported(gpu, variant)
     n = _int4_n(size, group_size)
-    x = _int4_input(rng, n, group_size)
+    x = int4.edge_case_input(rng, n, group_size)
     expected = np.zeros(int4.int4_nbytes(n, group_size), dtype=np.uint8)
     int4.pack_into(x, group_size, expected)
     src = _upload(gpu, x)
     for poison in POISONS:
         dst = _poisoned(gpu, expected.size, poison)
-        kernels.quantize_int4(src, dst, n, group_size)
-        _assert_written(_download(gpu, dst, expected.size), expected.tobytes(), poison, "quantize")
-
-
-def _int4_buffer(rng, n: int, group_size: int) -> np.ndarray:
-    """A random but valid INT4 buffer: random codes, fp16 scales (some 0, some subnormal)."""
-    groups = n // group_size
-    packed = rng.integers(0, 256, n // 2, dtype=np.uint8)
-    scales = np.abs(rng.standard_normal(groups)) * 10.0 ** rng.uniform(-3, 1, groups)
-    scales[rng.random(groups) < 0.05] = 0.0
-    scales[rng.random(groups) < 0.05] = 3e-6  # subnormal in fp16
-    zeros = rng.standard_normal(groups) * 10
-    return np.concatenate([
-        packed, scales.astype(np.float16).view(np.uint8), zeros.astype(np.float16).view(np.uint8)
-    ])
+        kernels.quantize_int4(src, dst, n, group_size, variant=variant)
+        _assert_written(_download(gpu, dst, expected.size), expected.tobytes(), poison,
+                        f"quantize ({variant})")
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("quant, dequant", [("lean", "stream"), ("lean4", "warp"), ("staged", "staged")])
+def test_variants_agree_over_many_tiles_per_block(gpu, rng, quant, dequant):
+    """2^25 elements: about 5 staged tiles per CTA on an H200-sized grid, so both stage
+    buffers are reused and the mbarrier phases flip several times; each variant pair gives
+    the committed kernels' bytes in both directions."""
+    _skip_unless_supported(gpu, quant, dequant)
+    n, g = 1 << 25, 64
+    x = (rng.standard_normal(n, dtype=np.float32) * 3).astype(np.float16)
+    src = _upload(gpu, x)
+    nbytes = int4.int4_nbytes(n, g)
+    outs = {}
+    for name, qv, dv in (("warp", "warp", "warp"), ("variant", quant, dequant)):
+        q = _poisoned(gpu, nbytes, 0x5A)
+        y = _poisoned(gpu, 2 * n, 0x5A)
+        kernels.quantize_int4(src, q, n, g, variant=qv)
+        kernels.dequantize_int4(q, y, n, g, variant=dv)
+        outs[name] = (_download(gpu, q, nbytes), _download(gpu, y, 2 * n))
+    assert (outs["variant"][0][nbytes:] == 0x5A).all(), f"quantize {quant}: wrote past the end"
+    assert (outs["variant"][1][2 * n:] == 0x5A).all(), f"dequantize {dequant}: wrote past the end"
+    assert (outs["variant"][0] == outs["warp"][0]).all(), f"quantize {quant}"
+    assert (outs["variant"][1] == outs["warp"][1]).all(), f"dequantize {dequant}"
+    want = np.zeros(nbytes, np.uint8)
+    int4.pack_into(x, g, want)
+    assert (outs["warp"][0][:nbytes] == want).all(), "quantize (warp) against NumPy"
+    decoded = int4.unpack_from(want, n, g, np.float16).view(np.uint8)
+    assert (outs["warp"][1][: 2 * n] == decoded).all(), "dequantize (warp) against NumPy"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", kernels.INT4_DEQUANT_VARIANTS)
 @pytest.mark.parametrize("size", INT4_SIZES)
 @pytest.mark.parametrize("group_size", int4.GROUP_SIZES)
-def test_dequantize_is_bit_exact(gpu, rng, group_size, size):
+def test_dequantize_is_bit_exact(gpu, rng, group_size, size, variant):
+    _skip_unless_supported(gpu, variant)
     n = _int4_n(size, group_size)
-    buf = _int4_buffer(rng, n, group_size)
+    buf = int4.edge_case_buffer(rng, n, group_size)
     expected = int4.unpack_from(buf, n, group_size, np.float16)
     src = _upload(gpu, buf)
     for poison in POISONS:
         dst = _poisoned(gpu, 2 * n, poison)
-        kernels.dequantize_int4(src, dst, n, group_size)
-        _assert_written(_download(gpu, dst, 2 * n), expected.tobytes(), poison, "dequantize")
+        kernels.dequantize_int4(src, dst, n, group_size, variant=variant)
+        _assert_written(_download(gpu, dst, 2 * n), expected.tobytes(), poison,
+                        f"dequantize ({variant})")
 
 
 @pytest.mark.cuda
@@ -606,7 +618,7 @@ def test_dequantize_is_bit_exact(gpu, rng, group_size, size):
 def test_round_trip_on_a_stream_into_the_middle_of_a_slab(gpu, rng, group_size):
     """Quantize straight into a slab at an offset, dequantize back; neighbours untouched."""
     n = group_size * 4096
-    x = _int4_input(rng, n, group_size)
+    x = int4.edge_case_input(rng, n, group_size)
     nbytes = int4.int4_nbytes(n, group_size)
     offset = 4096
     slab = _poisoned(gpu, offset + nbytes, 0x3C)
@@ -622,11 +634,12 @@ def test_round_trip_on_a_stream_into_the_middle_of_a_slab(gpu, rng, group_size):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("variant", kernels.KV_QUANT_VARIANTS)
 @pytest.mark.parametrize("group_size", int4.GROUP_SIZES)
 @pytest.mark.parametrize("bt, layers, heads, head_dim", [(4, 1, 1, 128), (16, 2, 3, 128),
                                                          (64, 4, 8, 128), (16, 32, 8, 128)])
 def test_channel_block_quantize_and_dequantize_are_bit_exact(gpu, rng, group_size, bt, layers,
-                                                              heads, head_dim):
+                                                              heads, head_dim, variant):
     """A scenario block in the channel-key format (kv_layout), both directions, against
     pack_int4_block / unpack_int4_block: the awkward groups of _int4_input in the values,
     and per-channel magnitudes from 1e-3 to 1e3 plus flat and signed-zero channels in
@@ -634,15 +647,19 @@ def test_channel_block_quantize_and_dequantize_are_bit_exact(gpu, rng, group_siz
     lay = KVLayout(layers, heads, head_dim, bt, group_size, "channel")
     c = lay.channels
     kv = np.empty((bt, 2, c), np.float16)
-    kv[:, 1] = _int4_input(rng, bt * c, group_size).reshape(bt, c)
+    kv[:, 1] = int4.edge_case_input(rng, bt * c, group_size).reshape(bt, c)
     keys = rng.standard_normal((bt, c)) * 10.0 ** rng.uniform(-3, 3, (1, c))
     keys[:, 3] = 2.5
     keys[:, 9] = np.where(rng.random(bt) < 0.5, -0.0, 0.0)
     keys[:, 17] = [(t % 15) + 0.5 for t in range(bt)]
+    keys[:, 24] = ([0.0, 15.0] + [(t % 15) + 0.5 for t in range(bt)])[:bt]  # exact ties, and
+    keys[:, 25] = np.where(np.arange(bt) % 2, 2.0**-24, 0.0)  # a zero scale in the same word
     kv[:, 0] = keys.astype(np.float16)
     expected = lay.pack(kv.reshape(lay.shape), "int4")
     decoded = lay.unpack(expected, "int4").view(np.uint8)
-    for kernel, src, want in ((kernels.quantize_kv_block_int4, kv, expected),
+    quantize = functools.partial(kernels.quantize_kv_block_int4, variant=variant)
+    quantize.__name__ = f"quantize_kv_block_int4 ({variant})"
+    for kernel, src, want in ((quantize, kv, expected),
                               (kernels.dequantize_kv_block_int4, expected, decoded)):
         dev = _upload(gpu, src)
         for poison in POISONS:

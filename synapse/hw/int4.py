@@ -398,3 +398,45 @@ def channel_error_bound(x, x_hat) -> np.ndarray:
     rows = x.reshape(x.shape[0], -1)
     per_channel = _group_bound(rows.astype(np.float32).T, x.dtype)
     return per_channel[None, :] + _output_rounding(x_hat).reshape(rows.shape)
+
+
+def edge_case_input(rng: np.random.Generator, n: int, group_size: int) -> np.ndarray:
+    """fp16 test data that exercises the format's corners, for checking kernels (tests,
+    benchmarks/int4_kernels.py): per-group magnitudes 1e-3..1e3, and groups that break
+    shortcuts: constant, exact .5 ties, subnormal scales, on-grid values, signed zeros,
+    values one fp16 step either side of a tie, the fp16 extremes, a range so small that
+    the fp16 scale is 0. ``n % group_size == 0`` and ``n >= 10 * group_size`` for every
+    kind of group to appear."""
+    group_size = check_group_size(group_size)
+    groups = _check_numel(n, group_size) // group_size
+    x = rng.standard_normal((groups, group_size)) * 10.0 ** rng.uniform(-3, 3, (groups, 1))
+    tie = np.array([0.0, 15.0] + [(k % 14) + 0.5 for k in range(group_size - 2)], np.float16)
+    specials = [
+        np.full(group_size, rng.standard_normal() * 10),
+        np.array([0.0, 15.0] + [(k % 15) + 0.5 for k in range(group_size - 2)]),
+        rng.standard_normal(group_size) * 1e-6,
+        rng.integers(0, 16, group_size) * 0.25 - 1.0,
+        np.where(rng.random(group_size) < 0.5, -0.0, rng.random(group_size)),
+        np.where(rng.random(group_size) < 0.5, -0.0, 0.0),
+        np.nextafter(tie, np.float16(np.inf)).astype(np.float64),
+        np.nextafter(tie, np.float16(-np.inf)).astype(np.float64),
+        np.array([-65504.0, 65504.0] + list(rng.uniform(-65504, 65504, group_size - 2))),
+        np.where(rng.random(group_size) < 0.5, 2.0**-24, 0.0),  # not constant, scale 0
+    ]
+    for i, row in zip(rng.permutation(groups)[: len(specials)], specials):
+        x[i] = row
+    return x.astype(np.float16).reshape(-1)
+
+
+def edge_case_buffer(rng: np.random.Generator, n: int, group_size: int) -> np.ndarray:
+    """A valid quantized buffer of ``n`` elements for checking dequantize kernels: random
+    codes, and scales that are ordinary, zero (5%) or subnormal in fp16 (5%)."""
+    group_size = check_group_size(group_size)
+    groups = _check_numel(n, group_size) // group_size
+    scales = np.abs(rng.standard_normal(groups)) * 10.0 ** rng.uniform(-3, 1, groups)
+    scales[rng.random(groups) < 0.05] = 0.0
+    scales[rng.random(groups) < 0.05] = 3e-6
+    zeros = rng.standard_normal(groups) * 10
+    return np.concatenate([rng.integers(0, 256, n // 2, dtype=np.uint8),
+                           scales.astype(np.float16).view(np.uint8),
+                           zeros.astype(np.float16).view(np.uint8)])

@@ -66,6 +66,23 @@ INT4_THREADS = 256  # kThreads in int4.cu
 INT4_VEC_ELEMS = 8  # elements per thread per vector (kVec)
 QUANT_VECS_PER_THREAD = 2  # kQuantUnroll
 DEQUANT_VECS_PER_THREAD = 4  # kDequantUnroll
+STAGED_VECS_PER_THREAD = 4  # kStageVecs / kThreads: one staged tile = 8192 elements
+# Variants of the INT4 kernels (int4.cu, "Faster variants"): name -> (kernel infix, vectors
+# per thread per tile). All write the same bytes; benchmarks/int4_kernels.py times them on
+# the GPU and prints which to put here. "warp" is the kernel measured on the H200 on
+# 2026-12-01 (quantize 55%, dequantize 83% of the device copy).
+INT4_QUANT_VARIANTS = {"warp": ("", QUANT_VECS_PER_THREAD),
+                       "lean": ("_lean", QUANT_VECS_PER_THREAD),
+                       "lean4": ("_lean4", 2 * QUANT_VECS_PER_THREAD),
+                       "staged": ("_staged", STAGED_VECS_PER_THREAD)}
+INT4_DEQUANT_VARIANTS = {"warp": ("", DEQUANT_VECS_PER_THREAD),
+                         "stream": ("_stream", DEQUANT_VECS_PER_THREAD),
+                         "staged": ("_staged", STAGED_VECS_PER_THREAD)}
+QUANT_VARIANT = "warp"  # what quantize_int4 launches by default
+DEQUANT_VARIANT = "warp"  # what dequantize_int4 launches by default
+# The channel-key KV block quantize kernel: name -> kernel infix (same bytes; not yet timed).
+KV_QUANT_VARIANTS = {"warp": "", "lean": "_lean"}
+KV_QUANT_VARIANT = "warp"  # what quantize_kv_block_int4 launches by default
 ATTN_THREADS = 128  # kAttnThreads in attention_decode.cu
 ATTN_HEAD_DIMS = (64, 128, 256)
 MAX_GRID_Y = 65535
@@ -434,34 +451,53 @@ def _blocks_per_sm(fn, state: _ContextState, threads: int, dynamic_shared: int =
     )
 
 
-def _int4(direction: str, vecs_per_thread: int, src_ptr, dst_ptr, n, group_size, stream) -> None:
+def int4_kernel(direction: str, variant: str | None = None) -> tuple[str, int]:
+    """(kernel name stem, vectors per thread per tile) of an INT4 kernel variant;
+    ``variant`` None: the default (QUANT_VARIANT / DEQUANT_VARIANT)."""
+    table = INT4_QUANT_VARIANTS if direction == "quantize" else INT4_DEQUANT_VARIANTS
+    variant = variant or (QUANT_VARIANT if direction == "quantize" else DEQUANT_VARIANT)
+    if variant not in table:
+        raise ValueError(f"int4 {direction} variant must be one of {sorted(table)}, got {variant!r}")
+    infix, vecs_per_thread = table[variant]
+    return f"int4_{direction}{infix}", vecs_per_thread
+
+
+def _int4(direction: str, variant, src_ptr, dst_ptr, n, group_size, stream) -> None:
+    stem, vecs_per_thread = int4_kernel(direction, variant)
     n, group_size = _check_int4_args(n, group_size)
     src = _ptr(src_ptr, "src_ptr", 16)
     dst = _ptr(dst_ptr, "dst_ptr", 16)
     family = f"int4_{direction}"
-    fn, state = _function("int4.cu", f"{family}_g{group_size}", family)
+    fn, state = _function("int4.cu", f"{stem}_g{group_size}", family)
+    if stem.endswith("_staged") and int(state.arch[3:]) < 90:
+        raise KernelError(f"int4 {direction}: the staged variant needs TMA (sm_90 or newer); "
+                          f"this device is {state.arch}")
     grid = int4_grid(n, vecs_per_thread, state.num_sms, _blocks_per_sm(fn, state, INT4_THREADS))
     _launch(f"int4 {direction}", fn, (grid, 1), (INT4_THREADS, 1, 1), stream, (src, dst, n))
 
 
-def quantize_int4(src_ptr, dst_ptr, n: int, group_size: int, stream=None) -> None:
+def quantize_int4(src_ptr, dst_ptr, n: int, group_size: int, stream=None,
+                  variant: str | None = None) -> None:
     """Quantize ``n`` fp16 values at ``src_ptr`` into the INT4 byte layout at ``dst_ptr``.
 
     Device: current context. ``src``: fp16[n], finite, 16-byte aligned. ``dst``:
     ``int4_nbytes(n, G)`` bytes, 16-byte aligned, laid out
     ``[packed n/2][scales fp16 n/G][zeros fp16 n/G]`` (bit-exact with ``int4.pack_into``).
     ``n % group_size == 0``, ``group_size`` in {32, 64, 128}. Buffers must not overlap.
+    ``variant``: a key of ``INT4_QUANT_VARIANTS`` (same bytes), default ``QUANT_VARIANT``.
     """
-    _int4("quantize", QUANT_VECS_PER_THREAD, src_ptr, dst_ptr, n, group_size, stream)
+    _int4("quantize", variant, src_ptr, dst_ptr, n, group_size, stream)
 
 
-def dequantize_int4(src_ptr, dst_ptr, n: int, group_size: int, stream=None) -> None:
+def dequantize_int4(src_ptr, dst_ptr, n: int, group_size: int, stream=None,
+                    variant: str | None = None) -> None:
     """Dequantize the INT4 byte layout at ``src_ptr`` (``n`` elements) into fp16 at ``dst_ptr``.
 
     Device: current context. ``src``: ``int4_nbytes(n, G)`` bytes, 16-byte aligned.
     ``dst``: fp16[n], 16-byte aligned. Bit-exact with ``int4.unpack_from(..., float16)``.
+    ``variant``: a key of ``INT4_DEQUANT_VARIANTS``, default ``DEQUANT_VARIANT``.
     """
-    _int4("dequantize", DEQUANT_VECS_PER_THREAD, src_ptr, dst_ptr, n, group_size, stream)
+    _int4("dequantize", variant, src_ptr, dst_ptr, n, group_size, stream)
 
 
 def _check_kv_block_args(block_tokens, channels, group_size) -> tuple[int, int, int]:
@@ -479,12 +515,12 @@ def _check_kv_block_args(block_tokens, channels, group_size) -> tuple[int, int, 
 
 
 def _kv_block(direction: str, vecs_per_thread: int, src_ptr, dst_ptr, block_tokens, channels,
-              group_size, stream) -> None:
+              group_size, stream, infix: str = "") -> None:
     bt, c, group_size = _check_kv_block_args(block_tokens, channels, group_size)
     src = _ptr(src_ptr, "src_ptr", 16)
     dst = _ptr(dst_ptr, "dst_ptr", 16)
     family = f"kv_block_{direction}_int4_kc"
-    fn, state = _function("int4.cu", f"{family}_g{group_size}", family)
+    fn, state = _function("int4.cu", f"{family}{infix}_g{group_size}", family)
     grid = kv_block_grid(bt, c, vecs_per_thread, state.num_sms,
                          _blocks_per_sm(fn, state, INT4_THREADS))
     _launch(f"kv block {direction}", fn, (grid, 2), (INT4_THREADS, 1, 1), stream,
@@ -492,7 +528,7 @@ def _kv_block(direction: str, vecs_per_thread: int, src_ptr, dst_ptr, block_toke
 
 
 def quantize_kv_block_int4(src_ptr, dst_ptr, block_tokens: int, channels: int,
-                           group_size: int, stream=None) -> None:
+                           group_size: int, stream=None, variant: str | None = None) -> None:
     """Quantize one token-major KV block to the channel-key INT4 layout.
 
     Device: current context. ``src``: fp16 ``[block_tokens][2][channels]`` (a token's
@@ -500,10 +536,15 @@ def quantize_kv_block_int4(src_ptr, dst_ptr, block_tokens: int, channels: int,
     aligned. ``dst``: ``kv_layout.int4_block_nbytes(...)`` bytes, 16-byte aligned: the keys
     as one per-channel row, then the values per token in groups of ``group_size``
     (bit-exact with ``kv_layout.pack_int4_block(..., "channel")``). ``block_tokens % 4 ==
-    0``, ``channels % group_size == 0``. Buffers must not overlap.
+    0``, ``channels % group_size == 0``. Buffers must not overlap. ``variant``: a key of
+    ``KV_QUANT_VARIANTS`` (same bytes), default ``KV_QUANT_VARIANT``.
     """
+    variant = variant or KV_QUANT_VARIANT
+    if variant not in KV_QUANT_VARIANTS:
+        raise ValueError(f"kv block quantize variant must be one of {sorted(KV_QUANT_VARIANTS)}, "
+                         f"got {variant!r}")
     _kv_block("quantize", QUANT_VECS_PER_THREAD, src_ptr, dst_ptr, block_tokens, channels,
-              group_size, stream)
+              group_size, stream, KV_QUANT_VARIANTS[variant])
 
 
 def dequantize_kv_block_int4(src_ptr, dst_ptr, block_tokens: int, channels: int,
@@ -786,6 +827,7 @@ __all__ = [
     "dequantize_kv_block_int4",
     "forget_context",
     "int4_grid",
+    "int4_kernel",
     "key_prefix",
     "kv_block_grid",
     "quantize_int4",
