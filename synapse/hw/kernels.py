@@ -78,11 +78,17 @@ INT4_QUANT_VARIANTS = {"warp": ("", QUANT_VECS_PER_THREAD),
 INT4_DEQUANT_VARIANTS = {"warp": ("", DEQUANT_VECS_PER_THREAD),
                          "stream": ("_stream", DEQUANT_VECS_PER_THREAD),
                          "staged": ("_staged", STAGED_VECS_PER_THREAD)}
-QUANT_VARIANT = "warp"  # what quantize_int4 launches by default
-DEQUANT_VARIANT = "warp"  # what dequantize_int4 launches by default
-# The channel-key KV block quantize kernel: name -> kernel infix (same bytes; not yet timed).
+# Defaults from benchmarks/int4_kernels.py on the H200 (2026-12-01, results in
+# benchmarks/results/h200-2026-12-01/int4_kernels.json): quantize staged 3464 GB/s = 82%
+# of the device copy (warp 49%), dequantize staged 3761 GB/s = 89% (warp 81%), at G=64.
+# The staged kernels need TMA: before sm_90 the defaults fall back to the *_PRE_SM90 ones.
+QUANT_VARIANT = "staged"  # what quantize_int4 launches by default
+DEQUANT_VARIANT = "staged"  # what dequantize_int4 launches by default
+QUANT_VARIANT_PRE_SM90, DEQUANT_VARIANT_PRE_SM90 = "lean", "stream"
+# The channel-key KV block quantize kernel: name -> kernel infix (same bytes). lean: 359
+# GB/s against warp's 181 at 256-token blocks of 32x8x128 (both launch-bound there).
 KV_QUANT_VARIANTS = {"warp": "", "lean": "_lean"}
-KV_QUANT_VARIANT = "warp"  # what quantize_kv_block_int4 launches by default
+KV_QUANT_VARIANT = "lean"  # what quantize_kv_block_int4 launches by default
 ATTN_THREADS = 128  # kAttnThreads in attention_decode.cu
 ATTN_HEAD_DIMS = (64, 128, 256)
 MAX_GRID_Y = 65535
@@ -467,6 +473,9 @@ def _int4(direction: str, variant, src_ptr, dst_ptr, n, group_size, stream) -> N
     n, group_size = _check_int4_args(n, group_size)
     src = _ptr(src_ptr, "src_ptr", 16)
     dst = _ptr(dst_ptr, "dst_ptr", 16)
+    if variant is None and int(_state().arch[3:]) < 90:
+        stem, vecs_per_thread = int4_kernel(direction, QUANT_VARIANT_PRE_SM90 if direction ==
+                                            "quantize" else DEQUANT_VARIANT_PRE_SM90)
     family = f"int4_{direction}"
     fn, state = _function("int4.cu", f"{stem}_g{group_size}", family)
     if stem.endswith("_staged") and int(state.arch[3:]) < 90:
