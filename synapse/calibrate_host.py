@@ -136,7 +136,10 @@ def run_pieces(backend_name: str, base_profile: str, progress=None, pieces=None,
     samples, records = [], []
     pieces = PIECES[backend_name] if pieces is None else pieces
     for name, overrides, what in [p for p in pieces for _ in range(repeats)]:
-        sc = load_scenario(name, list(overrides) + [f"profile={base_profile}"])
+        # timed as the scenario runs are timed (benchmarks/scenario_pairs.py): without the
+        # reference checks, whose host time is no part of a run's
+        sc = load_scenario(name, list(overrides) + [f"profile={base_profile}",
+                                                    "checks.data=false"])
         counter = _StepCounter()
         label = f"{name} ({what})"
         if progress:
