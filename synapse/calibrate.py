@@ -180,9 +180,9 @@ def with_driver_fit(prof: Profile, runs: dict, op_table: Path) -> tuple[Profile,
     cols = runs["op_records"]
     kinds_report = {}
     for kind, f in fits.items():
-        pts = [(b, c, e - s) for k, b, c, s, e in zip(cols["kind"], cols["nbytes"], cols["count"],
-                                                      cols["start_s"], cols["end_s"])
-               if k == kind and e > s]
+        pts = [(b, c, e - s) for k, p, b, c, s, e in zip(
+            cols["kind"], cols["purpose"], cols["nbytes"], cols["count"], cols["start_s"],
+            cols["end_s"]) if kind in (k, f"{k}/{p}") and e > s]
         entry = {"n": f.n, "bytes_range": list(f.bytes_range), "table_rel_error": f.rel_error}
         b, c, d = (np.array(v, np.float64) for v in zip(*pts))
         try:
@@ -222,7 +222,7 @@ def format_driver_fit(report: dict) -> list[str]:
     for kind, e in report["op_kinds"].items():
         t, ln = e["table_rel_error"], e["line_rel_error"]
         line = (f"{ln['p50']:.1%} / {ln['max']:.1%}" if isinstance(ln, dict) else ln)
-        lines.append(f"  {kind:<16} {e['n']:>6} ops, {e['bytes_range'][0]:,}-{e['bytes_range'][1]:,} "
+        lines.append(f"  {kind:<24} {e['n']:>6} ops, {e['bytes_range'][0]:,}-{e['bytes_range'][1]:,} "
                      f"B: table |error| p50/p90 {t['p50']:.1%} / {t['p90']:.1%}; line p50/max {line}")
     return lines
 

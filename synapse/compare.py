@@ -190,16 +190,23 @@ def explain(mm: dict, rm: dict, totals: list[dict]) -> dict | None:
     if not isinstance(tm, (int, float)) or not isinstance(tr, (int, float)) or not totals:
         return None
     diff = tm - tr
-    top = max(totals, key=lambda t: abs(t["diff_s"]))
+    ranked = sorted(totals, key=lambda t: -abs(t["diff_s"]))
+    top = ranked[0]
     share = top["diff_s"] / diff if diff else None
-    name = "host busy time" if top["part"] == "host" else f"{top['part']} (summed over its ops)"
-    more = "more" if top["diff_s"] > 0 else "less"
+
+    def says(t, name):
+        more = "more" if t["diff_s"] > 0 else "less"
+        part = f"{name}, {abs(t['diff_s']):.3g} s {more} in the model"
+        return part + (f" ({t['diff_s'] / diff:.0%} of the run-time difference)" if diff else "")
+    def label(t, ops_note=""):
+        return "host busy time" if t["part"] == "host" else t["part"] + ops_note
     sentence = (f"run time {fmt_error(rel_error(tm, tr))} ({diff:+.3g} s): the largest "
-                f"difference is {name}, {abs(top['diff_s']):.3g} s {more} in the model")
-    if share is not None:
-        sentence += f" ({share:.0%} of the run-time difference)"
+                f"difference is {says(top, label(top, ' (summed over its ops)'))}")
+    if len(ranked) > 1 and ranked[1]["diff_s"]:  # the host's time can contain the ops' own
+        sentence += f"; next {says(ranked[1], label(ranked[1]))}"
     return {"part": top["part"], "diff_s": top["diff_s"], "run_time_diff_s": diff,
-            "share": share, "sentence": sentence + "."}
+            "share": share, "next": ranked[1]["part"] if len(ranked) > 1 else None,
+            "sentence": sentence + "."}
 
 
 def _describe(r: RunFiles) -> dict:

@@ -12,9 +12,9 @@ The SimPy backend never computes a duration itself; it asks its ``Predictor``:
 - ``pinned_zero_seconds(nbytes)``: host memset of pinned memory.
 
 Two predictors: ``ProfilePredictor``, the roofline/fit rates of the profile file, and
-``TablePredictor``, per op kind a piecewise-linear fit over sizes (and rows) to op records
-of a real run (``OpTable``; the approach of Vidur's execution-time predictor, written for
-our op kinds). A profile selects one with ``predictor: table`` and ``op_table: FILE``.
+``TablePredictor``, per op kind (and per kind and purpose) a piecewise-linear fit over
+sizes and rows to op records of a real run (the approach of Vidur's execution-time
+predictor, written for our op kinds). A profile selects one with ``predictor: table`` and ``op_table: FILE``.
 """
 
 from __future__ import annotations
@@ -191,18 +191,24 @@ def fit_kind(nbytes, seconds, counts=None) -> KindFit:
 
 
 def fit_table(records) -> dict[str, KindFit]:
-    """A ``KindFit`` per op kind from records (``OpRecord``s or ``ops.json`` columns)."""
+    """A ``KindFit`` per op kind, and per ``kind/purpose`` of it, from records
+    (``OpRecord``s or ``ops.json`` columns): one kind can hold ops whose time has other
+    causes (an ingest's payload is produced on the host inside the op on the cpu backend;
+    a fetch is a copy), and the predictor takes the purpose's fit where there is one."""
     if isinstance(records, dict):  # ops.json columns
         cols = records
-        kinds, nb, cnt = cols["kind"], cols["nbytes"], cols["count"]
+        kinds, purposes = cols["kind"], cols["purpose"]
+        nb, cnt = cols["nbytes"], cols["count"]
         dur = [e - s for s, e in zip(cols["start_s"], cols["end_s"])]
     else:
-        kinds = [r.kind for r in records]
+        kinds, purposes = [r.kind for r in records], [r.purpose for r in records]
         nb, cnt = [r.nbytes for r in records], [r.count for r in records]
         dur = [r.end_s - r.start_s for r in records]
     by: dict[str, list] = {}
-    for k, b, c, d in zip(kinds, nb, cnt, dur):
+    for k, p, b, c, d in zip(kinds, purposes, nb, cnt, dur):
         by.setdefault(k, []).append((b, c, d))
+        if p:
+            by.setdefault(f"{k}/{p}", []).append((b, c, d))
     out = {}
     for k, pts in sorted(by.items()):
         b, c, d = zip(*pts)
@@ -246,7 +252,7 @@ def read_table(path: Path) -> dict[str, KindFit]:
 
 
 class TablePredictor(ProfilePredictor):
-    """Op durations from an ``OpTable`` fitted to a real run's op records; kinds the
+    """Op durations from a table fitted to a real run's op records; kinds the
     table lacks (or host costs) come from the profile. A link copy's table time is its
     uncontended time: its fixed part is what exceeds the bytes at the link's rate, so
     the link model still shares bandwidth when copies overlap."""
@@ -258,7 +264,7 @@ class TablePredictor(ProfilePredictor):
         self.fits = fits
 
     def _table(self, op) -> float | None:
-        f = self.fits.get(op.kind)
+        f = self.fits.get(f"{op.kind}/{op.purpose}") or self.fits.get(op.kind)
         return None if f is None else f.seconds(op.nbytes, op.count)
 
     def link_fixed_seconds(self, op) -> float:
