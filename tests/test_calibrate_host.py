@@ -103,3 +103,36 @@ def test_a_measurement_file_without_its_runs_is_one_line(tmp_path):
     bad.write_text(json.dumps({"driver_runs": {"backend": "cpu", "host_samples": []}}))
     one_line_error(invoke("calibrate", "--backend", "cpu", "-o", tmp_path / "p.yaml",
                           "--from-measurements", bad), "m.json", "driver_runs")
+
+
+def test_a_gpu_record_with_driver_runs_gets_host_costs_and_a_table(cpu_profile, tmp_path):
+    """The cuda branch without a GPU: a recorded micro-benchmark record plus driver runs
+    (here the cpu ones, relabelled) fit a profile whose ops are not host time."""
+    from test_calibrate import _synthetic_record
+    d, _ = cpu_profile
+    runs = json.loads((d / "cpu.measurements.json").read_text())["driver_runs"]
+    rec = dict(_synthetic_record(), driver_runs=dict(runs, backend="cuda"))
+    (tmp_path / "m.json").write_text(json.dumps(rec))
+    r = invoke("calibrate", "-o", tmp_path / "gpu.yaml", "--from-measurements", tmp_path / "m.json")
+    assert r.exit_code == 0, r.output
+    assert "H2D 53.0 GB/s" in r.output and "us per step" in r.output
+    prof = load_profile(str(tmp_path / "gpu.yaml"))
+    assert prof.predictor == "table" and not prof.host.runs_ops
+    mb = prof.measured["driver_fit"]["host_micro_benchmark"]
+    assert mb["submit_us"] == rec["host_submit_us"]  # the micro-benchmark is kept beside
+
+
+@pytest.mark.cuda
+def test_driver_pieces_run_and_fit_on_the_gpu():
+    try:
+        from synapse.hw.cuda_backend import CudaBackend
+        CudaBackend().close()
+    except Exception as e:  # ImportError, BackendUnavailable
+        pytest.skip(f"needs PyCUDA and an NVIDIA GPU: {e}")
+    from synapse.calibrate_host import PIECES, run_pieces
+    from synapse.sim.predictor import fit_table
+    samples, records = run_pieces("cuda", "h200", pieces=PIECES["cpu"], repeats=1)
+    fit = fit_host(samples)
+    assert all(s.host_s > 0 for s in samples)
+    assert fit["rel_error"]["max"] < 1.0, fit["runs"]
+    assert {"attention", "copy_h2d"} <= set(fit_table(records))
