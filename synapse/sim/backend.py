@@ -130,15 +130,11 @@ class SimBackend(Backend):
             yield self.env.timeout(launch_s - self.env.now)
         start = self.env.now
         if self._ops_on_host:  # it ran inside submit: its time was the host's
-            start -= self._op_seconds(op)
+            start -= self.predictor.uncontended_seconds(op)
         else:
             yield from self._execute(op)
         self._records.append(OpRecord(op.kind, op.purpose, stream.value, submit_s, start,
                                       self.env.now, op.nbytes, op.count))
-
-    def _op_seconds(self, op: Op) -> float:
-        p = self.predictor
-        return p.link_fixed_seconds(op) + p.op_seconds(op) if is_link_op(op) else p.op_seconds(op)
 
     def _execute(self, op: Op):
         if is_link_op(op):

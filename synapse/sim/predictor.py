@@ -66,8 +66,7 @@ class ProfilePredictor:
         if isinstance(op, Ingest) and not isinstance(op, Prefill):  # host fills pinned staging
             cost += op.nbytes * self._stage_s_per_byte
         if self.profile.host.runs_ops:  # the backend executes the op inside submit
-            cost += self.link_fixed_seconds(op) + self.op_seconds(op) if is_link_op(op) \
-                else self.op_seconds(op)
+            cost += self.uncontended_seconds(op)
         return cost
 
     def step_seconds(self) -> float:
@@ -77,6 +76,12 @@ class ProfilePredictor:
         return nbytes * self._memset_s_per_byte
 
     # -- device -------------------------------------------------------------------
+    def uncontended_seconds(self, op) -> float:
+        """The op's whole duration when nothing shares the link with it."""
+        if is_link_op(op):
+            return self.link_fixed_seconds(op) + self.op_seconds(op)
+        return self.op_seconds(op)
+
     def link_fixed_seconds(self, op) -> float:
         return op.count * self._latency_s
 
