@@ -27,7 +27,7 @@ import numpy as np
 from .scenarios.tiny import TINY_NEEDLE, TINY_STREAM, TINY_TENANTS, TINY_TSUNAMI
 
 # Ops the simulator charges per further row (Copy, Ingest, Zero, Quantize, Dequantize).
-ROW_KINDS = ("copy_h2d", "copy_d2h", "copy_d2d", "copy_h2h", "memset", "int4_quantize",
+ROW_KINDS = ("copy_h2d", "copy_d2h", "copy_d2d", "copy_h2h", "prefill", "memset", "int4_quantize",
              "int4_dequantize")
 
 _TENANTS = ("workload.tenants=[{name: a, share: 0.5, requests: %d, prompt_tokens: %d, "
