@@ -27,8 +27,8 @@ import numpy as np
 from .scenarios.tiny import TINY_NEEDLE, TINY_STREAM, TINY_TENANTS, TINY_TSUNAMI
 
 # Ops the simulator charges per further row (Copy, Ingest, Zero, Quantize, Dequantize).
-ROW_KINDS = ("copy_h2d", "copy_d2h", "copy_d2d", "copy_h2h", "prefill", "memset", "int4_quantize",
-             "int4_dequantize")
+ROW_KINDS = ("copy_h2d", "copy_d2h", "copy_d2d", "copy_h2h", "prefill", "memset",
+             "int4_quantize", "int4_dequantize")
 
 _TENANTS = ("workload.tenants=[{name: a, share: 0.5, requests: %d, prompt_tokens: %d, "
             "decode_tokens: %d},{name: b, share: 0.5, requests: %d, prompt_tokens: %d, "
@@ -115,8 +115,8 @@ def fit_host(samples: list[HostSample]) -> dict:
             break
         active.pop(int(np.argmin(sol)))  # a negative cost is no cost: drop the most negative
     pred = a @ coef
-    residuals = [{**s.as_dict(), "predicted_s": float(p), "rel_error": float((p - s.host_s) / s.host_s)}
-                 for s, p in zip(samples, pred)]
+    residuals = [{**s.as_dict(), "predicted_s": float(p),
+                  "rel_error": float((p - s.host_s) / s.host_s)} for s, p in zip(samples, pred)]
     err = np.abs((pred - y) / y)
     return {"step_us": float(coef[0] * 1e6), "submit_us": float(coef[1] * 1e6),
             "per_item_us": float(coef[2] * 1e6),

@@ -14,7 +14,8 @@ The SimPy backend never computes a duration itself; it asks its ``Predictor``:
 Two predictors: ``ProfilePredictor``, the roofline/fit rates of the profile file, and
 ``TablePredictor``, per op kind (and per kind and purpose) a piecewise-linear fit over
 sizes and rows to op records of a real run (the approach of Vidur's execution-time
-predictor, written for our op kinds). A profile selects one with ``predictor: table`` and ``op_table: FILE``.
+predictor, written for our op kinds). A profile selects one with ``predictor: table``
+and ``op_table: FILE``.
 """
 
 from __future__ import annotations
@@ -175,7 +176,8 @@ def fit_kind(nbytes, seconds, counts=None) -> KindFit:
     x, rows, t, n = _bins(x_all, rows_all, t_all)
     distinct = np.unique(x)
     k = min(MAX_KNOTS, max(0, distinct.size - 2))
-    knots = tuple(float(v) for v in np.quantile(distinct, np.linspace(0, 1, k + 2)[1:-1])) if k else ()
+    knots = tuple(float(v) for v in np.quantile(distinct, np.linspace(0, 1, k + 2)[1:-1])) \
+        if k else ()
     a = _design(x, rows, knots)
     w = np.sqrt(n) / t
     coef = np.zeros(a.shape[1])
@@ -238,7 +240,8 @@ def read_table(path: Path) -> dict[str, KindFit]:
         raise ScenarioError(f"{path}: op table not found (profile field op_table; "
                             f"`synapse calibrate` writes it beside the profile)") from None
     except (OSError, ValueError) as e:
-        raise ScenarioError(f"{path}: not a readable op table ({' '.join(str(e).split())})") from None
+        raise ScenarioError(f"{path}: not a readable op table "
+                            f"({' '.join(str(e).split())})") from None
     if not isinstance(data, dict) or not isinstance(data.get("kinds"), dict):
         raise ScenarioError(f"{path}: not an op table (expected a JSON object with 'kinds')")
     fits = {}
