@@ -59,9 +59,11 @@ if has tests; then
 fi
 
 if has calibrate; then
-  stage "calibrate (ceilings and profile)"
+  stage "calibrate (ceilings, short runs of every driver: host costs and the op table; profile)"
+  # the host fit's residual per run and each op kind's table error are in calibrate.log
   python3 -m synapse calibrate --backend cuda -o "profiles/$PROFILE.yaml" 2>&1 | tee "$OUT/logs/calibrate.log"
-  mkdir -p "$OUT/profiles" && cp profiles/$PROFILE.yaml profiles/$PROFILE.measurements.json "$OUT/profiles/"
+  mkdir -p "$OUT/profiles" && cp profiles/$PROFILE.yaml profiles/$PROFILE.measurements.json \
+    profiles/$PROFILE.optable.json "$OUT/profiles/"
 fi
 
 if has scenarios; then
@@ -73,6 +75,13 @@ if has scenarios; then
         --out "$OUT/compare-$s" 2>&1 | tee "$OUT/logs/compare-$s.log" | tail -30
     done
   fi
+  # held-out: configurations the calibration never ran (other L1 budgets and context lengths)
+  timeout ${HELDOUT_LIMIT_S:-200} python3 benchmarks/scenario_pairs.py --profile "$PROFILE" \
+    --scenarios needle_heldout,tsunami_heldout --out "$OUT" 2>&1 | tee "$OUT/logs/scenario_pairs_heldout.log"
+  for s in needle_heldout tsunami_heldout; do
+    python3 -m synapse compare "$OUT/$s-sim" "$OUT/$s-cuda" \
+      --out "$OUT/compare-$s" 2>&1 | tee "$OUT/logs/compare-$s.log" | tail -30
+  done
 fi
 
 if has prefix; then

@@ -148,3 +148,93 @@ def build_profile_checked(name: str, m, source: str) -> tuple[Profile, dict]:
     except (TypeError, ValueError, AttributeError, IndexError) as e:
         raise ScenarioError(f"{source}: cannot fit a profile from these measurements "
                             f"({' '.join(str(e).split())})") from None
+
+
+def measure_driver_runs(backend_name: str, base_profile: str, progress=None,
+                        quick: bool = False) -> dict:
+    """Short pieces of every driver on the real backend (``calibrate_host.PIECES``; with
+    ``quick`` the smaller piece of each, once): the host samples and the op records, as
+    the plain data a measurements file keeps."""
+    from .calibrate_host import PIECES, run_pieces
+    from .telemetry import ops_table
+    pieces = PIECES[backend_name]
+    if quick:
+        pieces = [p for i, p in enumerate(pieces) if i == 0 or pieces[i - 1][0] != p[0]]
+    samples, records = run_pieces(backend_name, base_profile, progress, pieces,
+                                  repeats=1 if quick else 2)
+    return {"backend": backend_name, "base": base_profile, "host_samples": [s.as_dict() for s in samples],
+            "op_records": ops_table(records)}
+
+
+def with_driver_fit(prof: Profile, runs: dict, op_table: Path) -> tuple[Profile, dict]:
+    """``prof`` with its host costs fitted to driver runs and its predictor set to a table
+    of op durations fitted to their op records (written to ``op_table``). Returns the
+    profile and the fit report: host coefficients with each run's residual, and per op
+    kind the table's error and, beside it, the error of a roofline line refitted to the
+    same records (the other predictor's best on these sizes)."""
+    from .calibrate_host import HostSample, fit_host
+    from .sim.predictor import fit_table, write_table
+    samples = [HostSample(**s) for s in runs["host_samples"]]
+    host_fit = fit_host(samples)
+    fits = fit_table(runs["op_records"])
+    cols = runs["op_records"]
+    kinds_report = {}
+    for kind, f in fits.items():
+        pts = [(b, c, e - s) for k, p, b, c, s, e in zip(
+            cols["kind"], cols["purpose"], cols["nbytes"], cols["count"], cols["start_s"],
+            cols["end_s"]) if kind in (k, f"{k}/{p}") and e > s]
+        entry = {"n": f.n, "bytes_range": list(f.bytes_range), "table_rel_error": f.rel_error}
+        b, c, d = (np.array(v, np.float64) for v in zip(*pts))
+        try:
+            line = fit_rate(b, d, c)
+            entry["line_rel_error"] = {"p50": float(np.median(np.abs(
+                np.array([line.seconds(x, int(n)) for x, n in zip(b, c)]) - d) / d)),
+                "max": fit_error(line, b, d, c)}
+        except ValueError as e:
+            entry["line_rel_error"] = f"no line fit: {e}"
+        kinds_report[kind] = entry
+    write_table(fits, op_table, {"backend": runs["backend"], "runs": len(samples)})
+    host = replace(prof.host, step_us=host_fit["step_us"], submit_us=host_fit["submit_us"],
+                   per_item_us=host_fit["per_item_us"], runs_ops=runs["backend"] == "cpu")
+    report = {"host": host_fit, "op_kinds": kinds_report}
+    measured = dict(prof.measured, driver_fit={
+        "backend": runs["backend"],
+        "host": {k: host_fit[k] for k in ("step_us", "submit_us", "per_item_us",
+                                           "terms_fitted", "rel_error")},
+        "host_micro_benchmark": {"submit_us": prof.host.submit_us,
+                                 "per_item_us": prof.host.per_item_us},
+        "op_table_rel_error": {k: v["table_rel_error"] for k, v in kinds_report.items()}})
+    return replace(prof, host=host, predictor="table", op_table=op_table.name,
+                   measured=measured), report
+
+
+def format_driver_fit(report: dict) -> list[str]:
+    """The fit report as lines for the terminal: host coefficients, each run's residual,
+    and each op kind's error (table and line)."""
+    h = report["host"]
+    lines = [f"host: {h['step_us']:.1f} us per step + {h['submit_us']:.2f} us per op + "
+             f"{h['per_item_us']:.2f} us per further row (fitted: {', '.join(h['terms_fitted'])}); "
+             f"|error| p50 {h['rel_error']['p50']:.1%}, max {h['rel_error']['max']:.1%}"]
+    for r in h["runs"]:
+        lines.append(f"  {r['piece']:<44} steps {r['steps']:>5} ops {r['ops']:>6} rows "
+                     f"{r['rows']:>7}: measured {r['host_s']:.4f} s, fitted "
+                     f"{r['predicted_s']:.4f} s ({r['rel_error']:+.1%})")
+    for kind, e in report["op_kinds"].items():
+        t, ln = e["table_rel_error"], e["line_rel_error"]
+        line = (f"{ln['p50']:.1%} / {ln['max']:.1%}" if isinstance(ln, dict) else ln)
+        lines.append(f"  {kind:<24} {e['n']:>6} ops, {e['bytes_range'][0]:,}-{e['bytes_range'][1]:,} "
+                     f"B: table |error| p50/p90 {t['p50']:.1%} / {t['p90']:.1%}; line p50/max {line}")
+    return lines
+
+
+def driver_fit_checked(prof: Profile, runs, op_table: Path, source: str) -> tuple[Profile, dict]:
+    """``with_driver_fit`` for runs read from a file: a record that is not one is one
+    ScenarioError line naming the file."""
+    try:
+        return with_driver_fit(prof, runs, op_table)
+    except KeyError as e:
+        raise ScenarioError(f"{source}: driver_runs: not a record of calibrate's driver runs "
+                            f"(no {e.args[0]!r})") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ScenarioError(f"{source}: driver_runs: cannot fit host costs and an op table "
+                            f"({' '.join(str(e).split())})") from None

@@ -181,27 +181,32 @@ def validate(scenario, overrides, backend):
 
 
 @main.command()
-@click.option("--backend", default="cuda", show_default=True, type=click.Choice(["cuda", "disk"]),
-              help="What to measure: cuda, this GPU and the disk; disk, only the disk (no GPU "
-                   "needed; the other figures are copied from --base).")
+@click.option("--backend", default="cuda", show_default=True,
+              type=click.Choice(["cuda", "cpu", "disk"]),
+              help="What to measure: cuda, this GPU, the disk and short runs of every driver; "
+                   "cpu, short driver runs on the NumPy backend (no GPU needed; the link and "
+                   "disk figures are --base's); disk, only the disk (others from --base).")
 @click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
               help="Profile to write, e.g. profiles/h100-mine.yaml (the raw measurements go "
                    "beside it as .measurements.json); checked before measuring starts.")
 @click.option("--name", help="Profile name scenarios refer to (default: the file's stem).")
-@click.option("--quick", is_flag=True, help="Smaller buffers and files: about a quarter of the time.")
+@click.option("--quick", is_flag=True, help="Smaller buffers and files, one short run per "
+                                            "driver: about a quarter of the time.")
 @click.option("--disk-dir", "disk_dir", type=click.Path(file_okay=False, path_type=Path),
               help="A directory on the disk the L3 tier will use (default: the output's "
                    "directory); temporary files are written there and removed.")
-@click.option("--base", help="With --backend disk: the profile (name or path) whose other "
-                             "figures the new profile keeps.")
+@click.option("--base", help="With --backend disk or cpu: the profile (name or path) whose "
+                             "other figures the new profile keeps (cpu: default h100-sxm).")
 @click.option("--from-measurements", "from_json", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Fit a profile from a recorded .measurements.json instead of measuring.")
 @one_line_errors
 def calibrate(backend, output, name, quick, disk_dir, base, from_json):
     """Measure this GPU (link by transfer size, both directions, device copy, INT4 and
     attention kernels, GEMM, host overhead) and the local disk (sequential write and cold
-    read), and write a hardware profile the simulator loads by name. Takes about a minute.
-    `--backend disk --base h200` measures only the disk."""
+    read), run short pieces of every scenario driver to fit the host's cost per step, op
+    and row and a table of op durations, and write a hardware profile the simulator loads
+    by name. Takes a minute or two. `--backend cpu` runs only the driver pieces, on the
+    NumPy backend; `--backend disk --base h200` measures only the disk."""
     import json
 
     from .calibrate import build_profile_checked, with_disk, write_profile
@@ -216,8 +221,16 @@ def calibrate(backend, output, name, quick, disk_dir, base, from_json):
     if backend == "disk" and base is None and not from_json:
         raise ScenarioError("calibrate --backend disk: --base PROFILE is needed (the profile "
                             "whose other figures are kept), e.g. --base h200")
+    if backend == "cpu" and base is None:
+        base = "h100-sxm"
     if from_json:
         raw = read_json(from_json)
+    elif backend == "cpu":
+        from .calibrate import measure_driver_runs
+        from .sim.profile import load_profile
+        check_file(measurements, "-o")
+        load_profile(base)  # a bad --base is refused before anything runs
+        raw = {"driver_runs": measure_driver_runs("cpu", base, progress, quick)}
     elif backend == "disk":
         raw = {"disk": _measure_disk(disk_dir, quick, progress)}
     else:
@@ -231,6 +244,8 @@ def calibrate(backend, output, name, quick, disk_dir, base, from_json):
             raise BackendUnavailable(f"calibrate needs PyCUDA and an NVIDIA GPU ({e})") from None
         raw = measure_all(progress=progress, quick=quick)
         raw["disk"] = _measure_disk(disk_dir, quick, progress)
+        from .calibrate import measure_driver_runs
+        raw["driver_runs"] = measure_driver_runs("cuda", base or "h200", progress, quick)
     if not from_json:
         atomic_write(measurements, json.dumps(raw, indent=1, default=str))
     measured_on = None
@@ -239,11 +254,27 @@ def calibrate(backend, output, name, quick, disk_dir, base, from_json):
         prof, quality = with_disk(load_profile(base), name, raw["disk"])
         measured_on = (f"the disk at {raw['disk']['directory']} only; every other figure is "
                        f"profile {base}'s")
+    elif "driver_runs" in raw and "h2d" not in raw:  # calibrate --backend cpu
+        from dataclasses import replace as _replace
+
+        from .sim.profile import load_profile
+        base = base or raw["driver_runs"].get("base") or "h100-sxm"
+        prof, quality = _replace(load_profile(base), name=name,
+                                 device="host (NumPy cpu backend)", op_table="",
+                                 measured={"base": base}), {}
+        measured_on = f"the NumPy cpu backend of this host; link and disk figures are {base}'s"
     else:
         prof, quality = build_profile_checked(name, raw, str(from_json or measurements))
+    fit_lines = []
+    if "driver_runs" in raw:
+        from .calibrate import driver_fit_checked, format_driver_fit
+        prof, report = driver_fit_checked(prof, raw["driver_runs"],
+                                          output.with_suffix(".optable.json"),
+                                          str(from_json or measurements))
+        fit_lines = format_driver_fit(report)
     write_profile(prof, output, measured_on)
     l, k = prof.link, prof.kernels
-    if backend != "disk":
+    if "h2d" in raw:
         click.echo(f"{prof.device}: H2D {l.h2d_gb_per_s:.1f} GB/s, D2H {l.d2h_gb_per_s:.1f} GB/s, "
                    f"both {l.duplex_gb_per_s:.1f} GB/s, copy fixed {l.copy_latency_us:.1f} us; "
                    f"attention {k.attention.gb_per_s:.0f} GB/s; INT4 q/dq "
@@ -255,8 +286,11 @@ def calibrate(backend, output, name, quick, disk_dir, base, from_json):
         click.echo(f"disk {prof.disk.device}: read {dk.read.gb_per_s:.2f} GB/s + "
                    f"{dk.read.fixed_us:.0f} us a file, write {dk.write.gb_per_s:.2f} GB/s + "
                    f"{dk.write.fixed_us:.0f} us; page cache: {raw['disk']['cache_effects']}")
+    for line in fit_lines:
+        click.echo(line)
     worst = max(quality.values()) if quality else 0.0
-    click.echo(f"fits: worst relative error {worst:.1%} ({', '.join(f'{k} {v:.1%}' for k, v in quality.items())})")
+    if quality:
+        click.echo(f"fits: worst relative error {worst:.1%} ({', '.join(f'{k} {v:.1%}' for k, v in quality.items())})")
     click.echo(f"wrote {output}")
 
 

@@ -6,8 +6,10 @@ two results of the same scenario, ``compare_runs`` reports, per metric, the rela
 of the two is one (the other, measured on ``cpu`` or ``cuda``, is the reference); with two
 runs of one kind, A is the model and B the reference. Metrics: end-to-end run time, hit
 rates and counters, bytes moved per direction, latency percentiles per op kind (copies,
-kernels, steps); and whether the two made identical placement decisions, with the first
-divergence (step, action, blocks) when they did not.
+kernels, steps), seconds per op kind, and one sentence naming the op kind or host phase
+whose difference is largest, with its share of the run-time difference; and whether the
+two made identical placement decisions, with the first divergence (step, action, blocks)
+when they did not.
 
 "The same scenario" means the same resolved configuration except the fields that do not
 change what is run: ``profile`` (the simulator's hardware model: the very thing being
@@ -145,10 +147,66 @@ def compare_runs(a: RunFiles, b: RunFiles, with_timelines: bool = True) -> dict:
         "latency": latency,
         "decisions": diff_decisions(model.decisions, ref.decisions),
     }
+    report["op_totals"] = op_totals(mm, rm)
+    report["explanation"] = explain(mm, rm, report["op_totals"])
     if with_timelines:
         report["timelines"] = {"model": model.result.get("timeline", {}),
                                "reference": ref.result.get("timeline", {})}
     return report
+
+
+def op_totals(mm: dict, rm: dict) -> list[dict]:
+    """Seconds spent per op kind (mean x count) in each run, and the host's busy time:
+    the parts a run-time difference is made of (op times overlap one another and the
+    host, so they are shares of the difference's sources, not of the critical path)."""
+    out = []
+    lm, lr = mm.get("latency", {}), rm.get("latency", {})
+    for op in sorted((set(lm) | set(lr)) - {"step"}):
+        tm = _total_s(lm.get(op))
+        tr = _total_s(lr.get(op))
+        if tm is None and tr is None:
+            continue
+        out.append({"part": op, "model_s": tm, "reference_s": tr,
+                    "count_model": lm.get(op, {}).get("count", 0),
+                    "count_reference": lr.get(op, {}).get("count", 0),
+                    "diff_s": (tm or 0.0) - (tr or 0.0)})
+    hm, hr = mm.get("host_busy_s"), rm.get("host_busy_s")
+    if isinstance(hm, (int, float)) and isinstance(hr, (int, float)):
+        out.append({"part": "host", "model_s": hm, "reference_s": hr, "diff_s": hm - hr})
+    return out
+
+
+def _total_s(stats: dict | None) -> float | None:
+    if not stats or stats.get("mean_us") is None:
+        return None
+    return stats["mean_us"] * stats.get("count", 0) * 1e-6
+
+
+def explain(mm: dict, rm: dict, totals: list[dict]) -> dict | None:
+    """Where the largest run-time difference comes from: the op kind (time summed over its
+    ops) or the host's busy time whose difference is largest, with its size as a share of
+    the run-time difference. None when the run times are not both known."""
+    tm, tr = mm.get("run_time_s"), rm.get("run_time_s")
+    if not isinstance(tm, (int, float)) or not isinstance(tr, (int, float)) or not totals:
+        return None
+    diff = tm - tr
+    ranked = sorted(totals, key=lambda t: -abs(t["diff_s"]))
+    top = ranked[0]
+    share = top["diff_s"] / diff if diff else None
+
+    def says(t, name):
+        more = "more" if t["diff_s"] > 0 else "less"
+        part = f"{name}, {abs(t['diff_s']):.3g} s {more} in the model"
+        return part + (f" ({t['diff_s'] / diff:.0%} of the run-time difference)" if diff else "")
+    def label(t, ops_note=""):
+        return "host busy time" if t["part"] == "host" else t["part"] + ops_note
+    sentence = (f"run time {fmt_error(rel_error(tm, tr))} ({diff:+.3g} s): the largest "
+                f"difference is {says(top, label(top, ' (summed over its ops)'))}")
+    if len(ranked) > 1 and ranked[1]["diff_s"]:  # the host's time can contain the ops' own
+        sentence += f"; next {says(ranked[1], label(ranked[1]))}"
+    return {"part": top["part"], "diff_s": top["diff_s"], "run_time_diff_s": diff,
+            "share": share, "next": ranked[1]["part"] if len(ranked) > 1 else None,
+            "sentence": sentence + "."}
 
 
 def _describe(r: RunFiles) -> dict:
@@ -290,8 +348,16 @@ def format_report(rep: dict) -> str:
     if lat:
         lines.append("")
         lines += _table(("latency", "model", "reference", "rel. error"), lat)
+    tot = [(f"{x['part']} total (s)", fmt_value(x["model_s"]), fmt_value(x["reference_s"]),
+            fmt_error(rel_error(x["model_s"], x["reference_s"])))
+           for x in rep.get("op_totals", []) if x["part"] != "host"]
+    if tot:
+        lines.append("")
+        lines += _table(("time per op kind", "model", "reference", "rel. error"), tot)
     lines.append("")
     lines.append(_decisions_line(rep["decisions"]))
+    if rep.get("explanation"):
+        lines.append(rep["explanation"]["sentence"])
     return "\n".join(lines)
 
 

@@ -136,3 +136,39 @@ def test_runs_without_decision_traces_are_not_called_identical(tmp_path):
     assert rep["decisions"]["identical"] is None
     r = invoke("compare", a, b)
     assert r.exit_code == 0 and "not compared" in r.output
+
+
+def test_the_largest_difference_is_explained_with_its_share(tmp_path):
+    """Two simulator runs whose profiles differ only in the attention kernel's rate: the
+    explanation names attention, and its share is its summed time's difference over the
+    run-time difference."""
+    import yaml
+
+    from synapse.sim.profile import available_profiles
+    prof = yaml.safe_load(available_profiles()["h100-sxm"].read_text())
+    prof["kernels"]["attention"]["gb_per_s"] /= 20
+    slow = tmp_path / "slow.yaml"
+    slow.write_text(yaml.safe_dump(prof))
+    write_result(run("needle", TINY + [f"profile={slow}"]), tmp_path / "slow")
+    write_result(run("needle", TINY), tmp_path / "base")
+    rep = compare_paths(tmp_path / "slow", tmp_path / "base")
+    ex = rep["explanation"]
+    assert ex["part"] == "attention" and ex["diff_s"] > 0
+    parts = {t["part"]: t for t in rep["op_totals"]}
+    assert ex["diff_s"] == pytest.approx(parts["attention"]["model_s"] - parts["attention"]["reference_s"])
+    assert ex["share"] == pytest.approx(ex["diff_s"] / ex["run_time_diff_s"])
+    r = invoke("compare", tmp_path / "slow", tmp_path / "base", "-o", tmp_path / "c")
+    assert r.exit_code == 0, r.output
+    assert "the largest difference is attention" in r.output
+    assert "time per op kind" in r.output
+
+
+def test_a_host_phase_can_be_the_explanation(runs):
+    # cpu against the uncalibrated simulator: whatever part it names, it is the part
+    # with the largest difference among the op kinds and the host
+    rep = compare_paths(runs["sim"], runs["cpu"])
+    ex = rep["explanation"]
+    largest = max(rep["op_totals"], key=lambda t: abs(t["diff_s"]))
+    assert ex["part"] == largest["part"]
+    assert "host" in {t["part"] for t in rep["op_totals"]}
+    assert ex["sentence"].startswith("run time ")

@@ -1,11 +1,12 @@
 """The SimPy backend: HBM, the host link and the GPU's streams as a discrete-event model.
 
 Streams execute ops in submission order; ``after`` tickets of other streams gate an op's
-start (the CUDA stream/event model). The host is modelled too: every ``submit`` costs
-``host.submit_us`` of host time, and an op cannot start before the host has issued it, so
-launch-bound regimes are visible. Copies go through ``LinkModel``; kernels take
-``fixed_us + bytes / rate`` (a roofline with FLOPs where the profile gives a TFLOP/s
-ceiling). Nothing here moves bytes: ops' payload sources are never called.
+start (the CUDA stream/event model). The host is modelled too: every ``submit`` costs host
+time, and so does each step's safe point (the driver's Python around its ops), and an op
+cannot start before the host has issued it, so launch-bound regimes are visible. Every
+duration comes from one ``Predictor`` (``sim/predictor.py``, chosen by the profile);
+copies over the host link share it through ``LinkModel``. Nothing here moves bytes: ops'
+payload sources are never called.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from typing import Sequence
 import simpy
 
 from ..backend import Backend
-from ..ops import (ZERO_STREAM, Attention, Copy, Dequantize, DiskIO, Ingest, LayerCompute, Op,
-                   OpRecord, Prefill, Quantize, Stream, Zero)
+from ..ops import ZERO_STREAM, Copy, Op, OpRecord, Stream, Zero
 from .link import LinkModel
+from .predictor import is_link_op, predictor_for
 from .profile import Profile
 
 
@@ -65,18 +66,16 @@ class SimBackend(Backend):
     simulated = True
     moves_data = False
 
-    def __init__(self, profile: Profile):
+    def __init__(self, profile: Profile, predictor=None):
         self.profile = profile
+        self.predictor = predictor or predictor_for(profile)
+        self._ops_on_host = profile.host.runs_ops
         self.env = simpy.Environment()
         self.link = LinkModel(self.env, profile.link)
         self._tail: dict[Stream, simpy.Event | None] = {s: None for s in Stream}
         self._records: list[OpRecord] = []
         self._host_s = 0.0
         self._host_busy = 0.0
-        self._submit_s = profile.host.submit_us * 1e-6
-        self._item_s = profile.host.per_item_us * 1e-6
-        stage = profile.host.stage_gb_per_s
-        self._stage_s_per_byte = 1.0 / (stage * 1e9) if stage else 0.0
         self._pending_zero: dict[str, list] = {}
 
     # -- memory -------------------------------------------------------------------
@@ -88,10 +87,10 @@ class SimBackend(Backend):
 
     def queue_zero_ranges(self, mem: SimMemory, ranges: list) -> None:
         if mem.kind == "pinned_host":
-            rate = self.profile.host.memset_gb_per_s * 1e9
+            zero_s = self.predictor.pinned_zero_seconds
             host, busy, now = self._host_s, self._host_busy, self.env.now
             for _, nbytes in ranges:  # host_work of each, inline: the same float sums
-                seconds = nbytes / rate
+                seconds = zero_s(nbytes)
                 host = max(host, now) + seconds
                 busy += seconds
             self._host_s, self._host_busy = host, busy
@@ -112,11 +111,7 @@ class SimBackend(Backend):
 
     def _enqueue(self, op: Op, stream: Stream, after: Sequence) -> simpy.Event:
         now = self.env.now
-        cost = self._submit_s
-        if op.count > 1 and isinstance(op, (Copy, Ingest, Zero, Quantize, Dequantize)):
-            cost += (op.count - 1) * self._item_s
-        if isinstance(op, Ingest) and not isinstance(op, Prefill):  # host fills pinned staging
-            cost += op.nbytes * self._stage_s_per_byte
+        cost = self.predictor.submit_seconds(op)
         self._host_s = max(self._host_s, now) + cost
         self._host_busy += cost
         deps = [t for t in after if t is not None]
@@ -134,38 +129,20 @@ class SimBackend(Backend):
         if launch_s > self.env.now:
             yield self.env.timeout(launch_s - self.env.now)
         start = self.env.now
-        yield from self._execute(op)
+        if self._ops_on_host:  # it ran inside submit: its time was the host's
+            start -= self.predictor.uncontended_seconds(op)
+        else:
+            yield from self._execute(op)
         self._records.append(OpRecord(op.kind, op.purpose, stream.value, submit_s, start,
                                       self.env.now, op.nbytes, op.count))
 
     def _execute(self, op: Op):
-        k = self.profile.kernels
-        if isinstance(op, Copy):
-            if op.direction == "d2d":  # bytes read + written at the device copy rate
-                yield self.env.timeout(k.copy.seconds(2 * op.nbytes, 1))
-            elif op.direction == "h2h":
-                yield self.env.timeout(self.profile.host.memcpy_seconds(op.nbytes))
-            else:
-                yield from self.link.transfer(op.direction, op.nbytes, op.count)
-        elif isinstance(op, Prefill):
-            yield self.env.timeout(k.gemm.seconds(0, 1, op.flops))
-        elif isinstance(op, DiskIO):
-            rate = self.profile.disk.read if op.direction == "read" else self.profile.disk.write
-            yield self.env.timeout(rate.seconds(op.nbytes, op.count))
-        elif isinstance(op, Ingest):
-            yield from self.link.transfer("h2d", op.nbytes, op.count)
-        elif isinstance(op, Quantize):
-            yield self.env.timeout(k.int4_quantize.seconds(op.nbytes, op.count))
-        elif isinstance(op, Dequantize):
-            yield self.env.timeout(k.int4_dequantize.seconds(op.nbytes, op.count))
-        elif isinstance(op, Attention):
-            yield self.env.timeout(k.attention.seconds(op.nbytes, 1, op.flops))
-        elif isinstance(op, LayerCompute):
-            yield self.env.timeout(k.gemm.seconds(op.weight_bytes, 1, op.flops))
-        elif isinstance(op, Zero):
-            yield self.env.timeout(k.memset.seconds(op.nbytes, op.count))
+        if is_link_op(op):
+            direction = op.direction if isinstance(op, Copy) else "h2d"
+            yield from self.link.transfer(direction, op.nbytes, op.count,
+                                          fixed_s=self.predictor.link_fixed_seconds(op))
         else:
-            raise TypeError(f"the simulator has no cost model for {type(op).__name__}")
+            yield self.env.timeout(self.predictor.op_seconds(op))
 
     def wait(self, tickets: Sequence) -> simpy.Event:
         return self.env.all_of([t for t in tickets if t is not None])
@@ -183,6 +160,11 @@ class SimBackend(Backend):
     def host_busy_s(self) -> float:
         return self._host_busy
 
+    def step_done(self) -> None:
+        step_s = self.predictor.step_seconds()
+        if step_s:
+            self.host_work(step_s)
+
     def run(self, process) -> None:
         proc = self.env.process(process)
         self.env.run()
@@ -196,4 +178,5 @@ class SimBackend(Backend):
         return self._records
 
     def environment(self) -> dict:
-        return {"profile": self.profile.name, "profile_device": self.profile.device}
+        return {"profile": self.profile.name, "profile_device": self.profile.device,
+                "predictor": self.predictor.name}

@@ -40,12 +40,14 @@ class LinkModel:
         self._version = 0
         self.bytes_moved = {"h2d": 0, "d2h": 0}
 
-    def transfer(self, direction: str, nbytes: int, calls: int = 1):
-        """SimPy process body: ``calls`` copies totalling ``nbytes`` in one direction."""
+    def transfer(self, direction: str, nbytes: int, calls: int = 1, fixed_s: float | None = None):
+        """SimPy process body: ``calls`` copies totalling ``nbytes`` in one direction;
+        ``fixed_s`` (the predictor's) replaces ``calls * copy_latency_us`` when given."""
+        fixed = calls * self.latency_s if fixed_s is None else fixed_s
         with self.engines.request() as req:
             yield req
-            if calls and self.latency_s:
-                yield self.env.timeout(calls * self.latency_s)
+            if calls and fixed:
+                yield self.env.timeout(fixed)
             if nbytes > 0:
                 flow = _Flow(direction, nbytes, self.env.event())
                 self._advance()

@@ -5,6 +5,10 @@ calibrate`` writes new ones from a real GPU). Each rate is in GB/s (1e9 bytes/s)
 fixed cost in microseconds. An operation takes ``fixed_us + bytes / rate`` (and, for
 kernels that also do arithmetic, the larger of the byte time and ``flops / tflops``, a
 roofline). Profiles are looked up by name in ``./profiles`` first, then in the package.
+
+How durations are computed is the predictor's business (``sim/predictor.py``): the
+``predictor`` field picks the rates above (``profile``) or a table fitted to a real run's
+op records (``table``, with ``op_table`` naming its file, relative to the profile's).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from ..config import build, checked, load_yaml, within
+from ..config import build, checked, load_yaml, one_of, within
 from ..units import MAX_BYTES
 from ..errors import ScenarioError
 
@@ -76,6 +80,13 @@ class Host:
     per_item_us: float = checked(
         0.0, within(0.0, 1e6), "host time per further row of a batched copy, ingest, memset or "
         "quantize op (one driver call each on the hardware); 0: not modelled", _US)
+    step_us: float = checked(
+        0.0, within(0.0, 1e7), "host time per driver step outside its submits (planning, "
+        "bookkeeping: the Python around the ops); calibrate fits it from driver runs; "
+        "0: not modelled", "ten seconds of host work per step is beyond any driver")
+    runs_ops: bool = checked(
+        False, doc="the backend runs each op on the host inside submit (the NumPy cpu "
+        "backend): an op's duration is host time, not overlapped with the host")
     stage_gb_per_s: float = checked(
         0.0, within(0.0, 1e6), "host copy of an ingested payload into pinned staging, GB/s "
         "(0: not modelled; calibrate measures it)", _GBS)
@@ -118,6 +129,11 @@ class Profile:
     kernels: Kernels = field(default_factory=Kernels)
     host: Host = field(default_factory=Host)
     disk: Disk = field(default_factory=Disk)
+    predictor: str = checked("profile", one_of("profile", "table"),
+                             "what the simulator's durations come from: these rates "
+                             "(profile) or a table fitted to op records (table)")
+    op_table: str = checked("", doc="predictor table: the op table file (JSON from synapse "
+                            "calibrate), relative to this profile's directory")
     measured: dict = field(default_factory=dict)  # calibrate: device, driver, versions, date
 
 
@@ -136,11 +152,28 @@ def available_profiles() -> dict[str, Path]:
     return dict(sorted(found.items()))
 
 
+def _load(path: Path) -> Profile:
+    prof = build(Profile, load_yaml(path), str(path))
+    if prof.predictor == "table" and not prof.op_table:
+        raise ScenarioError(f"{path}: op_table: missing, expected the op table file that "
+                            f"predictor 'table' reads (synapse calibrate writes one)")
+    if prof.op_table:  # resolved now: a run's working directory is not the profile's
+        from dataclasses import replace
+        table = Path(prof.op_table)
+        if not table.is_absolute():
+            table = path.parent / table
+        if not table.is_file():
+            raise ScenarioError(f"{path}: op_table: got {prof.op_table!r}, expected an op "
+                                f"table file (none at {table})")
+        prof = replace(prof, op_table=str(table.resolve()))
+    return prof
+
+
 def load_profile(name_or_path: str) -> Profile:
     """A profile by name (``h100-sxm``) or by path (``profiles/mine.yaml``)."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists():
-        return build(Profile, load_yaml(p), str(p))
+        return _load(p)
     profiles = available_profiles()
     if name_or_path not in profiles:
         import difflib
@@ -148,5 +181,4 @@ def load_profile(name_or_path: str) -> Profile:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ScenarioError(f"profile: unknown hardware profile {name_or_path!r}{hint} "
                             f"(available: {', '.join(profiles) or 'none'})")
-    path = profiles[name_or_path]
-    return build(Profile, load_yaml(path), str(path))
+    return _load(profiles[name_or_path])
