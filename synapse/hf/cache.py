@@ -33,11 +33,18 @@ eviction, tokens and logits equal ``DynamicCache``'s bit for bit.
 
 Positions stay right after eviction: ``get_seq_length`` is the number of tokens seen,
 ``get_mask_sizes`` the number of keys returned, with the offset that keeps the causal
-mask correct for the new tokens. One sequence (batch size 1).
+mask correct for the new tokens.
+
+Batches (B > 1) and padded prompts run one such stack per sequence, with a 1/B share of
+the budgets, pads never stored, and a 4D mask laid out like each sequence's keys
+(``synapse.hf.batch``); beam search, ``num_return_sequences`` and the batch verbs
+reorder (and where needed copy) those stacks. One unpadded sequence keeps the path
+above, with no per-sequence bookkeeping.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 
@@ -53,6 +60,7 @@ from ..kv.shape import KVShape
 from ..kv.stack import DEMOTE_NAMES, PolicySettings, build_stack
 from ..monitor.cache_probe import publish_cache_step
 from ..telemetry import Recorder
+from .batch import BatchedSequences, check_implementation
 from .errors import UnsupportedModel
 from .int4 import dequantize_layer_rows, layer_row_sections
 from .scores import FUSED_FROM_QUERIES, QueryTap, token_mass, token_mass_fused
@@ -89,19 +97,29 @@ class _Layer(CacheLayerMixin):
     def reset(self) -> None:
         self.owner.reset()
 
-    def crop(self, tokens_to_remove: int) -> None:
-        raise UnsupportedModel("TieredCache cannot crop (assisted decoding, rollbacks): its blocks "
-                               "may have been demoted or dropped")
+    # the blocks of a layer move with every other layer's: the verbs are the cache's
+    def crop(self, max_length: int) -> None:
+        raise UnsupportedModel("TieredCache crops all layers at once: call cache.crop(max_length)")
 
     def reorder_cache(self, beam_idx) -> None:
-        raise UnsupportedModel("TieredCache serves one sequence; beam search is not supported")
+        raise UnsupportedModel("TieredCache reorders all layers at once: call cache.reorder_cache")
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if repeats != 1:
-            raise UnsupportedModel("TieredCache serves one sequence (batch size 1)")
+        raise UnsupportedModel("call cache.batch_repeat_interleave on the TieredCache")
 
     def batch_select_indices(self, indices) -> None:
-        raise UnsupportedModel("TieredCache serves one sequence (batch size 1)")
+        raise UnsupportedModel("call cache.batch_select_indices on the TieredCache")
+
+
+# what one sequence's state is made of: moved to a child when a sequence becomes a batch
+_SEQUENCE_STATE = ("seen_tokens", "_begun", "step", "planner", "stack", "_backend", "_step",
+                   "_pending", "_l2_free", "_step_mass", "device", "dtype", "rec", "read_h2d",
+                   "stall_s", "l1_peak_bytes", "l1_reserved_peak_bytes", "step_l1_bytes",
+                   "masses", "layer_masses", "_layer_mass_rows", "_t0", "shape", "token_bytes",
+                   "l1_budget_bytes")
+# not copied by copy.deepcopy: hooks, the model, streams and buffers made again on demand
+_NOT_COPIED = ("tap", "_model", "_hooks", "_attn_hooks", "_cs", "_l2_free", "_l2_buf",
+               "_monitor_probe")
 
 
 def _text_config(config):
@@ -135,12 +153,21 @@ class TieredCache(Cache):
                  prefetch_blocks: int = 0, access_factor: float = 4.0,
                  record_masses: bool = False, vmm: bool | None = None,
                  int4_keys: str = DEFAULT_KEY_FORMAT):
+        self._init_args = dict(policy=policy, l1_budget_tokens=l1_budget_tokens, demote=demote,
+                               block_tokens=block_tokens, backend=backend,
+                               l2_budget_tokens=l2_budget_tokens, int4_group=int4_group,
+                               heavy_ratio=heavy_ratio, sink_blocks=sink_blocks,
+                               high_watermark=high_watermark, low_watermark=low_watermark,
+                               eviction_ratio=eviction_ratio, prefetch_blocks=prefetch_blocks,
+                               access_factor=access_factor, record_masses=record_masses,
+                               vmm=vmm, int4_keys=int4_keys)
         if hasattr(config_or_model, "config") and isinstance(config_or_model, torch.nn.Module):
             model = config_or_model if model is None else model
             config = config_or_model.config
         else:
             config = config_or_model
         cfg = _text_config(config)
+        self._config = config
         self.model_type = getattr(cfg, "model_type", type(cfg).__name__)
         try:  # the layer kinds DynamicCache would build for this config
             from transformers.cache_utils import get_layer_types_and_kwargs
@@ -200,6 +227,10 @@ class TieredCache(Cache):
         self.vmm = vmm  # None: CUDA virtual memory where available; False: one allocation
         self.needs_scores = policy in NEEDS_SCORES or record_masses
         self.tap: QueryTap | None = None
+        self._model = None
+        self._hooks: list = []       # the model's forward pre-hook (its attention mask)
+        self._attn_hooks: list = []  # batch mode: each attention layer's mask
+        self._batch: BatchedSequences | None = None
         super().__init__(layers=[_Layer(self, i) for i in range(self.num_layers)])
         if model is not None:
             self.attach(model)
@@ -210,21 +241,167 @@ class TieredCache(Cache):
         """Observe ``model``'s queries (for attention scores); returns self. A policy that
         needs no scores (fifo, sinks) hooks nothing: each hook keeps a layer's query
         projection until the cache reads it (2 GiB for a 32k-token prefill of 16 layers)."""
-        if self.tap is not None:
-            self.tap.remove()
-            self.tap = None
+        self.detach()
         if self.needs_scores:
             self.tap = QueryTap(model)
+        self._model = model
+        self._hooks.append(model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
+        if self._batch is not None:
+            self._hook_attention()
         return self
 
     def detach(self) -> None:
         if self.tap is not None:
             self.tap.remove()
             self.tap = None
+        for h in self._hooks + self._attn_hooks:
+            h.remove()
+        self._hooks, self._attn_hooks = [], []
+        self._model = None
+
+    # -- batches and padding ---------------------------------------------------------------
+    def _on_forward(self, module, args, kwargs):
+        """Before each forward pass of the attached model: read its 2D attention mask; a
+        batch or a padded prompt starts batch mode (``synapse.hf.batch``)."""
+        if kwargs.get("past_key_values", kwargs.get("cache")) is not self:
+            return None
+        x = kwargs.get("input_ids")
+        if x is None:
+            x = kwargs.get("inputs_embeds")
+        if x is None:
+            x = args[0] if args else None
+        if x is None:
+            return None
+        b, q = int(x.shape[0]), int(x.shape[1])
+        am = kwargs.get("attention_mask")
+        if self._batch is None:
+            if self.planner is None:
+                padded = am is not None and (am.ndim != 2 or not bool(am.all()))
+                if b == 1 and not padded:
+                    return None  # one unpadded sequence: the path without per-sequence work
+                self._enter_batch(b)
+            else:
+                if b != 1:
+                    raise UnsupportedModel(
+                        f"this TieredCache holds one sequence; a forward pass of batch {b} "
+                        f"cannot continue it (call cache.reset() first, or "
+                        f"cache.batch_repeat_interleave({b}) to copy it)")
+                if q > 1 and am is not None and not bool(am.all()):
+                    raise UnsupportedModel(
+                        "this TieredCache started on an unpadded sequence; a padded attention "
+                        "mask cannot continue it (call cache.reset() and start padded)")
+                return None
+        if self._batch.size != b:
+            raise UnsupportedModel(
+                f"this TieredCache holds a batch of {self._batch.size} sequences; a forward pass "
+                f"of batch {b} cannot continue it (cache.batch_select_indices / "
+                f"batch_repeat_interleave change its size, cache.reset() empties it)")
+        dtype = next(module.parameters()).dtype
+        self._batch.begin(am, q, x.device, dtype, self._impl)
+        return None
+
+    def _enter_batch(self, b: int) -> None:
+        """Batch mode with ``b`` empty sequences: everything checked before anything
+        changes, so an error leaves the cache as it was."""
+        self._impl = check_implementation(self._model, self.model_type)
+        self._batch = BatchedSequences(self, [self._child(b) for _ in range(b)])
+        self._hook_attention()
+
+    def _child(self, share: int) -> "TieredCache":
+        """An empty single-sequence cache with 1/``share`` of this one's budgets."""
+        kw = dict(self._init_args)
+        kw["l1_budget_tokens"] = self.l1_budget_tokens // share
+        if kw["l2_budget_tokens"]:
+            kw["l2_budget_tokens"] = max(1, kw["l2_budget_tokens"] // share)
+        if self.vmm is None:
+            kw["vmm"] = False  # a sequence's stack may be copied (beams): one allocation
+        try:
+            child = TieredCache(self._config, **kw)
+        except CapacityError as e:
+            raise CapacityError(f"a batch of {share} sequences gets l1_budget_tokens="
+                                f"{self.l1_budget_tokens} // {share} each: {e}") from None
+        child.needs_scores = self.needs_scores
+        return child
+
+    def _hook_attention(self) -> None:
+        from .scores import attention_modules
+        if self._model is None:
+            return
+        for h in self._attn_hooks:
+            h.remove()
+        mods = attention_modules(self._model)
+        if not mods:  # no q_proj: find the modules that call the cache by their layer index
+            mods = [m for m in self._model.modules() if hasattr(m, "layer_idx")
+                    and type(m).__name__.endswith("Attention")]
+        if len(mods) != self.num_layers:
+            raise UnsupportedModel(
+                f"model type {self.model_type!r}: found {len(mods)} attention modules for "
+                f"{self.num_layers} layers; TieredCache cannot set their masks for a batch")
+
+        def set_mask(_mod, args, kwargs):
+            if kwargs.get("past_key_values", kwargs.get("cache")) is not self:
+                return None  # another cache's forward pass on the same model
+            if self._batch is not None and self._batch.mask is not None:
+                kwargs["attention_mask"] = self._batch.mask
+            return args, kwargs
+        self._attn_hooks = [m.register_forward_pre_hook(set_mask, with_kwargs=True) for m in mods]
+
+    @property
+    def sequences(self) -> list:
+        """The per-sequence caches of a batch (``[self]`` for one unpadded sequence)."""
+        return [self] if self._batch is None else list(self._batch.children)
+
+    def reorder_cache(self, beam_idx) -> None:
+        """Beam search: row ``i`` continues sequence ``beam_idx[i]`` (copied if chosen twice)."""
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices) -> None:
+        idx = [int(i) for i in (indices.tolist() if hasattr(indices, "tolist") else indices)]
+        if self._batch is None:
+            if idx == [0] or self.planner is None and not idx:
+                return
+            self._to_batch()
+        self._batch.select(idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if repeats == 1:
+            return
+        if self._batch is None:
+            if self.planner is None:
+                return  # nothing held yet: the first forward pass sees the batch
+            self._to_batch()
+        self._batch.repeat_interleave(repeats)
+
+    def _to_batch(self) -> None:
+        """The sequence held so far becomes the first of a batch (its stack moves over)."""
+        if self._model is None:
+            raise UnsupportedModel("a TieredCache serves a batch only with the model attached: "
+                                   "pass model=model to TieredCache(...) or call cache.attach(model)")
+        self.settle()
+        impl = check_implementation(self._model, self.model_type)
+        child = self._child(1)
+        for k in _SEQUENCE_STATE:
+            setattr(child, k, getattr(self, k))
+        child.layers = [_Layer(child, i) for i in range(self.num_layers)]
+        seen = self.seen_tokens
+        self._backend = None  # the child owns it now
+        self.reset()
+        self.seen_tokens = seen
+        self._impl = impl
+        self._batch = BatchedSequences(self, [child])
+        self._hook_attention()
 
     def reset(self) -> None:
         if getattr(self, "_backend", None) is not None:
             self._backend.close()
+        batch = getattr(self, "_batch", None)
+        if batch is not None:
+            for c in batch.children:
+                c.reset()
+            self._batch = None
+            for h in self._attn_hooks:
+                h.remove()
+            self._attn_hooks = []
         self.seen_tokens = 0
         self._begun = False
         self.step = -1
@@ -251,7 +428,11 @@ class TieredCache(Cache):
     def _start(self, key_states: torch.Tensor) -> None:
         b = key_states.shape[0]
         if b != 1:
-            raise UnsupportedModel(f"TieredCache serves one sequence (batch size 1), got batch {b}")
+            raise UnsupportedModel(
+                f"model type {self.model_type!r}: a batch of {b} sequences (batch size > 1, "
+                f"num_beams or num_return_sequences > 1) needs the model attached, so the cache "
+                f"can read the attention mask and lay each sequence's keys out: pass "
+                f"model=model to TieredCache(...) or call cache.attach(model)")
         if key_states.shape[1] != self.kv_heads or key_states.shape[-1] != self.head_dim:
             raise UnsupportedModel(
                 f"keys of shape {tuple(key_states.shape)} do not match the config "
@@ -261,7 +442,12 @@ class TieredCache(Cache):
                 f"policy {self.policy_name!r} needs attention scores: pass model=model to "
                 f"TieredCache(...) (or call cache.attach(model)) so it can observe the queries; "
                 f"policies 'fifo' and 'sinks' need none")
-        device, dtype = key_states.device, key_states.dtype
+        self._ensure_started(key_states.device, key_states.dtype)
+
+    def _ensure_started(self, device, dtype) -> None:
+        """Build the stack for keys on ``device`` of ``dtype`` (once)."""
+        if self.planner is not None:
+            return
         if self.backend == "cuda" and device.type != "cuda":
             raise UnsupportedModel(f"backend='cuda' but the model's keys are on {device}")
         if self.backend == "cpu" and device.type != "cpu":
@@ -269,7 +455,8 @@ class TieredCache(Cache):
                                    f"use backend='cuda'")
         from ..kv.torch_backend import TorchBackend
         shape = KVShape(self.num_layers, self.kv_heads, self.head_dim, self.block_tokens,
-                        self.int4_group, key_states.element_size(), self.int4_keys)
+                        self.int4_group, torch.empty(0, dtype=dtype).element_size(),
+                        self.int4_keys)
         self.shape = shape
         self.token_bytes = shape.token_bytes
         self.l1_budget_bytes = shape.blocks_in(self.l1_budget_tokens * shape.token_bytes) \
@@ -302,6 +489,8 @@ class TieredCache(Cache):
     def mask_sizes(self, query_length: int) -> tuple[int, int]:
         """(keys attention will see, offset): admission runs first, so a block dropped to
         make room for this step is already gone from the count."""
+        if self._batch is not None:  # replaced by the batch's own mask (synapse.hf.batch)
+            return self.seen_tokens + query_length, 0
         if self.planner is not None and not self._begun:
             self._begin_step(query_length)
         kept = self.kept_tokens()
@@ -309,6 +498,8 @@ class TieredCache(Cache):
 
     def device_kv_bytes(self) -> int:
         """Bytes of KV the cache holds in L1 now: its live slots (whole blocks)."""
+        if self._batch is not None:
+            return sum(c.device_kv_bytes() for c in self._batch.children)
         if self.stack is None:
             return 0
         return self.stack.manager.spaces.l1.used_bytes
@@ -342,8 +533,20 @@ class TieredCache(Cache):
 
     # -- the Cache API ---------------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if self._batch is not None:
+            query = self.tap.query(layer_idx) if self.needs_scores else None
+            out = self._batch.update(key_states, value_states, layer_idx, query)
+            if layer_idx == self.num_layers - 1:
+                self.seen_tokens += key_states.shape[-2]
+            return out
         if self.planner is None:
             self._start(key_states)
+        return self._update(key_states, value_states, layer_idx,
+                            self.tap.query(layer_idx) if self.needs_scores else None)
+
+    def _update(self, key_states, value_states, layer_idx: int, qs, scaling=None):
+        """One layer of one sequence: its new keys in, all its kept keys out; ``qs``: the
+        layer's queries when the policy scores (None otherwise), ``scaling`` theirs."""
         if not self._begun:
             self._begin_step(key_states.shape[-2])
         st = self._step
@@ -358,9 +561,9 @@ class TieredCache(Cache):
             keys = kp[:n].permute(1, 0, 2).unsqueeze(0)
             values = vp[:n].permute(1, 0, 2).unsqueeze(0)
         if self.needs_scores:
-            qs = self.tap.query(layer_idx)
             mass = token_mass_fused if q >= FUSED_FROM_QUERIES and keys.is_cuda else token_mass
-            tok = mass(qs, keys, self.tap.scaling(layer_idx), keys.shape[-2] - q)
+            scale = self.tap.scaling(layer_idx) if scaling is None else scaling
+            tok = mass(qs, keys, scale, keys.shape[-2] - q)
             self._step_mass = tok if self._step_mass is None else self._step_mass.add_(tok)
             if self.record_masses:
                 self._layer_mass_rows.append(self._slot_masses(tok))
@@ -491,6 +694,7 @@ class TieredCache(Cache):
 
     def _begin_step(self, q_len: int) -> None:
         self.settle()
+        self.planner.check_step(q_len)  # before anything changes: a refused step leaves no trace
         self._backend.safe_point()
         self.step += 1
         self._begun = True
@@ -586,6 +790,10 @@ class TieredCache(Cache):
         moves (demotion to the low watermark, prefetch), then record the step. The next
         step, ``telemetry``, ``decisions`` and ``dump`` call it; call it yourself to see
         the last step's effect on ``manager``."""
+        if self._batch is not None:
+            for c in self._batch.children:
+                c.settle()
+            return
         if not self._pending:
             return
         self._pending = False
@@ -617,14 +825,81 @@ class TieredCache(Cache):
         self.l1_peak_bytes = self.device_kv_bytes()
         self.l1_reserved_peak_bytes = self.device_reserved_bytes()
 
+    # -- copies and rollbacks ----------------------------------------------------------------
+    def __deepcopy__(self, memo):
+        """A cache with the same blocks, decisions and counters, attached to the same model
+        (not a copy of it: ``copy.deepcopy`` of a cache must not copy the model)."""
+        if self._begun:
+            raise UnsupportedModel("a TieredCache cannot be copied in the middle of a forward "
+                                   "pass; copy it between generate() calls or steps")
+        self.settle()
+        for c in self.sequences:
+            mem = None if c._backend is None else c._backend.space("l1")
+            if mem is not None and mem.arena is not None:
+                raise UnsupportedModel(
+                    "this TieredCache's L1 arena is CUDA virtual memory, which cannot be copied: "
+                    "build it with TieredCache(..., vmm=False) to copy it (beam search and the "
+                    "batch verbs do so for the sequences of a batch)")
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            if k in _NOT_COPIED:
+                continue
+            if k == "_step" and v is not None:
+                v = {a: b for a, b in v.items() if a not in ("copy_stream", "l2_buf", "l2_ready")}
+            new.__dict__[k] = copy.deepcopy(v, memo)
+        new.tap, new._model, new._hooks, new._attn_hooks = None, None, [], []
+        new._l2_free, new._l2_buf, new._cs = {}, None, None
+        for c in new.sequences:
+            c._rekey_arenas()
+        if self._model is not None:
+            new.attach(self._model)
+        return new
+
+    def _rekey_arenas(self) -> None:
+        """A copied slot arena's bookkeeping keyed by ``id(slot)`` names the copied slots."""
+        if self.stack is None:
+            return
+        for arena in (self.stack.manager.spaces.l1, self.stack.manager.spaces.l2):
+            if hasattr(arena, "_pending"):
+                arena._pending = {id(r[0]): r for r in arena._pending.values()}
+                arena._fresh = {id(s): s for s in arena._fresh.values()}
+
+    def crop(self, max_length: int) -> None:
+        """Keep the first ``max_length`` tokens (negative: drop that many from the end), as
+        ``DynamicCache.crop``. Only tokens still held in L1 can be cut and a kept token
+        must not share a block with a cut one unless that block is in L1; otherwise a
+        clear error and nothing changes."""
+        if self._batch is not None:
+            for c in self._batch.children:
+                c.crop(max_length if max_length >= 0 else c.seen_tokens + max_length)
+            self.seen_tokens = max_length if max_length >= 0 else self.seen_tokens + max_length
+            return
+        self.settle()
+        target = max_length if max_length >= 0 else self.seen_tokens + max_length
+        if target >= self.seen_tokens or self.planner is None:
+            return
+        if target < 0:
+            raise ValueError(f"crop({max_length}) on a cache of {self.seen_tokens} tokens")
+        raise UnsupportedModel(
+            f"TieredCache cannot crop to {target} of {self.seen_tokens} tokens (assisted "
+            f"decoding, rollbacks): the cut would have to remove blocks from the tier manager's "
+            f"page table, which has no verb for that yet; generate without "
+            f"assistant_model / prompt_lookup_num_tokens, or use DynamicCache for them")
+
     # -- telemetry -------------------------------------------------------------------------
     def decisions(self) -> list:
         self.settle()
+        if self._batch is not None:
+            return [dict(e, sequence=i) if isinstance(e, dict) else e
+                    for i, c in enumerate(self._batch.children) for e in c.decisions()]
         return [] if self.planner is None else list(self.planner.mgr.log.entries)
 
     def telemetry(self) -> dict:
         """The fields of ``synapse run``'s metrics, plus the cache's own measurements."""
         self.settle()
+        if self._batch is not None:
+            return self._batch_telemetry()
         mgr = self.manager
         out = {"steps": self.step + 1, "tokens": self.seen_tokens,
                "l1_budget_tokens": self.l1_budget_tokens,
@@ -666,9 +941,29 @@ class TieredCache(Cache):
         out["latency"] = {}
         return out
 
+    def _batch_telemetry(self) -> dict:
+        """A batch: counters summed over its sequences, each sequence's own under
+        ``sequences``."""
+        seqs = [c.telemetry() for c in self._batch.children]
+        out = {"batch": len(seqs), "tokens": self.seen_tokens,
+               "l1_budget_tokens": self.l1_budget_tokens, "sequences": seqs}
+        for key in ("steps", "l1_peak_bytes", "stall_s", "l1_hits", "l2_hits", "misses",
+                    "evictions", "demotions", "drops", "forced_evictions", "fetches",
+                    "prefetches", "refusals", "lost_blocks", "bytes_h2d", "bytes_d2h",
+                    "bytes_compacted", "l1_reserved_bytes"):
+            vals = [t[key] for t in seqs if t.get(key) is not None]
+            out[key] = (max(vals) if key == "steps" else sum(vals)) if vals else None
+        accessed = sum((out[k] or 0) for k in ("l1_hits", "l2_hits", "misses"))
+        out["l1_hit_rate"] = out["l1_hits"] / accessed if accessed else None
+        return out
+
     def metric_totals(self) -> dict:
         """Running totals for live metrics (``synapse.monitor``), cheap to read every
         step: bytes per direction (read-through included) and the INT4 error sums."""
+        if self._batch is not None:
+            tots = [c.metric_totals() for c in self._batch.children if c._backend is not None]
+            keys = ("h2d", "d2h", "int4_err", "int4_ref", "int4_n")
+            return {k: sum(t[k] for t in tots) for k in keys}
         be = self._backend
         count, err, ref = getattr(self, "_metric_q", (0, 0.0, 0.0))
         if be.q_count != count:  # reading the device-side sums syncs: only when they grew

@@ -1,0 +1,149 @@
+"""A batch of sequences in one ``TieredCache``: one KV stack per sequence, one padded view.
+
+Entered when a forward pass has more than one sequence or its attention mask has a zero
+(left padding). Each sequence is a single-sequence ``TieredCache`` of its own (its own
+block table, policy and a 1/B share of the budgets), and it never stores a pad token:
+a pad is dropped before it reaches the sequence's arena, so no policy keeps, scores or
+protects one (the sinks of a left-padded prompt are its first real tokens).
+
+What attention sees per layer: ``[B, kv_heads, N, head_dim]`` with sequence ``b``'s keys
+(in its own order: compacted L1, L2 read through, this step's last) in ``[0, n_b)`` and
+zeros after, and a 4D mask built here, once per forward pass, replacing the one
+transformers built from the 2D mask (whose positions assume keys in position order): a
+real query of rank ``r`` among the step's real tokens sees keys ``j < n_b - q_b + r + 1``;
+a pad query sees key slot 0 only (its output is never used; a row with no key at all
+would be NaN). The mask is set on each attention module by a forward pre-hook, as a
+bool mask for ``sdpa`` and an additive one for ``eager``; other attention
+implementations are refused before the first token.
+
+Beam search and the batch verbs reorder the sequences; a sequence chosen twice is
+copied (``copy.deepcopy`` of its stack).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .errors import UnsupportedModel
+
+MASK_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+def attention_implementation(model) -> str:
+    cfg = getattr(model, "config", None)
+    return str(getattr(cfg, "_attn_implementation", None) or "eager")
+
+
+def check_implementation(model, model_type: str) -> str:
+    impl = attention_implementation(model)
+    if impl not in MASK_IMPLEMENTATIONS:
+        raise UnsupportedModel(
+            f"model type {model_type!r} with attn_implementation={impl!r}: TieredCache serves a "
+            f"batch or a padded prompt by giving each attention layer a 4D mask laid out like its "
+            f"compacted keys, which only 'sdpa' and 'eager' accept; load the model with "
+            f"attn_implementation='sdpa' (or generate one unpadded sequence at a time)")
+    return impl
+
+
+class BatchedSequences:
+    """The sequences of a batch and this forward pass's layout (module docstring)."""
+
+    def __init__(self, owner, children: list) -> None:
+        self.owner = owner
+        self.children = children
+        self.rows: list = []        # per sequence: (selector of its real new tokens, count)
+        self.lengths: list[int] = []  # per sequence: keys it returns this pass
+        self.mask: torch.Tensor | None = None
+        self.q = 0
+
+    @property
+    def size(self) -> int:
+        return len(self.children)
+
+    # -- a forward pass -------------------------------------------------------------------
+    def begin(self, attention_mask, q: int, device, dtype, impl: str) -> None:
+        """Split this pass's ``q`` tokens per sequence (pads out), begin each sequence's
+        step (admission, evictions) and build the 4D mask."""
+        b = self.size
+        if attention_mask is None or q == 1:
+            # a decode step's token is real: generate extends the mask with ones
+            real = torch.ones((b, q), dtype=torch.bool)
+        else:
+            if attention_mask.ndim != 2:
+                raise UnsupportedModel(
+                    f"TieredCache takes the 2D attention mask of generate (one row per sequence); "
+                    f"got a {attention_mask.ndim}D mask of shape {tuple(attention_mask.shape)}")
+            real = attention_mask[:, -q:].to("cpu", torch.bool)
+        rows, lengths = [], []
+        for i, child in enumerate(self.children):
+            r = real[i]
+            n_real = int(r.sum())
+            if n_real == q:
+                sel = slice(None)
+            elif n_real == 0 or bool(r[q - n_real:].all()):  # left padding: a real suffix
+                sel = slice(q - n_real, None)
+            else:
+                sel = torch.nonzero(r).flatten().to(device)
+            rows.append((sel, n_real))
+            if n_real:
+                child._ensure_started(device, dtype)
+                child._begin_step(n_real)
+                st = child._step
+                lengths.append(st["l1_tokens"] + st["l2_blocks"] * child.block_tokens)
+            else:
+                lengths.append(0)
+        self.rows, self.lengths, self.q = rows, lengths, q
+        self.mask = self._mask(real, lengths, device, dtype, impl)
+
+    def _mask(self, real: torch.Tensor, lengths: list[int], device, dtype, impl: str):
+        n = max(1, max(lengths))
+        counts = real.sum(1)
+        past = torch.tensor(lengths, dtype=torch.long) - counts
+        limit = (past[:, None] + real.long().cumsum(1)).masked_fill(~real, 0)  # [B, q]
+        limit, real = limit.to(device), real.to(device)
+        keys = torch.arange(n, device=device)
+        allowed = keys[None, None, :] < limit[:, :, None]
+        allowed[:, :, 0] |= ~real  # a pad query: key slot 0, its output is unused
+        allowed = allowed[:, None]  # [B, 1, q, N]
+        if impl == "sdpa":
+            return allowed
+        out = torch.zeros(allowed.shape, dtype=dtype, device=device)
+        return out.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+    def update(self, key_states, value_states, layer: int, query):
+        b, h, _, d = key_states.shape
+        scaling = None if query is None else self.owner.tap.scaling(layer)
+        n = max(1, max(self.lengths))
+        keys = key_states.new_zeros((b, h, n, d))
+        values = value_states.new_zeros((b, h, n, d))
+        for i, child in enumerate(self.children):
+            sel, n_real = self.rows[i]
+            if not n_real:
+                continue
+            qi = None if query is None else query[i:i + 1, :, sel]
+            k, v = child._update(key_states[i:i + 1, :, sel], value_states[i:i + 1, :, sel],
+                                 layer, qi, scaling)
+            keys[i, :, : k.shape[-2]] = k[0]
+            values[i, :, : v.shape[-2]] = v[0]
+        return keys, values
+
+    # -- reordering -----------------------------------------------------------------------
+    def select(self, indices) -> None:
+        """Sequences ``indices`` (beam search's ``beam_idx``; repeats copy a sequence)."""
+        idx = [int(i) for i in (indices.tolist() if hasattr(indices, "tolist") else indices)]
+        for i in idx:
+            if not 0 <= i < self.size:
+                raise IndexError(f"sequence index {i} out of range for a batch of {self.size}")
+        for c in self.children:
+            c.settle()
+        used: set[int] = set()
+        out = []
+        for i in idx:
+            out.append(self.children[i] if i not in used else copy.deepcopy(self.children[i]))
+            used.add(i)
+        self.children = out
+
+    def repeat_interleave(self, repeats: int) -> None:
+        self.select([i for i in range(self.size) for _ in range(repeats)])
