@@ -95,6 +95,8 @@ class BatchedSequences:
             else:
                 lengths.append(0)
         self.rows, self.lengths, self.q = rows, lengths, q
+        if self.owner.record_masses:
+            self.owner.batch_lengths.append(list(lengths))
         self.mask = self._mask(real, lengths, device, dtype, impl)
 
     def _mask(self, real: torch.Tensor, lengths: list[int], device, dtype, impl: str):

@@ -422,6 +422,7 @@ class TieredCache(Cache):
         self.step_l1_bytes: list[int] = []
         self.masses: list[np.ndarray] = []          # per step, aggregated (record_masses)
         self.layer_masses: list[np.ndarray] = []    # per step, [layers, blocks]
+        self.batch_lengths: list[list[int]] = []    # batch, per pass: keys per sequence
         self._layer_mass_rows: list[torch.Tensor] = []
         self._t0 = time.perf_counter()
 
