@@ -252,10 +252,29 @@ def test_a_one_layer_head_dim_1_cache_with_an_8_token_budget_runs(demote):
     assert cache.seen_tokens == 12 and cache.telemetry()["evictions"] > 0
 
 
-def test_crop_says_why_it_cannot():
+def test_crop_within_the_last_block_continues_as_dynamic_cache_does():
+    """Cut 2 of 15 tokens (inside the last block of 4), then generate on: the tokens a
+    DynamicCache cropped the same way gives."""
+    from transformers import DynamicCache
     m = model("llama")
-    cache = tiered(m, 1)
-    generate(m, 1, cache)
-    with pytest.raises(UnsupportedModel, match="cannot crop to"):
-        cache.crop(-2)
+    ids = torch.randint(3, VOCAB, (1, 15), generator=torch.Generator().manual_seed(5))
+    outs = []
+    for cache in (DynamicCache(config=m.config), tiered(m, 1)):
+        with torch.no_grad():
+            m(ids, past_key_values=cache, use_cache=True)
+            cache.crop(-2)
+            assert cache.get_seq_length() == 13
+            outs.append(m.generate(ids[:, :14], max_new_tokens=4, do_sample=False,
+                                   past_key_values=cache))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_crop_that_would_remove_whole_blocks_says_why_and_changes_nothing():
+    m = model("llama")
+    cache = tiered(m, 3)
+    generate(m, 3, cache)
+    seen = [s.seen_tokens for s in cache.sequences]
+    with pytest.raises(UnsupportedModel, match="cannot crop to .* remove whole blocks"):
+        cache.crop(-6)
+    assert [s.seen_tokens for s in cache.sequences] == seen
     cache.crop(cache.seen_tokens)  # nothing to cut: a no-op

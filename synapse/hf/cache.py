@@ -868,25 +868,54 @@ class TieredCache(Cache):
 
     def crop(self, max_length: int) -> None:
         """Keep the first ``max_length`` tokens (negative: drop that many from the end), as
-        ``DynamicCache.crop``. Only tokens still held in L1 can be cut and a kept token
-        must not share a block with a cut one unless that block is in L1; otherwise a
-        clear error and nothing changes."""
+        ``DynamicCache.crop`` (assisted decoding rolls rejected tokens back this way).
+
+        A cut within the last block, while that block is in L1, is carried out (the
+        block becomes the partial tail again). A cut that would remove whole blocks is
+        refused with the numbers: block ids follow positions in the page table, which
+        has no verb to take its last ids back. Nothing changes on a refusal."""
         if self._batch is not None:
-            for c in self._batch.children:
-                c.crop(max_length if max_length >= 0 else c.seen_tokens + max_length)
+            targets = [max_length if max_length >= 0 else c.seen_tokens + max_length
+                       for c in self._batch.children]
+            for c, t in zip(self._batch.children, targets):
+                c._check_crop(t)
+            for c, t in zip(self._batch.children, targets):
+                c.crop(t)
             self.seen_tokens = max_length if max_length >= 0 else self.seen_tokens + max_length
             return
         self.settle()
         target = max_length if max_length >= 0 else self.seen_tokens + max_length
-        if target >= self.seen_tokens or self.planner is None:
+        if self.planner is None or target >= self.seen_tokens:
             return
+        self._check_crop(target)
+        from ..kv.planner import follow_tail
+        pl, mgr = self.planner, self.planner.mgr
+        last = (self.seen_tokens - 1) // self.block_tokens
+        mgr.extend(last, target)
+        pl.tokens = self.seen_tokens = target
+        if pl.tail != last:
+            pl.tail = follow_tail(mgr, pl.tail, last, False)
+        self._moves([], self.step)  # pinning it last in L1 may have moved it
+
+    def _check_crop(self, target: int) -> None:
         if target < 0:
-            raise ValueError(f"crop({max_length}) on a cache of {self.seen_tokens} tokens")
-        raise UnsupportedModel(
-            f"TieredCache cannot crop to {target} of {self.seen_tokens} tokens (assisted "
-            f"decoding, rollbacks): the cut would have to remove blocks from the tier manager's "
-            f"page table, which has no verb for that yet; generate without "
-            f"assistant_model / prompt_lookup_num_tokens, or use DynamicCache for them")
+            raise ValueError(f"crop to {target} tokens: the cache holds {self.seen_tokens}")
+        if self.planner is None or target >= self.seen_tokens:
+            return
+        bt = self.block_tokens
+        last = (self.seen_tokens - 1) // bt
+        where = None
+        if target <= last * bt:
+            where = (f"it would remove whole blocks (tokens {target}..{self.seen_tokens} reach "
+                     f"below the last block's first token {last * bt}; blocks are "
+                     f"block_tokens={bt} tokens)")
+        elif self.planner.mgr.table.tier[last] != int(Tier.L1):
+            where = f"the last block (tokens {last * bt}..) is no longer in L1"
+        if where:
+            raise UnsupportedModel(
+                f"TieredCache cannot crop to {target} of {self.seen_tokens} tokens: {where}. "
+                f"It crops within its last block in L1 only; for assisted decoding use "
+                f"num_assistant_tokens < block_tokens, or DynamicCache")
 
     # -- telemetry -------------------------------------------------------------------------
     def decisions(self) -> list:
