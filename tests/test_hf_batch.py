@@ -146,6 +146,23 @@ def test_num_return_sequences_and_sampling_work_per_row():
     assert got.shape[0] == 6 and torch.equal(got, ref)
 
 
+@pytest.mark.parametrize("family", ["gptj", "gemma", "mistral"])
+def test_one_unpadded_sequence_scores_every_family_and_matches_dynamic_cache(family):
+    """The batch-1 path (no padding: no per-sequence stacks) with h2o's scores: GPT-J's
+    partial rotary query is rebuilt (it raised a TypeError before)."""
+    from transformers import DynamicCache
+    m = model(family)
+    ids = torch.randint(3, VOCAB, (1, 16), generator=torch.Generator().manual_seed(6))
+    outs = []
+    for cache in (DynamicCache(config=m.config), tiered(m, 1, record_masses=True)):
+        with torch.no_grad():
+            outs.append(m.generate(ids, max_new_tokens=NEW, do_sample=False,
+                                   past_key_values=cache))
+    assert torch.equal(outs[0], outs[1])
+    assert cache.sequences == [cache] and len(cache.masses) == NEW
+    assert all(abs(float(x.sum()) - 1.0) < 1e-4 for x in cache.masses)
+
+
 # -- continuing, verbs, copies --------------------------------------------------------------------
 def test_continuing_generate_with_the_same_padded_cache_equals_dynamic_cache():
     from transformers import DynamicCache
@@ -234,6 +251,17 @@ def test_a_cache_is_reusable_after_a_capacity_error():
         out = m.generate(ids, max_new_tokens=2, do_sample=False, past_key_values=cache,
                          prefill_chunk_size=8)
     assert out.shape[1] == 22 and cache.seen_tokens == 21
+
+
+def test_a_batch_is_reusable_after_a_capacity_error():
+    """The least padded row's chunk does not fit its share: refused before any sequence
+    begins its step; the same cache then runs with chunks that fit."""
+    m = model("llama")
+    cache = tiered(m, 3, per_row_tokens=16, policy="fifo", demote="drop")
+    with pytest.raises(CapacityError, match="prefill_chunk_size"):
+        generate(m, 3, cache)
+    assert all(s.seen_tokens == 0 for s in cache.sequences)
+    assert generate(m, 3, cache, prefill_chunk_size=8).shape == (3, NEW)
 
 
 @pytest.mark.parametrize("demote", ["drop", "l2"])

@@ -87,8 +87,11 @@ class BatchedSequences:
             else:
                 sel = torch.nonzero(r).flatten().to(device)
             rows.append((sel, n_real))
-            if n_real:
+            if n_real:  # every sequence checked before any begins: a refusal changes nothing
                 child._ensure_started(device, dtype)
+                child.planner.check_step(n_real)
+        for child, (_, n_real) in zip(self.children, rows):
+            if n_real:
                 child._begin_step(n_real)
                 st = child._step
                 lengths.append(st["l1_tokens"] + st["l2_blocks"] * child.block_tokens)
