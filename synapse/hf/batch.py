@@ -121,17 +121,21 @@ class BatchedSequences:
         b, h, _, d = key_states.shape
         scaling = None if query is None else self.owner.tap.scaling(layer)
         n = max(1, max(self.lengths))
-        keys = key_states.new_zeros((b, h, n, d))
-        values = value_states.new_zeros((b, h, n, d))
+        keys = key_states.new_empty((b, h, n, d))
+        values = value_states.new_empty((b, h, n, d))
         for i, child in enumerate(self.children):
             sel, n_real = self.rows[i]
-            if not n_real:
-                continue
-            qi = None if query is None else query[i:i + 1, :, sel]
-            k, v = child._update(key_states[i:i + 1, :, sel], value_states[i:i + 1, :, sel],
-                                 layer, qi, scaling)
-            keys[i, :, : k.shape[-2]] = k[0]
-            values[i, :, : v.shape[-2]] = v[0]
+            got = 0
+            if n_real:
+                qi = None if query is None else query[i:i + 1, :, sel]
+                k, v = child._update(key_states[i:i + 1, :, sel],
+                                     value_states[i:i + 1, :, sel], layer, qi, scaling)
+                got = k.shape[-2]
+                keys[i, :, :got] = k[0]
+                values[i, :, :got] = v[0]
+            if got < n:  # masked slots: zeros (garbage could be NaN, and 0 * NaN is NaN)
+                keys[i, :, got:] = 0
+                values[i, :, got:] = 0
         return keys, values
 
     # -- reordering -----------------------------------------------------------------------

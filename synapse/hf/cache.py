@@ -122,6 +122,13 @@ _NOT_COPIED = ("tap", "_model", "_hooks", "_attn_hooks", "_cs", "_l2_free", "_l2
                "_monitor_probe")
 
 
+def _cache_of(kwargs: dict):
+    """The cache a forward call was given (``cache`` from transformers 5.24 on, else
+    ``past_key_values``)."""
+    c = kwargs.get("cache")
+    return kwargs.get("past_key_values") if c is None else c
+
+
 def _text_config(config):
     get = getattr(config, "get_text_config", None)
     return get(decoder=True) if get is not None else config
@@ -263,7 +270,7 @@ class TieredCache(Cache):
     def _on_forward(self, module, args, kwargs):
         """Before each forward pass of the attached model: read its 2D attention mask; a
         batch or a padded prompt starts batch mode (``synapse.hf.batch``)."""
-        if kwargs.get("past_key_values", kwargs.get("cache")) is not self:
+        if _cache_of(kwargs) is not self:
             return None
         x = kwargs.get("input_ids")
         if x is None:
@@ -339,7 +346,7 @@ class TieredCache(Cache):
                 f"{self.num_layers} layers; TieredCache cannot set their masks for a batch")
 
         def set_mask(_mod, args, kwargs):
-            if kwargs.get("past_key_values", kwargs.get("cache")) is not self:
+            if _cache_of(kwargs) is not self:
                 return None  # another cache's forward pass on the same model
             if self._batch is not None and self._batch.mask is not None:
                 kwargs["attention_mask"] = self._batch.mask
