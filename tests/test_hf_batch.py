@@ -163,6 +163,20 @@ def test_one_unpadded_sequence_scores_every_family_and_matches_dynamic_cache(fam
     assert all(abs(float(x.sum()) - 1.0) < 1e-4 for x in cache.masses)
 
 
+def test_a_batch_scores_its_decode_step_as_each_sequence_would_alone():
+    """decode_mass over the padded view: per row, token_mass of that row's own keys."""
+    from synapse.hf.batch import decode_mass
+    from synapse.hf.scores import token_mass
+    gen = torch.Generator().manual_seed(7)
+    q, k = torch.randn(3, 4, 1, 32, generator=gen), torch.randn(3, 2, 9, 32, generator=gen)
+    lengths = [9, 4, 6]
+    allowed = torch.arange(9)[None, :] < torch.tensor(lengths)[:, None]
+    got = decode_mass(q, k, 0.2, allowed[:, None, None])
+    for i, n in enumerate(lengths):
+        want = token_mass(q[i:i + 1], k[i:i + 1, :, :n], 0.2, n - 1)
+        assert torch.allclose(got[i, :n], want, atol=1e-6) and float(got[i, n:].sum()) == 0.0
+
+
 # -- continuing, verbs, copies --------------------------------------------------------------------
 def test_continuing_generate_with_the_same_padded_cache_equals_dynamic_cache():
     from transformers import DynamicCache

@@ -47,6 +47,20 @@ def check_implementation(model, model_type: str) -> str:
     return impl
 
 
+def decode_mass(q: torch.Tensor, k: torch.Tensor, scaling: float,
+                allowed: torch.Tensor) -> torch.Tensor:
+    """``scores.token_mass`` of one query per row for a whole batch: ``q`` [B, Hq, 1, D],
+    ``k`` [B, Hkv, N, D], ``allowed`` [B, 1, 1, N] bool (a row's own keys). Per row the
+    attention each key receives, averaged over heads: float32 [B, N] (zero off the row's
+    keys). Logits in the keys' dtype, normalised in float32, as ``token_mass``."""
+    b, hq, _, d = q.shape
+    hk, n = k.shape[1], k.shape[2]
+    logits = torch.matmul(q.to(k.dtype).reshape(b, hk, hq // hk, d), k.transpose(-1, -2))
+    logits = logits.to(torch.float32) * scaling                # [B, Hkv, g, N]
+    logits = logits.masked_fill(~allowed.view(b, 1, 1, n), float("-inf"))
+    return torch.softmax(logits, dim=-1).sum(dim=(1, 2)) / hq
+
+
 class BatchedSequences:
     """The sequences of a batch and this forward pass's layout (module docstring)."""
 
@@ -55,7 +69,8 @@ class BatchedSequences:
         self.children = children
         self.rows: list = []        # per sequence: (selector of its real new tokens, count)
         self.lengths: list[int] = []  # per sequence: keys it returns this pass
-        self.mask: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None     # as the attention implementation takes it
+        self.allowed: torch.Tensor | None = None  # the same, bool [B, 1, q, N]
         self.q = 0
 
     @property
@@ -111,7 +126,7 @@ class BatchedSequences:
         keys = torch.arange(n, device=device)
         allowed = keys[None, None, :] < limit[:, :, None]
         allowed[:, :, 0] |= ~real  # a pad query: key slot 0, its output is unused
-        allowed = allowed[:, None]  # [B, 1, q, N]
+        allowed = self.allowed = allowed[:, None]  # [B, 1, q, N]
         if impl == "sdpa":
             return allowed
         out = torch.zeros(allowed.shape, dtype=dtype, device=device)
@@ -121,21 +136,31 @@ class BatchedSequences:
         b, h, _, d = key_states.shape
         scaling = None if query is None else self.owner.tap.scaling(layer)
         n = max(1, max(self.lengths))
+        # a decode step (one real query per row) is scored for the whole batch at once,
+        # on the padded view; a prefill chunk per sequence (its fused passes, its causality)
+        together = query is not None and self.q == 1
         keys = key_states.new_empty((b, h, n, d))
         values = value_states.new_empty((b, h, n, d))
         for i, child in enumerate(self.children):
             sel, n_real = self.rows[i]
             got = 0
             if n_real:
-                qi = None if query is None else query[i:i + 1, :, sel]
+                qi = None if query is None or together else query[i:i + 1, :, sel]
                 k, v = child._update(key_states[i:i + 1, :, sel],
-                                     value_states[i:i + 1, :, sel], layer, qi, scaling)
+                                     value_states[i:i + 1, :, sel], layer, qi, scaling,
+                                     end=not together)
                 got = k.shape[-2]
                 keys[i, :, :got] = k[0]
                 values[i, :, :got] = v[0]
             if got < n:  # masked slots: zeros (garbage could be NaN, and 0 * NaN is NaN)
                 keys[i, :, got:] = 0
                 values[i, :, got:] = 0
+        if together:
+            tok = decode_mass(query, keys, scaling, self.allowed)
+            for i, child in enumerate(self.children):
+                child._add_mass(tok[i, : self.lengths[i]])
+                if layer == self.owner.num_layers - 1:
+                    child._end_step()
         return keys, values
 
     # -- reordering -----------------------------------------------------------------------

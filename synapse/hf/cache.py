@@ -552,9 +552,11 @@ class TieredCache(Cache):
         return self._update(key_states, value_states, layer_idx,
                             self.tap.query(layer_idx) if self.needs_scores else None)
 
-    def _update(self, key_states, value_states, layer_idx: int, qs, scaling=None):
+    def _update(self, key_states, value_states, layer_idx: int, qs, scaling=None,
+                end: bool = True):
         """One layer of one sequence: its new keys in, all its kept keys out; ``qs``: the
-        layer's queries when the policy scores (None otherwise), ``scaling`` theirs."""
+        layer's queries when the policy scores (None: not scored here; a batch scores
+        its decode steps for all sequences at once and ends their steps itself, ``end``)."""
         if not self._begun:
             self._begin_step(key_states.shape[-2])
         st = self._step
@@ -568,16 +570,19 @@ class TieredCache(Cache):
         else:
             keys = kp[:n].permute(1, 0, 2).unsqueeze(0)
             values = vp[:n].permute(1, 0, 2).unsqueeze(0)
-        if self.needs_scores:
+        if qs is not None:
             mass = token_mass_fused if q >= FUSED_FROM_QUERIES and keys.is_cuda else token_mass
             scale = self.tap.scaling(layer_idx) if scaling is None else scaling
-            tok = mass(qs, keys, scale, keys.shape[-2] - q)
-            self._step_mass = tok if self._step_mass is None else self._step_mass.add_(tok)
-            if self.record_masses:
-                self._layer_mass_rows.append(self._slot_masses(tok))
-        if layer_idx == self.num_layers - 1:
+            self._add_mass(mass(qs, keys, scale, keys.shape[-2] - q))
+        if end and layer_idx == self.num_layers - 1:
             self._end_step()
         return keys, values
+
+    def _add_mass(self, tok: torch.Tensor) -> None:
+        """One layer's attention mass per key (in this step's key order)."""
+        self._step_mass = tok if self._step_mass is None else self._step_mass.add_(tok)
+        if self.record_masses:
+            self._layer_mass_rows.append(self._slot_masses(tok))
 
     def _read_through(self, layer: int, kp, vp, cut: int, n: int):
         """Keys and values of L1's full blocks before the tail, then L2's (its run for
