@@ -134,7 +134,22 @@ def test_eager_attention_puts_no_weight_on_the_padded_key_slots():
                 assert abs(float(w[b, :, -1, :n].sum(-1).mean()) - 1.0) < 1e-5
 
 
-def test_num_return_sequences_and_sampling_work_per_row():
+@pytest.mark.parametrize("policy", ["h2o", "fifo"])
+def test_an_unpadded_batch_needs_no_mask_and_generates_dynamic_cache_tokens(policy):
+    """Equal lengths, nothing evicted: sdpa's own causal mask for the prompt, none for a
+    decode step (no mask tensor is built), DynamicCache's tokens."""
+    from transformers import DynamicCache
+    m = model("mistral")
+    ids, _ = batch(3)
+    outs, caches = [], (DynamicCache(config=m.config), tiered(m, 3, policy=policy))
+    for cache in caches:
+        with torch.no_grad():
+            outs.append(m.generate(ids, max_new_tokens=NEW, do_sample=False,
+                                   past_key_values=cache))
+    assert torch.equal(outs[0], outs[1]) and caches[1]._batch.mask is None
+
+
+def test_num_return_sequences_with_beams_gives_dynamic_cache_sequences():
     m = model("qwen2")
     from transformers import DynamicCache
     ids, mask = batch(3)

@@ -50,14 +50,15 @@ def check_implementation(model, model_type: str) -> str:
 def decode_mass(q: torch.Tensor, k: torch.Tensor, scaling: float,
                 allowed: torch.Tensor) -> torch.Tensor:
     """``scores.token_mass`` of one query per row for a whole batch: ``q`` [B, Hq, 1, D],
-    ``k`` [B, Hkv, N, D], ``allowed`` [B, 1, 1, N] bool (a row's own keys). Per row the
+    ``k`` [B, Hkv, N, D], ``allowed`` [B, 1, 1, N] bool (a row's own keys; None: all). Per row the
     attention each key receives, averaged over heads: float32 [B, N] (zero off the row's
     keys). Logits in the keys' dtype, normalised in float32, as ``token_mass``."""
     b, hq, _, d = q.shape
     hk, n = k.shape[1], k.shape[2]
     logits = torch.matmul(q.to(k.dtype).reshape(b, hk, hq // hk, d), k.transpose(-1, -2))
     logits = logits.to(torch.float32) * scaling                # [B, Hkv, g, N]
-    logits = logits.masked_fill(~allowed.view(b, 1, 1, n), float("-inf"))
+    if allowed is not None:  # None: every key of every row
+        logits = logits.masked_fill(~allowed.view(b, 1, 1, n), float("-inf"))
     return torch.softmax(logits, dim=-1).sum(dim=(1, 2)) / hq
 
 
@@ -91,10 +92,11 @@ class BatchedSequences:
                     f"TieredCache takes the 2D attention mask of generate (one row per sequence); "
                     f"got a {attention_mask.ndim}D mask of shape {tuple(attention_mask.shape)}")
             real = attention_mask[:, -q:].to("cpu", torch.bool)
+        self.q = q
         rows, lengths = [], []
+        counts = [q] * b if attention_mask is None or q == 1 else real.sum(1).tolist()
         for i, child in enumerate(self.children):
-            r = real[i]
-            n_real = int(r.sum())
+            r, n_real = real[i], counts[i]
             if n_real == q:
                 sel = slice(None)
             elif n_real == 0 or bool(r[q - n_real:].all()):  # left padding: a real suffix
@@ -112,13 +114,19 @@ class BatchedSequences:
                 lengths.append(st["l1_tokens"] + st["l2_blocks"] * child.block_tokens)
             else:
                 lengths.append(0)
-        self.rows, self.lengths, self.q = rows, lengths, q
+        self.rows, self.lengths = rows, lengths
         if self.owner.record_masses:
             self.owner.batch_lengths.append(list(lengths))
         self.mask = self._mask(real, lengths, device, dtype, impl)
 
     def _mask(self, real: torch.Tensor, lengths: list[int], device, dtype, impl: str):
         n = max(1, max(lengths))
+        if impl == "sdpa" and min(lengths) == n and (self.q == 1 or n == self.q) \
+                and bool(real.all()):
+            # every row sees all its keys (a decode step), or a first pass without padding
+            # (sdpa's own causal mask): no mask to build
+            self.allowed = None
+            return None
         counts = real.sum(1)
         past = torch.tensor(lengths, dtype=torch.long) - counts
         limit = (past[:, None] + real.long().cumsum(1)).masked_fill(~real, 0)  # [B, q]

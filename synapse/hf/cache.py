@@ -348,7 +348,7 @@ class TieredCache(Cache):
         def set_mask(_mod, args, kwargs):
             if _cache_of(kwargs) is not self:
                 return None  # another cache's forward pass on the same model
-            if self._batch is not None and self._batch.mask is not None:
+            if self._batch is not None:  # None: sdpa's own causal mask, or no mask at all
                 kwargs["attention_mask"] = self._batch.mask
             return args, kwargs
         self._attn_hooks = [m.register_forward_pre_hook(set_mask, with_kwargs=True) for m in mods]
