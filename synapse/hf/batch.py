@@ -26,6 +26,7 @@ import copy
 
 import torch
 
+from ..errors import CapacityError
 from .errors import UnsupportedModel
 
 MASK_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -189,3 +190,171 @@ class BatchedSequences:
 
     def repeat_interleave(self, repeats: int) -> None:
         self.select([i for i in range(self.size) for _ in range(repeats)])
+
+
+# what one sequence's state is made of: moved to a child when a sequence becomes a batch
+_SEQUENCE_STATE = ("seen_tokens", "_begun", "step", "planner", "stack", "_backend", "_step",
+                   "_pending", "_l2_free", "_step_mass", "device", "dtype", "rec", "read_h2d",
+                   "stall_s", "l1_peak_bytes", "l1_reserved_peak_bytes", "step_l1_bytes",
+                   "masses", "layer_masses", "_layer_mass_rows", "_t0", "shape", "token_bytes",
+                   "l1_budget_bytes")
+
+
+def _cache_of(kwargs: dict):
+    """The cache a forward call was given (``cache`` from transformers 5.24 on, else
+    ``past_key_values``)."""
+    c = kwargs.get("cache")
+    return kwargs.get("past_key_values") if c is None else c
+
+
+class BatchMode:
+    """``TieredCache``'s side of a batch: the forward pre-hooks that read the attention
+    mask and set each layer's, the per-sequence caches, and the Cache verbs that reorder
+    them (``reorder_cache``, ``batch_select_indices``, ``batch_repeat_interleave``)."""
+
+    def _on_forward(self, module, args, kwargs):
+        """Before each forward pass of the attached model: read its 2D attention mask; a
+        batch or a padded prompt starts batch mode (``synapse.hf.batch``)."""
+        if _cache_of(kwargs) is not self:
+            return None
+        x = kwargs.get("input_ids")
+        if x is None:
+            x = kwargs.get("inputs_embeds")
+        if x is None:
+            x = args[0] if args else None
+        if x is None:
+            return None
+        b, q = int(x.shape[0]), int(x.shape[1])
+        am = kwargs.get("attention_mask")
+        if self._batch is None:
+            if self.planner is None:
+                padded = am is not None and (am.ndim != 2 or not bool(am.all()))
+                if b == 1 and not padded:
+                    return None  # one unpadded sequence: the path without per-sequence work
+                self._enter_batch(b)
+            else:
+                if b != 1:
+                    raise UnsupportedModel(
+                        f"this TieredCache holds one sequence; a forward pass of batch {b} "
+                        f"cannot continue it (call cache.reset() first, or "
+                        f"cache.batch_repeat_interleave({b}) to copy it)")
+                if q > 1 and am is not None and not bool(am.all()):
+                    raise UnsupportedModel(
+                        "this TieredCache started on an unpadded sequence; a padded attention "
+                        "mask cannot continue it (call cache.reset() and start padded)")
+                return None
+        if self._batch.size != b:
+            raise UnsupportedModel(
+                f"this TieredCache holds a batch of {self._batch.size} sequences; a forward pass "
+                f"of batch {b} cannot continue it (cache.batch_select_indices / "
+                f"batch_repeat_interleave change its size, cache.reset() empties it)")
+        dtype = next(module.parameters()).dtype
+        self._batch.begin(am, q, x.device, dtype, self._impl)
+        return None
+
+    def _enter_batch(self, b: int) -> None:
+        """Batch mode with ``b`` empty sequences: everything checked before anything
+        changes, so an error leaves the cache as it was."""
+        self._impl = check_implementation(self._model, self.model_type)
+        self._batch = BatchedSequences(self, [self._child(b) for _ in range(b)])
+        self._hook_attention()
+
+    def _child(self, share: int):
+        """An empty single-sequence cache with 1/``share`` of this one's budgets."""
+        kw = dict(self._init_args)
+        kw["l1_budget_tokens"] = self.l1_budget_tokens // share
+        if kw["l2_budget_tokens"]:
+            kw["l2_budget_tokens"] = max(1, kw["l2_budget_tokens"] // share)
+        if self.vmm is None:
+            kw["vmm"] = False  # a sequence's stack may be copied (beams): one allocation
+        try:
+            child = type(self)(self._config, **kw)
+        except CapacityError as e:
+            raise CapacityError(f"a batch of {share} sequences gets l1_budget_tokens="
+                                f"{self.l1_budget_tokens} // {share} each: {e}") from None
+        child.needs_scores = self.needs_scores
+        return child
+
+    def _hook_attention(self) -> None:
+        from .scores import attention_modules
+        if self._model is None:
+            return
+        for h in self._attn_hooks:
+            h.remove()
+        mods = attention_modules(self._model)
+        if not mods:  # no q_proj: find the modules that call the cache by their layer index
+            mods = [m for m in self._model.modules() if hasattr(m, "layer_idx")
+                    and type(m).__name__.endswith("Attention")]
+        if len(mods) != self.num_layers:
+            raise UnsupportedModel(
+                f"model type {self.model_type!r}: found {len(mods)} attention modules for "
+                f"{self.num_layers} layers; TieredCache cannot set their masks for a batch")
+
+        def set_mask(_mod, args, kwargs):
+            if _cache_of(kwargs) is not self:
+                return None  # another cache's forward pass on the same model
+            if self._batch is not None:  # None: sdpa's own causal mask, or no mask at all
+                kwargs["attention_mask"] = self._batch.mask
+            return args, kwargs
+        self._attn_hooks = [m.register_forward_pre_hook(set_mask, with_kwargs=True) for m in mods]
+
+    @property
+    def sequences(self) -> list:
+        """The per-sequence caches of a batch (``[self]`` for one unpadded sequence)."""
+        return [self] if self._batch is None else list(self._batch.children)
+
+    def reorder_cache(self, beam_idx) -> None:
+        """Beam search: row ``i`` continues sequence ``beam_idx[i]`` (copied if chosen twice)."""
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices) -> None:
+        idx = [int(i) for i in (indices.tolist() if hasattr(indices, "tolist") else indices)]
+        if self._batch is None:
+            if idx == [0] or self.planner is None and not idx:
+                return
+            self._to_batch()
+        self._batch.select(idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if repeats == 1:
+            return
+        if self._batch is None:
+            if self.planner is None:
+                return  # nothing held yet: the first forward pass sees the batch
+            self._to_batch()
+        self._batch.repeat_interleave(repeats)
+
+    def _to_batch(self) -> None:
+        """The sequence held so far becomes the first of a batch (its stack moves over)."""
+        if self._model is None:
+            raise UnsupportedModel("a TieredCache serves a batch only with the model attached: "
+                                   "pass model=model to TieredCache(...) or call cache.attach(model)")
+        self.settle()
+        impl = check_implementation(self._model, self.model_type)
+        child = self._child(1)
+        for k in _SEQUENCE_STATE:
+            setattr(child, k, getattr(self, k))
+        child.layers = [type(self.layers[0])(child, i) for i in range(self.num_layers)]
+        seen = self.seen_tokens
+        self._backend = None  # the child owns it now
+        self.reset()
+        self.seen_tokens = seen
+        self._impl = impl
+        self._batch = BatchedSequences(self, [child])
+        self._hook_attention()
+
+    def _batch_telemetry(self) -> dict:
+        """A batch: counters summed over its sequences, each sequence's own under
+        ``sequences``."""
+        seqs = [c.telemetry() for c in self._batch.children]
+        out = {"batch": len(seqs), "tokens": self.seen_tokens,
+               "l1_budget_tokens": self.l1_budget_tokens, "sequences": seqs}
+        for key in ("steps", "l1_peak_bytes", "stall_s", "l1_hits", "l2_hits", "misses",
+                    "evictions", "demotions", "drops", "forced_evictions", "fetches",
+                    "prefetches", "refusals", "lost_blocks", "bytes_h2d", "bytes_d2h",
+                    "bytes_compacted", "l1_reserved_bytes"):
+            vals = [t[key] for t in seqs if t.get(key) is not None]
+            out[key] = (max(vals) if key == "steps" else sum(vals)) if vals else None
+        accessed = sum((out[k] or 0) for k in ("l1_hits", "l2_hits", "misses"))
+        out["l1_hit_rate"] = out["l1_hits"] / accessed if accessed else None
+        return out

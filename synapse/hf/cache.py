@@ -44,7 +44,6 @@ above, with no per-sequence bookkeeping.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 
@@ -60,7 +59,8 @@ from ..kv.shape import KVShape
 from ..kv.stack import DEMOTE_NAMES, PolicySettings, build_stack
 from ..monitor.cache_probe import publish_cache_step
 from ..telemetry import Recorder
-from .batch import BatchedSequences, check_implementation
+from .batch import BatchedSequences, BatchMode
+from .copies import CopiesAndCrops
 from .errors import UnsupportedModel
 from .int4 import dequantize_layer_rows, layer_row_sections
 from .scores import FUSED_FROM_QUERIES, QueryTap, token_mass, token_mass_fused
@@ -111,30 +111,12 @@ class _Layer(CacheLayerMixin):
         raise UnsupportedModel("call cache.batch_select_indices on the TieredCache")
 
 
-# what one sequence's state is made of: moved to a child when a sequence becomes a batch
-_SEQUENCE_STATE = ("seen_tokens", "_begun", "step", "planner", "stack", "_backend", "_step",
-                   "_pending", "_l2_free", "_step_mass", "device", "dtype", "rec", "read_h2d",
-                   "stall_s", "l1_peak_bytes", "l1_reserved_peak_bytes", "step_l1_bytes",
-                   "masses", "layer_masses", "_layer_mass_rows", "_t0", "shape", "token_bytes",
-                   "l1_budget_bytes")
-# not copied by copy.deepcopy: hooks, the model, streams and buffers made again on demand
-_NOT_COPIED = ("tap", "_model", "_hooks", "_attn_hooks", "_cs", "_l2_free", "_l2_buf",
-               "_monitor_probe")
-
-
-def _cache_of(kwargs: dict):
-    """The cache a forward call was given (``cache`` from transformers 5.24 on, else
-    ``past_key_values``)."""
-    c = kwargs.get("cache")
-    return kwargs.get("past_key_values") if c is None else c
-
-
 def _text_config(config):
     get = getattr(config, "get_text_config", None)
     return get(decoder=True) if get is not None else config
 
 
-class TieredCache(Cache):
+class TieredCache(BatchMode, CopiesAndCrops, Cache):
     """A transformers ``Cache`` over Synapse's tiers; see the module docstring.
 
     ``config_or_model``: the model's config (or the model itself). ``model``: the model,
@@ -265,138 +247,6 @@ class TieredCache(Cache):
             h.remove()
         self._hooks, self._attn_hooks = [], []
         self._model = None
-
-    # -- batches and padding ---------------------------------------------------------------
-    def _on_forward(self, module, args, kwargs):
-        """Before each forward pass of the attached model: read its 2D attention mask; a
-        batch or a padded prompt starts batch mode (``synapse.hf.batch``)."""
-        if _cache_of(kwargs) is not self:
-            return None
-        x = kwargs.get("input_ids")
-        if x is None:
-            x = kwargs.get("inputs_embeds")
-        if x is None:
-            x = args[0] if args else None
-        if x is None:
-            return None
-        b, q = int(x.shape[0]), int(x.shape[1])
-        am = kwargs.get("attention_mask")
-        if self._batch is None:
-            if self.planner is None:
-                padded = am is not None and (am.ndim != 2 or not bool(am.all()))
-                if b == 1 and not padded:
-                    return None  # one unpadded sequence: the path without per-sequence work
-                self._enter_batch(b)
-            else:
-                if b != 1:
-                    raise UnsupportedModel(
-                        f"this TieredCache holds one sequence; a forward pass of batch {b} "
-                        f"cannot continue it (call cache.reset() first, or "
-                        f"cache.batch_repeat_interleave({b}) to copy it)")
-                if q > 1 and am is not None and not bool(am.all()):
-                    raise UnsupportedModel(
-                        "this TieredCache started on an unpadded sequence; a padded attention "
-                        "mask cannot continue it (call cache.reset() and start padded)")
-                return None
-        if self._batch.size != b:
-            raise UnsupportedModel(
-                f"this TieredCache holds a batch of {self._batch.size} sequences; a forward pass "
-                f"of batch {b} cannot continue it (cache.batch_select_indices / "
-                f"batch_repeat_interleave change its size, cache.reset() empties it)")
-        dtype = next(module.parameters()).dtype
-        self._batch.begin(am, q, x.device, dtype, self._impl)
-        return None
-
-    def _enter_batch(self, b: int) -> None:
-        """Batch mode with ``b`` empty sequences: everything checked before anything
-        changes, so an error leaves the cache as it was."""
-        self._impl = check_implementation(self._model, self.model_type)
-        self._batch = BatchedSequences(self, [self._child(b) for _ in range(b)])
-        self._hook_attention()
-
-    def _child(self, share: int) -> "TieredCache":
-        """An empty single-sequence cache with 1/``share`` of this one's budgets."""
-        kw = dict(self._init_args)
-        kw["l1_budget_tokens"] = self.l1_budget_tokens // share
-        if kw["l2_budget_tokens"]:
-            kw["l2_budget_tokens"] = max(1, kw["l2_budget_tokens"] // share)
-        if self.vmm is None:
-            kw["vmm"] = False  # a sequence's stack may be copied (beams): one allocation
-        try:
-            child = TieredCache(self._config, **kw)
-        except CapacityError as e:
-            raise CapacityError(f"a batch of {share} sequences gets l1_budget_tokens="
-                                f"{self.l1_budget_tokens} // {share} each: {e}") from None
-        child.needs_scores = self.needs_scores
-        return child
-
-    def _hook_attention(self) -> None:
-        from .scores import attention_modules
-        if self._model is None:
-            return
-        for h in self._attn_hooks:
-            h.remove()
-        mods = attention_modules(self._model)
-        if not mods:  # no q_proj: find the modules that call the cache by their layer index
-            mods = [m for m in self._model.modules() if hasattr(m, "layer_idx")
-                    and type(m).__name__.endswith("Attention")]
-        if len(mods) != self.num_layers:
-            raise UnsupportedModel(
-                f"model type {self.model_type!r}: found {len(mods)} attention modules for "
-                f"{self.num_layers} layers; TieredCache cannot set their masks for a batch")
-
-        def set_mask(_mod, args, kwargs):
-            if _cache_of(kwargs) is not self:
-                return None  # another cache's forward pass on the same model
-            if self._batch is not None:  # None: sdpa's own causal mask, or no mask at all
-                kwargs["attention_mask"] = self._batch.mask
-            return args, kwargs
-        self._attn_hooks = [m.register_forward_pre_hook(set_mask, with_kwargs=True) for m in mods]
-
-    @property
-    def sequences(self) -> list:
-        """The per-sequence caches of a batch (``[self]`` for one unpadded sequence)."""
-        return [self] if self._batch is None else list(self._batch.children)
-
-    def reorder_cache(self, beam_idx) -> None:
-        """Beam search: row ``i`` continues sequence ``beam_idx[i]`` (copied if chosen twice)."""
-        self.batch_select_indices(beam_idx)
-
-    def batch_select_indices(self, indices) -> None:
-        idx = [int(i) for i in (indices.tolist() if hasattr(indices, "tolist") else indices)]
-        if self._batch is None:
-            if idx == [0] or self.planner is None and not idx:
-                return
-            self._to_batch()
-        self._batch.select(idx)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if repeats == 1:
-            return
-        if self._batch is None:
-            if self.planner is None:
-                return  # nothing held yet: the first forward pass sees the batch
-            self._to_batch()
-        self._batch.repeat_interleave(repeats)
-
-    def _to_batch(self) -> None:
-        """The sequence held so far becomes the first of a batch (its stack moves over)."""
-        if self._model is None:
-            raise UnsupportedModel("a TieredCache serves a batch only with the model attached: "
-                                   "pass model=model to TieredCache(...) or call cache.attach(model)")
-        self.settle()
-        impl = check_implementation(self._model, self.model_type)
-        child = self._child(1)
-        for k in _SEQUENCE_STATE:
-            setattr(child, k, getattr(self, k))
-        child.layers = [_Layer(child, i) for i in range(self.num_layers)]
-        seen = self.seen_tokens
-        self._backend = None  # the child owns it now
-        self.reset()
-        self.seen_tokens = seen
-        self._impl = impl
-        self._batch = BatchedSequences(self, [child])
-        self._hook_attention()
 
     def reset(self) -> None:
         if getattr(self, "_backend", None) is not None:
@@ -838,97 +688,6 @@ class TieredCache(Cache):
         self.l1_peak_bytes = self.device_kv_bytes()
         self.l1_reserved_peak_bytes = self.device_reserved_bytes()
 
-    # -- copies and rollbacks ----------------------------------------------------------------
-    def __deepcopy__(self, memo):
-        """A cache with the same blocks, decisions and counters, attached to the same model
-        (not a copy of it: ``copy.deepcopy`` of a cache must not copy the model)."""
-        if self._begun:
-            raise UnsupportedModel("a TieredCache cannot be copied in the middle of a forward "
-                                   "pass; copy it between generate() calls or steps")
-        self.settle()
-        for c in self.sequences:
-            mem = None if c._backend is None else c._backend.space("l1")
-            if mem is not None and mem.arena is not None:
-                raise UnsupportedModel(
-                    "this TieredCache's L1 arena is CUDA virtual memory, which cannot be copied: "
-                    "build it with TieredCache(..., vmm=False) to copy it (beam search and the "
-                    "batch verbs do so for the sequences of a batch)")
-        new = object.__new__(type(self))
-        memo[id(self)] = new
-        for k, v in self.__dict__.items():
-            if k in _NOT_COPIED:
-                continue
-            if k == "_step" and v is not None:
-                v = {a: b for a, b in v.items() if a not in ("copy_stream", "l2_buf", "l2_ready")}
-            new.__dict__[k] = copy.deepcopy(v, memo)
-        new.tap, new._model, new._hooks, new._attn_hooks = None, None, [], []
-        new._l2_free, new._l2_buf, new._cs = {}, None, None
-        for c in new.sequences:
-            c._rekey_arenas()
-        if self._model is not None:
-            new.attach(self._model)
-        return new
-
-    def _rekey_arenas(self) -> None:
-        """A copied slot arena's bookkeeping keyed by ``id(slot)`` names the copied slots."""
-        if self.stack is None:
-            return
-        for arena in (self.stack.manager.spaces.l1, self.stack.manager.spaces.l2):
-            if hasattr(arena, "_pending"):
-                arena._pending = {id(r[0]): r for r in arena._pending.values()}
-                arena._fresh = {id(s): s for s in arena._fresh.values()}
-
-    def crop(self, max_length: int) -> None:
-        """Keep the first ``max_length`` tokens (negative: drop that many from the end), as
-        ``DynamicCache.crop`` (assisted decoding rolls rejected tokens back this way).
-
-        A cut within the last block, while that block is in L1, is carried out (the
-        block becomes the partial tail again). A cut that would remove whole blocks is
-        refused with the numbers: block ids follow positions in the page table, which
-        has no verb to take its last ids back. Nothing changes on a refusal."""
-        if self._batch is not None:
-            targets = [max_length if max_length >= 0 else c.seen_tokens + max_length
-                       for c in self._batch.children]
-            for c, t in zip(self._batch.children, targets):
-                c._check_crop(t)
-            for c, t in zip(self._batch.children, targets):
-                c.crop(t)
-            self.seen_tokens = max_length if max_length >= 0 else self.seen_tokens + max_length
-            return
-        self.settle()
-        target = max_length if max_length >= 0 else self.seen_tokens + max_length
-        if self.planner is None or target >= self.seen_tokens:
-            return
-        self._check_crop(target)
-        from ..kv.planner import follow_tail
-        pl, mgr = self.planner, self.planner.mgr
-        last = (self.seen_tokens - 1) // self.block_tokens
-        mgr.extend(last, target)
-        pl.tokens = self.seen_tokens = target
-        if pl.tail != last:
-            pl.tail = follow_tail(mgr, pl.tail, last, False)
-        self._moves([], self.step)  # pinning it last in L1 may have moved it
-
-    def _check_crop(self, target: int) -> None:
-        if target < 0:
-            raise ValueError(f"crop to {target} tokens: the cache holds {self.seen_tokens}")
-        if self.planner is None or target >= self.seen_tokens:
-            return
-        bt = self.block_tokens
-        last = (self.seen_tokens - 1) // bt
-        where = None
-        if target <= last * bt:
-            where = (f"it would remove whole blocks (tokens {target}..{self.seen_tokens} reach "
-                     f"below the last block's first token {last * bt}; blocks are "
-                     f"block_tokens={bt} tokens)")
-        elif self.planner.mgr.table.tier[last] != int(Tier.L1):
-            where = f"the last block (tokens {last * bt}..) is no longer in L1"
-        if where:
-            raise UnsupportedModel(
-                f"TieredCache cannot crop to {target} of {self.seen_tokens} tokens: {where}. "
-                f"It crops within its last block in L1 only; for assisted decoding use "
-                f"num_assistant_tokens < block_tokens, or DynamicCache")
-
     # -- telemetry -------------------------------------------------------------------------
     def decisions(self) -> list:
         self.settle()
@@ -981,22 +740,6 @@ class TieredCache(Cache):
                                if fused is not None else "not used")
         out["run_time_s"] = time.perf_counter() - self._t0
         out["latency"] = {}
-        return out
-
-    def _batch_telemetry(self) -> dict:
-        """A batch: counters summed over its sequences, each sequence's own under
-        ``sequences``."""
-        seqs = [c.telemetry() for c in self._batch.children]
-        out = {"batch": len(seqs), "tokens": self.seen_tokens,
-               "l1_budget_tokens": self.l1_budget_tokens, "sequences": seqs}
-        for key in ("steps", "l1_peak_bytes", "stall_s", "l1_hits", "l2_hits", "misses",
-                    "evictions", "demotions", "drops", "forced_evictions", "fetches",
-                    "prefetches", "refusals", "lost_blocks", "bytes_h2d", "bytes_d2h",
-                    "bytes_compacted", "l1_reserved_bytes"):
-            vals = [t[key] for t in seqs if t.get(key) is not None]
-            out[key] = (max(vals) if key == "steps" else sum(vals)) if vals else None
-        accessed = sum((out[k] or 0) for k in ("l1_hits", "l2_hits", "misses"))
-        out["l1_hit_rate"] = out["l1_hits"] / accessed if accessed else None
         return out
 
     def metric_totals(self) -> dict:
