@@ -224,6 +224,21 @@ def test_batch_verbs_reorder_and_copy_the_sequences():
     assert len(cache.sequences) == 4
 
 
+def test_a_batch_dumps_in_the_runner_format_with_each_sequence(tmp_path):
+    from synapse.results import load_run
+    m = model("llama")
+    cache = tiered(m, 3, per_row_tokens=16)
+    generate(m, 3, cache, prefill_chunk_size=8)
+    cache.dump(tmp_path / "run")
+    load_run(tmp_path / "run")
+    t = cache.telemetry()
+    assert len(t["sequences"]) == 3
+    assert t["evictions"] == sum(s["evictions"] for s in t["sequences"]) > 0
+    with pytest.raises(UnsupportedModel, match=r"cache.sequences\[i\].inspect_layer"):
+        cache.inspect_layer(0)
+    assert cache.sequences[2].inspect_layer(0)["l1_keys"].shape[1:] == (2, 32)
+
+
 def test_a_single_sequence_repeated_becomes_a_batch_that_continues():
     m = model("llama")
     ids = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(2))

@@ -374,6 +374,9 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
         """What layer ``layer`` holds now, for audits and tests: its L1 keys and values
         (live tokens, any order), and for an INT4 L2 the per-group fp16 scales and zeros
         of its keys and values and the dequantized values. Copies, on the CPU."""
+        if self._batch is not None:
+            raise UnsupportedModel("this TieredCache holds a batch: inspect one sequence, "
+                                   "cache.sequences[i].inspect_layer(layer)")
         st, sh = self._step, self.shape
         n = st["l1_tokens"]
         l1 = self._backend.space("l1").typed(self.dtype, self.kv_heads, self.head_dim)
