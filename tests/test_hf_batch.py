@@ -350,3 +350,32 @@ def test_crop_that_would_remove_whole_blocks_says_why_and_changes_nothing():
         cache.crop(-6)
     assert [s.seen_tokens for s in cache.sequences] == seen
     cache.crop(cache.seen_tokens)  # nothing to cut: a no-op
+
+
+# -- on a GPU ------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_padded_batch_with_beams_on_cuda_matches_dynamic_cache_and_copies_its_stacks():
+    """fp32 on CUDA (fp16 rounding over another key order can tip near ties): DynamicCache's
+    tokens at full budget with beams (sequence stacks copied on the device, one allocation
+    each: a VMM arena cannot be copied); with evictions (INT4 read-through) the pad id
+    changes nothing."""
+    from transformers import DynamicCache
+    m = tiny_model("llama").cuda().eval()
+    m.generation_config.eos_token_id = None
+    ids, mask = batch(3)
+    ids, mask = ids.cuda(), mask.cuda()
+
+    def run(cache, pad=0, **kw):
+        with torch.no_grad():
+            return m.generate(ids.masked_fill(mask == 0, pad), attention_mask=mask,
+                              max_new_tokens=NEW, do_sample=False, past_key_values=cache,
+                              pad_token_id=pad, **kw)[:, PROMPT:]
+    ref = run(DynamicCache(config=m.config), num_beams=2)
+    cache = TieredCache(m.config, l1_budget_tokens=6 * 256, block_tokens=4, backend="cuda",
+                        model=m)
+    assert torch.equal(run(cache, num_beams=2), ref)
+    outs = [run(TieredCache(m.config, policy="h2o", l1_budget_tokens=3 * 16, block_tokens=4,
+                            demote="int4", backend="cuda", model=m), pad=p,
+                prefill_chunk_size=8) for p in (0, 7)]
+    assert torch.equal(outs[0], outs[1])
