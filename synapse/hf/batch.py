@@ -38,6 +38,12 @@ def attention_implementation(model) -> str:
 
 
 def check_implementation(model, model_type: str) -> str:
+    """The mask format the model's attention takes: ``sdpa`` (bool) or ``eager``
+    (additive), else a clear error. An attention module with its own ``_attn`` (GPT-J
+    before transformers 5.24) adds the mask to its logits whatever the config says."""
+    from .scores import attention_modules
+    if any(hasattr(m, "_attn") for m in attention_modules(model)):
+        return "eager"
     impl = attention_implementation(model)
     if impl not in MASK_IMPLEMENTATIONS:
         raise UnsupportedModel(
@@ -201,10 +207,13 @@ _SEQUENCE_STATE = ("seen_tokens", "_begun", "step", "planner", "stack", "_backen
 
 
 def _cache_of(kwargs: dict):
-    """The cache a forward call was given (``cache`` from transformers 5.24 on, else
-    ``past_key_values``)."""
-    c = kwargs.get("cache")
-    return kwargs.get("past_key_values") if c is None else c
+    """The cache a forward call was given: ``cache`` from transformers 5.24 on, else
+    ``past_key_values`` (``layer_past`` for GPT-J's attention before 5.24)."""
+    for name in ("cache", "past_key_values", "layer_past"):
+        c = kwargs.get(name)
+        if c is not None:
+            return c
+    return None
 
 
 class BatchMode:
