@@ -42,6 +42,15 @@ equal share of what is left); with none left, the warm-up's own timings are repo
   still identical (up to and including the first divergent token), absolute and relative
   to the reference's largest logit magnitude there.
 
+Batches (``--batch N``): N prompts of ``--prompt-tokens`` random ids (equal lengths, no
+padding), the same caches; each TieredCache gets N times its batch-1 budget (one share
+per sequence: ``synapse.hf.batch``) and the same prefill chunk. Decode tokens/s are per
+sequence (``decode_tokens_per_s``; the whole batch: ``decode_tokens_per_s_batch``);
+agreement compares row 0's logits and every row's tokens. With N > 1 the caches also run
+at batch 1 on row 0 (``batch1_caches``, unless ``--no-batch1``), for issue 16's goal: at
+batch N, a TieredCache's decode tokens/s per sequence relative to ``dynamic``'s is within
+10% of the same ratio at batch 1.
+
 quanto's 4-bit dequantization calls its ``quanto::unpack`` op, whose CPU and CUDA kernels
 are C++/CUDA extensions JIT-compiled (ninja + g++, nvcc on CUDA) on first use;
 ``--quanto-unpack torch`` (the default) unregisters those two kernels so that the op runs
@@ -51,6 +60,8 @@ quanto's own pure-torch kernel and nothing is compiled; ``extension`` keeps them
     python benchmarks/hf_caches.py --device cpu \
         --out benchmarks/results/cpu-2026-11-27/hf_caches.json
     python benchmarks/hf_caches.py --device cpu --tiny          # dry run, seconds
+    python benchmarks/hf_caches.py --device cuda --batch 8 --prompt-tokens 8192 \
+        --caches dynamic,tiered_full,tiered_h2o --out $OUT/hf_caches_batch8.json
     PYTHONPATH=/tmp/qsite python benchmarks/hf_caches.py ...     # with optimum-quanto/hqq there
 """
 
@@ -118,10 +129,10 @@ def build_model(cfg, device):
     return model
 
 
-def make_prompt(cfg, tokens: int, device):
+def make_prompt(cfg, tokens: int, device, batch: int = 1):
     import torch
     g = torch.Generator().manual_seed(SEED + 1)
-    return torch.randint(0, cfg.vocab_size, (1, tokens), generator=g).to(device)
+    return torch.randint(0, cfg.vocab_size, (batch, tokens), generator=g).to(device)
 
 
 # -- the caches ---------------------------------------------------------------------------
@@ -129,8 +140,9 @@ def round_down(n: int, m: int) -> int:
     return max(m, n // m * m)
 
 
-def cache_specs(cfg, device, context: int, prompt: int | None = None) -> dict:
-    """name -> (settings, factory(model) -> cache, prefill_chunk or None)."""
+def cache_specs(cfg, device, context: int, prompt: int | None = None, batch: int = 1) -> dict:
+    """name -> (settings, factory(model) -> cache, prefill_chunk or None). A TieredCache's
+    budget is per sequence times ``batch`` (each sequence of a batch gets an equal share)."""
     from transformers import DynamicCache, QuantizedCache
     backend = "cuda" if device.type == "cuda" else "cpu"
     # Full: above the context by more than the high watermark (0.95), so background
@@ -146,7 +158,8 @@ def cache_specs(cfg, device, context: int, prompt: int | None = None) -> dict:
     def tiered(policy, budget, demote):
         def make(model):
             from synapse.hf import TieredCache
-            return TieredCache(model.config, policy=policy, l1_budget_tokens=budget, demote=demote,
+            return TieredCache(model.config, policy=policy, l1_budget_tokens=budget * batch,
+                               demote=demote,
                                block_tokens=BLOCK_TOKENS, backend=backend, model=model)
         return make
 
@@ -162,11 +175,11 @@ def cache_specs(cfg, device, context: int, prompt: int | None = None) -> dict:
                 lambda m: QuantizedCache(backend="hqq", config=m.config, axis_key=1, axis_value=1,
                                          **quant), None),
         "fp8": ({}, lambda m: QuantizedCache(backend="fp8", config=m.config), None),
-        "tiered_full": ({"policy": "fifo", "l1_budget_tokens": full, "demote": "l2"},
+        "tiered_full": ({"policy": "fifo", "l1_budget_tokens": full * batch, "demote": "l2"},
                         tiered("fifo", full, "l2"), None),
-        "tiered_h2o": ({"policy": "h2o", "l1_budget_tokens": quarter, "demote": "int4"},
+        "tiered_h2o": ({"policy": "h2o", "l1_budget_tokens": quarter * batch, "demote": "int4"},
                        tiered("h2o", quarter, "int4"), chunk),
-        "tiered_lru": ({"policy": "lru", "l1_budget_tokens": quarter, "demote": "int4"},
+        "tiered_lru": ({"policy": "lru", "l1_budget_tokens": quarter * batch, "demote": "int4"},
                        tiered("lru", quarter, "int4"), chunk),
     }
 
@@ -323,7 +336,8 @@ def generate_once(model, ids, cache, new_tokens: int, chunk, measure: bool) -> d
     end = clock.now()
     r = {"prefill_s": clock.seconds(start, hook.prefill_end),
          "decode_s": clock.seconds(hook.prefill_end, end),
-         "tokens": out.sequences[0, ids.shape[1]:].cpu()}
+         "tokens": out.sequences[0, ids.shape[1]:].cpu(),
+         "tokens_all": out.sequences[:, ids.shape[1]:].cpu()}
     if r["tokens"].numel() != new_tokens:
         raise RuntimeError(f"generated {r['tokens'].numel()} tokens, expected {new_tokens}")
     if measure:
@@ -361,7 +375,9 @@ def agreement(ref: dict, got: dict) -> dict:
     diff = max((float((ref["logits"][k] - got["logits"][k]).abs().max()) for k in steps),
                default=0.0)
     scale = max((float(ref["logits"][k].abs().max()) for k in steps), default=1.0)
+    rows = (ref["tokens_all"] == got["tokens_all"]).all(dim=1)
     return {"prefix_match": first / n, "overall_match": float(same.float().mean()),
+            "rows_all_equal": float(rows.float().mean()),
             "first_divergence": None if first == n else first,
             "max_abs_logit_diff": diff, "max_rel_logit_diff": diff / scale if scale else None,
             "logit_steps_compared": len(steps)}
@@ -418,6 +434,7 @@ def run_cache(spec, model, ids, args, ref, allowance_s: float | None) -> tuple[d
         "decode_s": median(decode), "decode_s_all": decode,
         "prefill_tokens_per_s": ids.shape[1] / median(prefill),
         "decode_tokens_per_s": (args.new_tokens - 1) / median(decode),
+        "decode_tokens_per_s_batch": ids.shape[0] * (args.new_tokens - 1) / median(decode),
         "kv_held_peak_bytes": warm["kv_held_peak_bytes"],
         "kv_held_end_bytes": warm["kv_held_end_bytes"]})
     if device.type == "cuda":
@@ -525,10 +542,17 @@ def parse_args(argv):
                     help="seconds the whole run should take: each cache's timed repeats are cut "
                          "to its share of what is left (0: no limit)")
     ap.add_argument("--quanto-unpack", choices=("torch", "extension"), default="torch")
+    ap.add_argument("--batch", type=int, default=1,
+                    help="sequences per generate (equal-length prompts); above 1 the caches "
+                         "also run at batch 1 for the per-sequence ratio goal")
+    ap.add_argument("--no-batch1", action="store_true",
+                    help="with --batch > 1: skip the batch-1 reference runs")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
     a.prompt_tokens = a.prompt_tokens or (128 if a.tiny else 8192 if a.device == "cuda" else 1024)
     a.new_tokens = a.new_tokens or (16 if a.tiny else 64)
+    if a.batch < 1:
+        ap.error(f"--batch must be at least 1, got {a.batch}")
     if a.new_tokens < 2 or a.repeats < 1:
         ap.error("--new-tokens must be at least 2 (one prefill token, one decode step) and "
                  "--repeats at least 1")
@@ -569,7 +593,7 @@ def describe(a, cfg, model, device) -> dict:
               "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
               "context_tokens": context, "kv_bytes_full_precision": kv_full * p.element_size(),
               "repeats": a.repeats, "time_budget_s": a.time_budget,
-              "block_tokens": BLOCK_TOKENS, "seed": SEED,
+              "block_tokens": BLOCK_TOKENS, "seed": SEED, "batch": a.batch,
               "attn_implementation": getattr(cfg, "_attn_implementation", None),
               "generate_cache_argument": cache_kwarg()}
     timing = "CUDA events" if device.type == "cuda" else "time.perf_counter"
@@ -594,6 +618,16 @@ def goals(res: dict) -> list[dict]:
         out.append({"goal": goal, "value": value, "met": met if value is not None else None,
                     "measured": text if value is not None else "a cache did not run"})
 
+    b1 = res.get("batch1_caches") or {}
+    for name in ("tiered_full", "tiered_h2o", "tiered_lru"):
+        rb = ratio(name, "decode_tokens_per_s")
+        ok1 = all(b1.get(k, {}).get("status") == "ok" for k in (name, "dynamic"))
+        if rb is None or not ok1:
+            continue
+        r1 = b1[name]["decode_tokens_per_s"] / b1["dynamic"]["decode_tokens_per_s"]
+        add(f"{name} at batch {res['config']['batch']}: decode/s per sequence vs dynamic "
+            f"within 10% of batch 1's ratio", rb / r1, rb >= 0.9 * r1,
+            f"{rb:.3f}x at batch {res['config']['batch']}, {r1:.3f}x at batch 1")
     r = ratio("tiered_full", "decode_tokens_per_s")
     add("tiered_full decode >= 0.95x dynamic", r, r is not None and r >= 0.95, f"{r:.3f}x" if r else "")
     r = ratio("tiered_full", "prefill_s")
@@ -624,15 +658,19 @@ def not_run_reason(name: str, exc: Exception, device) -> str:
     return f"not run: {msg}"
 
 
-def run_all(a, model, ids, specs, res, t_start) -> None:
-    """Every cache in turn, dynamic first (the reference); failures are recorded."""
+def run_all(a, model, ids, specs, res, t_start, section: str = "caches",
+            runs_after: int = 0) -> None:
+    """Every cache in turn, dynamic first (the reference); failures are recorded in
+    ``res[section]``. ``runs_after``: cache runs still to come after this section (their
+    share of --time-budget is kept for them)."""
     ref = None
+    res.setdefault(section, {})
     for i, name in enumerate(a.caches):
         left = a.time_budget - (time.perf_counter() - t_start)
-        allowance = left / (len(a.caches) - i) if a.time_budget > 0 else None
+        allowance = left / (len(a.caches) - i + runs_after) if a.time_budget > 0 else None
         why = backend_missing(name)
         if why is not None:
-            res["caches"][name] = {"status": f"not run: {why}"}
+            res[section][name] = {"status": f"not run: {why}"}
             print(f"{name}: not run: {why}", flush=True)
             continue
         try:
@@ -640,16 +678,16 @@ def run_all(a, model, ids, specs, res, t_start) -> None:
         except Exception as e:  # noqa: BLE001 (recorded, the other caches still run)
             if name == "dynamic":
                 raise  # no reference, nothing to compare with
-            res["caches"][name] = {"settings": specs[name][0],
-                                   "status": not_run_reason(name, e, ids.device)}
-            print(f"{name}: {res['caches'][name]['status']}", flush=True)
+            res[section][name] = {"settings": specs[name][0],
+                                  "status": not_run_reason(name, e, ids.device)}
+            print(f"{name}: {res[section][name]['status']}", flush=True)
             continue
         if name == "dynamic":
             ref = warm
         if name == "quanto":
             entry["unpack"] = res["config"].get("quanto_unpack")
-        res["caches"][name] = entry
-        print(f"{name}: prefill {entry['prefill_s']:.3f} s, decode "
+        res[section][name] = entry
+        print(f"[batch {ids.shape[0]}] {name}: prefill {entry['prefill_s']:.3f} s, decode "
               f"{entry['decode_tokens_per_s']:.2f} tok/s, {entry['repeats_run']} repeats", flush=True)
 
 
@@ -663,14 +701,19 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     cfg = model_config(device.type, a.tiny, a.model, a.prompt_tokens + a.new_tokens)
     model = build_model(cfg, device)
-    ids = make_prompt(cfg, a.prompt_tokens, device)
-    specs = cache_specs(cfg, device, a.prompt_tokens + a.new_tokens, a.prompt_tokens)
+    ids = make_prompt(cfg, a.prompt_tokens, device, a.batch)
+    context = a.prompt_tokens + a.new_tokens
+    specs = cache_specs(cfg, device, context, a.prompt_tokens, a.batch)
     res = describe(a, cfg, model, device)
     if "quanto" in a.caches and backend_missing("quanto") is None:
         res["config"]["quanto_unpack"] = (
             route_quanto_unpack_to_torch() if a.quanto_unpack == "torch"
             else "extension (quanto's JIT-compiled kernels)")
-    run_all(a, model, ids, specs, res, t_start)
+    with_b1 = a.batch > 1 and not a.no_batch1
+    run_all(a, model, ids, specs, res, t_start, runs_after=len(a.caches) if with_b1 else 0)
+    if with_b1:
+        run_all(a, model, ids[:1], cache_specs(cfg, device, context, a.prompt_tokens), res,
+                t_start, section="batch1_caches")
     res["goals"] = goals(res)
     res["total_s"] = time.perf_counter() - t_start
     out_path = a.out or default_out()

@@ -23,12 +23,32 @@ def tiny_model(family: str = "llama", layers: int = 2, seed: int = 0, dtype=torc
     if family == "llama":
         from transformers import LlamaForCausalLM
         m = LlamaForCausalLM(tiny_config(layers, **kw))
-    else:
+    elif family == "qwen2":
         from transformers import Qwen2Config, Qwen2ForCausalLM
         cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=128, intermediate_size=192,
                           num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                           max_position_embeddings=1024, tie_word_embeddings=False, **kw)
         m = Qwen2ForCausalLM(cfg)  # head_dim 32
+    elif family == "mistral":
+        from transformers import MistralConfig, MistralForCausalLM
+        cfg = MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                            num_hidden_layers=layers, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=32, sliding_window=None,
+                            max_position_embeddings=1024, tie_word_embeddings=False, **kw)
+        m = MistralForCausalLM(cfg)
+    elif family == "gemma":
+        from transformers import GemmaConfig, GemmaForCausalLM
+        cfg = GemmaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=32, max_position_embeddings=1024, **kw)
+        m = GemmaForCausalLM(cfg)
+    elif family == "gptj":
+        from transformers import GPTJConfig, GPTJForCausalLM
+        cfg = GPTJConfig(vocab_size=VOCAB, n_embd=64, n_layer=layers, n_head=2, rotary_dim=16,
+                         n_positions=1024, tie_word_embeddings=False, **kw)
+        m = GPTJForCausalLM(cfg)  # 2 heads of head_dim 32, rotary on the first 16 dims
+    else:
+        raise ValueError(f"unknown family {family!r}")
     return m.to(dtype).eval()
 
 

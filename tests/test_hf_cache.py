@@ -302,12 +302,12 @@ def test_a_prompt_longer_than_the_budget_asks_for_chunked_prefill():
         greedy(m, prompt(40), cache, new=2)
 
 
-def test_belady_and_batches_are_refused():
+def test_belady_and_batches_without_the_model_are_refused():
     with pytest.raises(UnsupportedModel, match="offline oracle"):
         TieredCache(tiny_config(), policy="belady", l1_budget_tokens=64, block_tokens=8)
     m = tiny_model("llama")
     cache = TieredCache(m.config, policy="fifo", l1_budget_tokens=64, block_tokens=8)
-    with pytest.raises(UnsupportedModel, match="batch size 1"):
+    with pytest.raises(UnsupportedModel, match="batch of 2 .* pass model=model"):
         with torch.no_grad():
             m(prompt(8).repeat(2, 1), past_key_values=cache, use_cache=True)
 

@@ -33,7 +33,13 @@ eviction, tokens and logits equal ``DynamicCache``'s bit for bit.
 
 Positions stay right after eviction: ``get_seq_length`` is the number of tokens seen,
 ``get_mask_sizes`` the number of keys returned, with the offset that keeps the causal
-mask correct for the new tokens. One sequence (batch size 1).
+mask correct for the new tokens.
+
+Batches (B > 1) and padded prompts run one such stack per sequence, with a 1/B share of
+the budgets, pads never stored, and a 4D mask laid out like each sequence's keys
+(``synapse.hf.batch``); beam search, ``num_return_sequences`` and the batch verbs
+reorder (and where needed copy) those stacks. One unpadded sequence keeps the path
+above, with no per-sequence bookkeeping.
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ from ..kv.shape import KVShape
 from ..kv.stack import DEMOTE_NAMES, PolicySettings, build_stack
 from ..monitor.cache_probe import publish_cache_step
 from ..telemetry import Recorder
+from .batch import BatchedSequences, BatchMode
+from .copies import CopiesAndCrops
 from .errors import UnsupportedModel
 from .int4 import dequantize_layer_rows, layer_row_sections
 from .scores import FUSED_FROM_QUERIES, QueryTap, token_mass, token_mass_fused
@@ -89,19 +97,18 @@ class _Layer(CacheLayerMixin):
     def reset(self) -> None:
         self.owner.reset()
 
-    def crop(self, tokens_to_remove: int) -> None:
-        raise UnsupportedModel("TieredCache cannot crop (assisted decoding, rollbacks): its blocks "
-                               "may have been demoted or dropped")
+    # the blocks of a layer move with every other layer's: the verbs are the cache's
+    def crop(self, max_length: int) -> None:
+        raise UnsupportedModel("TieredCache crops all layers at once: call cache.crop(max_length)")
 
     def reorder_cache(self, beam_idx) -> None:
-        raise UnsupportedModel("TieredCache serves one sequence; beam search is not supported")
+        raise UnsupportedModel("TieredCache reorders all layers at once: call cache.reorder_cache")
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if repeats != 1:
-            raise UnsupportedModel("TieredCache serves one sequence (batch size 1)")
+        raise UnsupportedModel("call cache.batch_repeat_interleave on the TieredCache")
 
     def batch_select_indices(self, indices) -> None:
-        raise UnsupportedModel("TieredCache serves one sequence (batch size 1)")
+        raise UnsupportedModel("call cache.batch_select_indices on the TieredCache")
 
 
 def _text_config(config):
@@ -109,7 +116,7 @@ def _text_config(config):
     return get(decoder=True) if get is not None else config
 
 
-class TieredCache(Cache):
+class TieredCache(BatchMode, CopiesAndCrops, Cache):
     """A transformers ``Cache`` over Synapse's tiers; see the module docstring.
 
     ``config_or_model``: the model's config (or the model itself). ``model``: the model,
@@ -135,12 +142,21 @@ class TieredCache(Cache):
                  prefetch_blocks: int = 0, access_factor: float = 4.0,
                  record_masses: bool = False, vmm: bool | None = None,
                  int4_keys: str = DEFAULT_KEY_FORMAT):
+        self._init_args = dict(policy=policy, l1_budget_tokens=l1_budget_tokens, demote=demote,
+                               block_tokens=block_tokens, backend=backend,
+                               l2_budget_tokens=l2_budget_tokens, int4_group=int4_group,
+                               heavy_ratio=heavy_ratio, sink_blocks=sink_blocks,
+                               high_watermark=high_watermark, low_watermark=low_watermark,
+                               eviction_ratio=eviction_ratio, prefetch_blocks=prefetch_blocks,
+                               access_factor=access_factor, record_masses=record_masses,
+                               vmm=vmm, int4_keys=int4_keys)
         if hasattr(config_or_model, "config") and isinstance(config_or_model, torch.nn.Module):
             model = config_or_model if model is None else model
             config = config_or_model.config
         else:
             config = config_or_model
         cfg = _text_config(config)
+        self._config = config
         self.model_type = getattr(cfg, "model_type", type(cfg).__name__)
         try:  # the layer kinds DynamicCache would build for this config
             from transformers.cache_utils import get_layer_types_and_kwargs
@@ -204,6 +220,10 @@ class TieredCache(Cache):
         # full-precision KV before the policy moves any, and its counters for telemetry()
         self.on_update = None
         self.prefix_telemetry: dict | None = None
+        self._model = None
+        self._hooks: list = []       # the model's forward pre-hook (its attention mask)
+        self._attn_hooks: list = []  # batch mode: each attention layer's mask
+        self._batch: BatchedSequences | None = None
         super().__init__(layers=[_Layer(self, i) for i in range(self.num_layers)])
         if model is not None:
             self.attach(model)
@@ -214,21 +234,35 @@ class TieredCache(Cache):
         """Observe ``model``'s queries (for attention scores); returns self. A policy that
         needs no scores (fifo, sinks) hooks nothing: each hook keeps a layer's query
         projection until the cache reads it (2 GiB for a 32k-token prefill of 16 layers)."""
-        if self.tap is not None:
-            self.tap.remove()
-            self.tap = None
+        self.detach()
         if self.needs_scores:
             self.tap = QueryTap(model)
+        self._model = model
+        self._hooks.append(model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
+        if self._batch is not None:
+            self._hook_attention()
         return self
 
     def detach(self) -> None:
         if self.tap is not None:
             self.tap.remove()
             self.tap = None
+        for h in self._hooks + self._attn_hooks:
+            h.remove()
+        self._hooks, self._attn_hooks = [], []
+        self._model = None
 
     def reset(self) -> None:
         if getattr(self, "_backend", None) is not None:
             self._backend.close()
+        batch = getattr(self, "_batch", None)
+        if batch is not None:
+            for c in batch.children:
+                c.reset()
+            self._batch = None
+            for h in self._attn_hooks:
+                h.remove()
+            self._attn_hooks = []
         self.seen_tokens = 0
         self._begun = False
         self.step = -1
@@ -249,13 +283,18 @@ class TieredCache(Cache):
         self.step_l1_bytes: list[int] = []
         self.masses: list[np.ndarray] = []          # per step, aggregated (record_masses)
         self.layer_masses: list[np.ndarray] = []    # per step, [layers, blocks]
+        self.batch_lengths: list[list[int]] = []    # batch, per pass: keys per sequence
         self._layer_mass_rows: list[torch.Tensor] = []
         self._t0 = time.perf_counter()
 
     def _start(self, key_states: torch.Tensor) -> None:
         b = key_states.shape[0]
         if b != 1:
-            raise UnsupportedModel(f"TieredCache serves one sequence (batch size 1), got batch {b}")
+            raise UnsupportedModel(
+                f"model type {self.model_type!r}: a batch of {b} sequences (batch size > 1, "
+                f"num_beams or num_return_sequences > 1) needs the model attached, so the cache "
+                f"can read the attention mask and lay each sequence's keys out: pass "
+                f"model=model to TieredCache(...) or call cache.attach(model)")
         if key_states.shape[1] != self.kv_heads or key_states.shape[-1] != self.head_dim:
             raise UnsupportedModel(
                 f"keys of shape {tuple(key_states.shape)} do not match the config "
@@ -265,7 +304,12 @@ class TieredCache(Cache):
                 f"policy {self.policy_name!r} needs attention scores: pass model=model to "
                 f"TieredCache(...) (or call cache.attach(model)) so it can observe the queries; "
                 f"policies 'fifo' and 'sinks' need none")
-        device, dtype = key_states.device, key_states.dtype
+        self._ensure_started(key_states.device, key_states.dtype)
+
+    def _ensure_started(self, device, dtype) -> None:
+        """Build the stack for keys on ``device`` of ``dtype`` (once)."""
+        if self.planner is not None:
+            return
         if self.backend == "cuda" and device.type != "cuda":
             raise UnsupportedModel(f"backend='cuda' but the model's keys are on {device}")
         if self.backend == "cpu" and device.type != "cpu":
@@ -273,7 +317,8 @@ class TieredCache(Cache):
                                    f"use backend='cuda'")
         from ..kv.torch_backend import TorchBackend
         shape = KVShape(self.num_layers, self.kv_heads, self.head_dim, self.block_tokens,
-                        self.int4_group, key_states.element_size(), self.int4_keys)
+                        self.int4_group, torch.empty(0, dtype=dtype).element_size(),
+                        self.int4_keys)
         self.shape = shape
         self.token_bytes = shape.token_bytes
         self.l1_budget_bytes = shape.blocks_in(self.l1_budget_tokens * shape.token_bytes) \
@@ -306,6 +351,8 @@ class TieredCache(Cache):
     def mask_sizes(self, query_length: int) -> tuple[int, int]:
         """(keys attention will see, offset): admission runs first, so a block dropped to
         make room for this step is already gone from the count."""
+        if self._batch is not None:  # replaced by the batch's own mask (synapse.hf.batch)
+            return self.seen_tokens + query_length, 0
         if self.planner is not None and not self._begun:
             self._begin_step(query_length)
         kept = self.kept_tokens()
@@ -313,6 +360,8 @@ class TieredCache(Cache):
 
     def device_kv_bytes(self) -> int:
         """Bytes of KV the cache holds in L1 now: its live slots (whole blocks)."""
+        if self._batch is not None:
+            return sum(c.device_kv_bytes() for c in self._batch.children)
         if self.stack is None:
             return 0
         return self.stack.manager.spaces.l1.used_bytes
@@ -329,6 +378,9 @@ class TieredCache(Cache):
         """What layer ``layer`` holds now, for audits and tests: its L1 keys and values
         (live tokens, any order), and for an INT4 L2 the per-group fp16 scales and zeros
         of its keys and values and the dequantized values. Copies, on the CPU."""
+        if self._batch is not None:
+            raise UnsupportedModel("this TieredCache holds a batch: inspect one sequence, "
+                                   "cache.sequences[i].inspect_layer(layer)")
         st, sh = self._step, self.shape
         n = st["l1_tokens"]
         l1 = self._backend.space("l1").typed(self.dtype, self.kv_heads, self.head_dim)
@@ -348,8 +400,22 @@ class TieredCache(Cache):
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if self.on_update is not None:
             self.on_update(layer_idx, key_states, value_states)
+        if self._batch is not None:
+            query = self.tap.query(layer_idx) if self.needs_scores else None
+            out = self._batch.update(key_states, value_states, layer_idx, query)
+            if layer_idx == self.num_layers - 1:
+                self.seen_tokens += key_states.shape[-2]
+            return out
         if self.planner is None:
             self._start(key_states)
+        return self._update(key_states, value_states, layer_idx,
+                            self.tap.query(layer_idx) if self.needs_scores else None)
+
+    def _update(self, key_states, value_states, layer_idx: int, qs, scaling=None,
+                end: bool = True):
+        """One layer of one sequence: its new keys in, all its kept keys out; ``qs``: the
+        layer's queries when the policy scores (None: not scored here; a batch scores
+        its decode steps for all sequences at once and ends their steps itself, ``end``)."""
         if not self._begun:
             self._begin_step(key_states.shape[-2])
         st = self._step
@@ -363,16 +429,19 @@ class TieredCache(Cache):
         else:
             keys = kp[:n].permute(1, 0, 2).unsqueeze(0)
             values = vp[:n].permute(1, 0, 2).unsqueeze(0)
-        if self.needs_scores:
-            qs = self.tap.query(layer_idx)
+        if qs is not None:
             mass = token_mass_fused if q >= FUSED_FROM_QUERIES and keys.is_cuda else token_mass
-            tok = mass(qs, keys, self.tap.scaling(layer_idx), keys.shape[-2] - q)
-            self._step_mass = tok if self._step_mass is None else self._step_mass.add_(tok)
-            if self.record_masses:
-                self._layer_mass_rows.append(self._slot_masses(tok))
-        if layer_idx == self.num_layers - 1:
+            scale = self.tap.scaling(layer_idx) if scaling is None else scaling
+            self._add_mass(mass(qs, keys, scale, keys.shape[-2] - q))
+        if end and layer_idx == self.num_layers - 1:
             self._end_step()
         return keys, values
+
+    def _add_mass(self, tok: torch.Tensor) -> None:
+        """One layer's attention mass per key (in this step's key order)."""
+        self._step_mass = tok if self._step_mass is None else self._step_mass.add_(tok)
+        if self.record_masses:
+            self._layer_mass_rows.append(self._slot_masses(tok))
 
     def _read_through(self, layer: int, kp, vp, cut: int, n: int):
         """Keys and values of L1's full blocks before the tail, then L2's (its run for
@@ -497,6 +566,7 @@ class TieredCache(Cache):
 
     def _begin_step(self, q_len: int) -> None:
         self.settle()
+        self.planner.check_step(q_len)  # before anything changes: a refused step leaves no trace
         self._backend.safe_point()
         self.step += 1
         self._begun = True
@@ -592,6 +662,10 @@ class TieredCache(Cache):
         moves (demotion to the low watermark, prefetch), then record the step. The next
         step, ``telemetry``, ``decisions`` and ``dump`` call it; call it yourself to see
         the last step's effect on ``manager``."""
+        if self._batch is not None:
+            for c in self._batch.children:
+                c.settle()
+            return
         if not self._pending:
             return
         self._pending = False
@@ -626,11 +700,16 @@ class TieredCache(Cache):
     # -- telemetry -------------------------------------------------------------------------
     def decisions(self) -> list:
         self.settle()
+        if self._batch is not None:
+            return [dict(e, sequence=i) if isinstance(e, dict) else e
+                    for i, c in enumerate(self._batch.children) for e in c.decisions()]
         return [] if self.planner is None else list(self.planner.mgr.log.entries)
 
     def telemetry(self) -> dict:
         """The fields of ``synapse run``'s metrics, plus the cache's own measurements."""
         self.settle()
+        if self._batch is not None:
+            return self._batch_telemetry()
         mgr = self.manager
         out = {"steps": self.step + 1, "tokens": self.seen_tokens,
                "l1_budget_tokens": self.l1_budget_tokens,
@@ -677,6 +756,10 @@ class TieredCache(Cache):
     def metric_totals(self) -> dict:
         """Running totals for live metrics (``synapse.monitor``), cheap to read every
         step: bytes per direction (read-through included) and the INT4 error sums."""
+        if self._batch is not None:
+            tots = [c.metric_totals() for c in self._batch.children if c._backend is not None]
+            keys = ("h2d", "d2h", "int4_err", "int4_ref", "int4_n")
+            return {k: sum(t[k] for t in tots) for k in keys}
         be = self._backend
         count, err, ref = getattr(self, "_metric_q", (0, 0.0, 0.0))
         if be.q_count != count:  # reading the device-side sums syncs: only when they grew

@@ -14,6 +14,7 @@ else is refused by name when the cache is attached.
 
 from __future__ import annotations
 
+import inspect
 import sys
 
 import torch
@@ -47,9 +48,10 @@ class _RopeWatch:
         self.users = 0
         watch = self
 
-        def apply_rotary_pos_emb(q, k, *args, **kwargs):
-            out = watch.orig(q, k, *args, **kwargs)
-            watch.last = out[0]
+        def apply_rotary_pos_emb(*args, **kwargs):
+            out = watch.orig(*args, **kwargs)
+            if isinstance(out, tuple):  # (q, k): the query is taken as is
+                watch.last = out[0]
             return out
         apply_rotary_pos_emb.__wrapped__ = self.orig
         module.apply_rotary_pos_emb = apply_rotary_pos_emb
@@ -84,6 +86,7 @@ class QueryTap:
 
     def __init__(self, model) -> None:
         mods = attention_modules(model)
+        self.model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         if not mods:
             raise UnsupportedModel(
                 f"{type(model).__name__}: no attention module with q_proj, head_dim and layer_idx "
@@ -100,6 +103,10 @@ class QueryTap:
                     f"apply_rotary_pos_emb or the module no scaling; TieredCache cannot rebuild "
                     f"its queries. Use policy 'fifo' or 'sinks'")
             self.rope[m.layer_idx] = fn
+        # GPT-J's form rotates one tensor, ``(x, sin, cos)``, on the first ``rotary_dim``
+        # dims of [B, Q, H, D]: the query is rebuilt that way (never passed two tensors)
+        self.one_tensor_rope = {i: list(inspect.signature(fn).parameters)[:2] != ["q", "k"]
+                                for i, fn in self.rope.items()}
         self._watches = [_RopeWatch.on(mod) for mod in
                          {sys.modules[type(m).__module__] for m in mods}]
         self._watch_of = {m.layer_idx: _RopeWatch._active[type(m).__module__] for m in mods}
@@ -135,6 +142,8 @@ class QueryTap:
             raise UnsupportedModel(f"layer {layer_idx}: no query was observed before cache.update; "
                                    f"the attention module does not call q_proj before the cache")
         q = out.view(*out.shape[:-1], -1, m.head_dim)
+        if self.one_tensor_rope[layer_idx]:
+            return self._one_tensor_query(layer_idx, m, q, pe)
         if getattr(m, "q_norm", None) is not None:
             q = m.q_norm(q)
         q = q.transpose(1, 2)
@@ -142,6 +151,20 @@ class QueryTap:
             cos, sin = pe
             q, _ = self.rope[layer_idx](q, q, cos, sin)
         return q
+
+    def _one_tensor_query(self, layer_idx: int, m, q: torch.Tensor, pe) -> torch.Tensor:
+        if pe is None:
+            raise UnsupportedModel(
+                f"model type {self.model_type!r} (layer {layer_idx}): its attention was called "
+                f"without position_embeddings, so TieredCache cannot rebuild the rotated query "
+                f"that policies 'h2o' and 'lru' score; use policy 'fifo' or 'sinks'")
+        sin, cos = pe
+        rope, rd = self.rope[layer_idx], getattr(m, "rotary_dim", None)
+        if rd:
+            q = torch.cat((rope(q[..., :rd], sin, cos), q[..., rd:]), dim=-1)
+        else:
+            q = rope(q, sin, cos)
+        return q.transpose(1, 2)
 
     def scaling(self, layer_idx: int) -> float:
         return float(self.modules[layer_idx].scaling)
