@@ -1,5 +1,7 @@
 """Memory tsunami and tenants on the simulator: backpressure without loss, isolation."""
 
+import collections
+
 import numpy as np
 import pytest
 
@@ -87,3 +89,19 @@ def test_tenants_above_their_share_are_swapped_first(tenants):
     assert t["c"]["swapped_out"] > 0
     assert t["a"]["swapped_out"] == 0 and t["b"]["swapped_out"] == 0
     assert tenants.metrics["lost_blocks"] == 0
+
+
+@pytest.mark.parametrize("name", ["tsunami", "tenants"])
+def test_int4_swap_ins_larger_than_the_staging_come_in_over_rounds(name):
+    """An INT4 request is fetched through the device staging; one larger than the staging
+    comes in over several rounds of the same step, and the admission counts what is still
+    owed (before: AccessDenied, then an L1 that the next admission had filled)."""
+    from synapse.scenarios.tiny import TINY_TENANTS, TINY_TSUNAMI
+    tiny = TINY_TSUNAMI if name == "tsunami" else TINY_TENANTS
+    over = tiny + ["policy.demote=l2_int4", "memory.staging_blocks=2"]
+    sim, cpu = run(name, over, "sim"), run(name, over, "cpu")
+    m = sim.metrics
+    assert m["lost_blocks"] == 0 and m["unaccounted_requests"] == 0
+    rounds = collections.Counter(step for step, kind, _ in sim.decisions if kind == "fetch")
+    assert max(rounds.values()) >= 3, "a swap-in took several rounds in one step"
+    assert sim.decisions == cpu.decisions

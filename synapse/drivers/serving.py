@@ -216,14 +216,17 @@ class ServingDriver:
                     self.tenant_stats[r.tenant]["refused"] += 1
             # 2. swap in (oldest first), then start queued requests, while below high
             moves, swapped_in = [], []
+            owed: list = []  # L1 sizes of admitted blocks the INT4 staging defers (_fetch_rest)
             for r in list(swapped):
                 if len(running) >= self.max_running:
                     break
                 ids = np.asarray(r.blocks, np.int64)
                 sizes = mgr.l1_sizes(ids)
-                if self._crosses_high(sum(sizes)) or not mgr.fits(sizes):
+                if self._crosses_high(sum(sizes) + sum(owed)) or not mgr.fits(owed + list(sizes)):
                     break
-                moves += mgr.plan_fetch(ids, t, "fetch")
+                planned = mgr.plan_fetch(ids, t, "fetch")
+                moves += planned
+                owed += list(sizes)[len(planned):]
                 self._note_peak()
                 mgr.record_reads(l2=len(ids))
                 self.tenant_stats[r.tenant]["l2_hits"] += len(ids)
@@ -240,7 +243,7 @@ class ServingDriver:
                 if len(running) >= self.max_running:
                     break
                 sizes = [self.sizes.fp16_bytes] * nb
-                if self._crosses_high(sum(sizes)) or not mgr.fits(sizes):
+                if self._crosses_high(sum(sizes) + sum(owed)) or not mgr.fits(owed + sizes):
                     break
                 queued.remove(r)
                 ingests.append(self._start(r, t))
@@ -250,6 +253,7 @@ class ServingDriver:
             if ingest is not None:
                 tickets.append(ingest)
             yield from self.mover.finish(moves, tickets, t)
+            yield from self._fetch_rest(swapped_in, t)
             yield from self._pad_fetch(swapped_in, fetch_t0)
             if self.backend.moves_data and self.s.checks.data and moves:
                 self._check_roundtrip(moves)
@@ -396,6 +400,23 @@ class ServingDriver:
             self.fetch_pad_s += pad
             yield self.backend.delay(pad)
         self.protected_fetch_s.append(self.backend.now() - t0)  # what the tenant can see
+
+    def _fetch_rest(self, requests, t):
+        """The device staging that INT4 blocks pass through takes a swap-in in rounds (as
+        it does a swap-out): fetch what is still in L2 until every block of a swapped-in
+        request is in L1 (attention reads only L1; without this, tenants and tsunami with
+        ``policy.demote=l2_int4`` stopped with AccessDenied)."""
+        mgr = self.mgr
+        for r in requests:
+            ids = np.asarray(r.blocks, np.int64)
+            while True:
+                left = ids[mgr.tiers(ids) == Tier.L2]
+                if not len(left):
+                    break
+                moves = mgr.plan_fetch(left, t, "fetch")
+                if not moves:
+                    raise AdmissionRefused("no INT4 staging slot is free for a swap-in")
+                yield from self.mover.execute(moves, t)
 
     def _swap_out(self, running, swapped, exclude, t, need_bytes: int, forced: bool = False):
         mgr = self.mgr
