@@ -31,6 +31,7 @@ from .ops import Copy, Dequantize, Quantize, Region, Stream, Zero
 SPACE = {Tier.L1: "l1", Tier.L2: "l2"}
 _L1 = int(Tier.L1)
 _T_L1, _T_L2 = Tier.L1, Tier.L2  # members as constants: the enum's attribute lookup is slow
+_TIER, _FMT = {int(t): t for t in Tier}, {int(f): f for f in Fmt}  # without the enum call
 # which stream carries a compacting tier's relocation copy (ordered before later ops)
 _RELOCATE = {Tier.L1: ("d2d", Stream.COMPUTE), Tier.L2: ("h2h", Stream.D2H)}
 
@@ -254,7 +255,8 @@ class Mover:
         """Where an L1-resident block's bytes are, checked for its own tenant."""
         table = self.manager.table
         tenant = table.tenants[table.tenant[block]]
-        return self.region(Tier(table.tier[block]), self.manager.handle(block), tenant), Fmt(table.fmt[block])
+        return (self.region(_TIER[int(table.tier[block])], self.manager.handle(block), tenant),
+                _FMT[int(table.fmt[block])])
 
     def read_as(self, tenant: str, block: int) -> Region:
         """A tenant asks for a block's bytes: AccessDenied unless it owns it."""

@@ -124,11 +124,14 @@ class PageTable:
         self.tier[ids] = tiers
         self.fmt[ids] = fmts
         self.nbytes[ids] = new_bytes
-        handle = self.handle
+        handle, slots = self.handle, 0
         for b, h in zip(blocks, handles):
             handle[b] = h
             if h.__class__ is Slot:
-                h.block = b
+                h._block = b  # Slot.block's setter, once for the batch (its counter below)
+                slots += 1
+        if slots:
+            Slot.assigned += 1
         self.offset[ids] = [h.offset for h in handles]
 
     def relocate(self, blocks: Sequence[int], handles: Sequence[object]) -> None:

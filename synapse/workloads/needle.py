@@ -147,7 +147,8 @@ class NeedleTrace:
         n = self.num_blocks
         live = -(-self._tokens // self.bt)                                 # [T]
         z = self.queries.astype(np.float32) @ self.keys.T.astype(np.float32)
-        z[np.arange(n)[None, :] >= live[:, None]] = -np.inf
+        for t in np.flatnonzero(live < n).tolist():  # blocks not written yet (row slices:
+            z[t, live[t]:] = -np.inf                   # a [steps, blocks] mask costs more)
         rows = np.arange(self.num_steps)
         z[rows, live - 1] += np.log((self._tokens - (live - 1) * self.bt) / self.bt).astype(np.float32)
         z -= z.max(axis=1, keepdims=True)
