@@ -27,6 +27,7 @@ set (scenarios); ``KVShape`` turns any of them into whole blocks, once, here.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -108,7 +109,7 @@ class KVShape:
         """Whether INT4 groups fit this shape (they run along head_dim within a token)."""
         return self.int4_group in int4_ref.GROUP_SIZES and self.head_dim % self.int4_group == 0
 
-    @property
+    @functools.cached_property  # immutable, and drivers ask for it every step
     def layout(self):
         """The token-major block layout the scenario kernels read (``hw.kv_layout``)."""
         from ..hw.kv_layout import KVLayout
