@@ -117,12 +117,14 @@ class PageTable:
         """``move`` for each block at once (distinct blocks, all live)."""
         ids = np.asarray(blocks, np.int64)
         self._require_all_live(ids)
-        tiers = np.asarray(tiers, np.int8)
+        # fromiter: an enum member is an int to NumPy only through Python, and fromiter
+        # with a count converts one several times faster than asarray on a list
+        tiers = np.fromiter(tiers, np.int8, len(tiers))
         new_bytes = np.asarray(nbytes, np.int64)
         self._account(self.tier[ids], self.nbytes[ids], -1)
         self._account(tiers, new_bytes, +1)
         self.tier[ids] = tiers
-        self.fmt[ids] = fmts
+        self.fmt[ids] = np.fromiter(fmts, np.int8, len(fmts))
         self.nbytes[ids] = new_bytes
         handle, slots = self.handle, 0
         for b, h in zip(blocks, handles):
