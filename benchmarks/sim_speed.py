@@ -25,6 +25,7 @@ in a fresh interpreter, so both see the same load; the JSON gets both and the ra
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -88,10 +89,13 @@ def one_run(scenario: str, overrides: list[str], events: bool) -> dict:
     finally:
         restore()
     cpu_s = time.process_time() - cpu0  # includes set-up outside wall_s's timed region
+    # the simulator pauses the cyclic collector during a run: what it would have found
+    garbage = gc.collect()
     m = run.metrics
     moves = sum(len(ids) for _, action, ids in run.decisions
                 if action in ("demote", "drop", "fetch", "prefetch"))
-    return {"wall_s": m["wall_s"], "cpu_s": cpu_s, "sim_time_s": m["sim_time_s"],
+    return {"wall_s": m["wall_s"], "cpu_s": cpu_s, "cyclic_garbage": garbage,
+            "sim_time_s": m["sim_time_s"],
             "events": counter[0],
             "decisions": len(run.decisions), "block_moves": moves,
             "steps": len(run.result["timeline"].get("step", []))}
@@ -108,6 +112,7 @@ def summary(runs: list[dict], name: str) -> dict:
     return {"median_wall_s": round(med, 4), "min_wall_s": round(min(walls), 4),
             "walls_s": [round(w, 4) for w in walls],
             "median_cpu_s": round(statistics.median(cpus), 4), "min_cpu_s": round(min(cpus), 4),
+            "cyclic_garbage_max": max(r["cyclic_garbage"] for r in runs),
             "sim_events": first["events"],
             "sim_events_per_s": round(first["events"] / med) if first["events"] else None,
             "steps": first["steps"], "decisions": first["decisions"],
