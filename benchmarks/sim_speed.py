@@ -18,8 +18,9 @@ to one before NumPy loads (recorded under ``machine``). Process CPU seconds are 
 beside wall seconds: on a shared machine they are the steadier figure.
 
 ``--baseline DIR`` times another source tree of Synapse (``git archive main | tar -x -C
-DIR``) back to back with this one: every repeat runs the old tree, then this one, each
-in a fresh interpreter, so both see the same load; the JSON gets both and the ratio.
+DIR``) back to back with this one: each case of each repeat runs in a fresh interpreter
+of either tree, one right after the other, in alternating order, so that both see the
+same load; the JSON gets both, and the ratios of the medians and of the minima.
 """
 
 from __future__ import annotations
@@ -153,8 +154,10 @@ def row(name: str, scenario: str, overrides: list[str], repeats: int, runs: list
                                            "median_cpu_s", "min_cpu_s")}
         r["speedup_median_wall"] = round(b["median_wall_s"] / r["median_wall_s"], 3)
         r["speedup_median_cpu"] = round(b["median_cpu_s"] / r["median_cpu_s"], 3)
+        r["speedup_min_wall"] = round(b["min_wall_s"] / r["min_wall_s"], 3)
         line += (f"  baseline {b['median_wall_s']:6.3f} s (cpu {b['median_cpu_s']:6.3f}): "
-                 f"x{r['speedup_median_wall']:.2f} wall, x{r['speedup_median_cpu']:.2f} cpu")
+                 f"x{r['speedup_median_wall']:.2f} wall, x{r['speedup_median_cpu']:.2f} cpu, "
+                 f"x{r['speedup_min_wall']:.2f} min wall")
     print(line, flush=True)
     return r
 
@@ -194,12 +197,11 @@ def main() -> int:
     new: dict[str, list] = {c[0]: [] for c in cases}
     old: dict[str, list] = {c[0]: [] for c in cases}
     from tqdm import tqdm
+    trees = [(root, new)] + ([(args.baseline.resolve(), old)] if args.baseline is not None else [])
     for i in tqdm(range(args.repeats), desc="repeats", unit="repeat", file=sys.stderr):
-        if args.baseline is not None:
-            for c, r in zip(cases, worker_runs(args.baseline.resolve(), cases, events=(i == 0))):
-                old[c[0]].append(r)
-        for c, r in zip(cases, worker_runs(root, cases, events=(i == 0))):
-            new[c[0]].append(r)
+        for c in cases:  # case by case, the trees' order alternating: they share the load
+            for tree, into in (trees if i % 2 else trees[::-1]):
+                into[c[0]] += worker_runs(tree, [c], events=(i == 0))
     results = {name: row(name, sc, ov, args.repeats, new[name],
                          old[name] if args.baseline is not None else None)
                for name, sc, ov in cases}
