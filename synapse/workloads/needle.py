@@ -125,12 +125,13 @@ class NeedleTrace:
         """Per-token logit of each block at step t (the same for every token of a block)."""
         return self.keys.take(blocks, axis=0) @ self.queries[t]  # take: same rows, cheaper
 
-    def masses(self, t: int, blocks: np.ndarray) -> np.ndarray:
-        """Attention mass of each block at step t, normalised over ``blocks`` only."""
+    def masses(self, t: int, blocks: np.ndarray, n_valid: np.ndarray | None = None) -> np.ndarray:
+        """Attention mass of each block at step t, normalised over ``blocks`` only
+        (``n_valid``: ``n_valid(t, blocks)`` when the caller has it already)."""
         blocks = np.asarray(blocks, np.int64)
         if len(blocks) == 0:
             return np.zeros(0)
-        nv = self.n_valid(t, blocks)
+        nv = self.n_valid(t, blocks) if n_valid is None else n_valid
         with np.errstate(divide="ignore"):
             z = self.logits(t, blocks) + np.log(nv)
         z -= z.max()
