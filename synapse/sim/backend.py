@@ -187,9 +187,10 @@ class SimBackend(Backend):
     def run(self, process) -> None:
         proc = self.env.process(process)
         # A run makes hundreds of thousands of short-lived objects (moves, handles, events)
-        # and almost no reference cycles (benchmarks/sim_speed.py counts what the cyclic
-        # collector finds after each run: a few dozen objects), so the collector is paused:
-        # its passes over the live handles cost the 128k-token runs about 5% of their time.
+        # and no cyclic garbage as it goes (benchmarks/sim_speed.py counts what the cyclic
+        # collector finds after each run: a few dozen objects; with Belady, the run's own
+        # object graph, which the policy's reference to the driver holds in one cycle), so
+        # the collector is paused: its passes over the live handles cost about 5%.
         collecting = gc.isenabled()
         gc.disable()
         try:
