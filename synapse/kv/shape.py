@@ -49,16 +49,16 @@ class KVShape:
         check_key_format(self.int4_keys)
 
     # -- per block ---------------------------------------------------------------------
-    @property
+    @functools.cached_property  # a frozen shape: computed once (read per block moved)
     def numel(self) -> int:
         """Elements of one block (K and V, every layer and head)."""
         return 2 * self.layers * self.kv_heads * self.block_tokens * self.head_dim
 
-    @property
+    @functools.cached_property
     def token_bytes(self) -> int:
         return 2 * self.layers * self.kv_heads * self.head_dim * self.itemsize
 
-    @property
+    @functools.cached_property
     def fp16_bytes(self) -> int:
         """Bytes of one block at full precision (the L1 format)."""
         return self.numel * self.itemsize
