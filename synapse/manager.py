@@ -103,7 +103,7 @@ class Spaces:
         self.l1, self.l2, self.staging = l1, l2, staging
 
     def of(self, tier: Tier):
-        return self.l1 if tier == Tier.L1 else self.l2
+        return self.l1 if tier == _T_L1 else self.l2
 
 
 def can_allocate_all(alloc, sizes: Sequence[int]) -> bool:

@@ -94,9 +94,13 @@ class PageTable:
             self.content_hash.extend(s.content_hash for s in specs)
             self.handle.extend(handles[:k])
             self.offset[lo:hi] = [getattr(h, "offset", -1) for h in handles[:k]]
+            slots = 0
             for b, h in zip(range(lo, hi), handles[:k]):
                 if h.__class__ is Slot:
-                    h.block = b
+                    h._block = b  # as in move_all: Slot.block's setter, once for the batch
+                    slots += 1
+            if slots:
+                Slot.assigned += 1
             self._bytes[tier] += int(sum(nbytes))
         self._n = hi
         return ids
