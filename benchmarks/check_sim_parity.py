@@ -6,7 +6,8 @@
 ``capture`` runs a matrix of scenarios and writes each run's ``decisions.jsonl`` and a
 ``parity.json`` (result.json's metrics and timeline, minus wall-clock fields, plus the op
 table). ``check`` runs the same matrix again and compares: decisions byte for byte, every
-other field exactly; a float that differs is reported with its relative error (and
+other field exactly (a run that raises a SynapseError is recorded by its error, which
+must then be the same); a float that differs is reported with its relative error (and
 accepted, flagged, when within ``--rtol``, default 0: exact). Golden outputs are large:
 keep them outside the repository. Exit status 1 on any mismatch.
 
@@ -36,7 +37,8 @@ SMALL = ["workload.context_tokens=8192", "workload.decode_steps=64",
 BIG = ["workload.context_tokens=131072", "workload.decode_steps=1000"]
 # Fields that are wall-clock measurements (or the time of day), never compared.
 WALL = {"wall_s"}
-CPU_TIMED = {"wall_s", "sim_time_s", "run_time_s", "host_busy_s", "latency", "t_s"}
+CPU_TIMED = {"wall_s", "sim_time_s", "run_time_s", "host_busy_s", "latency", "t_s",
+             "decision_s", "host_rest_s", "host_rest_fraction", "decision_fraction"}
 
 
 def matrix() -> list[tuple[str, str, str, list[str]]]:
@@ -70,9 +72,13 @@ def _strip(obj, drop: set):
 
 def run_one(spec) -> tuple[str, str, dict]:
     name, scenario, backend, overrides = spec
+    from synapse.errors import SynapseError
     from synapse.runner import run_scenario
     from synapse.scenarios.loader import load_scenario
-    run = run_scenario(load_scenario(f"scenarios/{scenario}.yaml", overrides), backend)
+    try:
+        run = run_scenario(load_scenario(f"scenarios/{scenario}.yaml", overrides), backend)
+    except SynapseError as e:  # a run that fails must fail the same way after the change
+        return name, "", {"error": f"{type(e).__name__}: {e}"}
     lines = "".join(json.dumps({"step": s, "action": a, "blocks": ids}) + "\n"
                     for s, a, ids in run.decisions)
     drop = WALL if backend == "sim" else CPU_TIMED
@@ -127,7 +133,8 @@ def main() -> int:
                 d.mkdir(parents=True, exist_ok=True)
                 (d / "decisions.jsonl").write_text(lines)
                 (d / "parity.json").write_text(json.dumps(doc, indent=0))
-                print(f"captured {name}: {lines.count(chr(10))} decisions", flush=True)
+                print(f"captured {name}: " + (doc["error"] if "error" in doc else
+                                             f"{lines.count(chr(10))} decisions"), flush=True)
                 continue
             problems, near = [], []
             if not (d / "decisions.jsonl").exists():

@@ -29,7 +29,7 @@ import functools
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -39,11 +39,15 @@ from .page_table import PageTable
 from .policy import Demotion, EvictionPolicy, KVPrefetch, Watermarks
 
 _FMT = {int(f): f for f in Fmt}  # int -> Fmt without the enum call (slow on the hot path)
+# Enum members as module constants: ``Tier.L1`` costs an attribute lookup through the enum
+# metaclass, several times a dict lookup, and the loops below run once per block moved.
+_T_NONE, _T_L1, _T_L2, _FP16, _INT4 = Tier.NONE, Tier.L1, Tier.L2, Fmt.FP16, Fmt.INT4
 
 
-@dataclass(slots=True)
-class Move:
-    """One block changing tier (or leaving the tiers, for a drop)."""
+class Move(NamedTuple):
+    """One block changing tier (or leaving the tiers, for a drop). A named tuple: the
+    manager builds one per block moved (``_new_move``, several times faster than a
+    dataclass's ``__init__``)."""
 
     block: int
     purpose: str            # demote | drop | fetch | prefetch
@@ -55,6 +59,9 @@ class Move:
     dst: object | None      # slab they go to (None for a drop)
     staging: object | None = None  # INT4 staging slab on the device (quantize on the way
                                    # out, dequantize on the way in)
+
+
+_new_move = tuple.__new__  # Move(...) without the argument parsing: _new_move(Move, fields)
 
 
 @dataclass
@@ -79,7 +86,12 @@ class DecisionLog:
     entries: list = field(default_factory=list)
 
     def add(self, step: int, action: str, ids) -> None:
-        ids = [int(i) for i in np.atleast_1d(ids)]
+        if ids.__class__ is list and all(i.__class__ is int for i in ids):
+            ids = list(ids)  # the manager's own lists of ids: already plain ints
+        elif isinstance(ids, np.ndarray) and ids.dtype.kind in "iu":
+            ids = ids.reshape(-1).tolist()
+        else:
+            ids = [int(i) for i in np.atleast_1d(ids)]
         if ids:
             self.entries.append((int(step), action, ids))
 
@@ -91,7 +103,7 @@ class Spaces:
         self.l1, self.l2, self.staging = l1, l2, staging
 
     def of(self, tier: Tier):
-        return self.l1 if tier == Tier.L1 else self.l2
+        return self.l1 if tier == _T_L1 else self.l2
 
 
 def can_allocate_all(alloc, sizes: Sequence[int]) -> bool:
@@ -365,20 +377,21 @@ class TierManager:
         victims = np.asarray(victims, np.int64)
         blocks = victims.tolist()
         src_fmts = [_FMT[f] for f in table.fmt[victims].tolist()]
-        srcs = [table.handle[b] for b in blocks]
+        handle = table.handle
+        srcs = [handle[b] for b in blocks]
         target = {f: self.demotion.target(f) for f in set(src_fmts)}
         plan = [target[f] for f in src_fmts]  # (tier, fmt) per victim
         n = len(blocks)
         staged: dict[int, object] = {}
         need_staging = [i for i, (tier, fmt) in enumerate(plan)
-                        if tier != Tier.NONE and fmt != src_fmts[i]]
+                        if tier != _T_NONE and fmt != src_fmts[i]]
         if need_staging:
             got = [] if spaces.staging is None else spaces.staging.allocate_prefix(
                 [sizes[plan[i][1]] for i in need_staging], [srcs[i].tenant for i in need_staging])
             staged = dict(zip(need_staging, got))
             if len(got) < len(need_staging):
                 n = need_staging[len(got)]  # staging full: the rest waits for the next round
-        demote = [i for i in range(n) if plan[i][0] != Tier.NONE]
+        demote = [i for i in range(n) if plan[i][0] != _T_NONE]
         l2 = spaces.l2
         dsts = l2.allocate_prefix([sizes[plan[i][1]] for i in demote],
                                   [srcs[i].tenant for i in demote])
@@ -395,12 +408,13 @@ class TierManager:
         for i in range(n):
             b, src_fmt, src = blocks[i], src_fmts[i], srcs[i]
             tier, fmt = plan[i]
-            if tier == Tier.NONE:
-                moves.append(Move(b, "drop", Tier.L1, Tier.NONE, src_fmt, src_fmt, src, None))
+            if tier == _T_NONE:
+                moves.append(_new_move(Move, (b, "drop", _T_L1, _T_NONE, src_fmt, src_fmt, src,
+                                              None, None)))
                 drops.append(b)
             else:
-                moves.append(Move(b, "demote", Tier.L1, Tier.L2, src_fmt, fmt, src, dst_of[i],
-                                  staged.get(i)))
+                moves.append(_new_move(Move, (b, "demote", _T_L1, _T_L2, src_fmt, fmt, src,
+                                              dst_of[i], staged.get(i))))
                 demotes.append(b)
         self._mark_busy(blocks[:n])
         c = self.counters
@@ -426,10 +440,11 @@ class TierManager:
         ids = ids[~self._in_flight(ids)]
         table, spaces = self.table, self.spaces
         blocks = ids.tolist()
-        srcs = [table.handle[b] for b in blocks]
+        handle = table.handle
+        srcs = [handle[b] for b in blocks]
         fmts = [_FMT[f] for f in table.fmt[ids].tolist()]
         tenants = [src.tenant for src in srcs]
-        quant = [i for i, f in enumerate(fmts) if f == Fmt.INT4]
+        quant = [i for i, f in enumerate(fmts) if f == _INT4]
         staged: dict[int, object] = {}
         n = len(blocks)
         if quant:
@@ -441,10 +456,10 @@ class TierManager:
         dsts = spaces.l1.allocate_prefix([self.sizes[Fmt.FP16]] * n, tenants[:n])
         if len(dsts) < n and staged:
             spaces.staging.free_all([staged[i] for i in quant if len(dsts) <= i < n])
-        moves = []
-        for i, dst in enumerate(dsts):
-            moves.append(Move(blocks[i], purpose, Tier.L2, Tier.L1, fmts[i], Fmt.FP16, srcs[i],
-                              dst, staged.get(i)))
+        get_staged = staged.get
+        moves = [_new_move(Move, (blocks[i], purpose, _T_L2, _T_L1, fmts[i], _FP16, srcs[i], dst,
+                                  get_staged(i)))
+                 for i, dst in enumerate(dsts)]
         done = blocks[: len(moves)]
         self._mark_busy(done)
         if purpose == "prefetch":
@@ -493,18 +508,18 @@ class TierManager:
             return
         table, spaces = self.table, self.spaces
         removed, moved, fetched, prefetched = [], [], [], []
-        frees = {Tier.L1: [], Tier.L2: []}
+        free_l1, free_l2 = [], []
         staged = []
         for m in moves:  # sources are freed in move order, per allocator
             if m.dst is None:
                 removed.append(m.block)
-                frees[Tier.L1].append(m.src)
+                free_l1.append(m.src)
                 continue
             moved.append(m)
-            frees[m.src_tier].append(m.src)
+            (free_l1 if m.src_tier == _T_L1 else free_l2).append(m.src)
             if m.staging is not None:
                 staged.append(m.staging)
-            if m.dst_tier == Tier.L1:
+            if m.dst_tier == _T_L1:
                 (prefetched if m.purpose == "prefetch" else fetched).append(m.block)
         self._clear_busy([m.block for m in moves])
         if removed:
@@ -513,8 +528,8 @@ class TierManager:
             table.move_all([m.block for m in moved], [m.dst_tier for m in moved],
                            [m.dst_fmt for m in moved], [m.dst.nbytes for m in moved],
                            [m.dst for m in moved])
-        spaces.l1.free_all(frees[Tier.L1])
-        spaces.l2.free_all(frees[Tier.L2])
+        spaces.l1.free_all(free_l1)
+        spaces.l2.free_all(free_l2)
         if staged:
             spaces.staging.free_all(staged)
         if removed:

@@ -30,12 +30,18 @@ from .ops import Copy, Dequantize, Quantize, Region, Stream, Zero
 
 SPACE = {Tier.L1: "l1", Tier.L2: "l2"}
 _L1 = int(Tier.L1)
+_T_L1, _T_L2 = Tier.L1, Tier.L2  # members as constants: the enum's attribute lookup is slow
+_TIER, _FMT = {int(t): t for t in Tier}, {int(f): f for f in Fmt}  # without the enum call
 # which stream carries a compacting tier's relocation copy (ordered before later ops)
 _RELOCATE = {Tier.L1: ("d2d", Stream.COMPUTE), Tier.L2: ("h2h", Stream.D2H)}
 
 
 def _col(values) -> np.ndarray:
     return np.fromiter(values, np.int64)
+
+
+def _ints(values: list) -> np.ndarray:
+    return np.array(values, np.int64)
 
 
 class Mover:
@@ -113,7 +119,7 @@ class Mover:
         self._check_access(moves, tenants)
         quant, d2h, h2d, dequant = [], [], {}, {}
         for m in moves:
-            if m.dst_tier == Tier.L2:
+            if m.dst_tier == _T_L2:
                 (d2h if m.staging is None else quant).append(m)
             elif m.staging is not None:
                 dequant.setdefault(m.purpose, []).append(m)
@@ -138,18 +144,20 @@ class Mover:
                                           dst_offsets=_col(m.dst.offset for m in quant),
                                           sizes=staged_bytes.copy()), Stream.D2H, [q]))
         if d2h:
+            srcs = [m.src for m in d2h]
             tickets.append(be.submit(Copy(purpose="demote", direction="d2h", src_space="l1",
                                           dst_space="l2",
-                                          src_offsets=_col(m.src.offset for m in d2h),
-                                          dst_offsets=_col(m.dst.offset for m in d2h),
-                                          sizes=_col(m.src.nbytes for m in d2h)),
+                                          src_offsets=_ints([h.offset for h in srcs]),
+                                          dst_offsets=_ints([m.dst.offset for m in d2h]),
+                                          sizes=_ints([h.nbytes for h in srcs])),
                                      Stream.D2H, after))
         for purpose, group in h2d.items():
+            srcs = [m.src for m in group]
             tickets.append(be.submit(Copy(purpose=purpose, direction="h2d", src_space="l2",
                                           dst_space="l1",
-                                          src_offsets=_col(m.src.offset for m in group),
-                                          dst_offsets=_col(m.dst.offset for m in group),
-                                          sizes=_col(m.src.nbytes for m in group)),
+                                          src_offsets=_ints([h.offset for h in srcs]),
+                                          dst_offsets=_ints([m.dst.offset for m in group]),
+                                          sizes=_ints([h.nbytes for h in srcs])),
                                      Stream.H2D, after))
         for purpose, group in dequant.items():
             staging = _col(m.staging.offset for m in group)
@@ -170,18 +178,25 @@ class Mover:
         """Every region a move touches belongs to the block's tenant (AccessDenied)."""
         spaces = self.manager.spaces
         l1, l2, staging = spaces.l1, spaces.l2, spaces.staging
-        down = [(m, t) for m, t in zip(moves, tenants)
-                if m.src_tier == Tier.L1 and m.dst_tier == Tier.L2]
-        up = [(m, t) for m, t in zip(moves, tenants)
-              if m.src_tier == Tier.L2 and m.dst_tier == Tier.L1]
-        staged = [(m, t) for m, t in zip(moves, tenants) if m.staging is not None]
-        if len(down) + len(up) == len(moves) \
-                and l1.all_accessible([t for _, t in down] + [t for _, t in up],
-                                      [m.src for m, _ in down] + [m.dst for m, _ in up]) \
-                and l2.all_accessible([t for _, t in down] + [t for _, t in up],
-                                      [m.dst for m, _ in down] + [m.src for m, _ in up]) \
-                and (not staged or staging.all_accessible([t for _, t in staged],
-                                                          [m.staging for m, _ in staged])):
+        # The handles each allocator must own, in move order (``all_accessible`` only
+        # answers yes or no, so the order does not matter), while every move is L1 <-> L2.
+        in_l1, in_l2, staged_t, staged_h, between = [], [], [], [], True
+        for m, t in zip(moves, tenants):
+            src_tier, dst_tier = m.src_tier, m.dst_tier
+            if src_tier == _T_L1 and dst_tier == _T_L2:
+                in_l1.append(m.src)
+                in_l2.append(m.dst)
+            elif src_tier == _T_L2 and dst_tier == _T_L1:
+                in_l1.append(m.dst)
+                in_l2.append(m.src)
+            else:
+                between = False
+                break
+            if m.staging is not None:
+                staged_t.append(t)
+                staged_h.append(m.staging)
+        if between and l1.all_accessible(tenants, in_l1) and l2.all_accessible(tenants, in_l2) \
+                and (not staged_h or staging.all_accessible(staged_t, staged_h)):
             return  # every check passes (the common case), checked per allocator at once
         # Otherwise one by one, in order, so the same check raises and is counted.
         for m, tenant in zip(moves, tenants):
@@ -241,7 +256,8 @@ class Mover:
         """Where an L1-resident block's bytes are, checked for its own tenant."""
         table = self.manager.table
         tenant = table.tenants[table.tenant[block]]
-        return self.region(Tier(table.tier[block]), self.manager.handle(block), tenant), Fmt(table.fmt[block])
+        return (self.region(_TIER[int(table.tier[block])], self.manager.handle(block), tenant),
+                _FMT[int(table.fmt[block])])
 
     def read_as(self, tenant: str, block: int) -> Region:
         """A tenant asks for a block's bytes: AccessDenied unless it owns it."""

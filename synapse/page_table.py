@@ -46,6 +46,8 @@ class PageTable:
         self._bytes = {Tier.L1: 0, Tier.L2: 0}
         self.num_dropped = 0
         self.num_freed = 0
+        self._version = 0  # bumped by every change of the tier column (ids_in's cache key)
+        self._ids_in: dict[int, tuple[int, np.ndarray]] = {}
 
     # -- growth -------------------------------------------------------------------
     def __len__(self) -> int:
@@ -76,6 +78,7 @@ class PageTable:
         lo, hi = self._n, self._n + k
         self._grow(hi)
         ids = np.arange(lo, hi, dtype=np.int64)
+        self._version += 1
         self.tier[lo:hi] = tier
         self.state[lo:hi] = State.LIVE
         if k:
@@ -91,9 +94,13 @@ class PageTable:
             self.content_hash.extend(s.content_hash for s in specs)
             self.handle.extend(handles[:k])
             self.offset[lo:hi] = [getattr(h, "offset", -1) for h in handles[:k]]
+            slots = 0
             for b, h in zip(range(lo, hi), handles[:k]):
                 if h.__class__ is Slot:
-                    h.block = b
+                    h._block = b  # as in move_all: Slot.block's setter, once for the batch
+                    slots += 1
+            if slots:
+                Slot.assigned += 1
             self._bytes[tier] += int(sum(nbytes))
         self._n = hi
         return ids
@@ -103,6 +110,7 @@ class PageTable:
         if not (0 <= block < self._n) or self.state[block] != _LIVE:
             raise KeyError(f"block {block} is not live")
         self._bytes[int(self.tier[block])] -= int(self.nbytes[block])
+        self._version += 1
         self.tier[block] = tier
         self.fmt[block] = fmt
         self.nbytes[block] = nbytes
@@ -117,18 +125,24 @@ class PageTable:
         """``move`` for each block at once (distinct blocks, all live)."""
         ids = np.asarray(blocks, np.int64)
         self._require_all_live(ids)
-        tiers = np.asarray(tiers, np.int8)
+        # fromiter: an enum member is an int to NumPy only through Python, and fromiter
+        # with a count converts one several times faster than asarray on a list
+        tiers = np.fromiter(tiers, np.int8, len(tiers))
         new_bytes = np.asarray(nbytes, np.int64)
         self._account(self.tier[ids], self.nbytes[ids], -1)
         self._account(tiers, new_bytes, +1)
+        self._version += 1
         self.tier[ids] = tiers
-        self.fmt[ids] = fmts
+        self.fmt[ids] = np.fromiter(fmts, np.int8, len(fmts))
         self.nbytes[ids] = new_bytes
-        handle = self.handle
+        handle, slots = self.handle, 0
         for b, h in zip(blocks, handles):
             handle[b] = h
             if h.__class__ is Slot:
-                h.block = b
+                h._block = b  # Slot.block's setter, once for the batch (its counter below)
+                slots += 1
+        if slots:
+            Slot.assigned += 1
         self.offset[ids] = [h.offset for h in handles]
 
     def relocate(self, blocks: Sequence[int], handles: Sequence[object]) -> None:
@@ -160,6 +174,7 @@ class PageTable:
     def _leave_all(self, ids: np.ndarray, state: State) -> None:
         self._require_all_live(ids)
         self._account(self.tier[ids], self.nbytes[ids], -1)
+        self._version += 1
         self.tier[ids] = _NONE
         self.state[ids] = int(state)
         for b in ids.tolist():
@@ -179,6 +194,7 @@ class PageTable:
     def _leave(self, block: int, state: State) -> None:
         self._require_live(block)
         self._bytes[Tier(self.tier[block])] -= int(self.nbytes[block])
+        self._version += 1
         self.tier[block] = Tier.NONE
         self.state[block] = state
         self.handle[block] = None
@@ -190,10 +206,21 @@ class PageTable:
 
     # -- queries ------------------------------------------------------------------
     def ids_in(self, tier: Tier, owner: int | None = None) -> np.ndarray:
-        mask = self.tier[: self._n] == int(tier)  # a plain int: NumPy probes an IntEnum slowly
+        """Ids of the blocks in ``tier`` (of one ``owner``), ascending. Without an owner
+        the answer is kept until the tier column changes (read-only: it is shared)."""
+        t = int(tier)  # a plain int: NumPy probes an IntEnum slowly
+        if owner is None:
+            hit = self._ids_in.get(t)
+            if hit is not None and hit[0] == self._version:
+                return hit[1]
+        mask = self.tier[: self._n] == t
         if owner is not None:
             mask &= self.owner[: self._n] == owner
-        return mask.nonzero()[0]
+            return mask.nonzero()[0]
+        ids = mask.nonzero()[0]
+        ids.flags.writeable = False
+        self._ids_in[t] = (self._version, ids)
+        return ids
 
     def bytes_in(self, tier: Tier) -> int:
         return self._bytes[tier]

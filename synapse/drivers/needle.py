@@ -136,7 +136,7 @@ class NeedleDriver:
             att = self._attention(t, resident, nvalid)
             att_fmts = table.fmt[resident].copy()
             # 5. observe
-            mass = tr.masses(t, pos)
+            mass = tr.masses(t, pos, nvalid)
             mgr.observe(resident, mass, t)
             # 6. background demotion + prefetch, overlapping the attention
             demote, prefetch = mgr.plan_background(

@@ -27,9 +27,9 @@ set (scenarios); ``KVShape`` turns any of them into whole blocks, once, here.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from functools import cached_property
 
 from ..hw import int4 as int4_ref
 from ..hw.kv_layout import check_key_format
@@ -49,16 +49,16 @@ class KVShape:
         check_key_format(self.int4_keys)
 
     # -- per block ---------------------------------------------------------------------
-    @property
+    @functools.cached_property  # a frozen shape: computed once (read per block moved)
     def numel(self) -> int:
         """Elements of one block (K and V, every layer and head)."""
         return 2 * self.layers * self.kv_heads * self.block_tokens * self.head_dim
 
-    @property
+    @functools.cached_property
     def token_bytes(self) -> int:
         return 2 * self.layers * self.kv_heads * self.head_dim * self.itemsize
 
-    @property
+    @functools.cached_property
     def fp16_bytes(self) -> int:
         """Bytes of one block at full precision (the L1 format)."""
         return self.numel * self.itemsize
@@ -109,7 +109,7 @@ class KVShape:
         """Whether INT4 groups fit this shape (they run along head_dim within a token)."""
         return self.int4_group in int4_ref.GROUP_SIZES and self.head_dim % self.int4_group == 0
 
-    @cached_property
+    @functools.cached_property  # immutable, and drivers ask for it every step
     def layout(self):
         """The token-major block layout the scenario kernels read (``hw.kv_layout``); built
         once (its checks cost 55 us, paid per attention op before)."""

@@ -163,21 +163,24 @@ class SlotArena:
     def allocate_prefix(self, sizes: Sequence[int], tenants: Sequence[str]) -> list[Slot]:
         """New slots at the end, in order, stopping at the first that does not fit (a
         size other than the slot's, or no slot left). A slot kept last moves behind them."""
-        out: list[Slot] = []
         slots, sb, aid = self.slots, self.slot_bytes, self.allocator_id
-        per_tenant = self._bytes_per_tenant
         if len(slots) + len(sizes) > self.capacity_slots and self.max_slots > self.capacity_slots:
             self._grow(len(slots) + len(sizes))
-        for nbytes, tenant in zip(sizes, tenants):
-            if nbytes != sb or len(slots) >= self.capacity_slots:
+        room, k = self.capacity_slots - len(slots), 0
+        for nbytes, _ in zip(sizes, tenants):
+            if nbytes != sb or k >= room:
                 break
-            self._generation += 1
-            s = Slot(len(slots), sb, tenant, aid, self._generation)
-            slots.append(s)
-            self._fresh[id(s)] = s
+            k += 1
+        n0, g0 = len(slots), self._generation
+        out = [Slot(n0 + j, sb, tenant, aid, g0 + 1 + j)
+               for j, tenant in zip(range(k), tenants)]
+        self._generation = g0 + k
+        slots.extend(out)
+        self._fresh.update((id(s), s) for s in out)
+        per_tenant = self._bytes_per_tenant
+        for tenant in tenants[:k]:
             per_tenant[tenant] = per_tenant.get(tenant, 0) + sb
-            out.append(s)
-        self.num_allocs += len(out)
+        self.num_allocs += k
         self.version += 1
         if out and self._last is not None:
             self._swap(self._last, slots[-1])
@@ -199,29 +202,32 @@ class SlotArena:
         if not slots:
             return
         live = self.slots
+        n_old, aid, sb = len(live), self.allocator_id, self.slot_bytes
         holes: set[int] = set()
-        for s in slots:
-            if not self.is_live(s):
+        freed: dict[str, int] = {}  # bytes per tenant
+        for s in slots:  # every check before any change (is_live, inline)
+            if not (isinstance(s, Slot) and s.allocator_id == aid and s.index < n_old
+                    and live[s.index] is s):
                 self._require_live(s)
             if s.index in holes:
                 raise AllocatorError(f"double free of {s!r}")
             holes.add(s.index)
-        for s in slots:
-            left = self._bytes_per_tenant[s.tenant] - self.slot_bytes
+            freed[s.tenant] = freed.get(s.tenant, 0) + sb
+        per_tenant = self._bytes_per_tenant
+        for tenant, nbytes in freed.items():
+            left = per_tenant[tenant] - nbytes
             if left:
-                self._bytes_per_tenant[s.tenant] = left
+                per_tenant[tenant] = left
             else:
-                del self._bytes_per_tenant[s.tenant]
-            self._fresh.pop(id(s), None)
-            self._pending.pop(id(s), None)
+                del per_tenant[tenant]
+        fresh, pending = self._fresh, self._pending
+        for s in slots:
+            fresh.pop(id(s), None)
+            pending.pop(id(s), None)
         if self._last is not None and self._last.index in holes:
             self._last = None
-        n_old = len(live)
         n_new = n_old - len(holes)
-        placed: list[Slot | None] = [None] * n_new
-        for i in range(n_new):
-            if i not in holes:
-                placed[i] = live[i]
+        placed = live[:n_new]  # holes below n_new are filled from the end next
         targets = iter(sorted(i for i in holes if i < n_new))
         for i in range(n_new, n_old):
             if i not in holes:

@@ -43,9 +43,13 @@ class Column:
             self.a[ids] = values
 
     def get(self, ids: np.ndarray) -> np.ndarray:
-        if len(ids):
+        try:  # ids within the column (every inserted block): no max() over them
+            return self.a[ids]
+        except IndexError:
+            if not len(ids):
+                raise
             self.ensure(int(ids.max()))
-        return self.a[ids]
+            return self.a[ids]
 
 
 class EvictionPolicy:

@@ -30,8 +30,7 @@ class AttentionSinks(EvictionPolicy):
 
     def scores(self, ids, step):
         pos = self.position.get(ids).astype(np.float64)
-        pos[pos < self.sink_blocks] += PROTECTED
-        return pos
+        return np.add(pos, PROTECTED, out=pos, where=pos < self.sink_blocks)  # see H2O.scores
 
     def describe(self):
         return {"name": self.name, "sink_blocks": self.sink_blocks}

@@ -125,12 +125,13 @@ class NeedleTrace:
         """Per-token logit of each block at step t (the same for every token of a block)."""
         return self.keys.take(blocks, axis=0) @ self.queries[t]  # take: same rows, cheaper
 
-    def masses(self, t: int, blocks: np.ndarray) -> np.ndarray:
-        """Attention mass of each block at step t, normalised over ``blocks`` only."""
+    def masses(self, t: int, blocks: np.ndarray, n_valid: np.ndarray | None = None) -> np.ndarray:
+        """Attention mass of each block at step t, normalised over ``blocks`` only
+        (``n_valid``: ``n_valid(t, blocks)`` when the caller has it already)."""
         blocks = np.asarray(blocks, np.int64)
         if len(blocks) == 0:
             return np.zeros(0)
-        nv = self.n_valid(t, blocks)
+        nv = self.n_valid(t, blocks) if n_valid is None else n_valid
         with np.errstate(divide="ignore"):
             z = self.logits(t, blocks) + np.log(nv)
         z -= z.max()
@@ -147,7 +148,8 @@ class NeedleTrace:
         n = self.num_blocks
         live = -(-self._tokens // self.bt)                                 # [T]
         z = self.queries.astype(np.float32) @ self.keys.T.astype(np.float32)
-        z[np.arange(n)[None, :] >= live[:, None]] = -np.inf
+        for t in np.flatnonzero(live < n).tolist():  # blocks not written yet (row slices:
+            z[t, live[t]:] = -np.inf                   # a [steps, blocks] mask costs more)
         rows = np.arange(self.num_steps)
         z[rows, live - 1] += np.log((self._tokens - (live - 1) * self.bt) / self.bt).astype(np.float32)
         z -= z.max(axis=1, keepdims=True)
