@@ -53,8 +53,9 @@ PIECES = {
          "5 + 10 requests"),
     ],
     "cuda": [
-        ("needle", ["workload.context_tokens=8192", "workload.decode_steps=32"],
-         "8k context, 32 steps"),
+        # 20% of 8k is below one 2048-token prefill chunk: half the chunk
+        ("needle", ["workload.context_tokens=8192", "workload.decode_steps=32",
+                    "workload.prefill_chunk_tokens=1024"], "8k context, 32 steps"),
         ("needle", ["workload.context_tokens=16384", "workload.decode_steps=64"],
          "16k context, 64 steps"),
         ("needle", ["workload.context_tokens=65536", "workload.decode_steps=16"],

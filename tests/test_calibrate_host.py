@@ -136,3 +136,14 @@ def test_driver_pieces_run_and_fit_on_the_gpu():
     assert all(s.host_s > 0 for s in samples)
     assert fit["rel_error"]["max"] < 1.0, fit["runs"]
     assert {"attention", "copy_h2d"} <= set(fit_table(records))
+
+
+def test_every_cuda_piece_is_a_valid_scenario_on_the_simulator():
+    """The cuda calibration runs these on the GPU; one that the loader or the driver
+    refuses stops `synapse calibrate --backend cuda` (an 8k needle at 20% once did)."""
+    from synapse.calibrate_host import PIECES
+    from synapse.runner import run_scenario
+    from synapse.scenarios.loader import load_scenario
+    for name, overrides, what in PIECES["cuda"]:
+        sc = load_scenario(name, list(overrides) + ["profile=h200", "checks.data=false"])
+        assert run_scenario(sc, "sim").result["metrics"]["run_time_s"] > 0, what
