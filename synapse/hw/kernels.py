@@ -79,8 +79,8 @@ INT4_DEQUANT_VARIANTS = {"warp": ("", DEQUANT_VECS_PER_THREAD),
                          "stream": ("_stream", DEQUANT_VECS_PER_THREAD),
                          "staged": ("_staged", STAGED_VECS_PER_THREAD)}
 # Defaults from benchmarks/int4_kernels.py on the H200 (2026-12-01, results in
-# benchmarks/results/h200-2026-12-01/int4_kernels.json): quantize staged 3464 GB/s = 82%
-# of the device copy (warp 49%), dequantize staged 3761 GB/s = 89% (warp 81%), at G=64.
+# benchmarks/results/h200-2026-12-01-s2/int4_kernels.json): quantize staged 3464 GB/s =
+# 82% of the device copy (warp 58%), dequantize staged 3761 GB/s = 89% (warp 81%), G=64.
 # The staged kernels need TMA: before sm_90 the defaults fall back to the *_PRE_SM90 ones.
 QUANT_VARIANT = "staged"  # what quantize_int4 launches by default
 DEQUANT_VARIANT = "staged"  # what dequantize_int4 launches by default
