@@ -105,6 +105,8 @@ class PrefixReuseDriver:
         self.num_steps = len(self.requests)
         self._ids: dict[bytes, int] = {}
         self._pool = None
+        if backend.moves_data:  # set-up, not run time (pinned where the backend DMAs)
+            self._payload_pool()
         self.ttft: list[float] = []
         self.restored = {n: 0 for n in NAMES}
         self.computed_tokens = 0
@@ -114,16 +116,38 @@ class PrefixReuseDriver:
     def _id(self, key: bytes) -> int:
         return self._ids.setdefault(key, len(self._ids))
 
-    def _payload(self, tag: tuple, nbytes: int) -> np.ndarray:
+    def _payload_pool(self):
         if self._pool is None:
             from ..workloads.payload import PayloadPool
-            self._pool = PayloadPool(self.s.seed)
-        return self._pool.take(tag, nbytes // 2).view(np.uint8)
+            self._pool = PayloadPool.for_backend(self.s.seed, self.backend)
+        return self._pool
+
+    def _payload(self, tag: tuple, nbytes: int) -> np.ndarray:
+        return self._payload_pool().take(tag, nbytes // 2).view(np.uint8)
+
+    def _chunk_tag(self, key: bytes) -> tuple:
+        return (self.s.seed, 0x6B76, *np.frombuffer(key[:16], "<u4").tolist())
 
     def _chunk_payload(self, key: bytes) -> np.ndarray:
         """The KV computed for a chunk: a function of its key, so of its whole prefix."""
-        return self._payload((self.s.seed, 0x6B76, *np.frombuffer(key[:16], "<u4").tolist()),
-                             self.cb)
+        return self._payload(self._chunk_tag(key), self.cb)
+
+    def _prefill_sources(self, regions, sources):
+        """``fill`` (one copy into staging) and, where the pool is pinned, ``pinned`` (DMA
+        from it, no host copy) for a prefill's regions."""
+        pool = self._payload_pool()
+
+        def tag(i):
+            src = sources[i]
+            return self._chunk_tag(src) if isinstance(src, bytes) else src
+
+        def fill(i, out):
+            out[:] = pool.take(tag(i), regions[i].nbytes // 2, copy=False).view(np.uint8)
+
+        def pinned(i):
+            start = pool.window_start(tag(i), regions[i].nbytes // 2)
+            return None if start is None else (pool.address(start), None)
+        return fill, (pinned if pool.pinned else None)
 
     def _region(self, tier: int, slot: int, nbytes: int | None = None) -> Region:
         return Region(NAMES[tier], slot * self.cb, self.cb if nbytes is None else nbytes)
@@ -210,14 +234,11 @@ class PrefixReuseDriver:
         hq = m.kv_heads * self.w.q_per_kv
         attn = 4.0 * m.layers * hq * m.head_dim * (new_tokens * ctx + new_tokens * (new_tokens - 1) / 2)
         flops = 2.0 * self.w.params * new_tokens + attn
-        source = None
+        fill = pinned = None
         if self.backend.moves_data:
-            def source(i, regions=regions, sources=sources):
-                src = sources[i]
-                return (self._chunk_payload(src) if isinstance(src, bytes)
-                        else self._payload(src, regions[i].nbytes))
-        op = Prefill(purpose="prefill", dst=tuple(regions), source=source, flops=flops,
-                     tokens=new_tokens)
+            fill, pinned = self._prefill_sources(regions, sources)
+        op = Prefill(purpose="prefill", dst=tuple(regions), fill=fill, pinned=pinned,
+                     flops=flops, tokens=new_tokens)
         ticket = self.backend.submit(op, Stream.COMPUTE, after)
         for r in regions:
             self.last[(L1, r.offset // self.cb)] = ticket
@@ -283,6 +304,9 @@ class PrefixReuseDriver:
 
     def _remove_file(self, key: bytes) -> None:
         if self.disk is not None:
+            last = self.last.pop(key, None)
+            if last is not None:  # disk ops run off the loop: the file's last one first
+                self.backend.result(last)
             self.disk.remove(key)
 
     def _read_file(self, key: bytes, view: np.ndarray) -> None:

@@ -29,6 +29,7 @@ from ..errors import BackendUnavailable, CapacityError, KernelError
 from ..ops import (ZERO_STREAM, Attention, Copy, Dequantize, DiskIO, Ingest, LayerCompute, Op,
                    OpRecord, Quantize, Region, Stream, Zero)
 from . import driver_api as drv
+from .disk_queue import DiskQueue
 from .pinned_pool import check_pinnable
 from ..monitor.tracker import purpose_for_space, release as _untrack, track as _track
 
@@ -217,13 +218,14 @@ class _Staging:
 
 
 class _Ticket:
-    __slots__ = ("op", "stream", "start", "end", "submit_s", "value", "post", "done")
+    __slots__ = ("op", "stream", "start", "end", "submit_s", "value", "post", "done", "future")
 
     def __init__(self, op, stream, start, end, submit_s):
         self.op, self.stream, self.start, self.end, self.submit_s = op, stream, start, end, submit_s
         self.value = None
         self.post = None  # host work after completion (copy results out of staging)
         self.done = False
+        self.future = None  # disk I/O: its worker's job (no CUDA events)
 
 
 class CudaBackend(Backend):
@@ -251,9 +253,6 @@ class CudaBackend(Backend):
                 Stream.COMPUTE: int(self.compute.handle),
                 Stream.H2D: drv.stream_create(greatest),
                 Stream.D2H: drv.stream_create(greatest),
-                # idle streams: their events stamp the host's disk I/O
-                Stream.DISK_READ: drv.stream_create(least),
-                Stream.DISK_WRITE: drv.stream_create(least),
             }
             self.stream_priority = {"compute": 0, "h2d": greatest, "d2h": greatest}
             self._mem: dict[str, object] = {}
@@ -261,6 +260,7 @@ class CudaBackend(Backend):
             self._tickets: list[_Ticket] = []
             self._base_event = drv.event_create()
             self._fill_events = (drv.event_create(), drv.event_create())
+            self._disk = DiskQueue()
             drv.event_record(self._base_event, self.streams[Stream.COMPUTE])
             self._staging_blocked_s = 0.0
             self.staging = _Staging(staging_bytes, self._staging_wait)
@@ -360,13 +360,23 @@ class CudaBackend(Backend):
         if left:
             self.fail_next[op.kind] = left - 1
             raise KernelError(f"{op.kind} ({op.purpose}) failed: injected fault")
-        s = self.streams[stream]
-        if isinstance(op, DiskIO):  # host I/O: first wait for the copies it reads or overwrites
-            for t in after:
-                if t is not None:
-                    self._synchronize(t)
+        s = self.streams.get(stream)  # none for the disk streams (disk_queue's workers)
         submit_s = time.perf_counter() - self._t0
         ticket = _Ticket(op, stream, None, None, submit_s)
+        if isinstance(op, DiskIO):
+            # Host I/O on the disk stream's worker (disk_queue): the copies it reads or
+            # overwrites complete first (waited for here: CUDA calls stay on this
+            # thread); the disk ops it follows are waited for by the worker.
+            for t in after:
+                if t is not None and t.future is None:
+                    self._blocked(self._synchronize, t)
+            ticket.future = self._disk.submit(stream.value, op.run,
+                                              [t.future for t in after if t is not None])
+            self._tickets.append(ticket)
+            return ticket
+        for t in after:  # a disk op it reads or overwrites has completed
+            if t is not None and t.future is not None:
+                self._blocked(self._synchronize, t)
         # Host-side preparation (filling pinned staging, building block tables) happens
         # before the start event is recorded: on an idle stream the start event fires at
         # once, so host work inside the window would be timed as device time (the first
@@ -374,7 +384,7 @@ class CudaBackend(Backend):
         try:
             launch = self._prepare(op, s, ticket)
             for t in after:
-                if t is not None:
+                if t is not None and t.future is None:
                     drv.stream_wait_event(s, t.end)
             start, end = drv.event_create(), drv.event_create()
             ticket.start, ticket.end = start, end
@@ -417,8 +427,6 @@ class CudaBackend(Backend):
             return self._attention(op, s, ticket)
         if isinstance(op, LayerCompute):
             return lambda: self._layer(op)
-        if isinstance(op, DiskIO):
-            return op.run  # synchronous, between two events on an idle disk stream
         if isinstance(op, Zero):
             regions = [(self._addr(r.space, r.offset), r.nbytes) for r in op.regions]
 
@@ -618,6 +626,10 @@ class CudaBackend(Backend):
     def _synchronize(self, t: _Ticket) -> None:
         if t.done:
             return
+        if t.future is not None:
+            t.future.result()  # a failed disk op raises its own error (KernelError)
+            t.done = True
+            return
         try:
             drv.event_synchronize(t.end)
         except KernelError as e:
@@ -629,6 +641,12 @@ class CudaBackend(Backend):
             out = host.view(o_off, 4 * math.prod(oshape)).view(np.float32).reshape(oshape)
             lse = host.view(l_off, 4 * math.prod(lshape)).view(np.float32).reshape(lshape)
             t.value = (out.copy(), lse.copy())
+
+    def _blocked(self, wait, t: _Ticket) -> None:
+        # The host waits for the device or the disk here: blocked, not busy.
+        t0 = time.perf_counter()
+        wait(t)
+        self._staging_blocked_s += time.perf_counter() - t0
 
     def _staging_wait(self, t: _Ticket) -> None:
         # The host waits for the device here too (staging reuse): blocked, not busy.
@@ -668,6 +686,13 @@ class CudaBackend(Backend):
         self.synchronize_all()
         out = []
         for t in self._tickets:
+            if t.future is not None:  # disk I/O: its worker's clock
+                if not t.future.done() or t.future.exception() is not None:
+                    continue
+                t0, t1 = (x - self._t0 for x in t.future.result())
+                out.append(OpRecord(t.op.kind, t.op.purpose, t.stream.value, t.submit_s, t0,
+                                    t1, t.op.nbytes, t.op.count))
+                continue
             t0 = drv.event_elapsed_ms(self._base_event, t.start) * 1e-3
             t1 = drv.event_elapsed_ms(self._base_event, t.end) * 1e-3
             out.append(OpRecord(t.op.kind, t.op.purpose, t.stream.value, t.submit_s, t0, t1,
@@ -706,8 +731,12 @@ class CudaBackend(Backend):
                 self.synchronize_all()
             except Exception:
                 pass
+            if getattr(self, "_disk", None) is not None:
+                self._disk.close()
             for t in getattr(self, "_tickets", []):
                 for ev in (t.start, t.end):
+                    if ev is None:
+                        continue
                     try:
                         drv.event_destroy(ev)
                     except Exception:
@@ -718,7 +747,7 @@ class CudaBackend(Backend):
                 self.staging.close()
             if getattr(self, "_scratch_mem", None) is not None:
                 drv.mem_free(self._scratch_mem[0])
-            for key in (Stream.H2D, Stream.D2H, Stream.DISK_READ, Stream.DISK_WRITE):
+            for key in (Stream.H2D, Stream.D2H):
                 if key in getattr(self, "streams", {}):
                     drv.stream_destroy(self.streams[key])
             from . import kernels

@@ -4,8 +4,9 @@ Every space (L1 arena, INT4 staging, L2 pool, weight ring) is a NumPy byte array
 every op really moves or transforms bytes through the same slab offsets, INT4 layout and
 ring slots the GPU uses: copies are slice assignments, quantisation is the INT4
 reference, attention is the reference decode over the blocks' bytes. Ops run
-synchronously at submit, so streams and ``after`` need no bookkeeping; times are wall
-clock. It exists so CI can run the scenarios end to end with real data and check outputs;
+synchronously at submit, except disk I/O, which runs on a worker per disk stream as the
+simulator models it (``disk_queue``): an op that depends on one waits for it first;
+times are wall clock. It exists so CI can run the scenarios end to end with real data and check outputs;
 it is a reference, not a performance path.
 """
 
@@ -21,6 +22,7 @@ from ..errors import KernelError
 from ..ops import (Attention, Copy, Dequantize, DiskIO, Ingest, LayerCompute, Op, OpRecord,
                    Quantize, Region, Stream, Zero)
 from .attention_ref import BlockRef, attention_decode_ref
+from .disk_queue import DiskQueue
 from .kv_layout import FMT_FP16, FMT_INT4, pack_int4_block, unpack_int4_block
 from .memory import HostMemory
 
@@ -28,10 +30,10 @@ _FMT_NAME = {0: "fp16", 1: "fp16", 2: "int4"}  # blocks.Fmt values -> layout for
 
 
 class _Ticket:
-    __slots__ = ("value",)
+    __slots__ = ("value", "future")
 
-    def __init__(self, value=None):
-        self.value = value
+    def __init__(self, value=None, future=None):
+        self.value, self.future = value, future
 
 
 class HostBackend(Backend):
@@ -45,6 +47,8 @@ class HostBackend(Backend):
         self._records: list[OpRecord] = []
         self._t0 = time.perf_counter()
         self.fail_next: dict[str, int] = {}  # fault injection for tests: op kind -> count
+        self._disk = DiskQueue()
+        self._disk_blocked_s = 0.0
 
     # -- memory -------------------------------------------------------------------
     def memory(self, space: str, nbytes: int, kind: str) -> HostMemory:
@@ -63,6 +67,7 @@ class HostBackend(Backend):
 
     def close(self) -> None:
         from ..monitor.tracker import TRACKER
+        self._disk.close()
         for handle in self._tracked.values():
             TRACKER.release(handle)
         self._tracked = {}
@@ -80,10 +85,28 @@ class HostBackend(Backend):
         if left:
             self.fail_next[op.kind] = left - 1
             raise KernelError(f"{op.kind} ({op.purpose}) failed: injected fault")
+        if isinstance(op, DiskIO):
+            future = self._disk.submit(stream.value, op.run,
+                                       [t.future for t in after if t is not None])
+            ticket = _Ticket(None, future)
+            self._records.append((op, stream, start, future))  # timed when it completes
+            return ticket
+        for t in after:  # a disk op it reads or overwrites completes first
+            if t is not None and t.future is not None:
+                self._wait_disk(t)
         value = self._execute(op)
         self._records.append(OpRecord(op.kind, op.purpose, stream.value, start, start,
                                       self.now(), op.nbytes, op.count))
         return _Ticket(value)
+
+    def _wait(self, ticket) -> None:
+        if ticket.future is not None:
+            ticket.future.result()
+
+    def _wait_disk(self, ticket) -> None:
+        t0 = time.perf_counter()
+        self._wait(ticket)
+        self._disk_blocked_s += time.perf_counter() - t0
 
     def _execute(self, op: Op):
         if isinstance(op, Copy):
@@ -120,8 +143,6 @@ class HostBackend(Backend):
         elif isinstance(op, Zero):
             for r in op.regions:
                 self._mem[r.space].zero(r.offset, r.nbytes)
-        elif isinstance(op, DiskIO):
-            op.run()
         else:
             raise KernelError(f"the cpu backend cannot run {type(op).__name__}")
         return None
@@ -157,6 +178,8 @@ class HostBackend(Backend):
         return _Wait([t for t in tickets if t is not None])
 
     def result(self, ticket):
+        if ticket.future is not None:
+            self._wait_disk(ticket)
         return ticket.value
 
     def now(self) -> float:
@@ -164,15 +187,28 @@ class HostBackend(Backend):
 
     def run(self, process) -> None:
         self._t0 = time.perf_counter()
-        self._blocked_s = run_sync(process, lambda t: None)
+        self._disk_blocked_s = 0.0
+        self._blocked_s = run_sync(process, self._wait)
         self._run_wall_s = time.perf_counter() - self._t0
 
     def host_busy_s(self) -> float | None:
         wall = getattr(self, "_run_wall_s", None)
-        return None if wall is None else max(0.0, wall - self._blocked_s)
+        return None if wall is None else max(0.0, wall - self._blocked_s - self._disk_blocked_s)
 
     def records(self) -> list[OpRecord]:
-        return self._records
+        out = []
+        for r in self._records:
+            if isinstance(r, tuple):  # a disk op: its worker's clock
+                op, stream, submit_s, future = r
+                if not future.done():  # in order: the rest once it has completed
+                    break
+                if future.exception() is not None:  # failed: the run reports it, no time
+                    continue
+                t0, t1 = future.result()
+                r = OpRecord(op.kind, op.purpose, stream.value, submit_s, t0 - self._t0,
+                             t1 - self._t0, op.nbytes, op.count)
+            out.append(r)
+        return out
 
     def environment(self) -> dict:
         return {"device": "host (NumPy reference execution)"}
