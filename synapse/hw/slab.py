@@ -256,7 +256,7 @@ class SlabAllocator:
                            repeat(self.allocator_id), range(g + 1, g + 1 + n))))
         self._live.update(zip(offsets, out))
         self._live_per_class[ci] += n
-        _add_per_tenant(self._bytes_per_tenant, tenants, class_bytes)
+        add_per_tenant(self._bytes_per_tenant, tenants, class_bytes)
         self._generation = g + n
         self._used_bytes += n * class_bytes
         self._requested_bytes += n * nbytes
@@ -354,7 +354,7 @@ class SlabAllocator:
             page.num_live, page.num_carved, page.free_objects = 0, 0, []
         self._free_pages.extend(emptied)
         self._live_per_class[ci] -= n
-        _add_per_tenant(self._bytes_per_tenant, list(map(_tenant_of, slabs)), -class_bytes)
+        add_per_tenant(self._bytes_per_tenant, list(map(_tenant_of, slabs)), -class_bytes)
         self._used_bytes -= n * class_bytes
         self._requested_bytes -= sum(map(_nbytes_of, slabs))
         self.num_frees += n
@@ -513,7 +513,7 @@ _tenant_of, _nbytes_of = attrgetter("tenant"), attrgetter("nbytes")
 _new_slab = tuple.__new__  # builds a Slab without the named tuple's argument parsing
 
 
-def _add_per_tenant(per_tenant: dict, tenants: Sequence[str], nbytes: int) -> None:
+def add_per_tenant(per_tenant: dict, tenants: Sequence[str], nbytes: int) -> None:
     """``nbytes`` more for each entry of ``tenants`` (negative: fewer; a tenant left
     with none is removed), in one update when they are all one tenant."""
     if tenants.count(tenants[0]) == len(tenants):

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import AccessDenied, AllocatorError, CapacityError
+from ..hw.slab import add_per_tenant
 
 
 _tenant_of, _index_of = attrgetter("tenant"), attrgetter("index")
@@ -189,11 +190,8 @@ class SlotArena:
         slots.extend(out)
         self._fresh.update(zip(map(id, out), out))
         per_tenant = self._bytes_per_tenant
-        if k and tenants[:k].count(tenants[0]) == k:
-            per_tenant[tenants[0]] = per_tenant.get(tenants[0], 0) + k * sb
-        else:
-            for tenant in tenants[:k]:
-                per_tenant[tenant] = per_tenant.get(tenant, 0) + sb
+        if k:
+            add_per_tenant(per_tenant, tenants[:k], sb)
         self.num_allocs += k
         self.version += 1
         if out and self._last is not None:
@@ -219,13 +217,8 @@ class SlotArena:
         n_old, aid, sb = len(live), self.allocator_id, self.slot_bytes
         holes = self._holes_if_all_live(slots)
         if holes is not None:  # every slot live and distinct: the checks ran in C
-            tenants = list(map(_tenant_of, slots))
-            if tenants.count(tenants[0]) == len(tenants):
-                freed = {tenants[0]: sb * len(tenants)}
-            else:
-                freed = {}
-                for t in tenants:
-                    freed[t] = freed.get(t, 0) + sb
+            add_per_tenant(self._bytes_per_tenant, list(map(_tenant_of, slots)), -sb)
+            freed = {}  # counted already
         else:
             holes = set()
             freed = {}  # bytes per tenant
