@@ -322,6 +322,20 @@ class Mover:
         return (self.region(_TIER[int(table.tier[block])], self.manager.handle(block), tenant),
                 _FMT[int(table.fmt[block])])
 
+    def l1_offsets(self, blocks: Sequence[int]) -> list[int]:
+        """Byte offsets of L1-resident blocks, each checked for its own tenant: the
+        offsets of ``block_region`` of each, with the checks per allocator at once (one
+        by one, to raise the same error, when one fails)."""
+        table, manager = self.manager.table, self.manager
+        blocks = list(blocks)
+        handles = list(map(manager.handle, blocks))
+        names = table.tenants
+        tenants = list(map(names.__getitem__, table.tenant[blocks].tolist()))
+        if (table.tier[blocks] == _L1).all() \
+                and manager.spaces.l1.all_accessible(tenants, handles):
+            return list(map(_offset_of, handles))
+        return [self.block_region(b)[0].offset for b in blocks]
+
     def read_as(self, tenant: str, block: int) -> Region:
         """A tenant asks for a block's bytes: AccessDenied unless it owns it."""
         table = self.manager.table

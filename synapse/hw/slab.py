@@ -234,20 +234,33 @@ class SlabAllocator:
         same slabs, pages and counters, built by ``map`` and ``zip`` in C. None when that
         does not apply (the general loop does it)."""
         n = min(len(sizes), len(tenants))
-        free_pages = self._free_pages
-        if n == 0 or n > len(free_pages):
+        if n == 0:
             return None
         nbytes = sizes[0]
         ci = self._class_cache.get(nbytes)
         if ci is None or self._objects_per_page[ci] != 1 or self._partial[ci] \
                 or sizes[:n].count(nbytes) != n:
             return None
-        class_bytes, page_bytes = self.size_classes[ci], self.page_bytes
-        taken = free_pages[-n:]
-        taken.reverse()  # the order ``pop`` takes them in
-        del free_pages[-n:]
-        for page in map(self._pages.__getitem__, taken):
+        class_bytes, page_bytes, pages, free_pages = self.size_classes[ci], self.page_bytes, \
+            self._pages, self._free_pages
+        # free pages first (as ``pop`` takes them), then pages never used, in order
+        k1 = min(n, len(free_pages))
+        taken = free_pages[len(free_pages) - k1:]
+        taken.reverse()
+        del free_pages[len(free_pages) - k1:]
+        for page in map(pages.__getitem__, taken):
             page.class_index, page.num_carved, page.num_live = ci, 1, 1
+        k2 = min(n - k1, self.num_pages - len(pages))
+        if k2 > 0:
+            first = len(pages)
+            for _ in range(k2):
+                page = _Page(ci)
+                page.num_carved = page.num_live = 1
+                pages.append(page)
+            taken += range(first, first + k2)
+        n = len(taken)  # fewer when the arena is full: the prefix that fits
+        if n == 0:
+            return []
         offsets = [p * page_bytes for p in taken]
         g = self._generation
         tenants = tenants[:n]
@@ -387,11 +400,12 @@ class SlabAllocator:
         """Whether ``check_access`` would pass for every pair; counts nothing, raises
         nothing (callers repeat the checks one by one when it says no)."""
         live = self._live
-        for tenant, slab in zip(tenants, slabs):
-            if slab.__class__ is not Slab or live.get(slab.offset) is not slab \
-                    or slab.tenant != tenant:
-                return False
-        return True
+        slabs = slabs[: len(tenants)]  # as zip: the pairs there are
+        try:  # the live handles themselves (identity), of these tenants: loops in C
+            return all(map(is_, map(live.get, map(_offset_of, slabs)), slabs)) \
+                and same_items(map(_tenant_of, slabs), tenants)
+        except (AttributeError, TypeError):  # not a handle at all
+            return False
 
     # -- introspection -----------------------------------------------------------------
 
@@ -511,6 +525,14 @@ class SlabAllocator:
 _offset_of, _class_bytes_of = attrgetter("offset"), attrgetter("class_bytes")
 _tenant_of, _nbytes_of = attrgetter("tenant"), attrgetter("nbytes")
 _new_slab = tuple.__new__  # builds a Slab without the named tuple's argument parsing
+
+
+def same_items(values, expected: Sequence) -> bool:
+    """Whether ``values`` (an iterable) equals ``expected`` item by item, in C (as far
+    as the shorter goes, like ``zip``)."""
+    values = list(values)
+    n = min(len(values), len(expected))
+    return values[:n] == list(expected[:n])
 
 
 def add_per_tenant(per_tenant: dict, tenants: Sequence[str], nbytes: int) -> None:

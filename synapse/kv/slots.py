@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import AccessDenied, AllocatorError, CapacityError
-from ..hw.slab import add_per_tenant
+from ..hw.slab import add_per_tenant, same_items
 
 
 _tenant_of, _index_of = attrgetter("tenant"), attrgetter("index")
@@ -365,12 +365,15 @@ class SlotArena:
                 self.check_access(t, s)
 
     def all_accessible(self, tenants, slots) -> bool:
-        live, aid = self.slots, self.allocator_id
-        for t, s in zip(tenants, slots):
-            if s.__class__ is not Slot or s.allocator_id != aid or s.tenant != t \
-                    or not (0 <= s.index < len(live)) or live[s.index] is not s:
-                return False
-        return True
+        live = self.slots
+        slots = slots[: len(tenants)]  # as zip: the pairs there are
+        try:  # live slots of this arena (identity at their index), of these tenants: in C
+            idx = list(map(_index_of, slots))
+            return (not idx or min(idx) >= 0) \
+                and all(map(is_, map(live.__getitem__, idx), slots)) \
+                and same_items(map(_tenant_of, slots), tenants)
+        except (AttributeError, IndexError, TypeError):
+            return False
 
     # -- introspection ----------------------------------------------------------------
     def stats(self) -> SlotStats:
