@@ -363,8 +363,10 @@ class SlabAllocator:
         deque(map(live.pop, offsets), 0)
         page_bytes = self.page_bytes
         emptied = [o // page_bytes for o in offsets]
-        for page in map(self._pages.__getitem__, emptied):  # full (one object) to empty
-            page.num_live, page.num_carved, page.free_objects = 0, 0, []
+        # full (one object) to empty; a page of one object has no free objects to clear
+        emptied_pages = list(map(self._pages.__getitem__, emptied))
+        deque(map(setattr, emptied_pages, repeat("num_live"), repeat(0)), 0)
+        deque(map(setattr, emptied_pages, repeat("num_carved"), repeat(0)), 0)
         self._free_pages.extend(emptied)
         self._live_per_class[ci] -= n
         add_per_tenant(self._bytes_per_tenant, list(map(_tenant_of, slabs)), -class_bytes)
