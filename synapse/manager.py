@@ -174,6 +174,14 @@ class TierManager:
     def l1_capacity(self) -> int:
         return self.spaces.l1.capacity_bytes
 
+    @property
+    def wants_attention(self) -> bool:
+        """Whether ``observe`` reaches the policy (H2O): a driver need not compute a
+        step's attention masses for it otherwise."""
+        policy = self.policy
+        return policy.needs_attention \
+            or type(policy).on_attention is not EvictionPolicy.on_attention
+
     def l1_used(self) -> int:
         return self.spaces.l1.used_bytes
 

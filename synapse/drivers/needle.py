@@ -135,9 +135,9 @@ class NeedleDriver:
             nvalid = tr.n_valid(t, pos)
             att = self._attention(t, resident, nvalid)
             att_fmts = table.fmt[resident].copy()
-            # 5. observe
-            mass = tr.masses(t, pos, nvalid)
-            mgr.observe(resident, mass, t)
+            # 5. observe (the masses only for a policy that reads them)
+            if mgr.wants_attention:
+                mgr.observe(resident, tr.masses(t, pos, nvalid), t)
             # 6. background demotion + prefetch, overlapping the attention
             demote, prefetch = mgr.plan_background(
                 t, np.asarray([self.tail] if self.tail is not None else [], np.int64))
