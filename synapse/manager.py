@@ -239,8 +239,8 @@ class TierManager:
         (gather, then scatter), then zeroes the ranges, before any other op touches the
         tier."""
         out = {}
-        for tier in (Tier.L1, Tier.L2):
-            space = self.spaces.of(tier)
+        spaces = self.spaces
+        for tier, space in ((_T_L1, spaces.l1), (_T_L2, spaces.l2)):  # on every submit
             take = getattr(space, "take_relocations", None)
             if take is None:
                 continue
