@@ -28,6 +28,8 @@ from __future__ import annotations
 import functools
 import math
 import time
+from itertools import repeat
+from operator import attrgetter
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
@@ -62,6 +64,14 @@ class Move(NamedTuple):
 
 
 _new_move = tuple.__new__  # Move(...) without the argument parsing: _new_move(Move, fields)
+_tenant_of = attrgetter("tenant")  # of a slab or a slot
+_nbytes_of = attrgetter("nbytes")
+
+
+def _moves(n: int, *columns) -> list[Move]:
+    """``n`` moves from columns (iterables of field values, ``repeat`` for a constant):
+    the tuples are built by ``map`` and ``zip`` in C, not by a Python loop per block."""
+    return list(map(_new_move, repeat(Move, n), zip(*columns)))
 
 
 @dataclass
@@ -86,7 +96,7 @@ class DecisionLog:
     entries: list = field(default_factory=list)
 
     def add(self, step: int, action: str, ids) -> None:
-        if ids.__class__ is list and all(i.__class__ is int for i in ids):
+        if ids.__class__ is list and set(map(type, ids)) <= {int}:
             ids = list(ids)  # the manager's own lists of ids: already plain ints
         elif isinstance(ids, np.ndarray) and ids.dtype.kind in "iu":
             ids = ids.reshape(-1).tolist()
@@ -164,6 +174,14 @@ class TierManager:
     def l1_capacity(self) -> int:
         return self.spaces.l1.capacity_bytes
 
+    @property
+    def wants_attention(self) -> bool:
+        """Whether ``observe`` reaches the policy (H2O): a driver need not compute a
+        step's attention masses for it otherwise."""
+        policy = self.policy
+        return policy.needs_attention \
+            or type(policy).on_attention is not EvictionPolicy.on_attention
+
     def l1_used(self) -> int:
         return self.spaces.l1.used_bytes
 
@@ -221,8 +239,8 @@ class TierManager:
         (gather, then scatter), then zeroes the ranges, before any other op touches the
         tier."""
         out = {}
-        for tier in (Tier.L1, Tier.L2):
-            space = self.spaces.of(tier)
+        spaces = self.spaces
+        for tier, space in ((_T_L1, spaces.l1), (_T_L2, spaces.l2)):  # on every submit
             take = getattr(space, "take_relocations", None)
             if take is None:
                 continue
@@ -376,25 +394,35 @@ class TierManager:
         table, sizes, spaces = self.table, self.sizes, self.spaces
         victims = np.asarray(victims, np.int64)
         blocks = victims.tolist()
-        src_fmts = [_FMT[f] for f in table.fmt[victims].tolist()]
-        handle = table.handle
-        srcs = [handle[b] for b in blocks]
+        src_fmts = list(map(_FMT.__getitem__, table.fmt[victims].tolist()))
+        srcs = list(map(table.handle.__getitem__, blocks))
         target = {f: self.demotion.target(f) for f in set(src_fmts)}
-        plan = [target[f] for f in src_fmts]  # (tier, fmt) per victim
         n = len(blocks)
+        uniform = len(target) == 1  # one source format (the common case): one plan for all
+        if uniform:
+            ((src_fmt0, plan0),) = target.items()
+            need_staging = range(n) if plan0[0] != _T_NONE and plan0[1] != src_fmt0 else ()
+        else:
+            plan = [target[f] for f in src_fmts]  # (tier, fmt) per victim
+            need_staging = [i for i, (tier, fmt) in enumerate(plan)
+                            if tier != _T_NONE and fmt != src_fmts[i]]
         staged: dict[int, object] = {}
-        need_staging = [i for i, (tier, fmt) in enumerate(plan)
-                        if tier != _T_NONE and fmt != src_fmts[i]]
         if need_staging:
             got = [] if spaces.staging is None else spaces.staging.allocate_prefix(
-                [sizes[plan[i][1]] for i in need_staging], [srcs[i].tenant for i in need_staging])
+                [sizes[plan0[1] if uniform else plan[i][1]] for i in need_staging],
+                [srcs[i].tenant for i in need_staging])
             staged = dict(zip(need_staging, got))
             if len(got) < len(need_staging):
                 n = need_staging[len(got)]  # staging full: the rest waits for the next round
-        demote = [i for i in range(n) if plan[i][0] != _T_NONE]
+        if uniform:
+            demote = range(n) if plan0[0] != _T_NONE else range(0)
+            dst_sizes = [sizes[plan0[1]]] * len(demote)
+        else:
+            demote = [i for i in range(n) if plan[i][0] != _T_NONE]
+            dst_sizes = [sizes[plan[i][1]] for i in demote]
         l2 = spaces.l2
-        dsts = l2.allocate_prefix([sizes[plan[i][1]] for i in demote],
-                                  [srcs[i].tenant for i in demote])
+        dsts = l2.allocate_prefix(dst_sizes, list(map(_tenant_of, srcs[:n])) if uniform
+                                  else [srcs[i].tenant for i in demote])
         if len(dsts) < len(demote):
             j = demote[len(dsts)]
             if staged:  # as victim by victim: no staging slot is kept from victim j on
@@ -402,20 +430,30 @@ class TierManager:
             raise CapacityError(
                 f"L2 is full ({l2.stats().used_bytes} of {l2.capacity_bytes} bytes): "
                 f"cannot demote block {blocks[j]}; raise memory.l2_budget or use demote: drop")
-        dst_of = dict(zip(demote, dsts))
-        moves: list[Move] = []
-        drops, demotes = [], []
-        for i in range(n):
-            b, src_fmt, src = blocks[i], src_fmts[i], srcs[i]
-            tier, fmt = plan[i]
-            if tier == _T_NONE:
-                moves.append(_new_move(Move, (b, "drop", _T_L1, _T_NONE, src_fmt, src_fmt, src,
-                                              None, None)))
-                drops.append(b)
-            else:
-                moves.append(_new_move(Move, (b, "demote", _T_L1, _T_L2, src_fmt, fmt, src,
-                                              dst_of[i], staged.get(i))))
-                demotes.append(b)
+        staging_col = [staged.get(i) for i in range(n)] if staged else repeat(None)
+        if uniform and plan0[0] == _T_NONE:
+            moves = _moves(n, blocks, repeat("drop"), repeat(_T_L1), repeat(_T_NONE), src_fmts,
+                           src_fmts, srcs, repeat(None), repeat(None))
+            drops, demotes = blocks[:n], []
+        elif uniform:
+            moves = _moves(n, blocks, repeat("demote"), repeat(_T_L1), repeat(_T_L2), src_fmts,
+                           repeat(plan0[1]), srcs, dsts, staging_col)
+            drops, demotes = [], blocks[:n]
+        else:
+            dst_of = dict(zip(demote, dsts))
+            moves = []
+            drops, demotes = [], []
+            for i in range(n):
+                b, src_fmt, src = blocks[i], src_fmts[i], srcs[i]
+                tier, fmt = plan[i]
+                if tier == _T_NONE:
+                    moves.append(_new_move(Move, (b, "drop", _T_L1, _T_NONE, src_fmt, src_fmt,
+                                                  src, None, None)))
+                    drops.append(b)
+                else:
+                    moves.append(_new_move(Move, (b, "demote", _T_L1, _T_L2, src_fmt, fmt, src,
+                                                  dst_of[i], staged.get(i))))
+                    demotes.append(b)
         self._mark_busy(blocks[:n])
         c = self.counters
         c.evictions += len(moves)
@@ -440,11 +478,10 @@ class TierManager:
         ids = ids[~self._in_flight(ids)]
         table, spaces = self.table, self.spaces
         blocks = ids.tolist()
-        handle = table.handle
-        srcs = [handle[b] for b in blocks]
-        fmts = [_FMT[f] for f in table.fmt[ids].tolist()]
-        tenants = [src.tenant for src in srcs]
-        quant = [i for i, f in enumerate(fmts) if f == _INT4]
+        srcs = list(map(table.handle.__getitem__, blocks))
+        fmts = list(map(_FMT.__getitem__, table.fmt[ids].tolist()))
+        tenants = list(map(_tenant_of, srcs))
+        quant = [i for i, f in enumerate(fmts) if f == _INT4] if _INT4 in fmts else []
         staged: dict[int, object] = {}
         n = len(blocks)
         if quant:
@@ -456,10 +493,10 @@ class TierManager:
         dsts = spaces.l1.allocate_prefix([self.sizes[Fmt.FP16]] * n, tenants[:n])
         if len(dsts) < n and staged:
             spaces.staging.free_all([staged[i] for i in quant if len(dsts) <= i < n])
-        get_staged = staged.get
-        moves = [_new_move(Move, (blocks[i], purpose, _T_L2, _T_L1, fmts[i], _FP16, srcs[i], dst,
-                                  get_staged(i)))
-                 for i, dst in enumerate(dsts)]
+        k = len(dsts)
+        moves = _moves(k, blocks, repeat(purpose), repeat(_T_L2), repeat(_T_L1), fmts,
+                       repeat(_FP16), srcs, dsts,
+                       map(staged.get, range(k)) if staged else repeat(None))
         done = blocks[: len(moves)]
         self._mark_busy(done)
         if purpose == "prefetch":
@@ -507,27 +544,50 @@ class TierManager:
         if not moves:
             return
         table, spaces = self.table, self.spaces
-        removed, moved, fetched, prefetched = [], [], [], []
-        free_l1, free_l2 = [], []
-        staged = []
-        for m in moves:  # sources are freed in move order, per allocator
-            if m.dst is None:
-                removed.append(m.block)
-                free_l1.append(m.src)
-                continue
-            moved.append(m)
-            (free_l1 if m.src_tier == _T_L1 else free_l2).append(m.src)
-            if m.staging is not None:
-                staged.append(m.staging)
-            if m.dst_tier == _T_L1:
-                (prefetched if m.purpose == "prefetch" else fetched).append(m.block)
-        self._clear_busy([m.block for m in moves])
-        if removed:
-            table.drop_all(removed)
-        if moved:
-            table.move_all([m.block for m in moved], [m.dst_tier for m in moved],
-                           [m.dst_fmt for m in moved], [m.dst.nbytes for m in moved],
-                           [m.dst for m in moved])
+        n = len(moves)
+        # the moves as columns (one transpose in C); a batch of one kind (a round's
+        # demotions, a step's fetches) needs no Python loop over its blocks
+        blocks, purposes, src_tiers, dst_tiers, _, dst_fmts, srcs, dsts, stagings = zip(*moves)
+        purpose, src_tier = purposes[0], src_tiers[0]
+        if purposes.count(purpose) == n and src_tiers.count(src_tier) == n \
+                and dst_tiers.count(dst_tiers[0]) == n \
+                and dsts.count(None) == (n if purpose == "drop" else 0):
+            drop = purpose == "drop"
+            removed = list(blocks) if drop else []
+            free_l1 = srcs if src_tier == _T_L1 else ()
+            free_l2 = () if src_tier == _T_L1 else srcs
+            staged = [] if stagings.count(None) == n else [s for s in stagings if s is not None]
+            fetched = list(blocks) if not drop and dst_tiers[0] == _T_L1 \
+                and purpose != "prefetch" else []
+            prefetched = list(blocks) if not drop and dst_tiers[0] == _T_L1 \
+                and purpose == "prefetch" else []
+            self._clear_busy(list(blocks))
+            if removed:
+                table.drop_all(removed)
+            else:
+                table.move_all(blocks, dst_tiers, dst_fmts, list(map(_nbytes_of, dsts)), dsts)
+        else:
+            removed, moved, fetched, prefetched = [], [], [], []
+            free_l1, free_l2 = [], []
+            staged = []
+            for m in moves:  # sources are freed in move order, per allocator
+                if m.dst is None:
+                    removed.append(m.block)
+                    free_l1.append(m.src)
+                    continue
+                moved.append(m)
+                (free_l1 if m.src_tier == _T_L1 else free_l2).append(m.src)
+                if m.staging is not None:
+                    staged.append(m.staging)
+                if m.dst_tier == _T_L1:
+                    (prefetched if m.purpose == "prefetch" else fetched).append(m.block)
+            self._clear_busy(list(blocks))
+            if removed:
+                table.drop_all(removed)
+            if moved:
+                table.move_all([m.block for m in moved], [m.dst_tier for m in moved],
+                               [m.dst_fmt for m in moved], [m.dst.nbytes for m in moved],
+                               [m.dst for m in moved])
         spaces.l1.free_all(free_l1)
         spaces.l2.free_all(free_l2)
         if staged:

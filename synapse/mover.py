@@ -18,6 +18,7 @@ tier it was in) and propagates.
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Sequence
 
 import numpy as np
@@ -40,8 +41,23 @@ def _col(values) -> np.ndarray:
     return np.fromiter(values, np.int64)
 
 
-def _ints(values: list) -> np.ndarray:
-    return np.array(values, np.int64)
+_offset_of, _nbytes_of = attrgetter("offset"), attrgetter("nbytes")
+
+
+def _offsets(handles: Sequence) -> np.ndarray:
+    return np.fromiter(map(_offset_of, handles), np.int64, len(handles))
+
+
+def _sizes(handles: Sequence) -> np.ndarray:
+    return np.fromiter(map(_nbytes_of, handles), np.int64, len(handles))
+
+
+def _group(moves: list) -> tuple | None:
+    """(sources, destinations, staging slabs) of these moves as columns; None if none."""
+    if not moves:
+        return None
+    cols = tuple(zip(*moves))
+    return cols[6], cols[7], cols[8]
 
 
 class Mover:
@@ -110,29 +126,62 @@ class Mover:
         their tickets (none for drops)."""
         table = self.manager.table
         self.relocate()
-        moves = [m for m in moves if m.purpose != "drop"]
         if not moves:
             return []
+        # the moves as columns: one transpose in C, then no Python loop per block for a
+        # batch of one kind (a round's demotions, a step's fetches)
+        cols = tuple(zip(*moves))
+        if "drop" in cols[1]:
+            moves = [m for m in moves if m.purpose != "drop"]
+            if not moves:
+                return []
+            cols = tuple(zip(*moves))
+        blocks, purposes, src_tiers, dst_tiers, _, _, srcs, dsts, stagings = cols
+        n = len(moves)
         after = list(after) + self._barrier
         names = table.tenants
-        tenants = [names[t] for t in table.tenant[[m.block for m in moves]].tolist()]
-        self._check_access(moves, tenants)
-        quant, d2h, h2d, dequant = [], [], {}, {}
-        for m in moves:
-            if m.dst_tier == _T_L2:
-                (d2h if m.staging is None else quant).append(m)
-            elif m.staging is not None:
-                dequant.setdefault(m.purpose, []).append(m)
+        tenants = list(map(names.__getitem__, table.tenant[list(blocks)].tolist()))
+        unstaged = stagings.count(None)
+        uniform = purposes.count(purposes[0]) == n and dst_tiers.count(dst_tiers[0]) == n \
+            and src_tiers.count(src_tiers[0]) == n and unstaged in (0, n)
+        self._check_access(moves, tenants, cols if uniform else None)
+        # column groups (srcs, dsts, stagings) per kind of op, in the order they are submitted
+        quant = d2h = None
+        h2d: dict[str, tuple] = {}
+        dequant: dict[str, tuple] = {}
+        if uniform:
+            group = (srcs, dsts, stagings)
+            if dst_tiers[0] == _T_L2:
+                if unstaged:
+                    d2h = group
+                else:
+                    quant = group
+            elif unstaged:
+                h2d[purposes[0]] = group
             else:
-                h2d.setdefault(m.purpose, []).append(m)
+                dequant[purposes[0]] = group
+        else:
+            q_moves, d_moves, h_moves, dq_moves = [], [], {}, {}
+            for m in moves:
+                if m.dst_tier == _T_L2:
+                    (d_moves if m.staging is None else q_moves).append(m)
+                elif m.staging is not None:
+                    dq_moves.setdefault(m.purpose, []).append(m)
+                else:
+                    h_moves.setdefault(m.purpose, []).append(m)
+            quant = _group(q_moves)
+            d2h = _group(d_moves)
+            h2d = {p: _group(g) for p, g in h_moves.items()}
+            dequant = {p: _group(g) for p, g in dq_moves.items()}
         be, tickets = self.backend, []
         if quant:
-            staging = _col(m.staging.offset for m in quant)
-            staged_bytes = _col(m.staging.nbytes for m in quant)
+            q_srcs, q_dsts, q_stg = quant
+            staging = _offsets(q_stg)
+            staged_bytes = _sizes(q_stg)
             q = be.submit(Quantize(purpose="demote", src_space="l1", dst_space="staging",
-                                   src_offsets=_col(m.src.offset for m in quant),
+                                   src_offsets=_offsets(q_srcs),
                                    dst_offsets=staging,
-                                   src_sizes=_col(m.src.nbytes for m in quant),
+                                   src_sizes=_sizes(q_srcs),
                                    dst_sizes=staged_bytes,
                                    numel=self.numel, group_size=self.group_size,
                                    int4_keys=self.shape.int4_keys,
@@ -141,60 +190,74 @@ class Mover:
             tickets.append(be.submit(Copy(purpose="demote", direction="d2h",
                                           src_space="staging", dst_space="l2",
                                           src_offsets=staging.copy(),
-                                          dst_offsets=_col(m.dst.offset for m in quant),
+                                          dst_offsets=_offsets(q_dsts),
                                           sizes=staged_bytes.copy()), Stream.D2H, [q]))
         if d2h:
-            srcs = [m.src for m in d2h]
+            g_srcs, g_dsts, _ = d2h
             tickets.append(be.submit(Copy(purpose="demote", direction="d2h", src_space="l1",
                                           dst_space="l2",
-                                          src_offsets=_ints([h.offset for h in srcs]),
-                                          dst_offsets=_ints([m.dst.offset for m in d2h]),
-                                          sizes=_ints([h.nbytes for h in srcs])),
+                                          src_offsets=_offsets(g_srcs),
+                                          dst_offsets=_offsets(g_dsts),
+                                          sizes=_sizes(g_srcs)),
                                      Stream.D2H, after))
-        for purpose, group in h2d.items():
-            srcs = [m.src for m in group]
+        for purpose, (g_srcs, g_dsts, _) in h2d.items():
             tickets.append(be.submit(Copy(purpose=purpose, direction="h2d", src_space="l2",
                                           dst_space="l1",
-                                          src_offsets=_ints([h.offset for h in srcs]),
-                                          dst_offsets=_ints([m.dst.offset for m in group]),
-                                          sizes=_ints([h.nbytes for h in srcs])),
+                                          src_offsets=_offsets(g_srcs),
+                                          dst_offsets=_offsets(g_dsts),
+                                          sizes=_sizes(g_srcs)),
                                      Stream.H2D, after))
-        for purpose, group in dequant.items():
-            staging = _col(m.staging.offset for m in group)
-            q_bytes = _col(m.src.nbytes for m in group)
+        for purpose, (g_srcs, g_dsts, g_stg) in dequant.items():
+            staging = _offsets(g_stg)
+            q_bytes = _sizes(g_srcs)
             c = be.submit(Copy(purpose=purpose, direction="h2d", src_space="l2",
-                               dst_space="staging", src_offsets=_col(m.src.offset for m in group),
+                               dst_space="staging", src_offsets=_offsets(g_srcs),
                                dst_offsets=staging, sizes=q_bytes), Stream.H2D, after)
             tickets.append(be.submit(
                 Dequantize(purpose=purpose, src_space="staging", dst_space="l1",
-                           src_offsets=staging.copy(), dst_offsets=_col(m.dst.offset for m in group),
-                           src_sizes=q_bytes.copy(), dst_sizes=_col(m.dst.nbytes for m in group),
+                           src_offsets=staging.copy(), dst_offsets=_offsets(g_dsts),
+                           src_sizes=q_bytes.copy(), dst_sizes=_sizes(g_dsts),
                            numel=self.numel, group_size=self.group_size,
                            int4_keys=self.shape.int4_keys, block_tokens=self.shape.block_tokens),
                 Stream.COMPUTE, [c]))
         return tickets
 
-    def _check_access(self, moves: Sequence[Move], tenants: Sequence[str]) -> None:
-        """Every region a move touches belongs to the block's tenant (AccessDenied)."""
+    def _check_access(self, moves: Sequence[Move], tenants: Sequence[str],
+                      cols: tuple | None = None) -> None:
+        """Every region a move touches belongs to the block's tenant (AccessDenied).
+        ``cols``: the moves as columns when they are all of one kind (same direction,
+        all staged or none)."""
         spaces = self.manager.spaces
         l1, l2, staging = spaces.l1, spaces.l2, spaces.staging
         # The handles each allocator must own, in move order (``all_accessible`` only
         # answers yes or no, so the order does not matter), while every move is L1 <-> L2.
         in_l1, in_l2, staged_t, staged_h, between = [], [], [], [], True
-        for m, t in zip(moves, tenants):
-            src_tier, dst_tier = m.src_tier, m.dst_tier
+        if cols is not None:
+            src_tier, dst_tier = cols[2][0], cols[3][0]
+            srcs, dsts, stagings = cols[6], cols[7], cols[8]
             if src_tier == _T_L1 and dst_tier == _T_L2:
-                in_l1.append(m.src)
-                in_l2.append(m.dst)
+                in_l1, in_l2 = srcs, dsts
             elif src_tier == _T_L2 and dst_tier == _T_L1:
-                in_l1.append(m.dst)
-                in_l2.append(m.src)
+                in_l1, in_l2 = dsts, srcs
             else:
                 between = False
-                break
-            if m.staging is not None:
-                staged_t.append(t)
-                staged_h.append(m.staging)
+            if stagings[0] is not None:
+                staged_t, staged_h = tenants, stagings
+        else:
+            for m, t in zip(moves, tenants):
+                src_tier, dst_tier = m.src_tier, m.dst_tier
+                if src_tier == _T_L1 and dst_tier == _T_L2:
+                    in_l1.append(m.src)
+                    in_l2.append(m.dst)
+                elif src_tier == _T_L2 and dst_tier == _T_L1:
+                    in_l1.append(m.dst)
+                    in_l2.append(m.src)
+                else:
+                    between = False
+                    break
+                if m.staging is not None:
+                    staged_t.append(t)
+                    staged_h.append(m.staging)
         if between and l1.all_accessible(tenants, in_l1) and l2.all_accessible(tenants, in_l2) \
                 and (not staged_h or staging.all_accessible(staged_t, staged_h)):
             return  # every check passes (the common case), checked per allocator at once
@@ -258,6 +321,20 @@ class Mover:
         tenant = table.tenants[table.tenant[block]]
         return (self.region(_TIER[int(table.tier[block])], self.manager.handle(block), tenant),
                 _FMT[int(table.fmt[block])])
+
+    def l1_offsets(self, blocks: Sequence[int]) -> list[int]:
+        """Byte offsets of L1-resident blocks, each checked for its own tenant: the
+        offsets of ``block_region`` of each, with the checks per allocator at once (one
+        by one, to raise the same error, when one fails)."""
+        table, manager = self.manager.table, self.manager
+        blocks = list(blocks)
+        handles = list(map(manager.handle, blocks))
+        names = table.tenants
+        tenants = list(map(names.__getitem__, table.tenant[blocks].tolist()))
+        if (table.tier[blocks] == _L1).all() \
+                and manager.spaces.l1.all_accessible(tenants, handles):
+            return list(map(_offset_of, handles))
+        return [self.block_region(b)[0].offset for b in blocks]
 
     def read_as(self, tenant: str, block: int) -> Region:
         """A tenant asks for a block's bytes: AccessDenied unless it owns it."""

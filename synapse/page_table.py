@@ -12,6 +12,9 @@ tiers did so through ``drop`` or ``free`` and is counted there.
 
 from __future__ import annotations
 
+from collections import deque
+from itertools import repeat
+from operator import attrgetter
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -22,6 +25,15 @@ from .kv.slots import Slot
 _LIVE = int(State.LIVE)  # plain ints on the hot path: enum attribute access is slow
 _L1 = int(Tier.L1)
 _NONE = int(Tier.NONE)
+_offset_of = attrgetter("offset")
+
+
+def _int8_column(values: Sequence) -> np.ndarray:
+    """Enum members (or ints) as an int8 array; one conversion when they are all one."""
+    n = len(values)
+    if n and values.count(values[0]) == n:
+        return np.full(n, int(values[0]), np.int8)
+    return np.fromiter(values, np.int8, n)
 
 
 class PageTable:
@@ -127,23 +139,26 @@ class PageTable:
         self._require_all_live(ids)
         # fromiter: an enum member is an int to NumPy only through Python, and fromiter
         # with a count converts one several times faster than asarray on a list
-        tiers = np.fromiter(tiers, np.int8, len(tiers))
+        tiers = _int8_column(tiers)
         new_bytes = np.asarray(nbytes, np.int64)
         self._account(self.tier[ids], self.nbytes[ids], -1)
         self._account(tiers, new_bytes, +1)
         self._version += 1
         self.tier[ids] = tiers
-        self.fmt[ids] = np.fromiter(fmts, np.int8, len(fmts))
+        self.fmt[ids] = _int8_column(fmts)
         self.nbytes[ids] = new_bytes
-        handle, slots = self.handle, 0
-        for b, h in zip(blocks, handles):
-            handle[b] = h
-            if h.__class__ is Slot:
-                h._block = b  # Slot.block's setter, once for the batch (its counter below)
-                slots += 1
-        if slots:
+        handle = self.handle
+        deque(map(handle.__setitem__, blocks, handles), 0)  # the loop in C
+        kinds = set(map(type, handles))
+        if kinds == {Slot}:  # Slot.block's setter, once for the batch (its counter below)
+            deque(map(setattr, handles, repeat("_block"), blocks), 0)
             Slot.assigned += 1
-        self.offset[ids] = [h.offset for h in handles]
+        elif Slot in kinds:
+            for b, h in zip(blocks, handles):
+                if h.__class__ is Slot:
+                    h._block = b
+            Slot.assigned += 1
+        self.offset[ids] = np.fromiter(map(_offset_of, handles), np.int64, len(handles))
 
     def relocate(self, blocks: Sequence[int], handles: Sequence[object]) -> None:
         """A compacting allocator moved these blocks' bytes: record their new offsets

@@ -135,9 +135,9 @@ class NeedleDriver:
             nvalid = tr.n_valid(t, pos)
             att = self._attention(t, resident, nvalid)
             att_fmts = table.fmt[resident].copy()
-            # 5. observe
-            mass = tr.masses(t, pos, nvalid)
-            mgr.observe(resident, mass, t)
+            # 5. observe (the masses only for a policy that reads them)
+            if mgr.wants_attention:
+                mgr.observe(resident, tr.masses(t, pos, nvalid), t)
             # 6. background demotion + prefetch, overlapping the attention
             demote, prefetch = mgr.plan_background(
                 t, np.asarray([self.tail] if self.tail is not None else [], np.int64))
@@ -168,10 +168,10 @@ class NeedleDriver:
                                        content_hash=f"needle:{self.s.seed}:{p}"))
             ids = mgr.insert(specs, t, st.new_blocks)
             self.pos2id[st.new_blocks] = ids
-            for p, b in zip(st.new_blocks.tolist(), ids.tolist()):
-                n = int(table.token_end[b] - table.token_start[b])
-                region, _ = self.mover.block_region(b)
-                regions.append(Region("l1", region.offset, n * tb))
+            lengths = (table.token_end[ids] - table.token_start[ids]).tolist()
+            for p, offset, n in zip(st.new_blocks.tolist(), self.mover.l1_offsets(ids.tolist()),
+                                    lengths):
+                regions.append(Region("l1", offset, n * tb))
                 items.append((p, 0, n))
         if st.append is not None:
             p, off = st.append

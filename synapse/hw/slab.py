@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import bisect
 import itertools
+from collections import deque
+from itertools import repeat
+from operator import attrgetter, is_
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -162,7 +165,10 @@ class SlabAllocator:
         thousands of objects per run, and a method call per step of each would double
         the cost.
         """
-        out: list[Slab] = []
+        out = self._allocate_whole_pages(sizes, tenants)
+        if out is not None:
+            return out
+        out = []
         cls_of, partial_of, free_pages, pages = self._class_index_or_none, self._partial, \
             self._free_pages, self._pages
         opp, classes, page_bytes, live = self._objects_per_page, self.size_classes, \
@@ -222,6 +228,54 @@ class SlabAllocator:
             self.num_allocs += len(out)
         return out
 
+    def _allocate_whole_pages(self, sizes: Sequence[int], tenants: Sequence[str]):
+        """``allocate_prefix`` when every object is of one class that fills a page and
+        the free-page stack holds them all (the simulator's L2 of block-sized slabs): the
+        same slabs, pages and counters, built by ``map`` and ``zip`` in C. None when that
+        does not apply (the general loop does it)."""
+        n = min(len(sizes), len(tenants))
+        if n == 0:
+            return None
+        nbytes = sizes[0]
+        ci = self._class_cache.get(nbytes)
+        if ci is None or self._objects_per_page[ci] != 1 or self._partial[ci] \
+                or sizes[:n].count(nbytes) != n:
+            return None
+        class_bytes, page_bytes, pages, free_pages = self.size_classes[ci], self.page_bytes, \
+            self._pages, self._free_pages
+        # free pages first (as ``pop`` takes them), then pages never used, in order
+        k1 = min(n, len(free_pages))
+        taken = free_pages[len(free_pages) - k1:]
+        taken.reverse()
+        del free_pages[len(free_pages) - k1:]
+        for page in map(pages.__getitem__, taken):
+            page.class_index, page.num_carved, page.num_live = ci, 1, 1
+        k2 = min(n - k1, self.num_pages - len(pages))
+        if k2 > 0:
+            first = len(pages)
+            for _ in range(k2):
+                page = _Page(ci)
+                page.num_carved = page.num_live = 1
+                pages.append(page)
+            taken += range(first, first + k2)
+        n = len(taken)  # fewer when the arena is full: the prefix that fits
+        if n == 0:
+            return []
+        offsets = [p * page_bytes for p in taken]
+        g = self._generation
+        tenants = tenants[:n]
+        out = list(map(_new_slab, repeat(Slab, n),
+                       zip(offsets, repeat(nbytes), repeat(class_bytes), tenants,
+                           repeat(self.allocator_id), range(g + 1, g + 1 + n))))
+        self._live.update(zip(offsets, out))
+        self._live_per_class[ci] += n
+        add_per_tenant(self._bytes_per_tenant, tenants, class_bytes)
+        self._generation = g + n
+        self._used_bytes += n * class_bytes
+        self._requested_bytes += n * nbytes
+        self.num_allocs += n
+        return out
+
     def free(self, slab: Slab) -> None:
         self.free_all((slab,))
 
@@ -232,6 +286,8 @@ class SlabAllocator:
         slab simply stays live. One loop with the bookkeeping inline (see
         ``allocate_prefix``).
         """
+        if self._free_whole_pages(slabs):
+            return
         live, pages, opp, page_bytes = self._live, self._pages, self._objects_per_page, \
             self.page_bytes
         zero, free_pages, per_tenant, live_per_class = self.memory.zero, self._free_pages, \
@@ -281,6 +337,44 @@ class SlabAllocator:
             if ranges:
                 self.memory.zero_ranges(ranges)
 
+    def _free_whole_pages(self, slabs) -> bool:
+        """``free_all`` when every slab is a distinct live handle of one class that fills
+        a page and the memory queues its zeroing (the simulator's L2): the same
+        bookkeeping with the per-object loop in C. False (nothing done) otherwise."""
+        zero_ranges = getattr(self.memory, "zero_ranges", None)
+        n = len(slabs)
+        if zero_ranges is None or n == 0 or slabs[0].__class__ is not Slab:
+            return False
+        live = self._live
+        class_bytes = slabs[0].class_bytes
+        ci = bisect.bisect_left(self.size_classes, class_bytes)
+        if ci == len(self.size_classes) or self.size_classes[ci] != class_bytes \
+                or self._objects_per_page[ci] != 1:
+            return False
+        try:
+            offsets = list(map(_offset_of, slabs))
+            if not all(map(is_, map(live.get, offsets), slabs)) \
+                    or list(map(_class_bytes_of, slabs)).count(class_bytes) != n \
+                    or len(set(offsets)) != n:
+                return False
+        except (AttributeError, TypeError):
+            return False
+        zero_ranges(list(zip(offsets, repeat(class_bytes))))
+        deque(map(live.pop, offsets), 0)
+        page_bytes = self.page_bytes
+        emptied = [o // page_bytes for o in offsets]
+        # full (one object) to empty; a page of one object has no free objects to clear
+        emptied_pages = list(map(self._pages.__getitem__, emptied))
+        deque(map(setattr, emptied_pages, repeat("num_live"), repeat(0)), 0)
+        deque(map(setattr, emptied_pages, repeat("num_carved"), repeat(0)), 0)
+        self._free_pages.extend(emptied)
+        self._live_per_class[ci] -= n
+        add_per_tenant(self._bytes_per_tenant, list(map(_tenant_of, slabs)), -class_bytes)
+        self._used_bytes -= n * class_bytes
+        self._requested_bytes -= sum(map(_nbytes_of, slabs))
+        self.num_frees += n
+        return True
+
     # -- access checks -----------------------------------------------------------------
 
     def is_live(self, slab: Slab) -> bool:
@@ -308,11 +402,12 @@ class SlabAllocator:
         """Whether ``check_access`` would pass for every pair; counts nothing, raises
         nothing (callers repeat the checks one by one when it says no)."""
         live = self._live
-        for tenant, slab in zip(tenants, slabs):
-            if slab.__class__ is not Slab or live.get(slab.offset) is not slab \
-                    or slab.tenant != tenant:
-                return False
-        return True
+        slabs = slabs[: len(tenants)]  # as zip: the pairs there are
+        try:  # the live handles themselves (identity), of these tenants: loops in C
+            return all(map(is_, map(live.get, map(_offset_of, slabs)), slabs)) \
+                and same_items(map(_tenant_of, slabs), tenants)
+        except (AttributeError, TypeError):  # not a handle at all
+            return False
 
     # -- introspection -----------------------------------------------------------------
 
@@ -429,7 +524,34 @@ class SlabAllocator:
             raise AllocatorError(f"handle {slab} does not match the live slab {live}")
 
 
+_offset_of, _class_bytes_of = attrgetter("offset"), attrgetter("class_bytes")
+_tenant_of, _nbytes_of = attrgetter("tenant"), attrgetter("nbytes")
 _new_slab = tuple.__new__  # builds a Slab without the named tuple's argument parsing
+
+
+def same_items(values, expected: Sequence) -> bool:
+    """Whether ``values`` (an iterable) equals ``expected`` item by item, in C (as far
+    as the shorter goes, like ``zip``)."""
+    values = list(values)
+    n = min(len(values), len(expected))
+    return values[:n] == list(expected[:n])
+
+
+def add_per_tenant(per_tenant: dict, tenants: Sequence[str], nbytes: int) -> None:
+    """``nbytes`` more for each entry of ``tenants`` (negative: fewer; a tenant left
+    with none is removed), in one update when they are all one tenant."""
+    if tenants.count(tenants[0]) == len(tenants):
+        totals = {tenants[0]: nbytes * len(tenants)}
+    else:
+        totals = {}
+        for t in tenants:
+            totals[t] = totals.get(t, 0) + nbytes
+    for t, delta in totals.items():
+        left = per_tenant.get(t, 0) + delta
+        if left:
+            per_tenant[t] = left
+        else:
+            del per_tenant[t]
 
 
 def _describe(slab: object) -> str:

@@ -25,12 +25,19 @@ Operations (n = live slots, k = slots freed or allocated):
 from __future__ import annotations
 
 import itertools
+from collections import deque
+from itertools import repeat
+from operator import attrgetter, is_
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import AccessDenied, AllocatorError, CapacityError
+from ..hw.slab import add_per_tenant, same_items
+
+
+_tenant_of, _index_of = attrgetter("tenant"), attrgetter("index")
 
 
 class Slot:
@@ -166,20 +173,25 @@ class SlotArena:
         slots, sb, aid = self.slots, self.slot_bytes, self.allocator_id
         if len(slots) + len(sizes) > self.capacity_slots and self.max_slots > self.capacity_slots:
             self._grow(len(slots) + len(sizes))
-        room, k = self.capacity_slots - len(slots), 0
-        for nbytes, _ in zip(sizes, tenants):
-            if nbytes != sb or k >= room:
-                break
-            k += 1
+        room = self.capacity_slots - len(slots)
+        n = min(len(sizes), len(tenants))
+        if sizes[:n].count(sb) == n:  # every size is the slot's (the common case)
+            k = min(n, max(room, 0))
+        else:
+            k = 0
+            for nbytes, _ in zip(sizes, tenants):
+                if nbytes != sb or k >= room:
+                    break
+                k += 1
         n0, g0 = len(slots), self._generation
-        out = [Slot(n0 + j, sb, tenant, aid, g0 + 1 + j)
-               for j, tenant in zip(range(k), tenants)]
+        out = list(map(Slot, range(n0, n0 + k), repeat(sb), tenants[:k], repeat(aid),
+                       range(g0 + 1, g0 + 1 + k)))
         self._generation = g0 + k
         slots.extend(out)
-        self._fresh.update((id(s), s) for s in out)
+        self._fresh.update(zip(map(id, out), out))
         per_tenant = self._bytes_per_tenant
-        for tenant in tenants[:k]:
-            per_tenant[tenant] = per_tenant.get(tenant, 0) + sb
+        if k:
+            add_per_tenant(per_tenant, tenants[:k], sb)
         self.num_allocs += k
         self.version += 1
         if out and self._last is not None:
@@ -203,16 +215,21 @@ class SlotArena:
             return
         live = self.slots
         n_old, aid, sb = len(live), self.allocator_id, self.slot_bytes
-        holes: set[int] = set()
-        freed: dict[str, int] = {}  # bytes per tenant
-        for s in slots:  # every check before any change (is_live, inline)
-            if not (isinstance(s, Slot) and s.allocator_id == aid and s.index < n_old
-                    and live[s.index] is s):
-                self._require_live(s)
-            if s.index in holes:
-                raise AllocatorError(f"double free of {s!r}")
-            holes.add(s.index)
-            freed[s.tenant] = freed.get(s.tenant, 0) + sb
+        holes = self._holes_if_all_live(slots)
+        if holes is not None:  # every slot live and distinct: the checks ran in C
+            add_per_tenant(self._bytes_per_tenant, list(map(_tenant_of, slots)), -sb)
+            freed = {}  # counted already
+        else:
+            holes = set()
+            freed = {}  # bytes per tenant
+            for s in slots:  # every check before any change (is_live, inline)
+                if not (isinstance(s, Slot) and s.allocator_id == aid and s.index < n_old
+                        and live[s.index] is s):
+                    self._require_live(s)
+                if s.index in holes:
+                    raise AllocatorError(f"double free of {s!r}")
+                holes.add(s.index)
+                freed[s.tenant] = freed.get(s.tenant, 0) + sb
         per_tenant = self._bytes_per_tenant
         for tenant, nbytes in freed.items():
             left = per_tenant[tenant] - nbytes
@@ -221,9 +238,12 @@ class SlotArena:
             else:
                 del per_tenant[tenant]
         fresh, pending = self._fresh, self._pending
-        for s in slots:
-            fresh.pop(id(s), None)
-            pending.pop(id(s), None)
+        if fresh or pending:
+            keys = list(map(id, slots))
+            if fresh:
+                deque(map(fresh.pop, keys, repeat(None)), 0)
+            if pending:
+                deque(map(pending.pop, keys, repeat(None)), 0)
         if self._last is not None and self._last.index in holes:
             self._last = None
         n_new = n_old - len(holes)
@@ -234,8 +254,7 @@ class SlotArena:
                 to = next(targets)
                 placed[to] = live[i]
                 self._move(live[i], to)
-        for s in slots:
-            s.index = -1
+        deque(map(setattr, slots, repeat("index"), repeat(-1)), 0)
         self.slots = placed  # type: ignore[assignment]
         if self._last is not None and self._last.index != n_new - 1:
             self._swap(self._last, placed[n_new - 1])
@@ -245,6 +264,20 @@ class SlotArena:
             self._zero.append((n_new * self.slot_bytes, (n_old - n_new) * self.slot_bytes))
         if self._extent is not None:  # pages past the end go once the relocations are done
             self._extent(n_new * self.slot_bytes)
+
+    def _holes_if_all_live(self, slots: Sequence) -> set | None:
+        """The slot indices of ``slots`` if every one is a distinct live slot of this
+        arena (then nothing more needs checking), else None: the caller checks one by
+        one, to raise the right error."""
+        live = self.slots
+        try:
+            idx = list(map(_index_of, slots))
+            if min(idx) < 0 or not all(map(is_, map(live.__getitem__, idx), slots)):
+                return None
+        except (AttributeError, IndexError, TypeError):
+            return None
+        holes = set(idx)
+        return holes if len(holes) == len(idx) else None
 
     def keep_last(self, slot: Slot | None) -> None:
         """Keep ``slot`` at the end of the live slots from now on (None: no slot). If it
@@ -332,12 +365,15 @@ class SlotArena:
                 self.check_access(t, s)
 
     def all_accessible(self, tenants, slots) -> bool:
-        live, aid = self.slots, self.allocator_id
-        for t, s in zip(tenants, slots):
-            if s.__class__ is not Slot or s.allocator_id != aid or s.tenant != t \
-                    or not (0 <= s.index < len(live)) or live[s.index] is not s:
-                return False
-        return True
+        live = self.slots
+        slots = slots[: len(tenants)]  # as zip: the pairs there are
+        try:  # live slots of this arena (identity at their index), of these tenants: in C
+            idx = list(map(_index_of, slots))
+            return (not idx or min(idx) >= 0) \
+                and all(map(is_, map(live.__getitem__, idx), slots)) \
+                and same_items(map(_tenant_of, slots), tenants)
+        except (AttributeError, IndexError, TypeError):
+            return False
 
     # -- introspection ----------------------------------------------------------------
     def stats(self) -> SlotStats:

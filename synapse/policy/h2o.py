@@ -71,7 +71,10 @@ class H2O(EvictionPolicy):
     def on_attention(self, ids, mass, step):
         if len(ids):
             self.acc.ensure(int(ids.max()))
-            np.add.at(self.acc.a, ids, mass)
+            if (ids[1:] > ids[:-1]).all():  # distinct (the resident ids, ascending): the
+                self.acc.a[ids] += mass      # same sums as add.at, several times faster
+            else:
+                np.add.at(self.acc.a, ids, mass)
 
     def scores(self, ids, step):
         s = self.acc.get(ids)  # a new array: ``Column.get`` indexes with an array

@@ -12,6 +12,9 @@ payload sources are never called.
 from __future__ import annotations
 
 import gc
+from functools import reduce
+from itertools import repeat
+from operator import add, itemgetter
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -90,7 +93,15 @@ class SimBackend(Backend):
         if mem.kind == "pinned_host":
             zero_s = self.predictor.pinned_zero_seconds
             host, busy, now = self._host_s, self._host_busy, self.env.now
-            for _, nbytes in ranges:  # host_work of each, inline: the same float sums
+            sizes = list(map(itemgetter(1), ranges))
+            if sizes and sizes.count(sizes[0]) == len(sizes):
+                # ranges of one size (freed blocks): host_work of each, the same float
+                # sums in the same order, folded in C (past the first, host >= now)
+                seconds, k = zero_s(sizes[0]), len(sizes)
+                self._host_s = reduce(add, repeat(seconds, k), max(host, now))
+                self._host_busy = reduce(add, repeat(seconds, k), busy)
+                return
+            for nbytes in sizes:  # host_work of each, inline: the same float sums
                 seconds = zero_s(nbytes)
                 host = max(host, now) + seconds
                 busy += seconds

@@ -139,42 +139,75 @@ class NeedleTrace:
         return w / w.sum()
 
     # -- ground truth over all blocks -------------------------------------------------
+    _ROWS = 64  # steps per pass of the ground truth (a small buffer, reused)
+
     def _compute_needed(self) -> None:
-        """One pass over a [steps, blocks] logit matrix: mass >= access_factor / live.
+        """Mass >= access_factor / live, over a [steps, blocks] logit matrix computed
+        a few steps at a time into one reused buffer (row by row the same numbers as the
+        whole matrix at once; a fresh 35 MB matrix costs more in page faults than the
+        arithmetic on a shared VM). Kept per step as the positions used, ascending.
 
         Full blocks all hold ``block_tokens`` tokens, a constant factor that softmax
         cancels; only each step's last (partial) block needs its token count.
         """
         n = self.num_blocks
         live = -(-self._tokens // self.bt)                                 # [T]
-        z = self.queries.astype(np.float32) @ self.keys.T.astype(np.float32)
-        for t in np.flatnonzero(live < n).tolist():  # blocks not written yet (row slices:
-            z[t, live[t]:] = -np.inf                   # a [steps, blocks] mask costs more)
-        rows = np.arange(self.num_steps)
-        z[rows, live - 1] += np.log((self._tokens - (live - 1) * self.bt) / self.bt).astype(np.float32)
-        z -= z.max(axis=1, keepdims=True)
-        np.exp(z, out=z)
-        z /= z.sum(axis=1, keepdims=True)
-        self._needed = z >= (self.cfg.access_factor / live)[:, None].astype(np.float32)
+        q = self.queries.astype(np.float32)
+        k = self.keys.T.astype(np.float32)
+        partial = np.log((self._tokens - (live - 1) * self.bt) / self.bt).astype(np.float32)
+        bound = (self.cfg.access_factor / live).astype(np.float32)
+        rows = min(self._ROWS, self.num_steps)
+        buf = np.empty((rows, n), np.float32)
+        peak = np.empty((rows, 1), np.float32)
+        used = np.empty((rows, n), bool)
+        needed: list[np.ndarray] = []
+        for lo in range(0, self.num_steps, rows):
+            hi = min(lo + rows, self.num_steps)
+            z, m = buf[: hi - lo], peak[: hi - lo]
+            np.matmul(q[lo:hi], k, out=z)
+            for t in range(lo, hi):
+                if live[t] < n:  # blocks not written yet (row slices)
+                    z[t - lo, live[t]:] = -np.inf
+            z[np.arange(hi - lo), live[lo:hi] - 1] += partial[lo:hi]
+            np.max(z, axis=1, keepdims=True, out=m)
+            z -= m
+            np.exp(z, out=z)
+            np.sum(z, axis=1, keepdims=True, out=m)
+            z /= m
+            u = used[: hi - lo]
+            np.greater_equal(z, bound[lo:hi, None], out=u)
+            for row in u:
+                ids = np.flatnonzero(row)
+                ids.flags.writeable = False  # shared: needed() hands it out
+                needed.append(ids)
+        self._needed = needed
 
     def needed(self, t: int) -> np.ndarray:
-        """Block positions used at step t (policy-independent ground truth)."""
+        """Block positions used at step t (policy-independent ground truth; read-only)."""
         if self._needed is None:
             self._compute_needed()
-        return np.flatnonzero(self._needed[t])
+        return self._needed[t]
+
+    def needed_matrix(self) -> np.ndarray:
+        """[steps, blocks]: whether step t uses block b."""
+        if self._needed is None:
+            self._compute_needed()
+        out = np.zeros((self.num_steps, self.num_blocks), bool)
+        for t, ids in enumerate(self._needed):
+            out[t, ids] = True
+        return out
 
     def next_use(self, blocks: np.ndarray, t: int) -> np.ndarray:
         """First step after t at which each block is used (a large number if never)."""
         if self._next_use is None:
-            if self._needed is None:
-                self._compute_needed()
-            T, n = self._needed.shape
+            needed = self.needed_matrix()
+            T, n = needed.shape
             nxt = np.empty((T, n), np.int32)
             never = np.int32(2**30)
             row = np.full(n, never, np.int32)
             for s in range(T - 1, -1, -1):
                 nxt[s] = row
-                row = np.where(self._needed[s], s, row)
+                row = np.where(needed[s], s, row)
             self._next_use = nxt
         return self._next_use[t, blocks]
 
