@@ -10,7 +10,8 @@ and the text beside it, so the work can be aimed at what the profile shows.
 
 Data checks are off (``checks.data=false``), as in ``scenario_pairs.py``: they compute
 references on the host mid-run, which is verification, not the work being timed. cProfile
-itself slows Python down (roughly 1.5-2x), so the split printed is from a second, plain run.
+itself slows Python down (roughly 1.5-2x), so the split printed is from a separate run
+without it.
 """
 
 from __future__ import annotations

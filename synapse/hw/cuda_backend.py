@@ -262,8 +262,8 @@ class CudaBackend(Backend):
             self._fill_events = (drv.event_create(), drv.event_create())
             self._disk = DiskQueue()
             drv.event_record(self._base_event, self.streams[Stream.COMPUTE])
-            self._staging_blocked_s = 0.0
-            self.staging = _Staging(staging_bytes, self._staging_wait)
+            self._other_blocked_s = 0.0
+            self.staging = _Staging(staging_bytes, self._wait_blocked)
             self._t0 = time.perf_counter()
             self._torch = None
             self.fail_next: dict[str, int] = {}  # fault injection for tests: op kind -> count
@@ -369,14 +369,14 @@ class CudaBackend(Backend):
             # thread); the disk ops it follows are waited for by the worker.
             for t in after:
                 if t is not None and t.future is None:
-                    self._blocked(self._synchronize, t)
+                    self._wait_blocked(t)
             ticket.future = self._disk.submit(stream.value, op.run,
                                               [t.future for t in after if t is not None])
             self._tickets.append(ticket)
             return ticket
         for t in after:  # a disk op it reads or overwrites has completed
             if t is not None and t.future is not None:
-                self._blocked(self._synchronize, t)
+                self._wait_blocked(t)
         # Host-side preparation (filling pinned staging, building block tables) happens
         # before the start event is recorded: on an idle stream the start event fires at
         # once, so host work inside the window would be timed as device time (the first
@@ -642,17 +642,12 @@ class CudaBackend(Backend):
             lse = host.view(l_off, 4 * math.prod(lshape)).view(np.float32).reshape(lshape)
             t.value = (out.copy(), lse.copy())
 
-    def _blocked(self, wait, t: _Ticket) -> None:
-        # The host waits for the device or the disk here: blocked, not busy.
-        t0 = time.perf_counter()
-        wait(t)
-        self._staging_blocked_s += time.perf_counter() - t0
-
-    def _staging_wait(self, t: _Ticket) -> None:
-        # The host waits for the device here too (staging reuse): blocked, not busy.
+    def _wait_blocked(self, t: _Ticket) -> None:
+        # The host waits for the device or the disk outside the driver's own waits (staging
+        # reuse, an op that follows a disk op): blocked, not busy.
         t0 = time.perf_counter()
         self._synchronize(t)
-        self._staging_blocked_s += time.perf_counter() - t0
+        self._other_blocked_s += time.perf_counter() - t0
 
     def synchronize_all(self) -> None:
         for s in self.streams.values():
@@ -670,7 +665,7 @@ class CudaBackend(Backend):
         kernels.preload()  # nvcc and module loading are set-up, not run time
         self.synchronize_all()
         self._t0 = time.perf_counter()
-        self._staging_blocked_s = 0.0
+        self._other_blocked_s = 0.0
         drv.event_record(self._base_event, self.streams[Stream.COMPUTE])
         self._blocked_s = run_sync(process, self._synchronize)
         self._run_wall_s = time.perf_counter() - self._t0
@@ -680,7 +675,7 @@ class CudaBackend(Backend):
         wall = getattr(self, "_run_wall_s", None)
         if wall is None:
             return None
-        return max(0.0, wall - self._blocked_s - self._staging_blocked_s)
+        return max(0.0, wall - self._blocked_s - self._other_blocked_s)
 
     def records(self) -> list[OpRecord]:
         self.synchronize_all()

@@ -64,7 +64,7 @@ class PayloadPool:
                 done += k
                 pos = 0
             return out
-        start = _offset(key, n - numel + 1)
+        start = self.window_start(key, numel)
         window = self.values[start:start + numel]
         if copy:
             return window.copy()
