@@ -63,11 +63,12 @@ def _bump(cache) -> None:
     c.refusals += 1
     c.fetches += 1
     c.prefetches += 1
-    cache.bytes["read_h2d"] += 4096
-    cache.bytes["demote_d2h"] += 4096
-    cache.q_err_sq += 1.0
-    cache.q_ref_sq += 10.0
-    cache.q_count += 64
+    be = cache._backend
+    be.bytes_moved["h2d"] += 4096
+    be.bytes_moved["d2h"] += 4096
+    # a grown INT4 count makes the probe read the device-side error sums (a sync on CUDA),
+    # as a step that demoted blocks does
+    be.q_count += 64
     cache.stall_s += 1e-6
 
 

@@ -195,7 +195,8 @@ def with_driver_fit(prof: Profile, runs: dict, op_table: Path) -> tuple[Profile,
         kinds_report[kind] = entry
     write_table(fits, op_table, {"backend": runs["backend"], "runs": len(samples)})
     host = replace(prof.host, step_us=host_fit["step_us"], submit_us=host_fit["submit_us"],
-                   per_item_us=host_fit["per_item_us"], runs_ops=runs["backend"] == "cpu")
+                   per_item_us=host_fit["per_item_us"], runs_ops=runs["backend"] == "cpu",
+                   ingest_dma=runs["backend"] == "cuda")
     report = {"host": host_fit, "op_kinds": kinds_report}
     measured = dict(prof.measured, driver_fit={
         "backend": runs["backend"],

@@ -159,3 +159,14 @@ def test_ops_run_by_the_host_itself_are_host_time():
 def test_the_profile_predictor_is_the_default():
     assert isinstance(SimBackend(load_profile("h100-sxm")).predictor, ProfilePredictor)
     assert SimBackend(load_profile("h100-sxm")).predictor.name == "profile"
+
+
+def test_ingests_that_dma_from_a_pinned_pool_are_not_charged_a_staging_copy():
+    from synapse.ops import Ingest, Region
+    prof = load_profile("h200")
+    staged = replace(prof, host=replace(prof.host, stage_gb_per_s=4.0, submit_us=10.0))
+    dma = replace(staged, host=replace(staged.host, ingest_dma=True))
+    op = Ingest(purpose="ingest", dst=(Region("l1", 0, 64 << 20),))
+    # 64 MiB at 4 GB/s is 16.8 ms of host copying, on top of the 10 us submit
+    assert ProfilePredictor(staged).submit_seconds(op) == pytest.approx(10e-6 + (64 << 20) / 4e9)
+    assert ProfilePredictor(dma).submit_seconds(op) == pytest.approx(10e-6)

@@ -39,7 +39,7 @@ class StreamingDriver:
         self.depth = LayerPrefetch(depth).effective_depth(self.ring.max_lookahead())
         self.host = backend.memory("l2", self.model_bytes, "pinned_host")
         if backend.moves_data:
-            backend.warm_up_compute()
+            backend.warm_up_compute(w.batch_tokens, w.hidden, self.ffn)
         if s.checks.data:
             backend.reserve_staging(self.layer_bytes)  # the resident reference's ingests
         self.dev = backend.memory("ring", self.ring.capacity_bytes, "device")

@@ -55,7 +55,8 @@ class ProfilePredictor:
         self._submit_s = h.submit_us * 1e-6
         self._item_s = h.per_item_us * 1e-6
         self._step_s = h.step_us * 1e-6
-        self._stage_s_per_byte = 1.0 / (h.stage_gb_per_s * 1e9) if h.stage_gb_per_s else 0.0
+        self._stage_s_per_byte = (1.0 / (h.stage_gb_per_s * 1e9)
+                                  if h.stage_gb_per_s and not h.ingest_dma else 0.0)
         self._memset_s_per_byte = 1.0 / (h.memset_gb_per_s * 1e9)
         self._latency_s = profile.link.copy_latency_us * 1e-6
 

@@ -90,6 +90,10 @@ class Host:
     stage_gb_per_s: float = checked(
         0.0, within(0.0, 1e6), "host copy of an ingested payload into pinned staging, GB/s "
         "(0: not modelled; calibrate measures it)", _GBS)
+    ingest_dma: bool = checked(
+        False, doc="ingests are copied by DMA straight from a pinned payload pool (the cuda "
+        "backend, `Backend.dma_ingest`): the host copies nothing into staging, so "
+        "stage_gb_per_s is not charged for them")
 
     def memcpy_seconds(self, nbytes: int) -> float:
         """A host copy between pinned buffers (a compacting L2), at the staging rate."""
