@@ -20,6 +20,7 @@ STAGES=${STAGES:-"env tests ncu stream hf slab calibrate scenarios summary"}
 # int4k (issue 11 item 4: every INT4 kernel variant timed against the device copy, with
 # their cuda tests: STAGES="env int4k"; then set QUANT_VARIANT / DEQUANT_VARIANT as printed);
 # kv (issue 11: VMM page costs, TieredCache vs transformers' caches on a Qwen2 shape, 32k);
+# batch (issue 16: the same caches at batch 8 and batch 1, 8k prompts: STAGES="env batch");
 # ring (the MLP stack of 2026-11-24 against cpu_offload) is available but not in the default;
 # so are operate (synapse audit --backend cuda, monitor overhead on the GPU: STAGES="env operate")
 # and prefix (issue 13: prefix_reuse on cuda and sim, then the TTFT benchmark; L3_DIR should
@@ -136,6 +137,14 @@ if has kv; then
     --prompt-tokens ${KV_PROMPT:-32768} --new-tokens ${KV_NEW:-64} --repeats ${KV_REPEATS:-2} \
     --time-budget ${KV_BUDGET_S:-280} --caches ${KV_CACHES:-dynamic,offloaded,tiered_full,tiered_h2o,tiered_lru} \
     --out "$OUT/hf_caches_qwen2.json" 2>&1 | tee "$OUT/logs/hf_caches_qwen2.log" | tail -25
+fi
+
+if has batch; then
+  stage "TieredCache at batch ${BATCH:-8} against batch 1, ${BATCH_PROMPT:-8192}-token prompts (issue 16's per-sequence ratio)"
+  timeout ${BATCH_LIMIT_S:-300} python3 benchmarks/hf_caches.py --device cuda --model qwen2 --batch ${BATCH:-8} \
+    --prompt-tokens ${BATCH_PROMPT:-8192} --new-tokens ${BATCH_NEW:-32} --repeats ${BATCH_REPEATS:-2} \
+    --time-budget ${BATCH_BUDGET_S:-260} --caches ${BATCH_CACHES:-dynamic,tiered_full,tiered_h2o} \
+    --out "$OUT/hf_caches_batch.json" 2>&1 | tee "$OUT/logs/hf_caches_batch.log" | tail -25
 fi
 
 if has slab; then
