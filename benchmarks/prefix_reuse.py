@@ -29,7 +29,13 @@ bandwidth = the prefix's KV bytes / the time that moves them: for L2 the store's
 pinned host-to-device bandwidth measured here (1 GiB, CUDA events); for L3 the store's
 ``load`` (files read and checked into pinned buffers, ``--io-workers`` threads), set
 against the disk's cold sequential read measured here (``synapse.hw.measure_disk``).
-``phases_s`` gives each part (load, copy to the device, into the cache). The first token
+``phases_s`` gives each part of the time to first token: ``store_load`` (the lookup),
+``to_device`` (the layer-wise copies; CUDA events on their side stream), ``copy_issue``
+(host time to queue them), ``into_cache`` (0 for a ``DynamicCache``: its forward joins
+prefix and new tokens), ``forward`` (CUDA events; it overlaps the copies and includes
+its waits for them) and ``copy_end_after_forward_start`` (> 0: the copies were still
+running when the forward began). ``--attention sdpa`` turns the fused bottom-right
+causal attention of the new tokens off, to compare. The first token
 and the last logits of each reuse mode are compared with the same cache's ``recompute``.
 
 ``prefill_with_reuse`` is the one function that runs the integration; everything else
@@ -122,7 +128,8 @@ def new_cache(kind: str, model, prompt_tokens: int, device):
                        demote="int4", backend=device.type)
 
 
-def prefill_with_reuse(model, store, ids, kind: str, device, save: bool = False):
+def prefill_with_reuse(model, store, ids, kind: str, device, save: bool = False,
+                       fused: bool = True):
     """THE INTEGRATION POINT: ``synapse.hf.prefix.prefill_with_prefix`` into a new cache of
     ``kind``. Returns ``(logits of the last token, PrefixReuse)``; ``reuse.phases_s`` has
     the seconds of the store's ``load``, of the copy to ``device`` and of the cache's
@@ -130,6 +137,7 @@ def prefill_with_reuse(model, store, ids, kind: str, device, save: bool = False)
     from synapse.hf.prefix import prefill_with_prefix
     cache = new_cache(kind, model, ids.shape[1], device)
     out, _, reuse = prefill_with_prefix(model, ids, store=store, cache=cache, save=save,
+                                        fused_attention=fused,
                                         logits_to_keep=1)
     return out.logits[0, -1], reuse
 
@@ -170,11 +178,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up")
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's); "
                                                 "1 on a shared CPU, where 2 thrash")
+    ap.add_argument("--attention", default="fused", help="fused (the new tokens on SDPA's "
+                    "fused kernels with a bottom-right causal bias) or sdpa (the model's own)")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     a = ap.parse_args(argv)
     if not 0 < a.saved_tokens < a.prompt_tokens:
         bad_input(f"--saved-tokens: got {a.saved_tokens}, expected 0 < it < "
                   f"--prompt-tokens ({a.prompt_tokens})")
+    if a.attention not in ("fused", "sdpa"):
+        bad_input(f"--attention: got {a.attention!r}, expected fused or sdpa")
     caches = [c for c in a.caches.split(",") if c]
     if not caches or set(caches) - set(CACHES):
         bad_input(f"--caches: got {a.caches!r}, expected a comma-separated list of "
@@ -211,7 +223,8 @@ def main(argv=None) -> dict:
                      "kv_bytes_saved_prefix": kv_bytes}
 
     def run(kind, store):
-        return timed(lambda: prefill_with_reuse(model, store, ids, kind, device), device)
+        return timed(lambda: prefill_with_reuse(model, store, ids, kind, device,
+                                                fused=a.attention == "fused"), device)
 
     try:
         for kind in caches:  # 1. recompute, per cache
@@ -296,6 +309,18 @@ def measure(a, store, mode: str, run, kind: str, ref: dict, kv_bytes: int, whole
     }
 
 
+SPLIT = (("store_load", "lookup"), ("to_device", "copy"), ("copy_issue", "copy issued (host)"),
+         ("into_cache", "into the cache"), ("forward", "forward"),
+         ("copy_end_after_forward_start", "copies ended after the forward began"))
+
+
+def ttft_split(phases: dict) -> str:
+    """The time to first token's parts (ms). On CUDA the copy and the forward overlap:
+    the copy and forward are device times from CUDA events, the forward's includes its
+    waits for layers not copied yet."""
+    return ", ".join(f"{label} {phases[k] * 1e3:.1f} ms" for k, label in SPLIT if k in phases)
+
+
 def summary(r: dict) -> str:
     def pct(x):
         return "n/a (no GPU)" if x is None else f"{x:.0%}"
@@ -308,12 +333,13 @@ def summary(r: dict) -> str:
         for mode, ref, what in (("l2", c["l2"].get("of_pinned_h2d"), "of pinned H2D"),
                                 ("l3", c["l3"]["of_disk_read"], "of the disk's cold read")):
             m = c[mode]
-            rate = ("served in place (CPU: nothing to copy)" if m["load_gb_per_s"] is None
+            rate = ("served in place (CPU: no host-to-device copy)" if m["load_gb_per_s"] is None
                     else f"loaded at {m['load_gb_per_s']:.2f} GB/s = {pct(ref)} {what}")
             lines.append(f"  {mode}: {m['ttft_s'] * 1e3:.1f} ms ({m['speedup']:.1f}x), "
                          f"{m['restored_tokens']} tokens {rate}; first token "
                          f"{'same' if m['same_first_token'] else 'DIFFERENT'}, "
                          f"max |logit diff| {m['max_abs_logit_diff']:.2e}")
+            lines.append("    split: " + ttft_split(m["phases_s"]))
         lines.append(f"  L3 with a warm page cache: {c['l3_warm_ttft_s'] * 1e3:.1f} ms; goals: "
                      + ", ".join(f"{k} {'n/a' if v is None else ('met' if v else 'MISSED')}"
                                  for k, v in c["goals"].items()))

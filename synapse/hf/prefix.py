@@ -13,12 +13,19 @@ One call, for a batch of one sequence:
 
 1. **load**: the longest cached prefix of the prompt (whole chunks, at most all tokens but
    the last, which the model must compute to give the first token's logits);
-2. **into the cache through its own update path**: ``cache.update(keys, values, layer)``
-   per layer, as a prefill would. A ``TieredCache`` takes it in steps that fit its L1
-   budget, each admitted and placed by its policy like any prefill step, so a reused
-   prefix is evicted, demoted or dropped like computed KV. These steps carry no
-   attention scores (no queries were computed for them): h2o and lru score the prefix
-   from the next step on;
+2. **to the device, layer by layer, overlapped with the forward** (``prefix_load``): on
+   CUDA each layer's prefix KV is copied from the pinned chunks on a side stream, with
+   an event per layer, while the forward over the new tokens starts at once; layer i's
+   attention waits on the device (``wait_event``) for layer i. A ``DynamicCache`` holds
+   the prefix as its layers' tensors before the forward (its own update in the forward
+   joins prefix and new tokens); a ``TieredCache`` takes it through its own update path,
+   ``cache.update(keys, values, layer)`` per layer, in steps that fit its L1 budget,
+   each admitted and placed by its policy like any prefill step, so a reused prefix is
+   evicted, demoted or dropped like computed KV (these steps carry no attention scores:
+   no queries were computed for them; h2o and lru score the prefix from the next step
+   on). The new tokens attend to the prefix on SDPA's fused kernels with a bottom-right
+   causal bias where the model uses ``sdpa`` and the mask is exactly causal
+   (``prefix_attention``);
 3. **generate over the rest**: transformers' own prefix-cache path (the full
    ``input_ids`` and a cache already holding ``n`` tokens: ``generate`` computes
    ``input_ids[:, n:]`` only);
@@ -52,6 +59,8 @@ import torch
 
 from ..prefix import Fingerprint, config_digest
 from .errors import UnsupportedModel
+from .prefix_attention import prefix_sdpa
+from .prefix_load import LayerwiseLoad
 
 LAYOUT = "hf [layers, 2, kv_heads, tokens, head_dim] post-rope"
 _VOLATILE_CONFIG = ("_name_or_path", "transformers_version", "_commit_hash")
@@ -103,99 +112,93 @@ def check_store(store, model) -> None:
 def load_prefix(model, input_ids, store, cache=None, *, tenant: str = "default",
                 step_tokens: int | None = None):
     """Put the longest cached prefix of ``input_ids`` (at most all tokens but the last) into
-    ``cache`` (default: a new ``DynamicCache``) through ``cache.update``, in steps of
-    ``step_tokens`` (a ``TieredCache``: default and at most what its L1 budget admits in
-    one step). Returns ``(cache, PrefixReuse)``; the cache must be empty."""
+    ``cache`` (default: a new ``DynamicCache``), a ``TieredCache`` through ``cache.update``
+    in steps of ``step_tokens`` (default and at most what its L1 budget admits in one
+    step). Returns ``(cache, PrefixReuse)``; the cache must be empty. The cache is ready
+    for any use when this returns (the device's work on it queued before the caller's);
+    ``prefill_with_prefix`` and ``generate_with_prefix`` instead overlap the load with
+    the forward pass."""
+    cache, reuse, load = _start_load(model, input_ids, store, cache, tenant, step_tokens)
+    if load is not None:
+        load.wait_all()
+        reuse.phases_s.update(load.finish())
+    return cache, reuse
+
+
+def _start_load(model, input_ids, store, cache, tenant: str, step_tokens: int | None):
+    """The lookup, then the copies issued layer by layer (``LayerwiseLoad``) and the prefix
+    put into the cache (deferred for a ``DynamicCache``). Returns ``(cache, reuse, load)``,
+    ``load`` None when nothing was restored."""
     tokens = _prompt(input_ids)
     cache = _cache(model, cache)
     reuse = PrefixReuse(len(tokens))
     if store is None:  # reuse off: the same call computes everything
-        return cache, reuse
+        return cache, reuse, None
     check_store(store, model)
     if cache.get_seq_length() or getattr(cache, "planner", None) is not None:
         raise UnsupportedModel("load_prefix needs an empty cache (a new one, or after reset())")
     t0 = time.perf_counter()
     got = store.load(tokens, tenant=tenant, max_tokens=len(tokens) - 1)
-    t1 = time.perf_counter()
-    reuse.phases_s["store_load"] = t1 - t0
-    reuse.restored_tokens = n = got.tokens
+    reuse.phases_s["store_load"] = time.perf_counter() - t0
+    reuse.restored_tokens = got.tokens
     for tier in got.tiers:
         reuse.hit_tokens[tier] = reuse.hit_tokens.get(tier, 0) + store.chunk_tokens
     _publish_lookups(got.tiers, len(tokens) // store.chunk_tokens)
-    if n:
-        device, dtype = model.device, _model_dtype(model)
-        # one device tensor [chunks, layers, 2, heads, tokens, head_dim]: a layer's keys
-        # are then one strided copy, not a concatenation of a view per chunk (7,680
-        # views for a 30k-token prefix of a 32-layer model)
-        stacked = torch.empty((len(got.chunks),) + tuple(got.chunks[0].shape), device=device,
-                              dtype=dtype)
-        for j, c in enumerate(got.chunks):
-            stacked[j].copy_(c, non_blocking=True)
-        _sync(device)  # the store may reuse its (pinned) host buffers once this returns
-        t2 = time.perf_counter()
-        _into_cache(cache, stacked, step_tokens)
-        _sync(device)
-        reuse.phases_s["to_device"], reuse.phases_s["into_cache"] = t2 - t1, time.perf_counter() - t2
-        reuse.loaded = got.chunks  # what save may be asked for if the store evicted it since
-    return cache, reuse
+    if not got.tokens:
+        return cache, reuse, None
+    load = LayerwiseLoad(got.chunks, model.device, _model_dtype(model))
+    load.into(cache, step_tokens)
+    reuse.loaded = got.chunks  # what save may be asked for if the store evicted it since
+    return cache, reuse, load
 
 
 def generate_with_prefix(model, input_ids, *, store, cache=None, tenant: str = "default",
-                         save: bool = True, **generate_kwargs):
+                         save: bool = True, fused_attention: bool = True, **generate_kwargs):
     """``model.generate(input_ids, past_key_values=cache, **generate_kwargs)``, with the
-    prompt's cached prefix loaded from ``store`` instead of computed and (``save``) the
-    prompt's new whole chunks saved to it. With ``prefill_chunk_size``, the prefix goes
-    into the cache in steps of that size too, as the prefill without reuse would.
+    prompt's cached prefix loaded from ``store`` instead of computed (layer by layer,
+    overlapped with the first forward pass) and (``save``) the prompt's new whole chunks
+    saved to it. With ``prefill_chunk_size``, the prefix goes into a ``TieredCache`` in
+    steps of that size too, as the prefill without reuse would. ``fused_attention``: the
+    new tokens attend to the prefix through ``synapse.hf.prefix_attention`` (SDPA's fused
+    kernels, a bottom-right causal bias) where the model uses ``sdpa``.
     Returns what ``generate`` returns; the call's ``PrefixReuse`` is added to ``cache.prefix_telemetry`` (a running total; in
     ``TieredCache.telemetry()["prefix"]`` too)."""
-    cache, reuse = load_prefix(model, input_ids, store, cache, tenant=tenant,
-                               step_tokens=generate_kwargs.get("prefill_chunk_size"))
-    with _Saver(model, cache, store, _prompt(input_ids), reuse, tenant, save), _renamed_kwarg():
+    cache, reuse, load = _start_load(model, input_ids, store, cache, tenant,
+                                     generate_kwargs.get("prefill_chunk_size"))
+    with _Saver(model, cache, store, _prompt(input_ids), reuse, tenant, save), _renamed_kwarg(), \
+            prefix_sdpa(model, fused_attention), _waits(load, model):
         out = model.generate(input_ids, past_key_values=cache, **generate_kwargs)
+    if load is not None:
+        reuse.phases_s.update(load.finish())
+        reuse.phases_s.pop("forward", None)  # that was the whole generate
     _record(cache, reuse)
     return out
 
 
 def prefill_with_prefix(model, input_ids, *, store, cache=None, tenant: str = "default",
-                        save: bool = True, **forward_kwargs):
-    """The prefill alone (time to first token): load the cached prefix, run one forward
-    pass over the rest of ``input_ids``. Returns ``(model output, cache, PrefixReuse)``."""
-    cache, reuse = load_prefix(model, input_ids, store, cache, tenant=tenant)
+                        save: bool = True, fused_attention: bool = True, **forward_kwargs):
+    """The prefill alone (time to first token): look the prefix up, start its copy to the
+    device layer by layer, run one forward pass over the rest of ``input_ids`` at once
+    (layer i waits on the device for layer i's copy). Returns ``(model output, cache,
+    PrefixReuse)``; ``reuse.phases_s``: ``store_load`` (host seconds), ``copy_issue``
+    (host, CUDA), ``to_device`` and ``into_cache`` (device time on CUDA), ``forward``
+    (device time on CUDA, its waits for copies included; it overlaps ``to_device``).
+    Returns once the device has finished. ``fused_attention`` as in
+    ``generate_with_prefix``."""
+    cache, reuse, load = _start_load(model, input_ids, store, cache, tenant, None)
     n = reuse.restored_tokens
     with _Saver(model, cache, store, _prompt(input_ids), reuse, tenant, save), torch.no_grad(), \
-            _renamed_kwarg():
+            _renamed_kwarg(), prefix_sdpa(model, fused_attention), _waits(load, model):
         out = model(input_ids=input_ids[:, n:], past_key_values=cache, use_cache=True,
                     **forward_kwargs)
+    if load is not None:
+        reuse.phases_s.update(load.finish())
     _record(cache, reuse)
     return out, cache, reuse
 
 
-# -- into the cache ---------------------------------------------------------------------------
-def _into_cache(cache, stacked, step_tokens: int | None) -> None:
-    """The prefix's chunks (``stacked``: [chunks, layers, 2, heads, tokens, head_dim]) as
-    prefill steps through ``cache.update`` (a ``TieredCache``'s with its scores off: no
-    queries exist for these tokens)."""
-    nc, layers, _, heads, c, d = stacked.shape
-    n = nc * c
-    step = step_tokens or n
-    tiered = hasattr(cache, "l1_budget_tokens")
-    if tiered:
-        bt = cache.block_tokens
-        step = min(step, max(bt, (cache.l1_budget_tokens // bt - 1) * bt))  # new + the tail
-    def plane(i, p):  # [chunks, heads, tokens, d] -> [1, heads, chunks * tokens, d]
-        return stacked[:, i, p].transpose(0, 1).reshape(1, heads, n, d)
-    keys = [plane(i, 0) for i in range(layers)]
-    values = [plane(i, 1) for i in range(layers)]
-    scores = getattr(cache, "needs_scores", False)
-    if tiered:
-        cache.needs_scores = False
-    try:
-        for s in range(0, n, step):
-            for i in range(layers):
-                cache.update(keys[i][:, :, s:s + step], values[i][:, :, s:s + step], i)
-    finally:
-        if tiered:
-            cache.needs_scores = scores
+def _waits(load, model):
+    return load.waits(model) if load is not None else contextlib.nullcontext()
 
 
 # -- saving what the prefill computed ---------------------------------------------------------
@@ -317,8 +320,3 @@ def _model_dtype(model) -> torch.dtype:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

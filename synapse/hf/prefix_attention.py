@@ -1,0 +1,110 @@
+"""Attention of new tokens over a cached prefix on SDPA's fused causal kernels.
+
+With P tokens in the cache and N > 1 new ones, transformers' ``sdpa`` builds an explicit
+``[N, P + N]`` boolean mask, and ``scaled_dot_product_attention`` cannot take its flash or
+memory-efficient causal path with an explicit mask. When that mask is exactly causal with
+the offset P (no padding, no sliding window or other mask function, the keys positions
+0..P+N-1), it equals torch's bottom-right-aligned causal bias
+(``torch.nn.attention.bias.causal_lower_right``), which SDPA runs on the fused kernels.
+
+Both halves are registered with transformers under one name, ``PREFIX_SDPA``:
+
+- a mask function (``AttentionMaskInterface``) that returns that bias when the mask is
+  exactly causal with an offset, and otherwise whatever ``sdpa``'s own mask function
+  returns;
+- an attention function (``AttentionInterface``) that runs SDPA with the bias, and hands
+  anything else to transformers' own ``sdpa_attention_forward`` unchanged.
+
+``prefix_sdpa(model)`` selects it for the duration of a call, through
+``model.set_attn_implementation``, and restores the model's own after; it does nothing
+unless the model uses ``sdpa``. Decode steps (one query) and a prefill without a prefix
+(N = P + N) keep ``sdpa``'s path exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+PREFIX_SDPA = "synapse_prefix_sdpa"
+_registered = False
+
+
+def _lower_right_or_none(kwargs):
+    """The bias when the mask ``kwargs`` describe is causal with an offset and 1 < N <
+    kv_length; None when it is anything else (or a case ``sdpa`` already runs fused)."""
+    from torch.nn.attention.bias import causal_lower_right
+    from transformers.masking_utils import causal_mask_function
+    if kwargs.get("mask_function", causal_mask_function) is not causal_mask_function:
+        return None
+    if kwargs.get("local_size") is not None or not kwargs.get("allow_is_causal_skip", True):
+        return None
+    if kwargs.get("use_vmap") or kwargs.get("batch_size", 1) != 1:
+        return None
+    q_len, q_off = kwargs.get("q_length"), kwargs.get("q_offset", 0)
+    kv_len, kv_off = kwargs.get("kv_length"), kwargs.get("kv_offset", 0)
+    if not all(isinstance(x, int) for x in (q_len, q_off, kv_len, kv_off)):
+        return None  # another signature, or tensors (static caches, compiling)
+    if kv_off != 0 or q_off + q_len != kv_len or not 1 < q_len < kv_len:
+        return None
+    pad = kwargs.get("attention_mask")
+    if pad is not None:
+        if pad.ndim != 2 or pad.shape[-1] < kv_len or not bool(pad[:, :kv_len].all()):
+            return None
+    return causal_lower_right(q_len, kv_len)
+
+
+def prefix_mask(**kwargs):
+    from transformers.masking_utils import sdpa_mask
+    bias = _lower_right_or_none(kwargs)
+    return bias if bias is not None else sdpa_mask(**kwargs)
+
+
+def prefix_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                     scaling: float | None = None, **kwargs):
+    from torch.nn.attention.bias import CausalBias
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    if not isinstance(attention_mask, CausalBias):
+        return sdpa_attention_forward(module, query, key, value, attention_mask,
+                                      dropout=dropout, scaling=scaling, **kwargs)
+    q_len, kv_len = query.shape[-2], key.shape[-2]
+    if (attention_mask.seq_len_q, attention_mask.seq_len_kv) != (q_len, kv_len) \
+            or kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None \
+            or kwargs.get("position_bias") is not None:
+        mask = attention_mask._materialize(query.device)[None, None]
+        return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:  # the fused lower-right kernels take as many key heads as query heads
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+    AttentionInterface.register(PREFIX_SDPA, prefix_attention)
+    AttentionMaskInterface.register(PREFIX_SDPA, prefix_mask)
+    _registered = True
+
+
+@contextlib.contextmanager
+def prefix_sdpa(model, on: bool = True):
+    """Run the block with ``PREFIX_SDPA`` as ``model``'s attention (when it uses
+    ``sdpa``), the model's own restored after."""
+    own = getattr(model.config, "_attn_implementation", None)
+    if not on or own != "sdpa" or not hasattr(model, "set_attn_implementation"):
+        yield
+        return
+    register()
+    model.set_attn_implementation(PREFIX_SDPA)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(own)

@@ -1,0 +1,223 @@
+"""A restored prefix's KV moved to the device layer by layer, overlapped with the forward
+pass of the new tokens.
+
+    load = LayerwiseLoad(chunks, device, dtype)   # copies issued on a side stream
+    load.into(cache)                               # DynamicCache: deferred; others: update()
+    with load.waits(model):                        # layer i's attention waits for layer i
+        out = model(input_ids=new, past_key_values=cache)
+    phases = load.finish()                         # seconds: to_device, into_cache, forward
+
+On CUDA, per layer, on one side stream: one host-to-device copy per chunk (a chunk's
+layer slice, keys and values, is contiguous in its pinned buffer) into a staging buffer,
+then one strided copy from there into the layer's head-major ``[2, heads, tokens,
+head_dim]`` planes, then an event. The compute stream never waits on the host: the
+attention module of layer i waits on layer i's event (``wait_event``) when its forward
+starts, so the copy of layer i runs while layers before it compute.
+
+A ``DynamicCache`` (plain ``DynamicLayer``s) takes the planes as its layers' tensors
+before the forward, so it reports the prefix's length to the mask and position code, and
+its own ``update`` in the forward concatenates prefix and new tokens (the one copy
+``DynamicCache`` makes anyway). Any other cache (``TieredCache``) takes the prefix through
+its ``update`` before the forward, in steps, layer i's first step waiting on its event:
+there the copies overlap the cache's admission of earlier layers, not the forward. On the
+CPU every copy is done when it is issued and nothing waits.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+class LayerwiseLoad:
+    def __init__(self, chunks, device, dtype):
+        """``chunks``: host tensors ``[layers, 2, heads, chunk_tokens, head_dim]`` of the
+        model's ``dtype`` (pinned where CUDA is used); they must stay unchanged until
+        ``finish`` (or ``wait_all``) returns."""
+        self.device, self.chunks = device, chunks
+        layers, _, heads, c, d = chunks[0].shape
+        self.num_layers, self.tokens = layers, len(chunks) * c
+        self.cuda = device.type == "cuda"
+        self.deferred = False
+        self.phases: dict[str, float] = {}
+        self._marks: dict[str, object] = {}
+        t0 = time.perf_counter()
+        # each layer's planes: [2, heads, tokens, head_dim], head-major like DynamicCache's
+        self.planes = [torch.empty((2, heads, self.tokens, d), device=device, dtype=dtype)
+                       for _ in range(layers)]
+        if not self.cuda:
+            for i in range(layers):
+                self._fill(i, torch.stack([ch[i] for ch in chunks]))
+            self.events = None
+            self.phases["to_device"] = time.perf_counter() - t0
+            return
+        compute = torch.cuda.current_stream(device)
+        self.stream = torch.cuda.Stream(device=device)
+        # the planes and stage may reuse memory the compute stream freed: start after it
+        self.stream.wait_stream(compute)
+        stage = torch.empty((len(chunks),) + tuple(chunks[0].shape[1:]), device=device,
+                            dtype=dtype)
+        self.events = [torch.cuda.Event() for _ in range(layers)]
+        self._marks["copy_start"] = _timing_event(self.stream)
+        with torch.cuda.stream(self.stream):
+            for i in range(layers):
+                for j, ch in enumerate(chunks):
+                    stage[j].copy_(ch[i], non_blocking=True)
+                self._fill(i, stage)
+                self.events[i].record(self.stream)
+        self._marks["copy_end"] = _timing_event(self.stream)
+        stage.record_stream(self.stream)
+        self.phases["copy_issue"] = time.perf_counter() - t0
+
+    def _fill(self, i: int, stacked) -> None:
+        """``stacked`` [chunks, 2, heads, c, d] into layer i's planes (one strided copy)."""
+        nc, _, heads, c, d = stacked.shape
+        self.planes[i].view(2, heads, nc, c, d).copy_(stacked.permute(1, 2, 0, 3, 4))
+
+    # -- into the cache -------------------------------------------------------------------------
+    def into(self, cache, step_tokens: int | None = None) -> None:
+        """Put the prefix into ``cache``: deferred for a plain ``DynamicCache`` (its layers
+        hold the planes being filled; ``waits`` must cover the first forward), otherwise
+        through ``cache.update`` in steps, each layer waiting for its copy."""
+        t0 = time.perf_counter()
+        if _plain_dynamic(cache, self.num_layers):
+            for layer, planes in zip(cache.layers, self.planes):
+                k, v = planes[0].unsqueeze(0), planes[1].unsqueeze(0)
+                layer.lazy_initialization(k, v)
+                layer.keys, layer.values = k, v
+            self.deferred = self.cuda
+            self.phases["into_cache"] = 0.0  # the forward's own update concatenates
+            return
+        self._mark("into_start")
+        _update_in_steps(cache, self.planes, step_tokens, self._wait)
+        self._mark("into_end")
+        if not self.cuda:
+            self.phases["into_cache"] = time.perf_counter() - t0
+
+    def _wait(self, layer: int) -> None:
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(self.events[layer])
+
+    def wait_all(self) -> None:
+        """The compute stream waits for every layer (nothing waits on the host)."""
+        for i in range(self.num_layers):
+            self._wait(i)
+        self.deferred = False
+
+    # -- the forward pass ---------------------------------------------------------------------
+    def waits(self, model) -> "_Waits":
+        """A context for the forward pass: with a deferred load, layer i's attention
+        waits for layer i's copy; the forward is timed (``phases["forward"]``)."""
+        return _Waits(self, model)
+
+    def finish(self) -> dict:
+        """Wait (on the host) until the copies and a timed forward are done, release the
+        host chunks, and return the phases in seconds."""
+        if self.cuda:
+            m = self._marks
+            last = m.get("forward_end") or m.get("into_end") or m["copy_end"]
+            last.synchronize()
+            m["copy_end"].synchronize()
+            self.phases["to_device"] = m["copy_start"].elapsed_time(m["copy_end"]) * 1e-3
+            if "into_start" in m:
+                self.phases["into_cache"] = m["into_start"].elapsed_time(m["into_end"]) * 1e-3
+            if "forward_start" in m:
+                self.phases["forward"] = (m["forward_start"].elapsed_time(m["forward_end"])
+                                          * 1e-3)
+                # > 0: the copies were still running when the forward began (the overlap)
+                self.phases["copy_end_after_forward_start"] = (
+                    m["forward_start"].elapsed_time(m["copy_end"]) * 1e-3)
+        self.chunks = None
+        return dict(self.phases)
+
+    def _mark(self, name: str) -> None:
+        if self.cuda:
+            self._marks[name] = _timing_event(torch.cuda.current_stream(self.device))
+
+
+class _Waits:
+    def __init__(self, load: LayerwiseLoad, model):
+        self.load, self.model, self.hooks = load, model, []
+
+    def __enter__(self):
+        load = self.load
+        if load.deferred:
+            attn = _attention_modules(self.model, load.num_layers)
+            if attn is None:  # layers we cannot find: wait for all before the forward
+                load.wait_all()
+            else:
+                for i, mod in enumerate(attn):
+                    self.hooks.append(mod.register_forward_pre_hook(self._hook(i)))
+        self.t0 = time.perf_counter()
+        load._mark("forward_start")
+        return self
+
+    def _hook(self, i: int):
+        def wait_once(module, args):  # the first forward only: decode steps need nothing
+            self.load._wait(i)
+            self.hooks[i].remove()
+        return wait_once
+
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()
+        self.load.deferred = False  # the forward's updates consumed the planes
+        self.load._mark("forward_end")
+        if not self.load.cuda:
+            self.load.phases["forward"] = time.perf_counter() - self.t0
+
+
+def _attention_modules(model, layers: int):
+    """The attention module of each cache layer (by its ``layer_idx``), or None unless
+    every layer has exactly one."""
+    found: dict[int, object] = {}
+    for name, mod in model.named_modules():
+        idx = getattr(mod, "layer_idx", None)
+        if isinstance(idx, int) and type(mod).__name__.endswith("Attention"):
+            if idx in found:
+                return None
+            found[idx] = mod
+    if sorted(found) != list(range(layers)):
+        return None
+    return [found[i] for i in range(layers)]
+
+
+def _plain_dynamic(cache, layers: int) -> bool:
+    try:
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:
+        return False
+    return (type(cache) is DynamicCache and len(cache.layers) == layers
+            and all(type(layer) is DynamicLayer and not layer.is_initialized
+                    for layer in cache.layers))
+
+
+def _update_in_steps(cache, planes, step_tokens, wait) -> None:
+    """The prefix as prefill steps through ``cache.update`` (a ``TieredCache``'s in steps
+    its L1 budget admits, with its scores off: no queries exist for these tokens)."""
+    n = planes[0].shape[-2]
+    step = step_tokens or n
+    tiered = hasattr(cache, "l1_budget_tokens")
+    if tiered:
+        bt = cache.block_tokens
+        step = min(step, max(bt, (cache.l1_budget_tokens // bt - 1) * bt))  # new + the tail
+    scores = getattr(cache, "needs_scores", False)
+    if tiered:
+        cache.needs_scores = False
+    try:
+        for s in range(0, n, step):
+            for i, p in enumerate(planes):
+                if s == 0:
+                    wait(i)
+                cache.update(p[0, :, s:s + step].unsqueeze(0), p[1, :, s:s + step].unsqueeze(0), i)
+    finally:
+        if tiered:
+            cache.needs_scores = scores
+
+
+def _timing_event(stream):
+    ev = torch.cuda.Event(enable_timing=True)
+    ev.record(stream)
+    return ev
