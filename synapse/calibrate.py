@@ -161,7 +161,7 @@ def measure_driver_runs(backend_name: str, base_profile: str, progress=None,
     if quick:
         pieces = [p for i, p in enumerate(pieces) if i == 0 or pieces[i - 1][0] != p[0]]
     samples, records = run_pieces(backend_name, base_profile, progress, pieces,
-                                  repeats=1 if quick else 2)
+                                  repeats=1 if quick else 3)
     # the L1 arena's page size (0: one allocation): the simulator replays the pieces with
     # it to count the page maps the host paid for
     page_bytes = next((s.vmm["page_bytes"] for s in samples if s.vmm), 0)

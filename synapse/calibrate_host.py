@@ -60,6 +60,10 @@ PIECES = {
          "16k context, 64 steps"),
         ("needle", ["workload.context_tokens=65536", "workload.decode_steps=16"],
          "64k context, 16 steps"),
+        # every op kind a scenario can issue is in some piece: INT4 demotion quantizes
+        # on the way to L2 and dequantizes on the way back
+        ("needle", ["workload.context_tokens=16384", "workload.decode_steps=32",
+                    "policy.demote=l2_int4"], "16k context, 32 steps, INT4 demotion"),
         ("streaming", ["workload.passes=1"], "1 pass"),
         ("streaming", ["workload.passes=2"], "2 passes"),
         ("tsunami", ["workload.requests=16", "workload.decode_tokens=16"], "16 requests x 16"),
@@ -149,10 +153,11 @@ def fit_host(samples: list[HostSample]) -> dict:
 
 
 def run_pieces(backend_name: str, base_profile: str, progress=None, pieces=None,
-               repeats: int = 2):
+               repeats: int = 3):
     """Run each piece ``repeats`` times on ``backend_name`` (each run one equation of the
-    host fit, its ops all in the table: a machine shared with other work makes single
-    runs noisy); returns (host samples, every op record)."""
+    host fit, its ops all in the table: two repeats of one piece differed by up to 22% in
+    host time on the H200, so one or two runs are not enough); returns (host samples,
+    every op record)."""
     from .runner import run_scenario
     from .scenarios.loader import load_scenario
 
