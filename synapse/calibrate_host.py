@@ -13,6 +13,10 @@ per-step, per-op and per-row costs can be told apart) on the real backend (``cpu
 ``fit_host`` fits ``host_s = step_s * steps + submit_s * ops + row_s * rows`` by least
 squares weighted for relative error, each run one equation, with coefficients held at
 >= 0 (a negative cost is dropped and the rest refitted) and reports every run's residual.
+On cuda, ``fit_host_counted`` fits instead against what the simulator counts when it
+replays each piece (``replay_counts``: planning calls, L1 pages mapped and unmapped,
+pinned bytes zeroed, ops per kind), with the costs measured directly held fixed (see
+docs/time-model.md, "Host time, measured").
 The op records of the same runs give the table predictor (``sim.predictor.fit_table``):
 durations over the sizes the scenarios actually use. No figure here is chosen; all come
 from the runs of the machine being calibrated.
