@@ -251,3 +251,35 @@ def test_calibrate_refits_an_older_gpu_measurements_file(tmp_path):
     assert r.exit_code == 0, r.output
     prof = load_profile(str(tmp_path / "again.yaml"))
     assert prof.host.page_bytes == 0 and prof.host.step_us > 0  # the plain fit, as before
+
+
+def test_pieces_that_timed_their_pages_and_decisions_have_those_costs_measured_not_fitted():
+    from synapse.calibrate import build_profile, counted_host_fit
+    m = json.loads((H200_RUNS / "profile-fitted" / "h200.measurements.json").read_text())
+    prof, _ = build_profile("h200", m)
+    runs = dict(m["driver_runs"], l1_page_bytes=2 << 20)
+    # what calibrate records now, made up here in round figures: 80 us a map, 30 an unmap
+    samples = [replace(HostSample.from_dict(s), decision_s=0.5 * s["host_s"],
+                       vmm={"page_bytes": 2 << 20, "maps": 100, "map_s": 0.008,
+                            "unmaps": 100, "unmap_s": 0.003})
+               for s in runs["host_samples"]]
+    fit = counted_host_fit(prof, runs, samples)
+    assert fit["page_map_us"] == pytest.approx(80.0) and fit["page_unmap_us"] == pytest.approx(30.0)
+    assert "page" not in fit["terms_fitted"] and fit["measured"]["page_costs_timed"]
+    assert fit["decision_us"] > 0.0 and fit["measured"]["decision_s"] is not None
+
+
+@pytest.mark.cuda
+def test_a_cuda_piece_records_its_decisions_and_the_l1_arenas_page_timers():
+    try:
+        from synapse.hw.cuda_backend import CudaBackend
+        CudaBackend().close()
+    except Exception as e:  # ImportError, BackendUnavailable
+        pytest.skip(f"needs PyCUDA and an NVIDIA GPU: {e}")
+    from synapse.calibrate_host import PIECES, run_pieces
+    piece = [p for p in PIECES["cuda"] if p[0] == "tsunami"][:1]
+    (s,), _ = run_pieces("cuda", "h200", pieces=piece, repeats=1)
+    assert s.overrides == tuple(piece[0][1]) and s.decision_s > 0 and s.decision_calls > 0
+    if s.vmm is None:
+        pytest.skip("L1 is one allocation here (no CUDA virtual memory): no pages to time")
+    assert s.vmm["maps"] > 0 and s.vmm["map_s"] > 0 and s.vmm["page_bytes"] > 0
