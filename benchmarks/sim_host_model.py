@@ -62,6 +62,15 @@ def page_bytes_of_runs(runs_dir: Path, scenarios) -> int | None:
     return None
 
 
+def shown(path: Path) -> str:
+    """A path as the report keeps it: relative to the repository where it lies inside."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        return str(path.resolve().relative_to(root))
+    except ValueError:
+        return str(path)
+
+
 def repeat_spread(samples: list[dict]) -> dict[str, float]:
     """Per piece run more than once: (largest - smallest) / smallest of its host time."""
     by: dict[str, list] = {}
@@ -129,15 +138,15 @@ def main(argv=None) -> int:
     page_source = "recorded by calibrate"
     if page_bytes is None:
         page_bytes = page_bytes_of_runs(a.runs, a.scenarios)
-        page_source = f"from the cuda runs' environment in {a.runs}"
-    print(f"measurements: {a.measurements}\nL1 page size: {page_bytes} B ({page_source})")
+        page_source = f"from the cuda runs' environment in {shown(a.runs)}"
+    print(f"measurements: {shown(a.measurements)}\nL1 page size: {page_bytes} B ({page_source})")
     spread = repeat_spread(m["driver_runs"]["host_samples"])
     if spread:
         print("repeats of one piece differ in host time by "
               + ", ".join(f"{v:.0%} ({p})" for p, v in sorted(spread.items(), key=lambda x: -x[1]))
               + ": no fit to these pieces can be surer than that")
     work = Path(tempfile.mkdtemp(prefix="synapse-host-model-"))
-    report = {"measurements": str(a.measurements), "runs": str(a.runs),
+    report = {"measurements": shown(a.measurements), "runs": shown(a.runs),
               "piece_repeat_spread": spread,
               "l1_page_bytes": page_bytes, "l1_page_bytes_source": page_source, "models": {}}
     try:
