@@ -83,6 +83,11 @@ if has scenarios; then
     python3 -m synapse compare "$OUT/$s-sim" "$OUT/$s-cuda" \
       --out "$OUT/compare-$s" 2>&1 | tee "$OUT/logs/compare-$s.log" | tail -30
   done
+  # each host model fitted on the calibration pieces only, against these full runs (CPU)
+  if [ -f "profiles/$PROFILE.measurements.json" ]; then
+    python3 benchmarks/sim_host_model.py --measurements "profiles/$PROFILE.measurements.json" \
+      --runs "$OUT" --out "$OUT/sim_host_model.json" 2>&1 | tee "$OUT/logs/sim_host_model.log" | tail -24
+  fi
 fi
 
 if has prefix; then

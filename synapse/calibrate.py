@@ -161,9 +161,58 @@ def measure_driver_runs(backend_name: str, base_profile: str, progress=None,
     if quick:
         pieces = [p for i, p in enumerate(pieces) if i == 0 or pieces[i - 1][0] != p[0]]
     samples, records = run_pieces(backend_name, base_profile, progress, pieces,
-                                  repeats=1 if quick else 2)
-    return {"backend": backend_name, "base": base_profile, "host_samples": [s.as_dict() for s in samples],
-            "op_records": ops_table(records)}
+                                  repeats=1 if quick else 3)
+    # the L1 arena's page size (0: one allocation): the simulator replays the pieces with
+    # it to count the page maps the host paid for
+    page_bytes = next((s.vmm["page_bytes"] for s in samples if s.vmm), 0)
+    return {"backend": backend_name, "base": base_profile, "l1_page_bytes": page_bytes,
+            "host_samples": [s.as_dict() for s in samples], "op_records": ops_table(records)}
+
+
+def counted_host_fit(prof: Profile, runs: dict, samples) -> dict | None:
+    """The host fit against what the simulator counts in each piece (``calibrate_host.
+    fit_host_counted``), for cuda runs that say their L1 page size; None where that
+    cannot be done (cpu runs, an older file without the page size, a piece the replay
+    does not know): the plain fit is used then."""
+    from .calibrate_host import back_to_back_us, fit_host_counted, replay_counts
+    page_bytes = runs.get("l1_page_bytes")
+    if runs["backend"] != "cuda" or page_bytes is None:
+        return None
+    replayed: dict = {}  # a piece run twice is replayed once: the simulator is deterministic
+    for s in samples:
+        key = (s.piece, s.overrides)
+        if key not in replayed:
+            replayed[key] = replay_counts(s, runs["backend"], runs.get("base") or "h200",
+                                          int(page_bytes))
+    counts = [replayed[(s.piece, s.overrides)] for s in samples]
+    if any(c is None for c in counts):
+        return None
+    fixed = {"memset_gb_per_s": prof.host.memset_gb_per_s, "per_item_us": prof.host.per_item_us,
+             "submit_us_by_kind": {}}
+    att = back_to_back_us(runs["op_records"], "attention")
+    if att is not None:
+        fixed["submit_us_by_kind"]["attention"] = att[0]
+    timed = [s.vmm for s in samples if s.vmm and s.vmm["maps"] and s.vmm["unmaps"]]
+    if timed:  # the arena's own timers: a cost per page measured, not fitted
+        fixed["page_map_us"] = 1e6 * sum(v["map_s"] for v in timed) / sum(v["maps"] for v in timed)
+        fixed["page_unmap_us"] = 1e6 * sum(v["unmap_s"] for v in timed) / sum(v["unmaps"] for v in timed)
+    if timed and all(s.decision_s is not None and s.vmm for s in samples):
+        # planning calls map the L1 pages they allocate and zero the pinned L2 they free
+        # (commit); what remains is the policy's and the manager's own time
+        memset = prof.host.memset_gb_per_s * 1e9
+        own = sum(s.decision_s - s.vmm["map_s"] - c["pinned_zero_bytes"] / memset
+                  for s, c in zip(samples, counts))
+        calls = sum(c["decision_calls"] for c in counts)
+        if calls:
+            fixed["decision_us"] = max(0.0, 1e6 * own / calls)
+    fit = fit_host_counted(samples, counts, fixed)
+    fit["page_bytes"] = int(page_bytes)
+    fit["measured"] = {"attention_back_to_back": None if att is None else
+                       {"us": att[0], "pairs": att[1]},
+                       "page_costs_timed": bool(timed),
+                       "decision_s": [s.decision_s for s in samples]
+                       if all(s.decision_s is not None for s in samples) else None}
+    return fit
 
 
 def with_driver_fit(prof: Profile, runs: dict, op_table: Path) -> tuple[Profile, dict]:
@@ -174,8 +223,8 @@ def with_driver_fit(prof: Profile, runs: dict, op_table: Path) -> tuple[Profile,
     same records (the other predictor's best on these sizes)."""
     from .calibrate_host import HostSample, fit_host
     from .sim.predictor import fit_table, write_table
-    samples = [HostSample(**s) for s in runs["host_samples"]]
-    host_fit = fit_host(samples)
+    samples = [HostSample.from_dict(s) for s in runs["host_samples"]]
+    host_fit = counted_host_fit(prof, runs, samples) or fit_host(samples)
     fits = fit_table(runs["op_records"])
     cols = runs["op_records"]
     kinds_report = {}
@@ -196,12 +245,19 @@ def with_driver_fit(prof: Profile, runs: dict, op_table: Path) -> tuple[Profile,
     write_table(fits, op_table, {"backend": runs["backend"], "runs": len(samples)})
     host = replace(prof.host, step_us=host_fit["step_us"], submit_us=host_fit["submit_us"],
                    per_item_us=host_fit["per_item_us"], runs_ops=runs["backend"] == "cpu",
-                   ingest_dma=runs["backend"] == "cuda")
+                   ingest_dma=runs["backend"] == "cuda",
+                   submit_us_by_kind=host_fit.get("submit_us_by_kind", {}),
+                   page_bytes=host_fit.get("page_bytes", 0),
+                   page_map_us=host_fit.get("page_map_us", 0.0),
+                   page_unmap_us=host_fit.get("page_unmap_us", 0.0),
+                   decision_us=host_fit.get("decision_us", 0.0))
     report = {"host": host_fit, "op_kinds": kinds_report}
     measured = dict(prof.measured, driver_fit={
         "backend": runs["backend"],
         "host": {k: host_fit[k] for k in ("step_us", "submit_us", "per_item_us",
-                                           "terms_fitted", "rel_error")},
+                                           "submit_us_by_kind", "page_bytes", "page_map_us",
+                                           "page_unmap_us", "decision_us", "terms_fitted", "rel_error",
+                                           "measured") if k in host_fit},
         "host_micro_benchmark": {"submit_us": prof.host.submit_us,
                                  "per_item_us": prof.host.per_item_us},
         "op_table_rel_error": {k: v["table_rel_error"] for k, v in kinds_report.items()}})
@@ -213,8 +269,14 @@ def format_driver_fit(report: dict) -> list[str]:
     """The fit report as lines for the terminal: host coefficients, each run's residual,
     and each op kind's error (table and line)."""
     h = report["host"]
-    lines = [f"host: {h['step_us']:.1f} us per step + {h['submit_us']:.2f} us per op + "
-             f"{h['per_item_us']:.2f} us per further row (fitted: {', '.join(h['terms_fitted'])}); "
+    kinds = "".join(f" ({k} {us:.1f} us)" for k, us in h.get("submit_us_by_kind", {}).items())
+    pages = (f" + {h['page_map_us']:.1f} / {h['page_unmap_us']:.1f} us per L1 page mapped / "
+             f"unmapped" if h.get("page_bytes") else "")
+    decisions = (f" + {h['decision_us']:.1f} us per planning call" if h.get("decision_us")
+                 else "")
+    lines = [f"host: {h['step_us']:.1f} us per step + {h['submit_us']:.2f} us per op{kinds} + "
+             f"{h['per_item_us']:.2f} us per further row{pages}{decisions} (fitted: "
+             f"{', '.join(h['terms_fitted'])}); "
              f"|error| p50 {h['rel_error']['p50']:.1%}, max {h['rel_error']['max']:.1%}"]
     for r in h["runs"]:
         lines.append(f"  {r['piece']:<44} steps {r['steps']:>5} ops {r['ops']:>6} rows "

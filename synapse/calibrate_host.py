@@ -13,6 +13,10 @@ per-step, per-op and per-row costs can be told apart) on the real backend (``cpu
 ``fit_host`` fits ``host_s = step_s * steps + submit_s * ops + row_s * rows`` by least
 squares weighted for relative error, each run one equation, with coefficients held at
 >= 0 (a negative cost is dropped and the rest refitted) and reports every run's residual.
+On cuda, ``fit_host_counted`` fits instead against what the simulator counts when it
+replays each piece (``replay_counts``: planning calls, L1 pages mapped and unmapped,
+pinned bytes zeroed, ops per kind), with the costs measured directly held fixed (see
+docs/time-model.md, "Host time, measured").
 The op records of the same runs give the table predictor (``sim.predictor.fit_table``):
 durations over the sizes the scenarios actually use. No figure here is chosen; all come
 from the runs of the machine being calibrated.
@@ -60,6 +64,10 @@ PIECES = {
          "16k context, 64 steps"),
         ("needle", ["workload.context_tokens=65536", "workload.decode_steps=16"],
          "64k context, 16 steps"),
+        # every op kind a scenario can issue is in some piece: INT4 demotion quantizes
+        # on the way to L2 and dequantizes on the way back
+        ("needle", ["workload.context_tokens=16384", "workload.decode_steps=32",
+                    "policy.demote=l2_int4"], "16k context, 32 steps, INT4 demotion"),
         ("streaming", ["workload.passes=1"], "1 pass"),
         ("streaming", ["workload.passes=2"], "2 passes"),
         ("tsunami", ["workload.requests=16", "workload.decode_tokens=16"], "16 requests x 16"),
@@ -69,6 +77,10 @@ PIECES = {
     ],
 }
 HOST_TERMS = ("step", "submit", "row")
+# Facts a piece's run records besides its host time (older measurement files lack them):
+# its overrides (so the simulator can replay it), the manager's decision time and calls,
+# and the L1 arena's page maps and unmaps with the host time they took (cuda, VMM arena).
+SAMPLE_EXTRAS = ("overrides", "decision_s", "decision_calls", "vmm")
 
 
 @dataclass(frozen=True)
@@ -80,20 +92,38 @@ class HostSample:
     ops: int
     rows: int
     host_s: float
+    overrides: tuple | None = None
+    decision_s: float | None = None
+    decision_calls: int | None = None
+    vmm: dict | None = None
 
     def as_dict(self) -> dict:
-        return {"piece": self.piece, "steps": self.steps, "ops": self.ops, "rows": self.rows,
-                "host_s": self.host_s}
+        d = {"piece": self.piece, "steps": self.steps, "ops": self.ops, "rows": self.rows,
+             "host_s": self.host_s}
+        for k in SAMPLE_EXTRAS:
+            v = getattr(self, k)
+            if v is not None:
+                d[k] = list(v) if k == "overrides" else v
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HostSample":
+        extras = {k: d[k] for k in SAMPLE_EXTRAS if d.get(k) is not None}
+        if "overrides" in extras:
+            extras["overrides"] = tuple(extras["overrides"])
+        return cls(d["piece"], int(d["steps"]), int(d["ops"]), int(d["rows"]),
+                   float(d["host_s"]), **extras)
 
 
 def sample_from_run(piece: str, records, steps: int, host_busy_s: float,
-                    ops_on_host: bool) -> HostSample:
-    """A ``HostSample`` from a run's op records and its measured host busy time."""
+                    ops_on_host: bool, **extras) -> HostSample:
+    """A ``HostSample`` from a run's op records and its measured host busy time
+    (``extras``: the facts of ``SAMPLE_EXTRAS`` the run recorded)."""
     rows = sum(r.count - 1 for r in records if r.kind in ROW_KINDS and r.count > 1)
     host = host_busy_s
     if ops_on_host:
         host -= sum(r.end_s - r.start_s for r in records)
-    return HostSample(piece, steps, len(records), rows, max(0.0, host))
+    return HostSample(piece, steps, len(records), rows, max(0.0, host), **extras)
 
 
 def fit_host(samples: list[HostSample]) -> dict:
@@ -127,10 +157,11 @@ def fit_host(samples: list[HostSample]) -> dict:
 
 
 def run_pieces(backend_name: str, base_profile: str, progress=None, pieces=None,
-               repeats: int = 2):
+               repeats: int = 3):
     """Run each piece ``repeats`` times on ``backend_name`` (each run one equation of the
-    host fit, its ops all in the table: a machine shared with other work makes single
-    runs noisy); returns (host samples, every op record)."""
+    host fit, its ops all in the table: two repeats of one piece differed by up to 22% in
+    host time on the H200, so one or two runs are not enough); returns (host samples,
+    every op record)."""
     from .runner import run_scenario
     from .scenarios.loader import load_scenario
 
@@ -150,7 +181,8 @@ def run_pieces(backend_name: str, base_profile: str, progress=None, pieces=None,
         busy = run.metrics["host_busy_s"]
         recs = counter.records
         samples.append(sample_from_run(label, recs, counter.steps, busy,
-                                       ops_on_host=backend_name == "cpu"))
+                                       ops_on_host=backend_name == "cpu",
+                                       overrides=tuple(overrides), **counter.extras))
         records.extend(recs)
     return samples, records
 
@@ -162,6 +194,8 @@ class _StepCounter:
     def __init__(self):
         self.steps = 0
         self.records = []
+        self.extras: dict = {}
+        self._driver = self._backend = None
 
     def attach(self, driver, backend):
         inner = backend.step_done
@@ -170,6 +204,7 @@ class _StepCounter:
             self.steps += 1
             inner()
         backend.step_done = step_done  # this run's backend only
+        self._driver, self._backend = driver, backend
         return self
 
     def step(self, n):
@@ -177,3 +212,140 @@ class _StepCounter:
 
     def finish(self, records):
         self.records = list(records)
+        mgr = getattr(self._driver, "mgr", None)
+        if hasattr(mgr, "decision_calls") and not self._backend.simulated:  # a TierManager
+            self.extras["decision_s"] = float(mgr.decision_s)
+            self.extras["decision_calls"] = int(mgr.decision_calls)
+        vmm = arena_stats(self._backend)
+        if vmm is not None:
+            self.extras["vmm"] = vmm
+
+
+def arena_stats(backend) -> dict | None:
+    """The L1 virtual-memory arena's page maps and unmaps and the host time they took
+    (``kv.vmm.VmmArena`` keeps them), read before the backend closes; None where L1 is
+    not such an arena."""
+    mem = getattr(backend, "_mem", {}).get("l1")  # CudaBackend's spaces
+    arena = getattr(mem, "arena", None)
+    if arena is None or not hasattr(arena, "num_maps"):
+        return None
+    return {"page_bytes": int(arena.page_bytes), "maps": int(arena.num_maps),
+            "map_s": float(arena.map_s), "unmaps": int(arena.num_unmaps),
+            "unmap_s": float(arena.unmap_s)}
+
+
+# -- the host model fitted to what the simulator counts ------------------------------------
+# Terms of the counted fit: per step, per op (other kinds), per L1 page mapped or unmapped.
+COUNTED_TERMS = ("step", "submit", "page")
+MIN_GAPS = 50  # back-to-back submits of a kind needed to take its submit cost from them
+
+
+def piece_overrides(sample: HostSample, backend_name: str):
+    """The overrides a sample's piece ran with: recorded, or (older files) looked up by
+    its label in ``PIECES``; None when neither knows it."""
+    if sample.overrides is not None:
+        return sample.overrides
+    for name, overrides, what in PIECES.get(backend_name, ()):
+        if sample.piece == f"{name} ({what})":
+            return tuple(overrides)
+    return None
+
+
+def replay_counts(sample: HostSample, backend_name: str, base_profile: str,
+                  page_bytes: int) -> dict | None:
+    """What the simulator charges host time for in this sample's piece, counted by
+    running the piece on it (decisions are the same on every backend): steps, ops per
+    kind, further rows, L1 pages mapped and unmapped (an arena of ``page_bytes`` pages;
+    0: none) and bytes of pinned memory zeroed. None when the piece is not known."""
+    from dataclasses import replace
+
+    from .runner import driver_for
+    from .scenarios.loader import load_scenario
+    from .sim.backend import SimBackend
+    from .sim.profile import load_profile
+    overrides = piece_overrides(sample, backend_name)
+    if overrides is None:
+        return None
+    name = sample.piece.split(" (")[0]
+    prof = load_profile(base_profile)
+    prof = replace(prof, host=replace(prof.host, page_bytes=int(page_bytes)))
+    sc = load_scenario(name, list(overrides) + ["checks.data=false"])
+    backend = SimBackend(prof)
+    driver = driver_for(sc.kind)(sc, backend, prof, f"calibrate replay {name}")
+    backend.run(driver.process())
+    records = backend.records()
+    kinds: dict[str, int] = {}
+    for r in records:
+        kinds[r.kind] = kinds.get(r.kind, 0) + 1
+    return {**backend.host_counts, "ops": len(records), "ops_by_kind": kinds,
+            "rows": sum(r.count - 1 for r in records if r.kind in ROW_KINDS and r.count > 1),
+            "decision_calls": backend.host_counts["decisions"]}
+
+
+def back_to_back_us(cols: dict, kind: str) -> tuple[float, int] | None:
+    """The median host time between two consecutive submits of ``kind`` (op records as
+    ``ops.json`` columns, runs concatenated): the host cost of one such op where the
+    driver issues them in a row (attention for each running request); None with fewer
+    than ``MIN_GAPS`` such pairs."""
+    k, s = cols["kind"], cols["submit_s"]
+    gaps = [s[i] - s[i - 1] for i in range(1, len(k))
+            if k[i] == k[i - 1] == kind and s[i] > s[i - 1]]
+    if len(gaps) < MIN_GAPS:
+        return None
+    return float(np.median(gaps)) * 1e6, len(gaps)
+
+
+def fit_host_counted(samples: list[HostSample], counts: list[dict], fixed: dict) -> dict:
+    """Host costs fitted to the pieces against what the simulator counts in them
+    (``replay_counts``). ``fixed`` holds what was measured directly and is taken out of
+    each run's host time before the fit: ``memset_gb_per_s`` (pinned zeroing),
+    ``per_item_us`` (a further row: one driver call), ``submit_us_by_kind`` (from
+    back-to-back submits) and, where the arena timed them, ``page_map_us`` and
+    ``page_unmap_us``, and where the runs timed their decisions, ``decision_us`` (a
+    planning call's own time: decisions less the page maps and pinned zeroing they
+    include). The rest is fitted as ``step_us * steps + submit_us * other ops +
+    page_us * pages`` (pages mapped plus unmapped where their costs were not measured),
+    least squares weighted for relative error, costs held at >= 0."""
+    by_kind = dict(fixed.get("submit_us_by_kind", {}))
+    measured_pages = fixed.get("page_map_us") is not None
+    a, y, known = [], [], []
+    for s, c in zip(samples, counts):
+        fixed_s = (c["pinned_zero_bytes"] / (fixed["memset_gb_per_s"] * 1e9)
+                   + c["rows"] * fixed["per_item_us"] * 1e-6
+                   + sum(c["ops_by_kind"].get(k, 0) * us * 1e-6 for k, us in by_kind.items()))
+        pages = c["pages_mapped"] + c["pages_unmapped"]
+        if measured_pages:
+            fixed_s += (c["pages_mapped"] * fixed["page_map_us"]
+                        + c["pages_unmapped"] * fixed["page_unmap_us"]) * 1e-6
+            pages = 0
+        other = c["ops"] - sum(c["ops_by_kind"].get(k, 0) for k in by_kind)
+        if fixed.get("decision_us") is not None:
+            fixed_s += c["decision_calls"] * fixed["decision_us"] * 1e-6
+        a.append([c["steps"], other, pages])
+        y.append(s.host_s - fixed_s)
+        known.append(fixed_s)
+    a, y = np.array(a, np.float64), np.array(y, np.float64)
+    total = np.array([s.host_s for s in samples], np.float64)
+    w = 1.0 / total  # relative error of the whole run's host time
+    active = [j for j in range(a.shape[1]) if a[:, j].any()]
+    coef = np.zeros(a.shape[1])
+    while active:
+        sol, *_ = np.linalg.lstsq(a[:, active] * w[:, None], y * w, rcond=None)
+        if (sol >= 0).all():
+            coef[:] = 0
+            coef[active] = sol
+            break
+        active.pop(int(np.argmin(sol)))
+    pred = a @ coef + np.array(known)
+    err = np.abs((pred - total) / total)
+    page_us = float(coef[2] * 1e6)
+    out = {"step_us": float(coef[0] * 1e6), "submit_us": float(coef[1] * 1e6),
+           "per_item_us": float(fixed["per_item_us"]), "submit_us_by_kind": by_kind,
+           "page_map_us": float(fixed["page_map_us"]) if measured_pages else page_us,
+           "page_unmap_us": float(fixed["page_unmap_us"]) if measured_pages else page_us,
+           "decision_us": float(fixed.get("decision_us") or 0.0),
+           "terms_fitted": [COUNTED_TERMS[j] for j in active],
+           "rel_error": {"p50": float(np.median(err)), "max": float(err.max())},
+           "runs": [{**s.as_dict(), "predicted_s": float(p), "rel_error": float((p - s.host_s) / s.host_s)}
+                    for s, p in zip(samples, pred)]}
+    return out

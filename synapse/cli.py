@@ -203,8 +203,8 @@ def validate(scenario, overrides, backend):
 def calibrate(backend, output, name, quick, disk_dir, base, from_json):
     """Measure this GPU (link by transfer size, both directions, device copy, INT4 and
     attention kernels, GEMM, host overhead) and the local disk (sequential write and cold
-    read), run short pieces of every scenario driver to fit the host's cost per step, op
-    and row and a table of op durations, and write a hardware profile the simulator loads
+    read), run short pieces of every scenario driver to fit the host's cost per step, op,
+    row and L1 page mapped and a table of op durations, and write a hardware profile the simulator loads
     by name. Takes a minute or two. `--backend cpu` runs only the driver pieces, on the
     NumPy backend; `--backend disk --base h200` measures only the disk."""
     import json

@@ -141,11 +141,18 @@ def _decision(fn):
     and the manager's share of a step's host time, reported apart from the rest."""
     @functools.wraps(fn)
     def timed(self, *args, **kwargs):
+        if self._deciding:  # inside another planning call (a prefetch plans a fetch):
+            return fn(self, *args, **kwargs)  # its time is the outer call's, counted once
+        self._deciding = True
+        self.decision_calls += 1
         t0 = time.perf_counter()
         try:
             return fn(self, *args, **kwargs)
         finally:
             self.decision_s += time.perf_counter() - t0
+            self._deciding = False
+            if self.on_decision is not None:
+                self.on_decision()
     return timed
 
 
@@ -167,6 +174,9 @@ class TierManager:
         self.pinned: set[int] = set()  # blocks never chosen as victims (a partial tail)
         self.tail_last = tail_last  # keep the pinned tail last in a compacting L1
         self.decision_s = 0.0  # host seconds spent planning (see _decision)
+        self.decision_calls = 0  # planning calls (outermost), the same on every backend
+        self._deciding = False
+        self.on_decision = None  # called after each planning call (SimBackend.decision_done)
         policy.bind(spaces.l1.capacity_bytes // sizes[Fmt.FP16])
 
     # -- queries --------------------------------------------------------------------

@@ -105,5 +105,6 @@ def build_stack(shape: KVShape, backend, l1_bytes: int, l2_bytes: int, policy: P
         KVPrefetch(policy.prefetch_blocks), {Fmt.FP16: full, Fmt.INT4: q4}, DecisionLog(),
         tail_last=tail_last)
     mover = Mover(backend, manager, shape)
+    manager.on_decision = getattr(backend, "decision_done", None)  # the simulator charges it
     l2_total = l2.max_slots * l2.slot_bytes if l2_compact else l2.capacity_bytes
     return KVStack(shape, table, manager, mover, l1.capacity_bytes, l2_total)

@@ -9,7 +9,11 @@ The SimPy backend never computes a duration itself; it asks its ``Predictor``:
 - ``submit_seconds(op)``: host time to enqueue an op;
 - ``step_seconds()``: host time a driver spends per step outside its submits (the Python
   around the ops: planning, bookkeeping), charged at the step's safe point;
-- ``pinned_zero_seconds(nbytes)``: host memset of pinned memory.
+- ``decision_seconds()``: host time of one planning call of the manager (the policy's
+  work: the simulator runs the same code and counts the calls);
+- ``pinned_zero_seconds(nbytes)``: host memset of pinned memory;
+- ``page_map_seconds(pages)``, ``page_unmap_seconds(pages)``: host time to map L1 pages
+  as a virtual-memory arena's live prefix grows, and to unmap them at a safe point.
 
 Two predictors: ``ProfilePredictor``, the roofline/fit rates of the profile file, and
 ``TablePredictor``, per op kind (and per kind and purpose) a piecewise-linear fit over
@@ -53,6 +57,7 @@ class ProfilePredictor:
         self.profile = profile
         h = profile.host
         self._submit_s = h.submit_us * 1e-6
+        self._submit_by_kind = {k: us * 1e-6 for k, us in h.submit_us_by_kind.items()}
         self._item_s = h.per_item_us * 1e-6
         self._step_s = h.step_us * 1e-6
         self._stage_s_per_byte = (1.0 / (h.stage_gb_per_s * 1e9)
@@ -62,7 +67,8 @@ class ProfilePredictor:
 
     # -- host ---------------------------------------------------------------------
     def submit_seconds(self, op) -> float:
-        cost = self._submit_s
+        by_kind = self._submit_by_kind
+        cost = by_kind.get(op.kind, self._submit_s) if by_kind else self._submit_s
         if op.count > 1 and isinstance(op, _ROW_OPS):
             cost += (op.count - 1) * self._item_s
         if isinstance(op, Ingest) and not isinstance(op, Prefill):  # host fills pinned staging
@@ -76,6 +82,15 @@ class ProfilePredictor:
 
     def pinned_zero_seconds(self, nbytes: int) -> float:
         return nbytes * self._memset_s_per_byte
+
+    def decision_seconds(self) -> float:
+        return self.profile.host.decision_us * 1e-6
+
+    def page_map_seconds(self, pages: int) -> float:
+        return pages * self.profile.host.page_map_us * 1e-6
+
+    def page_unmap_seconds(self, pages: int) -> float:
+        return pages * self.profile.host.page_unmap_us * 1e-6
 
     # -- device -------------------------------------------------------------------
     def uncontended_seconds(self, op) -> float:

@@ -71,6 +71,11 @@ class Kernels:
     copy: Rate = field(default_factory=Rate)  # device to device, bytes read + written
 
 
+def _us_per_kind(v: dict):
+    bad = [k for k, us in v.items() if not 0.0 <= us <= 1e6]
+    return f"microseconds within [0, 1e6] per op kind ({_US}); {bad[0]!r} is not" if bad else None
+
+
 @dataclass(frozen=True)
 class Host:
     submit_us: float = checked(8.0, within(0.0, 1e6),
@@ -94,6 +99,27 @@ class Host:
         False, doc="ingests are copied by DMA straight from a pinned payload pool (the cuda "
         "backend, `Backend.dma_ingest`): the host copies nothing into staging, so "
         "stage_gb_per_s is not charged for them")
+
+    submit_us_by_kind: dict[str, float] = checked(
+        check=_us_per_kind, default_factory=dict,
+        doc="host time to enqueue one op of a kind (attention, copy_h2d, ...), where it "
+        "differs from submit_us: the Python that builds the op differs by kind (calibrate "
+        "measures attention's from back-to-back submits)")
+    decision_us: float = checked(
+        0.0, within(0.0, 1e6), "host time of one planning call of the tier manager (the "
+        "policy choosing victims, fetches, prefetches; calibrate fits it from driver runs); "
+        "0: not modelled", _US)
+    page_bytes: int = checked(
+        0, within(0, 1 << 40), "L1 is a virtual-memory arena that maps pages of this size "
+        "as its live prefix grows and unmaps them at the step's safe point (the cuda "
+        "backend where the driver supports it: `synapse.kv.vmm`); 0: one allocation, "
+        "nothing mapped", "a page of 1 TiB is beyond any allocation granularity")
+    page_map_us: float = checked(
+        0.0, within(0.0, 1e6), "host time to map one L1 page (cuMemMap and its access "
+        "grant; calibrate fits it from driver runs); 0: not modelled", _US)
+    page_unmap_us: float = checked(
+        0.0, within(0.0, 1e6), "host time to unmap one L1 page at a safe point; 0: not "
+        "modelled", _US)
 
     def memcpy_seconds(self, nbytes: int) -> float:
         """A host copy between pinned buffers (a compacting L2), at the staging rate."""
