@@ -398,6 +398,9 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
 
     # -- the Cache API ---------------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if torch.is_grad_enabled():  # the arena is written in place: never part of a graph
+            with torch.no_grad():
+                return self.update(key_states, value_states, layer_idx, *args, **kwargs)
         if self.on_update is not None:
             self.on_update(layer_idx, key_states, value_states)
         if self._batch is not None:
@@ -420,15 +423,16 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
             self._begin_step(key_states.shape[-2])
         st = self._step
         q = key_states.shape[-2]
-        kp, vp = st["l1"][2 * layer_idx], st["l1"][2 * layer_idx + 1]
-        a, n = st["new_at"], st["l1_tokens"]
-        kp[a:n].copy_(key_states[0].transpose(0, 1))
-        vp[a:n].copy_(value_states[0].transpose(0, 1))
+        # the step's views of the planes were made once (``_layout``): two copies a layer
+        new = st["new"]
+        new[2 * layer_idx].copy_(key_states)
+        new[2 * layer_idx + 1].copy_(value_states)
         if st["l2_blocks"]:
-            keys, values = self._read_through(layer_idx, kp, vp, st["cut"], n)
+            keys, values = self._read_through(layer_idx, st["l1"][2 * layer_idx],
+                                              st["l1"][2 * layer_idx + 1], st["cut"],
+                                              st["l1_tokens"])
         else:
-            keys = kp[:n].permute(1, 0, 2).unsqueeze(0)
-            values = vp[:n].permute(1, 0, 2).unsqueeze(0)
+            keys, values = st["out"][2 * layer_idx], st["out"][2 * layer_idx + 1]
         if qs is not None:
             mass = token_mass_fused if q >= FUSED_FROM_QUERIES and keys.is_cuda else token_mass
             scale = self.tap.scaling(layer_idx) if scaling is None else scaling
@@ -590,7 +594,11 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
         a = n - q
         cut = a - self.seen_tokens % bt       # where the tail block starts: a block boundary
         m = l2.num_live
-        st = {"l1": self._backend.space("l1").typed(self.dtype, self.kv_heads, self.head_dim),
+        tm = self._l1_planes()
+        # head-major views, one per plane: [1, kv_heads, tokens, head_dim], as attention
+        # takes them; this step's tokens are written through ``new``
+        hm = tm[:, :n].permute(0, 2, 1, 3).unsqueeze(1)
+        st = {"l1": tm, "new": hm[..., a:n, :].unbind(0), "out": None if m else hm.unbind(0),
               "new_at": a, "cut": cut, "l1_tokens": n, "l2_blocks": m,
               "l2_int4": self.demote == "l2_int4", "l2_ready": {}, "l2_done": set()}
         if m:
@@ -605,6 +613,16 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
             st["l2_buf"] = buf
             st["copy_stream"] = self._copy_stream()
         self._step = st
+
+    def _l1_planes(self) -> torch.Tensor:
+        """The L1 arena as ``[planes, tokens, kv_heads, head_dim]`` of the model's dtype
+        (made again only when the arena's tensor changes)."""
+        t = self._backend.space("l1").t
+        got = getattr(self, "_typed", None)
+        if got is None or got[0] is not t:
+            view = self._backend.space("l1").typed(self.dtype, self.kv_heads, self.head_dim)
+            got = self._typed = (t, view)
+        return got[1]
 
     def _copy_stream(self):
         if self.device.type != "cuda":

@@ -9,7 +9,7 @@ from ..blocks import Tier
 from .errors import UnsupportedModel
 
 # not copied by copy.deepcopy: hooks, the model, streams and buffers made again on demand
-_NOT_COPIED = ("tap", "_model", "_hooks", "_attn_hooks", "_cs", "_l2_free", "_l2_buf",
+_NOT_COPIED = ("tap", "_model", "_hooks", "_attn_hooks", "_cs", "_l2_free", "_l2_buf", "_typed",
                "_monitor_probe")
 
 
