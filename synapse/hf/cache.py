@@ -224,6 +224,7 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
         self._hooks: list = []       # the model's forward pre-hook (its attention mask)
         self._attn_hooks: list = []  # batch mode: each attention layer's mask
         self._batch: BatchedSequences | None = None
+        self._l1_source = None  # set by a batch on its sequences (synapse.hf.batch)
         super().__init__(layers=[_Layer(self, i) for i in range(self.num_layers)])
         if model is not None:
             self.attach(model)
@@ -325,6 +326,7 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
             * shape.fp16_bytes
         backend = TorchBackend(device, shape, dtype, vmm=self.vmm,
                                l2_int4=self.demote == "l2_int4")
+        backend.l1_source = self._l1_source  # a batch's shared L1 planes (synapse.hf.batch)
         k = self._policy_kw
         settings = PolicySettings(k["policy"], k["demote"], k["heavy_ratio"], k["sink_blocks"],
                                   k["high_watermark"], k["low_watermark"], k["eviction_ratio"],
@@ -333,6 +335,7 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
                                  self.l2_budget_tokens * shape.token_bytes, settings,
                                  l2_compact=True, tail_last=True)
         self.planner = SequencePlanner(self.stack.manager, self.block_tokens, self.access_factor)
+        backend.l1_source = None  # used once: a copied stack must not hold the batch's
         self.device, self.dtype, self._backend = device, dtype, backend
 
     # -- queries ---------------------------------------------------------------------------
@@ -423,8 +426,9 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
             self._begin_step(key_states.shape[-2])
         st = self._step
         q = key_states.shape[-2]
-        # the step's views of the planes were made once (``_layout``): two copies a layer
-        new = st["new"]
+        new = st.get("new")
+        if new is None:  # the step's first layer: its views of the planes, made once
+            new = self._step_views(st)
         new[2 * layer_idx].copy_(key_states)
         new[2 * layer_idx + 1].copy_(value_states)
         if st["l2_blocks"]:
@@ -594,12 +598,7 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
         a = n - q
         cut = a - self.seen_tokens % bt       # where the tail block starts: a block boundary
         m = l2.num_live
-        tm = self._l1_planes()
-        # head-major views, one per plane: [1, kv_heads, tokens, head_dim], as attention
-        # takes them; this step's tokens are written through ``new``
-        hm = tm[:, :n].permute(0, 2, 1, 3).unsqueeze(1)
-        st = {"l1": tm, "new": hm[..., a:n, :].unbind(0), "out": None if m else hm.unbind(0),
-              "new_at": a, "cut": cut, "l1_tokens": n, "l2_blocks": m,
+        st = {"l1": self._l1_planes(), "new_at": a, "cut": cut, "l1_tokens": n, "l2_blocks": m,
               "l2_int4": self.demote == "l2_int4", "l2_ready": {}, "l2_done": set()}
         if m:
             per = l2.slot_bytes // self.shape.planes
@@ -613,6 +612,17 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
             st["l2_buf"] = buf
             st["copy_stream"] = self._copy_stream()
         self._step = st
+
+    @staticmethod
+    def _step_views(st: dict) -> tuple:
+        """Head-major views of the L1 planes, one per plane, ``[1, kv_heads, tokens,
+        head_dim]`` as attention takes them: ``out`` (the live tokens; None when L2 blocks
+        are read through) and ``new`` (this step's, written by two copies a layer)."""
+        n = st["l1_tokens"]
+        hm = st["l1"][:, :n].permute(0, 2, 1, 3).unsqueeze(1)
+        st["new"] = hm[..., st["new_at"]:n, :].unbind(0)
+        st["out"] = None if st["l2_blocks"] else hm.unbind(0)
+        return st["new"]
 
     def _l1_planes(self) -> torch.Tensor:
         """The L1 arena as ``[planes, tokens, kv_heads, head_dim]`` of the model's dtype
