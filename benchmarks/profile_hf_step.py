@@ -64,10 +64,13 @@ def main(argv=None) -> int:
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    cfg = hc.model_config(device.type, a.tiny, a.model, a.prompt_tokens + a.new_tokens)
+    # the context the caches are sized for: the prompt, its first token and the profiled
+    # steps (twice with cProfile), as hf_caches.py sizes them for its run
+    context = a.prompt_tokens + 1 + 2 * a.new_tokens
+    cfg = hc.model_config(device.type, a.tiny, a.model, context)
     model = hc.build_model(cfg, device)
     ids = hc.make_prompt(cfg, a.prompt_tokens, device, a.batch)
-    specs = hc.cache_specs(cfg, device, a.prompt_tokens + a.new_tokens, a.prompt_tokens, a.batch)
+    specs = hc.cache_specs(cfg, device, context, a.prompt_tokens, a.batch)
     if a.cache not in specs:
         ap.error(f"unknown cache {a.cache!r}; choose from {', '.join(specs)}")
     _, make, chunk = specs[a.cache]

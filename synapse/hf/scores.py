@@ -211,6 +211,21 @@ def token_mass(q: torch.Tensor, k: torch.Tensor, scaling: float, past: int,
     return total / (b * hq * nq)
 
 
+def decode_mass(q: torch.Tensor, k: torch.Tensor, scaling: float,
+                allowed: torch.Tensor) -> torch.Tensor:
+    """``scores.token_mass`` of one query per row for a whole batch: ``q`` [B, Hq, 1, D],
+    ``k`` [B, Hkv, N, D], ``allowed`` [B, 1, 1, N] bool (a row's own keys; None: all). Per row the
+    attention each key receives, averaged over heads: float32 [B, N] (zero off the row's
+    keys). Logits in the keys' dtype, normalised in float32, as ``token_mass``."""
+    b, hq, _, d = q.shape
+    hk, n = k.shape[1], k.shape[2]
+    logits = torch.matmul(q.to(k.dtype).reshape(b, hk, hq // hk, d), k.transpose(-1, -2))
+    logits = logits.to(torch.float32) * scaling                # [B, Hkv, g, N]
+    if allowed is not None:  # None: every key of every row
+        logits = logits.masked_fill(~allowed.view(b, 1, 1, n), float("-inf"))
+    return torch.softmax(logits, dim=-1).sum(dim=(1, 2)) / hq
+
+
 def block_mass(tok: torch.Tensor, block_index: torch.Tensor, num_blocks: int) -> torch.Tensor:
     """Sum of ``tok`` per block: ``block_index[j]`` is the (live) block of key j."""
     out = torch.zeros(num_blocks, dtype=torch.float32, device=tok.device)
