@@ -15,20 +15,12 @@ pytest.importorskip("transformers")
 
 from torch.overrides import TorchFunctionMode  # noqa: E402
 
-from hf_models import VOCAB, tiny_model  # noqa: E402
+from hf_models import VOCAB, one_thread, tiny_model  # noqa: E402,F401
 
 from synapse.hf import TieredCache  # noqa: E402
 from synapse.hf.batch import SharedL1  # noqa: E402
 
 PROMPT, NEW, BT = 24, 6, 4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
