@@ -66,6 +66,7 @@ from .int4 import dequantize_layer_rows, layer_row_sections
 from .scores import FUSED_FROM_QUERIES, QueryTap, token_mass, token_mass_fused
 
 NEEDS_SCORES = ("h2o", "lru")  # h2o: accumulated attention; lru: "used" = mass threshold
+_NO_IDS, _NO_MASS = np.zeros(0, np.int64), np.zeros(0)  # a step without scores observes none
 
 
 class _Layer(CacheLayerMixin):
@@ -702,7 +703,7 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
             mass = self._step_mass if isinstance(self._step_mass, np.ndarray) else self._block_masses()
             moves = pl.observe(t, pl.live_ids(), mass.astype(np.float64))
         else:
-            moves = pl.observe(t, pl.live_ids()[:0], np.zeros(0))
+            moves = pl.observe(t, _NO_IDS, _NO_MASS)
         self._moves(moves, t)
         self._track_peak()
         c, table = pl.mgr.counters, pl.mgr.table
