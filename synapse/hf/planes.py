@@ -191,7 +191,7 @@ class SharedPlanes:
         else:  # CUDA: each row's run copied in ahead on its side stream
             data = []
             for c in kids:
-                data.append(c._l2_rows(layer).view(1, -1))
+                data.append(c._l2_rows(layer))
                 if layer + 1 < o.num_layers:
                     c._prefetch_l2(layer + 1)
             if c0._step["l2_int4"] and c0._assemble_kernel():
@@ -199,7 +199,7 @@ class SharedPlanes:
                 for c in kids:
                     c._l2_consumed(layer)
                 return out
-            data = torch.cat(data)
+            data = torch.stack(data)
         if c0._step["l2_int4"]:  # m layer rows per row: keys then values of each block
             sh = c0.shape
             xk, xv = dequantize_layer_rows(data.view(b * m, -1), bt, h * d, sh.int4_keys,

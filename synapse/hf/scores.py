@@ -198,16 +198,17 @@ def token_mass(q: torch.Tensor, k: torch.Tensor, scaling: float, past: int,
     row_bytes = b * hq * n * (k.element_size() + 4)
     rows = max(1, min(nq, max_bytes // max(1, row_bytes)))
     kt = k.transpose(-1, -2)  # [B, Hkv, D, N], a view
-    total = torch.zeros(n, dtype=torch.float32, device=k.device)
+    total = None  # the first piece is the total so far (0 + x is x: no zeros to add to)
     for lo in range(0, nq, rows):
         hi = min(nq, lo + rows)
-        qc = q[:, :, lo:hi].to(k.dtype).reshape(b, hk, g * (hi - lo), d)
+        qc = (q if rows == nq else q[:, :, lo:hi]).to(k.dtype).reshape(b, hk, g * (hi - lo), d)
         logits = torch.matmul(qc, kt).view(b, hk, g, hi - lo, n)
         if hi > lo + 1 or nq > 1:
             r = torch.arange(lo, hi, device=k.device)[:, None]
             c = torch.arange(n, device=k.device)[None, :]
             logits = logits.masked_fill(c > past + r, float("-inf"))
-        total += torch.softmax(logits.to(torch.float32) * scaling, dim=-1).sum(dim=(0, 1, 2, 3))
+        part = torch.softmax(logits.to(torch.float32) * scaling, dim=-1).sum(dim=(0, 1, 2, 3))
+        total = part if total is None else total.add_(part)
     return total / (b * hq * nq)
 
 
