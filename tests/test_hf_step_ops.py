@@ -185,12 +185,14 @@ def test_beams_regroup_the_shared_planes_and_match_dynamic_cache(llama):
 
 
 @pytest.mark.cuda
-def test_a_batch_on_cuda_reads_l2_through_as_on_its_own_planes(monkeypatch):
-    """CUDA fp16 (the fused read-through kernel once per row into one output): the same
-    tokens and decisions as the per-sequence path."""
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_a_batch_on_cuda_reads_l2_through_as_on_its_own_planes(monkeypatch, dtype):
+    """CUDA: fp16 takes the fused read-through kernel once per row into one output,
+    fp32 the torch ops over the rows' stacked L2 buffers; either way the same tokens and
+    decisions as the per-sequence path."""
     if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device: the fused read-through kernel runs there")
-    m = tiny_model("llama").to("cuda", torch.float16)
+        pytest.skip("needs a CUDA device: the batch's CUDA read-through runs there")
+    m = tiny_model("llama").to("cuda", getattr(torch, dtype))
     m.config._attn_implementation = "sdpa"
     m.generation_config.eos_token_id = None
 
