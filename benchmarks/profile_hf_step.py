@@ -1,12 +1,20 @@
 """Where a decode step's time goes: torch.profiler over a few decode steps of one cache
-(CPU-side op counts and times, CUDA kernel times), for the KV engine's tuning.
+(op counts per step, CPU-side times, CUDA kernel times), for the KV engine's tuning.
+
+HF decode is host-bound: every torch op a cache adds per layer costs host time, so the
+figure to watch is the op count per step (``ops/step``: top-level torch ops, i.e. the
+ones a Python call dispatched, not the ones nested inside them; ``all events/step``
+counts nested ones too). ``--phase decode`` prints both, and the top ops by count.
 
     python benchmarks/profile_hf_step.py --cache tiered_full --prompt-tokens 32768
+    python benchmarks/profile_hf_step.py --device cpu --tiny --cache tiered_h2o --batch 8
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import json
 import sys
 from pathlib import Path
 
@@ -14,23 +22,57 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+def op_counts(prof, steps: int) -> dict:
+    """Top-level and all op events per step, and the top-level ones by name."""
+    top, every = collections.Counter(), 0
+    for e in prof.events():
+        if e.device_type.name != "CPU" or e.name.startswith("ProfilerStep"):
+            continue
+        every += 1
+        parent = e.cpu_parent
+        while parent is not None and parent.name.startswith("ProfilerStep"):
+            parent = parent.cpu_parent
+        if parent is None:
+            top[e.name] += 1
+    return {"ops_per_step": sum(top.values()) / steps, "events_per_step": every / steps,
+            "top_ops_per_step": {k: v / steps for k, v in top.most_common(25)}}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cache", default="tiered_full")
-    ap.add_argument("--model", default="qwen2")
+    ap.add_argument("--cache", default="tiered_full", help="a cache of hf_caches.py")
+    ap.add_argument("--model", default="qwen2", choices=("llama", "qwen2"))
+    ap.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
+    ap.add_argument("--tiny", action="store_true", help="hf_caches.py's tiny model")
+    ap.add_argument("--batch", type=int, default=1, help="sequences (equal-length prompts)")
     ap.add_argument("--prompt-tokens", type=int, default=32768)
-    ap.add_argument("--new-tokens", type=int, default=12)
-    ap.add_argument("--rows", type=int, default=30)
+    ap.add_argument("--new-tokens", type=int, default=12, help="decode steps profiled")
+    ap.add_argument("--rows", type=int, default=30, help="rows of each table")
     ap.add_argument("--phase", choices=("decode", "prefill", "generate"), default="decode")
+    ap.add_argument("--no-cprofile", action="store_true", help="decode: skip the cProfile table")
+    ap.add_argument("--json", type=Path, default=None, help="decode: write the op counts here")
     a = ap.parse_args(argv)
+    if a.batch < 1 or a.new_tokens < 1 or a.prompt_tokens < 1:
+        ap.error("--batch, --new-tokens and --prompt-tokens must be at least 1")
     import torch
     from torch.profiler import ProfilerActivity, profile
     import hf_caches as hc
-    device = torch.device("cuda")
-    cfg = hc.model_config("cuda", False, a.model, a.prompt_tokens + a.new_tokens)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: torch sees no CUDA device (use --device cpu)", file=sys.stderr)
+        return 2
+    device = torch.device(a.device)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    # the context the caches are sized for: the prompt, its first token and the profiled
+    # steps (twice with cProfile), as hf_caches.py sizes them for its run
+    context = a.prompt_tokens + 1 + 2 * a.new_tokens
+    cfg = hc.model_config(device.type, a.tiny, a.model, context)
     model = hc.build_model(cfg, device)
-    ids = hc.make_prompt(cfg, a.prompt_tokens, device)
-    specs = hc.cache_specs(cfg, device, a.prompt_tokens + a.new_tokens, a.prompt_tokens)
+    ids = hc.make_prompt(cfg, a.prompt_tokens, device, a.batch)
+    specs = hc.cache_specs(cfg, device, context, a.prompt_tokens, a.batch)
+    if a.cache not in specs:
+        ap.error(f"unknown cache {a.cache!r}; choose from {', '.join(specs)}")
     _, make, chunk = specs[a.cache]
     kw = {"max_new_tokens": a.new_tokens, "do_sample": False}
     if chunk:
@@ -42,42 +84,61 @@ def main(argv=None) -> int:
             model.generate(ids, past_key_values=cache, max_new_tokens=1, do_sample=False,
                            **({"prefill_chunk_size": chunk} if chunk else {}))
             nxt = ids[:, -1:]
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            mask = torch.ones((a.batch, ids.shape[1]), dtype=torch.long, device=device)
+
+            def step(nxt, mask):  # as generate feeds a decode step: the mask grows by one
+                mask = torch.cat((mask, mask.new_ones((a.batch, 1))), dim=1)
+                out = model(nxt, attention_mask=mask, past_key_values=cache, use_cache=True)
+                return out.logits[:, -1:].argmax(-1), mask
+            sync()
+            with profile(activities=acts) as prof:
                 for _ in range(a.new_tokens):
-                    out = model(nxt, past_key_values=cache, use_cache=True)
-                    nxt = out.logits[:, -1:].argmax(-1)
-                torch.cuda.synchronize()
+                    nxt, mask = step(nxt, mask)
+                sync()
         elif a.phase == "generate":  # Python hot spots of a whole generate(), cProfile
             import cProfile
             import pstats
             pr = cProfile.Profile()
-            torch.cuda.synchronize()
+            sync()
             pr.enable()
             model.generate(ids, past_key_values=cache, **kw)
-            torch.cuda.synchronize()
+            sync()
             pr.disable()
             pstats.Stats(pr).sort_stats("tottime").print_stats(a.rows)
             return 0
         else:
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            with profile(activities=acts) as prof:
                 model.generate(ids, past_key_values=cache, max_new_tokens=1, do_sample=False,
                                **({"prefill_chunk_size": chunk} if chunk else {}))
-                torch.cuda.synchronize()
-        if a.phase == "decode":  # Python-level hot spots of the same steps
+                sync()
+        if a.phase == "decode" and not a.no_cprofile:  # Python hot spots of the same steps
             import cProfile
             import pstats
             pr = cProfile.Profile()
             pr.enable()
             for _ in range(a.new_tokens):
-                out = model(nxt, past_key_values=cache, use_cache=True)
-                nxt = out.logits[:, -1:].argmax(-1)
-            torch.cuda.synchronize()
+                nxt, mask = step(nxt, mask)
+            sync()
             pr.disable()
             pstats.Stats(pr).sort_stats("tottime").print_stats(25)
-    print(f"=== {a.cache} {a.phase}: {a.new_tokens if a.phase == 'decode' else 1} steps")
+    steps = a.new_tokens if a.phase == "decode" else 1
+    print(f"=== {a.cache} {a.phase} batch {a.batch}: {steps} steps")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.rows))
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))
+    if cuda:
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))
+    counts = op_counts(prof, steps)
+    layers = cfg.num_hidden_layers
+    print(f"ops/step {counts['ops_per_step']:.1f} (top-level torch ops; "
+          f"{counts['ops_per_step'] / layers:.1f} per layer of {layers}), "
+          f"all events/step {counts['events_per_step']:.1f}")
+    for name, n in counts["top_ops_per_step"].items():
+        print(f"  {n:8.1f}  {name}")
+    if a.json is not None:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps({"cache": a.cache, "batch": a.batch, "device": a.device,
+                                      "tiny": a.tiny, "model": a.model, "layers": layers,
+                                      "prompt_tokens": a.prompt_tokens, "steps": steps,
+                                      **counts}, indent=2) + "\n")
     return 0
 
 

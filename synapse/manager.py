@@ -524,12 +524,14 @@ class TierManager:
         # the round runs after the step's scores and keeps at most the low watermark
         self.policy.begin_round(int(self.watermarks.low * self.l1_capacity) // self.sizes[Fmt.FP16])
         to_free = self.watermarks.bytes_to_free(used, self.l1_capacity)
-        cand = self._evictable(protected)
+        prefetching = self.prefetch is not None and self.prefetch.max_blocks > 0 \
+            and self.demotion is not Demotion.DROP
+        # the candidates only where a demotion or a prefetch needs them (most steps: none)
+        cand = self._evictable(protected) if to_free > 0 or prefetching else None
         demotions = self._evict(self._lowest_covering(cand, to_free, step), step, False) \
             if to_free > 0 else []
         prefetches: list[Move] = []
-        if self.prefetch is not None and self.prefetch.max_blocks > 0 and not demotions \
-                and self.demotion is not Demotion.DROP:
+        if prefetching and not demotions:
             l2 = self.table.ids_in(Tier.L2)
             l2 = l2[~self._in_flight(l2)]
             headroom = self.watermarks.headroom_bytes(used, self.l1_capacity)

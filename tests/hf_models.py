@@ -5,9 +5,20 @@ No weights are downloaded: every model is built from a config and seeded.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 VOCAB = 96
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: torch's thread pool costs more than it saves (3x on a busy machine).
+    Autouse in a test module that imports it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def tiny_config(layers: int = 2, **kw):

@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from hf_models import VOCAB, tiny_model  # noqa: E402
+from hf_models import VOCAB, one_thread, tiny_model  # noqa: E402,F401
 
 from synapse.errors import CapacityError  # noqa: E402
 from synapse.hf import TieredCache, UnsupportedModel  # noqa: E402
@@ -27,15 +27,6 @@ CONFIGS = [(1, 1), (3, 2), (1, 2), (3, 1)]  # (rows, num_beams)
 # with evictions: every model x policy x demotion, the batch configuration rotating over
 # them (each model meets each configuration 3 times)
 EVICTING = [(f, p, d) for f in FAMILIES for p in POLICIES for d in DEMOTES]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: torch's thread pool costs more than it saves (3x on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @functools.lru_cache(maxsize=None)

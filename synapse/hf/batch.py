@@ -6,9 +6,13 @@ block table, policy and a 1/B share of the budgets), and it never stores a pad t
 a pad is dropped before it reaches the sequence's arena, so no policy keeps, scores or
 protects one (the sinks of a left-padded prompt are its first real tokens).
 
-What attention sees per layer: ``[B, kv_heads, N, head_dim]`` with sequence ``b``'s keys
-(in its own order: compacted L1, L2 read through, this step's last) in ``[0, n_b)`` and
-zeros after, and a 4D mask built here, once per forward pass, replacing the one
+The sequences' L1 planes are one tensor (``synapse.hf.planes``): where the rows' layouts
+allow it, a layer costs the torch ops of one sequence whatever the batch; otherwise the
+batch loops over its sequences. What attention sees per layer: ``[B, kv_heads, N,
+head_dim]`` with sequence ``b``'s keys (in its own order: compacted L1, L2 read through,
+this step's last) in ``[0, n_b)`` and masked slots after (finite: zeros, or on the
+shared planes whatever that row's arena holds there), and a 4D mask built here, once
+per forward pass, replacing the one
 transformers built from the 2D mask (whose positions assume keys in position order): a
 real query of rank ``r`` among the step's real tokens sees keys ``j < n_b - q_b + r + 1``;
 a pad query sees key slot 0 only (its output is never used; a row with no key at all
@@ -17,7 +21,7 @@ bool mask for ``sdpa`` and an additive one for ``eager``; other attention
 implementations are refused before the first token.
 
 Beam search and the batch verbs reorder the sequences; a sequence chosen twice is
-copied (``copy.deepcopy`` of its stack).
+copied (``copy.deepcopy`` of its stack, its L1 bytes gathered with the others').
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import torch
 
 from ..errors import CapacityError
 from .errors import UnsupportedModel
+from .planes import SharedL1, SharedPlanes
+from .scores import decode_mass
 
 MASK_IMPLEMENTATIONS = ("sdpa", "eager")
 
@@ -54,27 +60,15 @@ def check_implementation(model, model_type: str) -> str:
     return impl
 
 
-def decode_mass(q: torch.Tensor, k: torch.Tensor, scaling: float,
-                allowed: torch.Tensor) -> torch.Tensor:
-    """``scores.token_mass`` of one query per row for a whole batch: ``q`` [B, Hq, 1, D],
-    ``k`` [B, Hkv, N, D], ``allowed`` [B, 1, 1, N] bool (a row's own keys; None: all). Per row the
-    attention each key receives, averaged over heads: float32 [B, N] (zero off the row's
-    keys). Logits in the keys' dtype, normalised in float32, as ``token_mass``."""
-    b, hq, _, d = q.shape
-    hk, n = k.shape[1], k.shape[2]
-    logits = torch.matmul(q.to(k.dtype).reshape(b, hk, hq // hk, d), k.transpose(-1, -2))
-    logits = logits.to(torch.float32) * scaling                # [B, Hkv, g, N]
-    if allowed is not None:  # None: every key of every row
-        logits = logits.masked_fill(~allowed.view(b, 1, 1, n), float("-inf"))
-    return torch.softmax(logits, dim=-1).sum(dim=(1, 2)) / hq
-
-
-class BatchedSequences:
+class BatchedSequences(SharedPlanes):
     """The sequences of a batch and this forward pass's layout (module docstring)."""
 
-    def __init__(self, owner, children: list) -> None:
+    def __init__(self, owner, children: list, l1: SharedL1 | None = None) -> None:
         self.owner = owner
         self.children = children
+        self.l1 = l1
+        self.plan = None  # this pass on the shared planes (``_plan``), or None
+        self.mass: torch.Tensor | None = None  # a decode step's masses so far, [B, N]
         self.rows: list = []        # per sequence: (selector of its real new tokens, count)
         self.lengths: list[int] = []  # per sequence: keys it returns this pass
         self.mask: torch.Tensor | None = None     # as the attention implementation takes it
@@ -103,13 +97,13 @@ class BatchedSequences:
         rows, lengths = [], []
         counts = [q] * b if attention_mask is None or q == 1 else real.sum(1).tolist()
         for i, child in enumerate(self.children):
-            r, n_real = real[i], counts[i]
+            n_real = counts[i]
             if n_real == q:
                 sel = slice(None)
-            elif n_real == 0 or bool(r[q - n_real:].all()):  # left padding: a real suffix
+            elif n_real == 0 or bool(real[i, q - n_real:].all()):  # left padding: a real suffix
                 sel = slice(q - n_real, None)
             else:
-                sel = torch.nonzero(r).flatten().to(device)
+                sel = torch.nonzero(real[i]).flatten().to(device)
             rows.append((sel, n_real))
             if n_real:  # every sequence checked before any begins: a refusal changes nothing
                 child._ensure_started(device, dtype)
@@ -122,9 +116,12 @@ class BatchedSequences:
             else:
                 lengths.append(0)
         self.rows, self.lengths = rows, lengths
+        self.mass = None
         if self.owner.record_masses:
             self.owner.batch_lengths.append(list(lengths))
         self.mask = self._mask(real, lengths, device, dtype, impl)
+        self.plan = self._plan(q, device, dtype)
+
 
     def _mask(self, real: torch.Tensor, lengths: list[int], device, dtype, impl: str):
         n = max(1, max(lengths))
@@ -148,6 +145,8 @@ class BatchedSequences:
         return out.masked_fill_(~allowed, torch.finfo(dtype).min)
 
     def update(self, key_states, value_states, layer: int, query):
+        if self.plan is not None:
+            return self._update_shared(key_states, value_states, layer, query)
         b, h, _, d = key_states.shape
         scaling = None if query is None else self.owner.tap.scaling(layer)
         n = max(1, max(self.lengths))
@@ -171,12 +170,35 @@ class BatchedSequences:
                 keys[i, :, got:] = 0
                 values[i, :, got:] = 0
         if together:
-            tok = decode_mass(query, keys, scaling, self.allowed)
-            for i, child in enumerate(self.children):
-                child._add_mass(tok[i, : self.lengths[i]])
-                if layer == self.owner.num_layers - 1:
+            last = layer == self.owner.num_layers - 1
+            self._decode_mass(decode_mass(query, keys, scaling, self.allowed), last)
+            if last:
+                for child in self.children:
                     child._end_step()
         return keys, values
+
+    def _decode_mass(self, tok: torch.Tensor, last: bool) -> None:
+        """A decode step's token masses of one layer, [B, N]: summed over the layers here,
+        then per block for every row at once (one copy to the host) at the last layer,
+        each row's handed to its sequence in its live order (``TieredCache._block_masses``
+        per row). With ``record_masses`` each sequence keeps its per-layer rows itself."""
+        kids = self.children
+        if self.owner.record_masses:
+            for i, child in enumerate(kids):
+                child._add_mass(tok[i, : self.lengths[i]])
+            return
+        self.mass = tok if self.mass is None else self.mass.add_(tok)
+        if not last:
+            return
+        bt, mass = kids[0].block_tokens, self.mass
+        self.mass = None
+        pad = (-mass.shape[1]) % bt
+        if pad:
+            mass = torch.nn.functional.pad(mass, (0, pad))
+        blocks = (mass.view(len(kids), -1, bt).sum(-1) / self.owner.num_layers).cpu().numpy()
+        for i, child in enumerate(kids):
+            child._step_mass = child._live_masses(blocks[i, : -(-self.lengths[i] // bt)])
+
 
     # -- reordering -----------------------------------------------------------------------
     def select(self, indices) -> None:
@@ -187,16 +209,30 @@ class BatchedSequences:
                 raise IndexError(f"sequence index {i} out of range for a batch of {self.size}")
         for c in self.children:
             c.settle()
+        shared = self.l1 is not None and self.l1.holds(self.children)
+        if shared:  # copies take no L1 bytes along: regroup gathers them, in one op
+            for c in self.children:
+                c._backend.space("l1").t = _NO_BYTES
         used: set[int] = set()
         out = []
         for i in idx:
             out.append(self.children[i] if i not in used else copy.deepcopy(self.children[i]))
             used.add(i)
+        if shared:
+            big = self.l1.t
+            for c, i in zip(out, idx):
+                c._backend.space("l1").t = self.l1.views[i]
+            del big
         self.children = out
+        if self.l1 is None:
+            self.l1 = SharedL1(len(out))
+        self.l1.regroup(out)
 
     def repeat_interleave(self, repeats: int) -> None:
         self.select([i for i in range(self.size) for _ in range(repeats)])
 
+
+_NO_BYTES = torch.zeros(0, dtype=torch.uint8)  # an arena's tensor while its stack is copied
 
 # what one sequence's state is made of: moved to a child when a sequence becomes a batch
 _SEQUENCE_STATE = ("seen_tokens", "_begun", "step", "planner", "stack", "_backend", "_step",
@@ -265,7 +301,11 @@ class BatchMode:
         """Batch mode with ``b`` empty sequences: everything checked before anything
         changes, so an error leaves the cache as it was."""
         self._impl = check_implementation(self._model, self.model_type)
-        self._batch = BatchedSequences(self, [self._child(b) for _ in range(b)])
+        children = [self._child(b) for _ in range(b)]
+        l1 = SharedL1(b)
+        for i, c in enumerate(children):
+            c._l1_source = l1.source(i)
+        self._batch = BatchedSequences(self, children, l1)
         self._hook_attention()
 
     def _child(self, share: int):

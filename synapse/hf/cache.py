@@ -66,6 +66,7 @@ from .int4 import dequantize_layer_rows, layer_row_sections
 from .scores import FUSED_FROM_QUERIES, QueryTap, token_mass, token_mass_fused
 
 NEEDS_SCORES = ("h2o", "lru")  # h2o: accumulated attention; lru: "used" = mass threshold
+_NO_IDS, _NO_MASS = np.zeros(0, np.int64), np.zeros(0)  # a step without scores observes none
 
 
 class _Layer(CacheLayerMixin):
@@ -224,6 +225,7 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
         self._hooks: list = []       # the model's forward pre-hook (its attention mask)
         self._attn_hooks: list = []  # batch mode: each attention layer's mask
         self._batch: BatchedSequences | None = None
+        self._l1_source = None  # set by a batch on its sequences (synapse.hf.batch)
         super().__init__(layers=[_Layer(self, i) for i in range(self.num_layers)])
         if model is not None:
             self.attach(model)
@@ -325,6 +327,7 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
             * shape.fp16_bytes
         backend = TorchBackend(device, shape, dtype, vmm=self.vmm,
                                l2_int4=self.demote == "l2_int4")
+        backend.l1_source = self._l1_source  # a batch's shared L1 planes (synapse.hf.batch)
         k = self._policy_kw
         settings = PolicySettings(k["policy"], k["demote"], k["heavy_ratio"], k["sink_blocks"],
                                   k["high_watermark"], k["low_watermark"], k["eviction_ratio"],
@@ -333,6 +336,7 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
                                  self.l2_budget_tokens * shape.token_bytes, settings,
                                  l2_compact=True, tail_last=True)
         self.planner = SequencePlanner(self.stack.manager, self.block_tokens, self.access_factor)
+        backend.l1_source = None  # used once: a copied stack must not hold the batch's
         self.device, self.dtype, self._backend = device, dtype, backend
 
     # -- queries ---------------------------------------------------------------------------
@@ -398,6 +402,9 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
 
     # -- the Cache API ---------------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if torch.is_grad_enabled():  # the arena is written in place: never part of a graph
+            with torch.no_grad():
+                return self.update(key_states, value_states, layer_idx, *args, **kwargs)
         if self.on_update is not None:
             self.on_update(layer_idx, key_states, value_states)
         if self._batch is not None:
@@ -420,15 +427,17 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
             self._begin_step(key_states.shape[-2])
         st = self._step
         q = key_states.shape[-2]
-        kp, vp = st["l1"][2 * layer_idx], st["l1"][2 * layer_idx + 1]
-        a, n = st["new_at"], st["l1_tokens"]
-        kp[a:n].copy_(key_states[0].transpose(0, 1))
-        vp[a:n].copy_(value_states[0].transpose(0, 1))
+        new = st.get("new")
+        if new is None:  # the step's first layer: its views of the planes, made once
+            new = self._step_views(st)
+        new[2 * layer_idx].copy_(key_states)
+        new[2 * layer_idx + 1].copy_(value_states)
         if st["l2_blocks"]:
-            keys, values = self._read_through(layer_idx, kp, vp, st["cut"], n)
+            keys, values = self._read_through(layer_idx, st["l1"][2 * layer_idx],
+                                              st["l1"][2 * layer_idx + 1], st["cut"],
+                                              st["l1_tokens"])
         else:
-            keys = kp[:n].permute(1, 0, 2).unsqueeze(0)
-            values = vp[:n].permute(1, 0, 2).unsqueeze(0)
+            keys, values = st["out"][2 * layer_idx], st["out"][2 * layer_idx + 1]
         if qs is not None:
             mass = token_mass_fused if q >= FUSED_FROM_QUERIES and keys.is_cuda else token_mass
             scale = self.tap.scaling(layer_idx) if scaling is None else scaling
@@ -590,8 +599,7 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
         a = n - q
         cut = a - self.seen_tokens % bt       # where the tail block starts: a block boundary
         m = l2.num_live
-        st = {"l1": self._backend.space("l1").typed(self.dtype, self.kv_heads, self.head_dim),
-              "new_at": a, "cut": cut, "l1_tokens": n, "l2_blocks": m,
+        st = {"l1": self._l1_planes(), "new_at": a, "cut": cut, "l1_tokens": n, "l2_blocks": m,
               "l2_int4": self.demote == "l2_int4", "l2_ready": {}, "l2_done": set()}
         if m:
             per = l2.slot_bytes // self.shape.planes
@@ -605,6 +613,27 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
             st["l2_buf"] = buf
             st["copy_stream"] = self._copy_stream()
         self._step = st
+
+    @staticmethod
+    def _step_views(st: dict) -> tuple:
+        """Head-major views of the L1 planes, one per plane, ``[1, kv_heads, tokens,
+        head_dim]`` as attention takes them: ``out`` (the live tokens; None when L2 blocks
+        are read through) and ``new`` (this step's, written by two copies a layer)."""
+        n = st["l1_tokens"]
+        hm = st["l1"][:, :n].permute(0, 2, 1, 3).unsqueeze(1)
+        st["new"] = hm[..., st["new_at"]:n, :].unbind(0)
+        st["out"] = None if st["l2_blocks"] else hm.unbind(0)
+        return st["new"]
+
+    def _l1_planes(self) -> torch.Tensor:
+        """The L1 arena as ``[planes, tokens, kv_heads, head_dim]`` of the model's dtype
+        (made again only when the arena's tensor changes)."""
+        t = self._backend.space("l1").t
+        got = getattr(self, "_typed", None)
+        if got is None or got[0] is not t:
+            view = self._backend.space("l1").typed(self.dtype, self.kv_heads, self.head_dim)
+            got = self._typed = (t, view)
+        return got[1]
 
     def _copy_stream(self):
         if self.device.type != "cuda":
@@ -674,7 +703,7 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
             mass = self._step_mass if isinstance(self._step_mass, np.ndarray) else self._block_masses()
             moves = pl.observe(t, pl.live_ids(), mass.astype(np.float64))
         else:
-            moves = pl.observe(t, pl.live_ids()[:0], np.zeros(0))
+            moves = pl.observe(t, _NO_IDS, _NO_MASS)
         self._moves(moves, t)
         self._track_peak()
         c, table = pl.mgr.counters, pl.mgr.table

@@ -10,7 +10,10 @@ from .errors import UnsupportedModel
 
 # not copied by copy.deepcopy: hooks, the model, streams and buffers made again on demand
 _NOT_COPIED = ("tap", "_model", "_hooks", "_attn_hooks", "_cs", "_l2_free", "_l2_buf",
-               "_monitor_probe")
+               "_monitor_probe", "_typed", "_l1_source")
+# a step's views of the L1 planes: made again by the next step (a batch's are views of
+# the batch's shared tensor, which a copy of one sequence must not take along)
+_STEP_NOT_COPIED = ("copy_stream", "l2_buf", "l2_ready", "l1", "new", "out")
 
 
 class CopiesAndCrops:
@@ -36,10 +39,10 @@ class CopiesAndCrops:
             if k in _NOT_COPIED:
                 continue
             if k == "_step" and v is not None:
-                v = {a: b for a, b in v.items() if a not in ("copy_stream", "l2_buf", "l2_ready")}
+                v = {a: b for a, b in v.items() if a not in _STEP_NOT_COPIED}
             new.__dict__[k] = copy.deepcopy(v, memo)
         new.tap, new._model, new._hooks, new._attn_hooks = None, None, [], []
-        new._l2_free, new._l2_buf, new._cs = {}, None, None
+        new._l2_free, new._l2_buf, new._cs, new._l1_source = {}, None, None, None
         for c in new.sequences:
             c._rekey_arenas()
         if self._model is not None:

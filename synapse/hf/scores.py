@@ -198,17 +198,33 @@ def token_mass(q: torch.Tensor, k: torch.Tensor, scaling: float, past: int,
     row_bytes = b * hq * n * (k.element_size() + 4)
     rows = max(1, min(nq, max_bytes // max(1, row_bytes)))
     kt = k.transpose(-1, -2)  # [B, Hkv, D, N], a view
-    total = torch.zeros(n, dtype=torch.float32, device=k.device)
+    total = None  # the first piece is the total so far (0 + x is x: no zeros to add to)
     for lo in range(0, nq, rows):
         hi = min(nq, lo + rows)
-        qc = q[:, :, lo:hi].to(k.dtype).reshape(b, hk, g * (hi - lo), d)
+        qc = (q if rows == nq else q[:, :, lo:hi]).to(k.dtype).reshape(b, hk, g * (hi - lo), d)
         logits = torch.matmul(qc, kt).view(b, hk, g, hi - lo, n)
         if hi > lo + 1 or nq > 1:
             r = torch.arange(lo, hi, device=k.device)[:, None]
             c = torch.arange(n, device=k.device)[None, :]
             logits = logits.masked_fill(c > past + r, float("-inf"))
-        total += torch.softmax(logits.to(torch.float32) * scaling, dim=-1).sum(dim=(0, 1, 2, 3))
+        part = torch.softmax(logits.to(torch.float32) * scaling, dim=-1).sum(dim=(0, 1, 2, 3))
+        total = part if total is None else total.add_(part)
     return total / (b * hq * nq)
+
+
+def decode_mass(q: torch.Tensor, k: torch.Tensor, scaling: float,
+                allowed: torch.Tensor) -> torch.Tensor:
+    """``scores.token_mass`` of one query per row for a whole batch: ``q`` [B, Hq, 1, D],
+    ``k`` [B, Hkv, N, D], ``allowed`` [B, 1, 1, N] bool (a row's own keys; None: all). Per row the
+    attention each key receives, averaged over heads: float32 [B, N] (zero off the row's
+    keys). Logits in the keys' dtype, normalised in float32, as ``token_mass``."""
+    b, hq, _, d = q.shape
+    hk, n = k.shape[1], k.shape[2]
+    logits = torch.matmul(q.to(k.dtype).reshape(b, hk, hq // hk, d), k.transpose(-1, -2))
+    logits = logits.to(torch.float32) * scaling                # [B, Hkv, g, N]
+    if allowed is not None:  # None: every key of every row
+        logits = logits.masked_fill(~allowed.view(b, 1, 1, n), float("-inf"))
+    return torch.softmax(logits, dim=-1).sum(dim=(1, 2)) / hq
 
 
 def block_mass(tok: torch.Tensor, block_index: torch.Tensor, num_blocks: int) -> torch.Tensor:

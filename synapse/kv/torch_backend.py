@@ -137,6 +137,10 @@ class TorchBackend(Backend):
         self.bytes_moved = {"h2d": 0, "d2h": 0, "d2d": 0, "h2h": 0}
         self._q_err: list[torch.Tensor] = []  # INT4 reconstruction error of what was demoted
         self.q_count = 0
+        # where L1's planes come from when not allocated here: a callable (nbytes, planes,
+        # device) -> uint8 [planes, nbytes / planes] tensor or None (synapse.hf.batch: the
+        # sequences of a batch share one tensor, so a layer's op covers all of them)
+        self.l1_source = None
 
     # -- memory -----------------------------------------------------------------------
     def memory(self, space: str, nbytes: int, kind: str) -> PlaneMemory:
@@ -154,6 +158,12 @@ class TorchBackend(Backend):
         return mem
 
     def paged_memory(self, space: str, nbytes: int) -> PlaneMemory:
+        if self.l1_source is not None and self.vmm_requested is not True:
+            t = self.l1_source(nbytes, self.planes, self.device)
+            if t is not None:
+                mem = self._mem[space] = PlaneMemory(space, nbytes, "device", self.planes,
+                                                     self.device, tensor=t)
+                return mem
         if not self.cuda or self.vmm_requested is False:
             return self.memory(space, nbytes, "device")
         mem = self._mem[space] = self._vmm_memory(space, nbytes)
