@@ -234,6 +234,14 @@ class Attention(Op):
     sizes. ``query`` is [layers, heads, head_dim] float32 (None on the simulator); the
     result is the attention output [layers, heads, head_dim] and the per-block
     log-sum-exp [layers, heads, num_blocks].
+
+    With ``segments`` (int64 [S + 1], from 0 to the number of blocks), the op is S
+    requests' attention in one launch: request s reads blocks
+    ``segments[s]:segments[s + 1]`` with its own query ``query[s]`` (``query``: S arrays
+    of [layers, heads, head_dim], or one [S, layers, heads, head_dim] array), and the
+    result is a list of S ``(output, block lse)`` pairs, each what the one-request op over
+    that request's blocks returns. The simulator charges it as one op: the bytes and FLOPs
+    of all requests, one launch.
     """
 
     space: str = "l1"
@@ -249,10 +257,16 @@ class Attention(Op):
     # False: the output stays on the device, as a model's next layer would read it (the
     # serving drivers never read it; copying it back cost 33 us of host time per op).
     readback: bool = True
+    segments: Optional[np.ndarray] = None
 
     @property
     def kind(self):
         return "attention"
+
+    @property
+    def num_segments(self) -> int:
+        """Requests in the op (1 without ``segments``)."""
+        return 1 if self.segments is None else len(self.segments) - 1
 
     @property
     def nbytes(self):

@@ -535,6 +535,8 @@ class CudaBackend(Backend):
         return self._scratch_mem[0]
 
     def _attention(self, op: Attention, s: int, ticket: _Ticket):
+        if op.segments is not None:
+            return self._attention_segments(op, s, ticket)
         from . import kernels
         lay = op.layout
         nb = len(op.offsets)
@@ -553,12 +555,7 @@ class CudaBackend(Backend):
         off = self.staging.take(total, s)
         host = self.staging.host
         buf = host.view(off, up)
-        np.add(op.offsets, self._mem[op.space].base, out=buf[:8 * nb].view(np.int64),
-               casting="unsafe")
-        np.take(_FMT_LUT, op.fmts, out=buf[p_ptr:p_ptr + 4 * nb].view(np.int32))
-        o = p_ptr + p_fmt
-        buf[o:o + 4 * nb].view(np.int32)[:] = op.n_valid
-        o += p_nv
+        o = self._stage_table(op, buf, p_ptr, p_fmt) + p_nv
         buf[o:o + q.nbytes] = q.reshape(-1).view(np.uint8)
         dev = self.staging.dev + off
         o_off, l_off = off + up, off + up + _pad256(o_bytes)
@@ -574,6 +571,64 @@ class CudaBackend(Backend):
             launch_attention(dev + up - p_q, dev, dev + p_ptr, dev + p_ptr + p_fmt,
                              op.softmax_scale, self.staging.dev + o_off,
                              self.staging.dev + l_off, self.compute)
+            if readback:
+                drv.memcpy_dtoh_async(host.address(o_off), self.staging.dev + o_off,
+                                      total - up, s)
+        return launch
+
+    def _stage_table(self, op: Attention, buf: np.ndarray, p_ptr: int, p_fmt: int) -> int:
+        """An attention op's block table into ``buf``: block addresses (u64) at 0, kernel
+        format codes (i32) at ``p_ptr``, valid tokens (i32) after; returns where those are."""
+        nb = len(op.offsets)
+        np.add(op.offsets, self._mem[op.space].base, out=buf[:8 * nb].view(np.int64),
+               casting="unsafe")
+        np.take(_FMT_LUT, op.fmts, out=buf[p_ptr:p_ptr + 4 * nb].view(np.int32))
+        o = p_ptr + p_fmt
+        buf[o:o + 4 * nb].view(np.int32)[:] = op.n_valid
+        return o
+
+    def _attention_segments(self, op: Attention, s: int, ticket: _Ticket):
+        """All of a step's requests in one launch (``kernels.SegmentsLauncher``): one
+        staging slice holds the block table, the segment and work-item tables and the S
+        queries (one upload); outputs [S, L, H, D] and every segment's lse come back in
+        one copy when read back."""
+        from . import kernels
+        lay = op.layout
+        nb, S = len(op.offsets), op.num_segments
+        L, H, D = lay.layers, lay.kv_heads, lay.head_dim
+        launcher = kernels.segments_launcher(L, H, D, lay.block_tokens, op.group_size)
+        bps, items = launcher.plan(op.segments)
+        q_bytes = 4 * L * H * D
+        p_ptr, p_fmt, p_nv = _pad256(8 * nb), _pad256(4 * nb), _pad256(4 * nb)
+        p_seg = _pad256(8 * (S + 1))  # seg_starts then item_starts, i32 each
+        up = p_ptr + p_fmt + p_nv + p_seg + _pad256(S * q_bytes)
+        o_bytes, l_bytes = S * q_bytes, 4 * L * H * max(nb, 1)
+        total = up + _pad256(o_bytes) + l_bytes
+        self.staging.reserve(total)
+        off = self.staging.take(total, s)
+        host = self.staging.host
+        buf = host.view(off, up)
+        o_seg = self._stage_table(op, buf, p_ptr, p_fmt) + p_nv
+        seg = buf[o_seg:o_seg + 8 * (S + 1)].view(np.int32)
+        seg[:S + 1] = op.segments
+        seg[S + 1:] = items
+        o_q = o_seg + p_seg
+        qs = buf[o_q:o_q + S * q_bytes].view(np.float32).reshape(S, L, H, D)
+        for i in range(S):  # each request's query straight into staging (no stacked copy)
+            qs[i] = op.query[i]
+        dev = self.staging.dev + off
+        o_off, l_off = off + up, off + up + _pad256(o_bytes)
+        upload = o_q + S * q_bytes
+        readback = op.readback
+        if readback:
+            ticket.post = ("segments", o_off, l_off, (S, L, H, D), op.segments.tolist())
+        num_items = int(items[-1])
+
+        def launch():
+            drv.memcpy_htod_async(dev, host.address(off), upload, s)
+            launcher.launch(dev + o_q, dev, dev + p_ptr, dev + p_ptr + p_fmt, dev + o_seg,
+                            dev + o_seg + 4 * (S + 1), S, num_items, bps, op.softmax_scale,
+                            self.staging.dev + o_off, self.staging.dev + l_off, self.compute)
             if readback:
                 drv.memcpy_dtoh_async(host.address(o_off), self.staging.dev + o_off,
                                       total - up, s)
@@ -636,11 +691,21 @@ class CudaBackend(Backend):
             raise KernelError(f"{t.op.kind} ({t.op.purpose}) failed on the GPU: {e}") from None
         t.done = True
         if t.post is not None:  # results leave the staging ring before it is reused
-            _, o_off, l_off, oshape, lshape = t.post
+            kind, o_off, l_off, oshape, lshape = t.post
             host = self.staging.host
             out = host.view(o_off, 4 * math.prod(oshape)).view(np.float32).reshape(oshape)
-            lse = host.view(l_off, 4 * math.prod(lshape)).view(np.float32).reshape(lshape)
-            t.value = (out.copy(), lse.copy())
+            if kind == "attention":
+                lse = host.view(l_off, 4 * math.prod(lshape)).view(np.float32).reshape(lshape)
+                t.value = (out.copy(), lse.copy())
+                return
+            # segments: lshape holds the segment bounds; segment i's lse [L, H, nb_i]
+            # starts at element L*H*bounds[i]
+            S, L, H, _ = oshape
+            bounds = lshape
+            lse = host.view(l_off, 4 * L * H * max(bounds[-1], 1)).view(np.float32)
+            t.value = [(out[i].copy(),
+                        lse[L * H * lo:L * H * hi].reshape(L, H, hi - lo).copy())
+                       for i, (lo, hi) in enumerate(zip(bounds, bounds[1:]))]
 
     def _wait_blocked(self, t: _Ticket) -> None:
         # The host waits for the device or the disk outside the driver's own waits (staging
