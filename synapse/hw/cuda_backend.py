@@ -26,8 +26,8 @@ import numpy as np
 
 from ..backend import Backend, _Wait, run_sync
 from ..errors import BackendUnavailable, CapacityError, KernelError
-from ..ops import (ZERO_STREAM, Attention, Copy, Dequantize, DiskIO, Ingest, LayerCompute, Op,
-                   OpRecord, Quantize, Region, Stream, Zero)
+from ..ops import (ZERO_PAGE_BYTES, ZERO_STREAM, Attention, Copy, Dequantize, DiskIO, Ingest,
+                   LayerCompute, Op, OpRecord, PinnedZero, Quantize, Region, Stream, Zero)
 from . import driver_api as drv
 from .disk_queue import DiskQueue
 from .pinned_pool import check_pinnable
@@ -100,23 +100,29 @@ class VmmDeviceMemory:
 
 
 class PinnedMemory:
-    """One page-locked host array (PyCUDA ``pagelocked_empty``)."""
+    """One page-locked host array (PyCUDA ``pagelocked_empty``). With a ``backend``, a
+    freed range is zeroed by a copy engine (``queue_zero``: a D2H copy from a device page
+    of zeros on the stream that next writes the space), and a host view waits for the
+    zeroing queued so far; without one (staging), on the host."""
 
     kind = "pinned_host"
 
-    def __init__(self, space: str, nbytes: int):
+    def __init__(self, space: str, nbytes: int, backend: "CudaBackend | None" = None):
         check_pinnable(nbytes)
         try:
             self.array = cuda.pagelocked_empty(max(nbytes, 256), np.uint8)
         except cuda.Error as e:
             raise CapacityError(f"page-locking {nbytes} bytes for {space} failed ({e}); check "
                                 f"`ulimit -l` and free host memory") from None
-        self.space, self.nbytes = space, nbytes
+        self.space, self.nbytes, self.backend = space, nbytes, backend
+        self.zeroing = None  # the ticket of the last zeroing copy queued into it
         self.base = int(self.array.ctypes.data)
         self.tracked = _track(self.base, self.array.nbytes, "pinned_host",
                               purpose_for_space(space), owner="cuda_backend")
 
     def view(self, offset: int, nbytes: int) -> np.ndarray:
+        if self.zeroing is not None:  # the host must not see (or write) what a copy clears
+            self.backend.settle_zero(self)
         return self.array[offset: offset + nbytes]
 
     def address(self, offset: int) -> int:
@@ -124,7 +130,10 @@ class PinnedMemory:
 
     def zero(self, offset: int, nbytes: int) -> None:
         # Freed at a commit, after the step's ops completed: nothing reads it any more.
-        self.array[offset: offset + nbytes] = 0
+        if self.backend is None:
+            self.array[offset: offset + nbytes] = 0
+        else:
+            self.backend.queue_zero(self, offset, nbytes)
 
     def free(self) -> None:
         _untrack(self.tracked)
@@ -278,8 +287,14 @@ class CudaBackend(Backend):
         return self._keep(space, self._vmm_memory(space, nbytes))
 
     def memory(self, space: str, nbytes: int, kind: str):
-        mem = DeviceMemory(self, space, nbytes) if kind == "device" else PinnedMemory(space, nbytes)
-        return self._keep(space, mem)
+        if kind == "device":
+            return self._keep(space, DeviceMemory(self, space, nbytes))
+        if "zeros" not in self._mem:  # the page pinned ranges are zeroed from (set-up)
+            zeros = DeviceMemory(self, "zeros", ZERO_PAGE_BYTES)
+            drv.memset_d8_async(zeros.base, 0, ZERO_PAGE_BYTES, self.streams[Stream.D2H])
+            drv.stream_synchronize(self.streams[Stream.D2H])
+            self._mem["zeros"] = zeros
+        return self._keep(space, PinnedMemory(space, nbytes, self))
 
     def _keep(self, space: str, mem):
         old = self._mem.pop(space, None)
@@ -334,9 +349,22 @@ class CudaBackend(Backend):
     def _flush_zero(self) -> None:
         pending, self._pending_zero = self._pending_zero, {}
         for space, ranges in pending.items():
+            mem = self._mem[space]
+            if isinstance(mem, PinnedMemory):
+                mem.zeroing = self._enqueue(PinnedZero.of(space, ranges),
+                                            ZERO_STREAM.get(space, Stream.D2H), ())
+                continue
             regions = tuple(Region(space, o, n) for o, n in ranges)
             self._enqueue(Zero(purpose="zero_on_free", regions=regions),
                           ZERO_STREAM.get(space, Stream.COMPUTE), ())
+
+    def settle_zero(self, mem: PinnedMemory) -> None:
+        """Wait for the zeroing copies queued into ``mem`` (before a host access)."""
+        if self._pending_zero.get(mem.space):
+            self._flush_zero()
+        if mem.zeroing is not None:
+            self._wait_blocked(mem.zeroing)
+            mem.zeroing = None
 
     def read_region(self, region: Region) -> np.ndarray:
         mem = self._mem[region.space]

@@ -9,7 +9,8 @@ The SimPy backend never computes a duration itself; it asks its ``Predictor``:
 - ``submit_seconds(op)``: host time to enqueue an op;
 - ``step_seconds()``: host time a driver spends per step outside its submits (the Python
   around the ops: planning, bookkeeping), charged at the step's safe point;
-- ``pinned_zero_seconds(nbytes)``: host memset of pinned memory.
+- ``pinned_zero_seconds(nbytes)``: host memset of pinned memory (what a ``PinnedZero``
+  costs where the host runs the ops: the cpu backend; elsewhere it is a D2H copy).
 
 Two predictors: ``ProfilePredictor``, the roofline/fit rates of the profile file, and
 ``TablePredictor``, per op kind (and per kind and purpose) a piecewise-linear fit over
@@ -28,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ScenarioError
-from ..ops import Copy, Dequantize, DiskIO, Ingest, LayerCompute, Attention, Prefill, Quantize, Zero
+from ..ops import (Attention, Copy, Dequantize, DiskIO, Ingest, LayerCompute, PinnedZero, Prefill,
+                   Quantize, Zero)
 from .profile import Profile
 
 PREDICTORS = ("profile", "table")
@@ -79,6 +81,8 @@ class ProfilePredictor:
     # -- device -------------------------------------------------------------------
     def uncontended_seconds(self, op) -> float:
         """The op's whole duration when nothing shares the link with it."""
+        if isinstance(op, PinnedZero) and self.profile.host.runs_ops:
+            return self.pinned_zero_seconds(op.nbytes)  # the cpu backend's memset
         if is_link_op(op):
             return self.link_fixed_seconds(op) + self.op_seconds(op)
         return self.op_seconds(op)
