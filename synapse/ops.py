@@ -29,6 +29,10 @@ class Stream(enum.Enum):
 
 # Which stream next writes each space, so a memset queued there is ordered before reuse.
 ZERO_STREAM = {"l1": Stream.H2D, "staging": Stream.COMPUTE, "l2": Stream.D2H}
+# Ops on these streams flush the pinned ranges waiting to be zeroed (``PinnedZero``):
+# the stream that writes pinned host memory, and the disk streams, whose host threads
+# read and write it.
+PINNED_ZERO_BEFORE = frozenset({Stream.D2H, Stream.DISK_READ, Stream.DISK_WRITE})
 
 
 @dataclass(frozen=True)

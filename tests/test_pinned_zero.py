@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from synapse.ops import ZERO_PAGE_BYTES, Ingest, PinnedZero, Region, Stream
+from synapse.ops import ZERO_PAGE_BYTES, Copy, Ingest, PinnedZero, Region, Stream
 from synapse.sim.backend import SimBackend
 from synapse.sim.profile import load_profile
 
@@ -22,7 +22,11 @@ def test_a_pinned_zero_is_one_d2h_batch_from_the_page_of_zeros_cut_into_pages():
     assert op.src_offsets.tolist() == [0, 0, 0] and op.nbytes == 4096 + ZERO_PAGE_BYTES + 100
 
 
+DEMOTE = Copy.between("demote", "d2h", Region("l1", 0, 4096), Region("l2", 0, 4096))
+
+
 def _zero_then_submit(profile):
+    """Two freed L2 slabs, then an op that does not write L2 (H2D) and one that does."""
     be = SimBackend(profile)
     l2 = be.memory("l2", 64 << 20, "pinned_host")
     be.memory("l1", 64 << 20, "device")
@@ -32,8 +36,16 @@ def _zero_then_submit(profile):
         l2.zero(8 << 20, 2 << 20)
         t = be.submit(Ingest(purpose="next", dst=(Region("l1", 0, 4096),)), Stream.H2D)
         yield be.wait([t])
+        t = be.submit(DEMOTE, Stream.D2H, [t])
+        yield be.wait([t])
     be.run(proc())
     return be
+
+
+def test_freed_pinned_ranges_are_zeroed_in_one_batch_before_the_next_op_that_writes_them():
+    be = _zero_then_submit(load_profile("h200"))
+    order = [(r.purpose, r.stream) for r in sorted(be.records(), key=lambda r: r.start_s)]
+    assert order == [("next", "h2d"), ("zero_pinned", "d2h"), ("demote", "d2h")]
 
 
 def test_the_simulator_charges_freed_pinned_ranges_as_a_d2h_copy_off_the_host():
@@ -43,10 +55,11 @@ def test_the_simulator_charges_freed_pinned_ranges_as_a_d2h_copy_off_the_host():
     assert [(r.kind, r.stream, r.count, r.nbytes) for r in zero] == [("memset", "d2h", 2, 4 << 20)]
     link = (4 << 20) / (prof.link.d2h_gb_per_s * 1e9) + 2 * prof.link.copy_latency_us * 1e-6
     assert zero[0].duration_s == pytest.approx(link, rel=0.01)  # the link model: a copy engine
-    # the host pays two submits (the zeroing batch, the ingest), not a memset
+    # the host pays three submits (the ingest, the zeroing batch, the demotion), no memset
     p = be.predictor
     submits = p.submit_seconds(PinnedZero.of("l2", [(0, 2 << 20), (8 << 20, 2 << 20)])) \
-        + p.submit_seconds(Ingest(purpose="next", dst=(Region("l1", 0, 4096),)))
+        + p.submit_seconds(Ingest(purpose="next", dst=(Region("l1", 0, 4096),))) \
+        + p.submit_seconds(DEMOTE)
     assert be.host_busy_s() == pytest.approx(submits)
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..backend import Backend, _Wait, run_sync
 from ..errors import BackendUnavailable, CapacityError, KernelError
-from ..ops import (ZERO_PAGE_BYTES, ZERO_STREAM, Attention, Copy, Dequantize, DiskIO, Ingest,
+from ..ops import (PINNED_ZERO_BEFORE, ZERO_PAGE_BYTES, ZERO_STREAM, Attention, Copy, Dequantize, DiskIO, Ingest,
                    LayerCompute, Op, OpRecord, PinnedZero, Quantize, Region, Stream, Zero)
 from . import driver_api as drv
 from .disk_queue import DiskQueue
@@ -346,14 +346,19 @@ class CudaBackend(Backend):
     def queue_zero(self, mem: DeviceMemory, offset: int, nbytes: int) -> None:
         self._pending_zero.setdefault(mem.space, []).append((offset, nbytes))
 
-    def _flush_zero(self) -> None:
-        pending, self._pending_zero = self._pending_zero, {}
-        for space, ranges in pending.items():
+    def _flush_zero(self, stream: Stream | None = None) -> None:
+        """Queue the zeroing owed: device ranges before any op, pinned ranges before an
+        op on ``PINNED_ZERO_BEFORE`` (the next to write them) or, with ``stream`` None,
+        now; a step frees its L2 slabs at several commits, and one batch clears them."""
+        pinned_too = stream is None or stream in PINNED_ZERO_BEFORE
+        for space in list(self._pending_zero):
             mem = self._mem[space]
             if isinstance(mem, PinnedMemory):
-                mem.zeroing = self._enqueue(PinnedZero.of(space, ranges),
-                                            ZERO_STREAM.get(space, Stream.D2H), ())
+                if pinned_too:
+                    mem.zeroing = self._enqueue(PinnedZero.of(space, self._pending_zero.pop(space)),
+                                                ZERO_STREAM.get(space, Stream.D2H), ())
                 continue
+            ranges = self._pending_zero.pop(space)
             regions = tuple(Region(space, o, n) for o, n in ranges)
             self._enqueue(Zero(purpose="zero_on_free", regions=regions),
                           ZERO_STREAM.get(space, Stream.COMPUTE), ())
@@ -380,7 +385,7 @@ class CudaBackend(Backend):
     # -- work -----------------------------------------------------------------------
     def submit(self, op: Op, stream: Stream, after: Sequence = ()) -> _Ticket:
         if self._pending_zero:
-            self._flush_zero()
+            self._flush_zero(stream)
         return self._enqueue(op, stream, after)
 
     def _enqueue(self, op: Op, stream: Stream, after: Sequence) -> _Ticket:
@@ -398,6 +403,9 @@ class CudaBackend(Backend):
             for t in after:
                 if t is not None and t.future is None:
                     self._wait_blocked(t)
+            for mem in self._mem.values():  # its thread may touch any pinned space
+                if isinstance(mem, PinnedMemory) and mem.zeroing is not None:
+                    self.settle_zero(mem)
             ticket.future = self._disk.submit(stream.value, op.run,
                                               [t.future for t in after if t is not None])
             self._tickets.append(ticket)

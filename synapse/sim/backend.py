@@ -18,7 +18,7 @@ from typing import Sequence
 import simpy
 
 from ..backend import Backend
-from ..ops import ZERO_STREAM, Copy, Op, OpRecord, PinnedZero, Stream, Zero
+from ..ops import PINNED_ZERO_BEFORE, ZERO_STREAM, Copy, Op, OpRecord, PinnedZero, Stream, Zero
 from .link import LinkModel
 from .predictor import is_link_op, predictor_for
 from .profile import Profile
@@ -94,20 +94,23 @@ class SimBackend(Backend):
             self._pinned.add(mem.space)
         self._pending_zero.setdefault(mem.space, []).extend(ranges)
 
-    def _flush_zero(self) -> None:
-        pending, self._pending_zero = self._pending_zero, {}
-        for space, ranges in pending.items():
+    def _flush_zero(self, stream: Stream) -> None:
+        # as the cuda backend: pinned ranges wait for an op that writes them
+        pinned_too = stream in PINNED_ZERO_BEFORE
+        for space in list(self._pending_zero):
             if space in self._pinned:
-                self._enqueue(PinnedZero.of(space, ranges), ZERO_STREAM.get(space, Stream.D2H),
-                              ())
+                if pinned_too:
+                    self._enqueue(PinnedZero.of(space, self._pending_zero.pop(space)),
+                                  ZERO_STREAM.get(space, Stream.D2H), ())
                 continue
+            ranges = self._pending_zero.pop(space)
             self._enqueue(_ZeroRanges(purpose="zero_on_free", space=space, ranges=ranges),
                           ZERO_STREAM.get(space, Stream.COMPUTE), ())
 
     # -- work ---------------------------------------------------------------------
     def submit(self, op: Op, stream: Stream, after: Sequence = ()) -> simpy.Event:
         if self._pending_zero:
-            self._flush_zero()
+            self._flush_zero(stream)
         return self._enqueue(op, stream, after)
 
     def _enqueue(self, op: Op, stream: Stream, after: Sequence) -> simpy.Event:
