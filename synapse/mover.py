@@ -318,8 +318,9 @@ class Mover:
         ids = np.asarray(ids, np.int64)
         tids = [table.tenant_id(t) for t in tenants]
         self.relocate()
-        reader = tids[0] if seg is None else np.repeat(np.array(tids, table.tenant.dtype),
-                                                       np.diff(seg))
+        reader = tids[0]
+        if seg is not None and tids.count(reader) != len(tids):  # several tenants' requests
+            reader = np.repeat(np.array(tids, table.tenant.dtype), seg[1:] - seg[:-1])
         bad = np.flatnonzero((table.tenant[ids] != reader) | (table.tier[ids] != _L1))
         if len(bad):
             self.manager.count_denied(len(bad))

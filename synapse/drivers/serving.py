@@ -336,24 +336,26 @@ class ServingDriver:
 
     def _ingest(self, started: list[Request]):
         regions, items = [], []
+        tb = self.sizes.token_bytes
         for r in started:
-            for p, b in enumerate(r.blocks):
-                n = int(self.table.token_end[b] - self.table.token_start[b])
-                region, _ = self.mover.block_region(b)
-                regions.append(Region("l1", region.offset, n * self.sizes.token_bytes, r.tenant))
+            ntok = (self.table.token_end[r.blocks] - self.table.token_start[r.blocks]).tolist()
+            # the offsets checked for the request's tenant per allocator at once
+            for p, (offset, n) in enumerate(zip(self.mover.l1_offsets(r.blocks), ntok)):
+                regions.append(Region("l1", offset, n * tb, r.tenant))
                 items.append((r.rid, p, 0, n))
         return self._submit_ingest(regions, items)
 
     def _ingest_tokens(self, items):
         self.mover.relocate()  # freed slots are zeroed (and compacted) before any check
-        regions, src = [], []
+        if self.backend.moves_data and self.s.checks.data:
+            for _, b, _, off in items:
+                if off == 0:
+                    self._check_zero(b)
         tb = self.sizes.token_bytes
-        for r, b, pos, off in items:
-            region, _ = self.mover.block_region(b)
-            if off == 0 and self.backend.moves_data and self.s.checks.data:
-                self._check_zero(b)
-            regions.append(Region("l1", region.offset + off * tb, tb, r.tenant))
-            src.append((r.rid, pos, off, off + 1))
+        offsets = self.mover.l1_offsets([b for _, b, _, _ in items])
+        regions = [Region("l1", o + off * tb, tb, r.tenant)
+                   for o, (r, _, _, off) in zip(offsets, items)]
+        src = [(r.rid, pos, off, off + 1) for r, _, pos, off in items]
         return self._submit_ingest(regions, src)
 
     def _submit_ingest(self, regions, items):
