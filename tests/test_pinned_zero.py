@@ -84,7 +84,11 @@ def test_the_cuda_backend_zeroes_a_freed_pinned_range_before_the_host_sees_it():
         l2.array[:] = 0xA5
         size = ZERO_PAGE_BYTES + 4096  # two rows: a page and a tail
         l2.zero(4096, size)
-        assert (l2.array[4096:4096 + size] == 0xA5).all()  # queued, not done on the host
+        be.memory("l1", 1 << 20, "device")
+        be.submit(Ingest(purpose="next", dst=(Region("l1", 0, 4096),),
+                         source=lambda i: np.ones(4096, np.uint8)), Stream.H2D)
+        # owed, not done on the host, nor yet queued (no op that writes L2 came)
+        assert (l2.array[4096:4096 + size] == 0xA5).all()
         got = l2.view(0, 3 * ZERO_PAGE_BYTES)  # flushes and waits
         assert (got[4096:4096 + size] == 0).all()
         assert (got[:4096] == 0xA5).all() and (got[4096 + size:] == 0xA5).all()

@@ -26,8 +26,9 @@ import numpy as np
 
 from ..backend import Backend, _Wait, run_sync
 from ..errors import BackendUnavailable, CapacityError, KernelError
-from ..ops import (PINNED_ZERO_BEFORE, ZERO_PAGE_BYTES, ZERO_STREAM, Attention, Copy, Dequantize, DiskIO, Ingest,
-                   LayerCompute, Op, OpRecord, PinnedZero, Quantize, Region, Stream, Zero)
+from ..ops import (PINNED_ZERO_BEFORE, ZERO_PAGE_BYTES, ZERO_STREAM, Attention, Copy, Dequantize,
+                   DiskIO, Ingest, LayerCompute, Op, OpRecord, PinnedZero, Quantize, Region,
+                   Stream, Zero)
 from . import driver_api as drv
 from .disk_queue import DiskQueue
 from .pinned_pool import check_pinnable
@@ -115,13 +116,14 @@ class PinnedMemory:
             raise CapacityError(f"page-locking {nbytes} bytes for {space} failed ({e}); check "
                                 f"`ulimit -l` and free host memory") from None
         self.space, self.nbytes, self.backend = space, nbytes, backend
+        self.zero_owed = False  # ranges freed whose zeroing is not done yet
         self.zeroing = None  # the ticket of the last zeroing copy queued into it
         self.base = int(self.array.ctypes.data)
         self.tracked = _track(self.base, self.array.nbytes, "pinned_host",
                               purpose_for_space(space), owner="cuda_backend")
 
     def view(self, offset: int, nbytes: int) -> np.ndarray:
-        if self.zeroing is not None:  # the host must not see (or write) what a copy clears
+        if self.zero_owed:  # the host must not see (or write) what a copy is to clear
             self.backend.settle_zero(self)
         return self.array[offset: offset + nbytes]
 
@@ -133,6 +135,7 @@ class PinnedMemory:
         if self.backend is None:
             self.array[offset: offset + nbytes] = 0
         else:
+            self.zero_owed = True
             self.backend.queue_zero(self, offset, nbytes)
 
     def free(self) -> None:
@@ -370,6 +373,7 @@ class CudaBackend(Backend):
         if mem.zeroing is not None:
             self._wait_blocked(mem.zeroing)
             mem.zeroing = None
+        mem.zero_owed = False
 
     def read_region(self, region: Region) -> np.ndarray:
         mem = self._mem[region.space]
@@ -404,7 +408,7 @@ class CudaBackend(Backend):
                 if t is not None and t.future is None:
                     self._wait_blocked(t)
             for mem in self._mem.values():  # its thread may touch any pinned space
-                if isinstance(mem, PinnedMemory) and mem.zeroing is not None:
+                if isinstance(mem, PinnedMemory) and mem.zero_owed:
                     self.settle_zero(mem)
             ticket.future = self._disk.submit(stream.value, op.run,
                                               [t.future for t in after if t is not None])
