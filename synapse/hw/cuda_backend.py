@@ -782,13 +782,14 @@ class CudaBackend(Backend):
         drv.event_record(self._base_event, self.streams[Stream.COMPUTE])
         self._blocked_s = run_sync(process, self._synchronize)
         self._run_wall_s = time.perf_counter() - self._t0
+        self._blocked_s += self._other_blocked_s  # waits after the run are not the run's
         self.synchronize_all()
 
     def host_busy_s(self) -> float | None:
         wall = getattr(self, "_run_wall_s", None)
         if wall is None:
             return None
-        return max(0.0, wall - self._blocked_s - self._other_blocked_s)
+        return max(0.0, wall - self._blocked_s)
 
     def records(self) -> list[OpRecord]:
         self.synchronize_all()
