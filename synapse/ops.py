@@ -121,13 +121,14 @@ class PinnedZero(Copy):
     def of(cls, space: str, ranges) -> "PinnedZero":
         """The op clearing ``ranges`` ((offset, nbytes) in ``space``); rows longer than
         the page are cut into pages."""
-        dst, sizes = [], []
-        for offset, nbytes in ranges:
-            for lo in range(0, nbytes, ZERO_PAGE_BYTES):
-                dst.append(offset + lo)
-                sizes.append(min(ZERO_PAGE_BYTES, nbytes - lo))
+        rows = np.array(ranges, np.int64).reshape(-1, 2)
+        dst, sizes = rows[:, 0], rows[:, 1]
+        if (sizes > ZERO_PAGE_BYTES).any():
+            cuts = [(o + lo, min(ZERO_PAGE_BYTES, n - lo)) for o, n in rows.tolist()
+                    for lo in range(0, n, ZERO_PAGE_BYTES)]
+            dst, sizes = np.array(cuts, np.int64).reshape(-1, 2).T
         return cls(dst_space=space, src_offsets=np.zeros(len(dst), np.int64),
-                   dst_offsets=np.array(dst, np.int64), sizes=np.array(sizes, np.int64))
+                   dst_offsets=np.ascontiguousarray(dst), sizes=np.ascontiguousarray(sizes))
 
     @property
     def kind(self):

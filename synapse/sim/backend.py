@@ -80,7 +80,7 @@ class SimBackend(Backend):
         self._host_s = 0.0
         self._host_busy = 0.0
         self._pending_zero: dict[str, list] = {}
-        self._pinned: set[str] = set()  # pinned host spaces with zeroing queued
+        self._pending_pinned: dict[str, list] = {}  # pinned host ranges (PinnedZero)
 
     # -- memory -------------------------------------------------------------------
     def memory(self, space: str, nbytes: int, kind: str) -> SimMemory:
@@ -90,26 +90,25 @@ class SimBackend(Backend):
         self.queue_zero_ranges(mem, [(offset, nbytes)])
 
     def queue_zero_ranges(self, mem: SimMemory, ranges: list) -> None:
-        if mem.kind == "pinned_host":
-            self._pinned.add(mem.space)
-        self._pending_zero.setdefault(mem.space, []).extend(ranges)
+        pending = self._pending_pinned if mem.kind == "pinned_host" else self._pending_zero
+        pending.setdefault(mem.space, []).extend(ranges)
 
     def _flush_zero(self, stream: Stream) -> None:
-        # as the cuda backend: pinned ranges wait for an op that writes them
-        pinned_too = stream in PINNED_ZERO_BEFORE
-        for space in list(self._pending_zero):
-            if space in self._pinned:
-                if pinned_too:
-                    self._enqueue(PinnedZero.of(space, self._pending_zero.pop(space)),
-                                  ZERO_STREAM.get(space, Stream.D2H), ())
-                continue
-            ranges = self._pending_zero.pop(space)
-            self._enqueue(_ZeroRanges(purpose="zero_on_free", space=space, ranges=ranges),
-                          ZERO_STREAM.get(space, Stream.COMPUTE), ())
+        if self._pending_zero:
+            pending, self._pending_zero = self._pending_zero, {}
+            for space, ranges in pending.items():
+                self._enqueue(_ZeroRanges(purpose="zero_on_free", space=space, ranges=ranges),
+                              ZERO_STREAM.get(space, Stream.COMPUTE), ())
+        if self._pending_pinned and stream in PINNED_ZERO_BEFORE:
+            # as on the cuda backend: pinned ranges wait for an op that writes them
+            pending, self._pending_pinned = self._pending_pinned, {}
+            for space, ranges in pending.items():
+                self._enqueue(PinnedZero.of(space, ranges), ZERO_STREAM.get(space, Stream.D2H),
+                              ())
 
     # -- work ---------------------------------------------------------------------
     def submit(self, op: Op, stream: Stream, after: Sequence = ()) -> simpy.Event:
-        if self._pending_zero:
+        if self._pending_zero or self._pending_pinned:
             self._flush_zero(stream)
         return self._enqueue(op, stream, after)
 
