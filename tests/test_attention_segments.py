@@ -110,8 +110,15 @@ def test_one_op_over_segments_gives_each_request_its_own_op_s_result(backend_nam
         be.close()
 
 
-def test_a_serving_step_issues_one_attention_op_for_all_running_requests():
-    r = run("tsunami", TINY_TSUNAMI, "cpu")
+def _skip_without_gpu(backend_name):
+    if backend_name == "cuda":
+        _backend("cuda").close()
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_a_serving_step_issues_one_attention_op_for_all_running_requests(backend_name):
+    _skip_without_gpu(backend_name)
+    r = run("tsunami", TINY_TSUNAMI, backend_name)
     att = [i for i, k in enumerate(r.ops["kind"]) if k == "attention"]
     steps = r.result["metrics"]["latency"]["step"]["count"]
     assert 0 < len(att) <= steps
@@ -120,12 +127,18 @@ def test_a_serving_step_issues_one_attention_op_for_all_running_requests():
     assert r.result["metrics"]["served"] > 0
 
 
+@pytest.mark.parametrize("backend_name", BACKENDS)
 @pytest.mark.parametrize("scenario, overrides", [("tsunami", TINY_TSUNAMI),
                                                  ("tenants", TINY_TENANTS)])
-def test_batched_attention_leaves_the_policy_s_decisions_as_on_the_simulator(scenario, overrides):
-    sim, cpu = run(scenario, overrides, "sim"), run(scenario, overrides, "cpu")
-    assert sim.decisions == cpu.decisions and len(sim.decisions) > 0
-    assert sim.result["metrics"]["l1_hits"] == cpu.result["metrics"]["l1_hits"]
+def test_batched_attention_leaves_the_policy_s_decisions_as_on_the_simulator(scenario, overrides,
+                                                                             backend_name):
+    _skip_without_gpu(backend_name)
+    sim, hw = run(scenario, overrides, "sim"), run(scenario, overrides, backend_name)
+    assert sim.decisions == hw.decisions and len(sim.decisions) > 0
+    assert sim.result["metrics"]["l1_hits"] == hw.result["metrics"]["l1_hits"]
+    if "roundtrip_checked" in hw.result["metrics"]:  # data checks on real bytes
+        assert hw.result["metrics"]["roundtrip_mismatches"] == 0
+        assert hw.result["metrics"]["zero_on_free_violations"] == 0
 
 
 def _driver_with_two_tenants_running():
