@@ -32,6 +32,21 @@ from synapse.scenarios.loader import load_scenario  # noqa: E402
 SPLIT = ("wall_s", "host_busy_s", "decision_s", "host_rest_s", "host_rest_fraction")
 
 
+def _per_step(metrics: dict) -> dict:
+    """Op and step counts of the run, and the host's time apart from decisions per step
+    (hardware backends) or the simulator's own run time per step."""
+    lat = metrics.get("latency", {})
+    steps = lat.get("step", {}).get("count") or 0
+    out = {"steps": steps, "ops": sum(v.get("count", 0) for k, v in lat.items() if k != "step"),
+           "attention_ops": lat.get("attention", {}).get("count", 0)}
+    rest = metrics.get("host_rest_s")
+    if steps:
+        out["wall_ms_per_step"] = 1e3 * metrics["wall_s"] / steps
+        if rest is not None:
+            out["host_rest_ms_per_step"] = 1e3 * rest / steps
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backend", default="cuda")
@@ -59,9 +74,11 @@ def main(argv=None) -> int:
         st.sort_stats("cumulative").print_stats(a.top)
         (a.out / f"{name}-{a.backend}.txt").write_text(text.getvalue())
         split = {k: plain.get(k) for k in SPLIT}
+        split.update(_per_step(plain))
         summary[name] = split
         print(f"== {name} on {a.backend}: " + ", ".join(
-            f"{k} {v:.3f}" for k, v in split.items() if isinstance(v, float)))
+            f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in split.items() if v is not None))
         print("\n".join(text.getvalue().splitlines()[:a.top + 12]))
     (a.out / "split.json").write_text(json.dumps(summary, indent=1))
     return 0

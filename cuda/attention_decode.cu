@@ -74,13 +74,17 @@ __device__ __forceinline__ void load_vec(const uint8_t* __restrict__ base, int f
 // max/sum and turns the scores into weights relative to the new running max; (3) every
 // thread rescales its accumulator and adds weight * V for its group's tokens. Since all
 // groups share the CTA-wide running max, the final merge across groups is a plain sum.
+//
+// One CTA walks blocks [b_begin, b_end) for (layer l, head h) with query row q_lh (D
+// floats), writes block b's lse to lse_row[b - lse_base] and its partial max, sum and
+// accumulator to part_m[part], part_l[part] and part_acc[part * D ...].
 template <int D, int G>
 __device__ __forceinline__ void split_impl(
-    const float* __restrict__ q, const unsigned long long* __restrict__ block_ptrs,
-    const int* __restrict__ block_fmts, const int* __restrict__ block_nvalid, int num_blocks,
-    int layers, int heads, int block_tokens, int blocks_per_split, float softmax_scale,
-    float* __restrict__ block_lse, float* __restrict__ part_m, float* __restrict__ part_l,
-    float* __restrict__ part_acc) {
+    const float* __restrict__ q_lh, const unsigned long long* __restrict__ block_ptrs,
+    const int* __restrict__ block_fmts, const int* __restrict__ block_nvalid, int b_begin,
+    int b_end, int l, int h, int layers, int heads, int block_tokens, float softmax_scale,
+    float* __restrict__ lse_row, int lse_base, size_t part, float* __restrict__ part_m,
+    float* __restrict__ part_l, float* __restrict__ part_acc) {
   constexpr int kLanes = D / kVec;
   constexpr int kGroups = kAttnThreads / kLanes;
   static_assert(D % G == 0, "INT4 groups must not straddle tokens");
@@ -95,15 +99,10 @@ __device__ __forceinline__ void split_impl(
   const int group = tid / kLanes;
   const int j = tid % kLanes;
   const int lane = tid & 31;
-  const int lh = blockIdx.x;
-  const int l = lh / heads;
-  const int h = lh % heads;
-  const int split = blockIdx.y;
-  const int num_splits = gridDim.y;
 
   float qv[kVec];
   {
-    const float4* q4 = reinterpret_cast<const float4*>(q + static_cast<size_t>(lh) * D + kVec * j);
+    const float4* q4 = reinterpret_cast<const float4*>(q_lh + kVec * j);
     const float4 a = __ldg(q4);
     const float4 b = __ldg(q4 + 1);
     qv[0] = a.x; qv[1] = a.y; qv[2] = a.z; qv[3] = a.w;
@@ -124,11 +123,9 @@ __device__ __forceinline__ void split_impl(
   float run_m = -CUDART_INF_F;  // meaningful in warp 0 only
   float run_l = 0.0f;
 
-  const int b_begin = split * blocks_per_split;
-  const int b_end = min(num_blocks, b_begin + blocks_per_split);
   for (int b = b_begin; b < b_end; ++b) {
     const int nv = min(max(__ldg(block_nvalid + b), 0), block_tokens);
-    float* lse_out = block_lse + static_cast<size_t>(lh) * num_blocks + b;
+    float* lse_out = lse_row + (b - lse_base);
     if (nv == 0) {  // uniform across the CTA
       if (tid == 0) *lse_out = -CUDART_INF_F;
       continue;
@@ -201,7 +198,6 @@ __device__ __forceinline__ void split_impl(
   red4[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
   red4[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
   __syncthreads();
-  const size_t part = static_cast<size_t>(lh) * num_splits + split;
   for (int d = tid; d < D; d += kAttnThreads) {
     float a = 0.0f;
 #pragma unroll
@@ -214,6 +210,40 @@ __device__ __forceinline__ void split_impl(
   }
 }
 
+// Merge num_parts split partials (part_m[0..n), part_l[0..n), part_acc[s * head_dim + d])
+// into out[d]: weights exp(m_s - M) over the partials with a token; n = 0 writes zero.
+__device__ __forceinline__ void combine_impl(const float* __restrict__ m,
+                                             const float* __restrict__ lsum,
+                                             const float* __restrict__ acc, int num_parts,
+                                             int head_dim, int d, float* __restrict__ out) {
+  float big_m = -CUDART_INF_F;
+  for (int s = 0; s < num_parts; ++s) big_m = fmaxf(big_m, __ldg(m + s));
+  float total = 0.0f;
+  float a = 0.0f;
+  if (big_m != -CUDART_INF_F) {
+    for (int s = 0; s < num_parts; ++s) {
+      const float ms = __ldg(m + s);
+      if (ms == -CUDART_INF_F) continue;  // split without a valid token
+      const float w = expf(ms - big_m);
+      total = fmaf(__ldg(lsum + s), w, total);
+      a = fmaf(__ldg(acc + static_cast<size_t>(s) * head_dim + d), w, a);
+    }
+  }
+  *out = total > 0.0f ? a / total : 0.0f;
+}
+
+// The segment (request) that work item `item` belongs to: the s with
+// item_starts[s] <= item < item_starts[s + 1] (item_starts is non-decreasing).
+__device__ __forceinline__ int segment_of(const int* __restrict__ item_starts,
+                                          int num_segments, int item) {
+  int lo = 0, hi = num_segments;  // invariant: item_starts[lo] <= item < item_starts[hi]
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) >> 1;
+    if (__ldg(item_starts + mid) <= item) lo = mid; else hi = mid;
+  }
+  return lo;
+}
+
 }  // namespace
 
 #define SYNAPSE_ATTN_SPLIT_ENTRY(D, G)                                                         \
@@ -223,19 +253,60 @@ __device__ __forceinline__ void split_impl(
       int num_blocks, int layers, int heads, int block_tokens, int blocks_per_split,           \
       float softmax_scale, float* __restrict__ block_lse, float* __restrict__ part_m,          \
       float* __restrict__ part_l, float* __restrict__ part_acc) {                              \
-    split_impl<D, G>(q, block_ptrs, block_fmts, block_nvalid, num_blocks, layers, heads,       \
-                     block_tokens, blocks_per_split, softmax_scale, block_lse, part_m, part_l, \
+    const int lh = blockIdx.x;                                                                 \
+    const int b_begin = blockIdx.y * blocks_per_split;                                         \
+    split_impl<D, G>(q + static_cast<size_t>(lh) * D, block_ptrs, block_fmts, block_nvalid,    \
+                     b_begin, min(num_blocks, b_begin + blocks_per_split), lh / heads,          \
+                     lh % heads, layers, heads, block_tokens, softmax_scale,                   \
+                     block_lse + static_cast<size_t>(lh) * num_blocks, 0,                      \
+                     static_cast<size_t>(lh) * gridDim.y + blockIdx.y, part_m, part_l,         \
                      part_acc);                                                                \
   }
 
-SYNAPSE_ATTN_SPLIT_ENTRY(64, 32)
-SYNAPSE_ATTN_SPLIT_ENTRY(64, 64)
-SYNAPSE_ATTN_SPLIT_ENTRY(128, 32)
-SYNAPSE_ATTN_SPLIT_ENTRY(128, 64)
-SYNAPSE_ATTN_SPLIT_ENTRY(128, 128)
-SYNAPSE_ATTN_SPLIT_ENTRY(256, 32)
-SYNAPSE_ATTN_SPLIT_ENTRY(256, 64)
-SYNAPSE_ATTN_SPLIT_ENTRY(256, 128)
+// Several requests (segments) in one launch, each its own attention: segment s owns blocks
+// [seg_starts[s], seg_starts[s + 1]) of the table, query q[s] ([L, H, D] each), output
+// out[s] and lse [L, H, nb_s] at block_lse + L*H*seg_starts[s] (so every segment's out and
+// lse are laid out as a one-request launch of its blocks would write them).
+// grid (L*H, num_items): work item i of segment s (item_starts[s] <= i < item_starts[s+1])
+// walks blocks seg_starts[s] + (i - item_starts[s]) * blocks_per_split onwards, at most
+// blocks_per_split of them; partial (lh, i) is at lh * num_items + i.
+#define SYNAPSE_ATTN_SEGMENTS_ENTRY(D, G)                                                      \
+  extern "C" __global__ void __launch_bounds__(kAttnThreads)                                   \
+      attention_decode_segments_split_d##D##_g##G(                                             \
+          const float* __restrict__ q, const unsigned long long* __restrict__ block_ptrs,      \
+          const int* __restrict__ block_fmts, const int* __restrict__ block_nvalid,            \
+          const int* __restrict__ seg_starts, const int* __restrict__ item_starts,             \
+          int num_segments, int layers, int heads, int block_tokens, int blocks_per_split,     \
+          float softmax_scale, float* __restrict__ block_lse, float* __restrict__ part_m,      \
+          float* __restrict__ part_l, float* __restrict__ part_acc) {                          \
+    const int lh = blockIdx.x;                                                                 \
+    const int lh_count = layers * heads;                                                       \
+    const int item = blockIdx.y;                                                               \
+    const int s = segment_of(item_starts, num_segments, item);                                 \
+    const int seg0 = __ldg(seg_starts + s);                                                    \
+    const int seg1 = __ldg(seg_starts + s + 1);                                                \
+    const int b_begin = seg0 + (item - __ldg(item_starts + s)) * blocks_per_split;             \
+    split_impl<D, G>(q + (static_cast<size_t>(s) * lh_count + lh) * D, block_ptrs,             \
+                     block_fmts, block_nvalid, b_begin, min(seg1, b_begin + blocks_per_split), \
+                     lh / heads, lh % heads, layers, heads, block_tokens, softmax_scale,       \
+                     block_lse + static_cast<size_t>(lh_count) * seg0 +                        \
+                         static_cast<size_t>(lh) * (seg1 - seg0),                              \
+                     seg0, static_cast<size_t>(lh) * gridDim.y + item, part_m, part_l,         \
+                     part_acc);                                                                \
+  }
+
+#define SYNAPSE_ATTN_ENTRIES(D, G) \
+  SYNAPSE_ATTN_SPLIT_ENTRY(D, G)   \
+  SYNAPSE_ATTN_SEGMENTS_ENTRY(D, G)
+
+SYNAPSE_ATTN_ENTRIES(64, 32)
+SYNAPSE_ATTN_ENTRIES(64, 64)
+SYNAPSE_ATTN_ENTRIES(128, 32)
+SYNAPSE_ATTN_ENTRIES(128, 64)
+SYNAPSE_ATTN_ENTRIES(128, 128)
+SYNAPSE_ATTN_ENTRIES(256, 32)
+SYNAPSE_ATTN_ENTRIES(256, 64)
+SYNAPSE_ATTN_ENTRIES(256, 128)
 
 // Merge S split partials per (l, h): weights exp(m_s - M) over splits with a token.
 // grid L*H, block D (one thread per output dim); S = 0 is allowed and writes zeros.
@@ -245,20 +316,25 @@ extern "C" __global__ void __launch_bounds__(256) attention_decode_combine(
   const size_t lh = blockIdx.x;
   const int d = threadIdx.x;
   if (d >= head_dim) return;
-  const float* m = part_m + lh * num_splits;
-  const float* lsum = part_l + lh * num_splits;
-  float big_m = -CUDART_INF_F;
-  for (int s = 0; s < num_splits; ++s) big_m = fmaxf(big_m, __ldg(m + s));
-  float total = 0.0f;
-  float a = 0.0f;
-  if (big_m != -CUDART_INF_F) {
-    for (int s = 0; s < num_splits; ++s) {
-      const float ms = __ldg(m + s);
-      if (ms == -CUDART_INF_F) continue;  // split without a valid token
-      const float w = expf(ms - big_m);
-      total = fmaf(__ldg(lsum + s), w, total);
-      a = fmaf(__ldg(part_acc + (lh * num_splits + s) * head_dim + d), w, a);
-    }
-  }
-  out[lh * head_dim + d] = total > 0.0f ? a / total : 0.0f;
+  const size_t p0 = lh * num_splits;
+  combine_impl(part_m + p0, part_l + p0, part_acc + p0 * head_dim, num_splits, head_dim, d,
+               out + lh * head_dim + d);
+}
+
+// The segments' merge: grid (L*H, num_segments), block D; segment s's partials of (l, h)
+// are items [item_starts[s], item_starts[s + 1]) (none for a segment without blocks: its
+// out is zero), its output out[s, l, h, :].
+extern "C" __global__ void __launch_bounds__(256) attention_decode_segments_combine(
+    const float* __restrict__ part_m, const float* __restrict__ part_l,
+    const float* __restrict__ part_acc, const int* __restrict__ item_starts, int num_items,
+    int head_dim, float* __restrict__ out) {
+  const size_t lh = blockIdx.x;
+  const size_t s = blockIdx.y;
+  const int d = threadIdx.x;
+  if (d >= head_dim) return;
+  const int i0 = __ldg(item_starts + s);
+  const size_t p0 = lh * num_items + i0;
+  combine_impl(part_m + p0, part_l + p0, part_acc + p0 * head_dim,
+               __ldg(item_starts + s + 1) - i0, head_dim, d,
+               out + (s * gridDim.x + lh) * head_dim + d);
 }

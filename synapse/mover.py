@@ -297,22 +297,41 @@ class Mover:
         The tenant check is vectorised over the page table's tenant column (which mirrors
         each slab's tag): reading any block of another tenant raises AccessDenied.
         """
+        return self._attention(ids, n_valid, None, [tenant], query, flops, layout,
+                               softmax_scale, after, readback)
+
+    def attention_batch(self, ids, n_valid, seg_starts, tenants, queries, flops: float,
+                        layout, softmax_scale: float = 1.0, after=(), readback: bool = True):
+        """Submit one attention op for several requests (one launch): request i reads
+        the L1-resident ``ids[seg_starts[i]:seg_starts[i + 1]]`` (``n_valid`` tokens of
+        each) on behalf of ``tenants[i]`` with ``queries[i]`` (None on the simulator).
+        The tenant check is ``attention``'s, per request: AccessDenied names the reader
+        of the first block that is not its own."""
+        return self._attention(ids, n_valid, np.asarray(seg_starts, np.int64), tenants,
+                               queries, flops, layout, softmax_scale, after, readback)
+
+    def _attention(self, ids, n_valid, seg, tenants, query, flops, layout, softmax_scale,
+                   after, readback):
         from .errors import AccessDenied
         from .ops import Attention
         table = self.manager.table
         ids = np.asarray(ids, np.int64)
-        tid = table.tenant_id(tenant)
+        tids = [table.tenant_id(t) for t in tenants]
         self.relocate()
-        bad = ids[(table.tenant[ids] != tid) | (table.tier[ids] != _L1)]
+        reader = tids[0]
+        if seg is not None and tids.count(reader) != len(tids):  # several tenants' requests
+            reader = np.repeat(np.array(tids, table.tenant.dtype), seg[1:] - seg[:-1])
+        bad = np.flatnonzero((table.tenant[ids] != reader) | (table.tier[ids] != _L1))
         if len(bad):
             self.manager.count_denied(len(bad))
-            raise AccessDenied(f"tenant {tenant!r} denied: block {int(bad[0])} is not its own "
-                               f"L1-resident block")
+            who = tenants[0 if seg is None else int(np.searchsorted(seg, bad[0], "right")) - 1]
+            raise AccessDenied(f"tenant {who!r} denied: block {int(ids[bad[0]])} is not its "
+                               f"own L1-resident block")
         op = Attention(purpose="decode", space="l1", offsets=table.offset[ids],
                        fmts=table.fmt[ids], n_valid=np.asarray(n_valid, np.int64),
                        sizes=table.nbytes[ids], query=query, layout=layout,
                        group_size=self.group_size, flops=flops, softmax_scale=softmax_scale,
-                       readback=readback)
+                       readback=readback, segments=seg)
         return self.backend.submit(op, Stream.COMPUTE, list(after) + self._barrier)
 
     def block_region(self, block: int) -> tuple[Region, Fmt]:

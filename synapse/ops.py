@@ -28,7 +28,11 @@ class Stream(enum.Enum):
 
 
 # Which stream next writes each space, so a memset queued there is ordered before reuse.
-ZERO_STREAM = {"l1": Stream.H2D, "staging": Stream.COMPUTE}
+ZERO_STREAM = {"l1": Stream.H2D, "staging": Stream.COMPUTE, "l2": Stream.D2H}
+# Ops on these streams flush the pinned ranges waiting to be zeroed (``PinnedZero``):
+# the stream that writes pinned host memory, and the disk streams, whose host threads
+# read and write it.
+PINNED_ZERO_BEFORE = frozenset({Stream.D2H, Stream.DISK_READ, Stream.DISK_WRITE})
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,39 @@ class Copy(_SizedRows, Op):
     @property
     def kind(self):
         return f"copy_{self.direction}"
+
+
+ZERO_PAGE_BYTES = 4 << 20  # the device page of zeros that pinned ranges are cleared from
+
+
+@dataclass(frozen=True, eq=False)
+class PinnedZero(Copy):
+    """Zero-on-free of pinned host ranges as one D2H batch from a device page of zeros
+    (space ``"zeros"``, ``ZERO_PAGE_BYTES``): a copy engine clears them on the stream
+    that next writes them, where a host memset cost the loop's thread 0.2 ms per 2 MiB
+    slab. A copy to the link model (its bytes cross it), a memset to the telemetry (they
+    are not KV traffic)."""
+
+    purpose: str = "zero_pinned"
+    direction: str = "d2h"
+    src_space: str = "zeros"
+
+    @classmethod
+    def of(cls, space: str, ranges) -> "PinnedZero":
+        """The op clearing ``ranges`` ((offset, nbytes) in ``space``); rows longer than
+        the page are cut into pages."""
+        rows = np.array(ranges, np.int64).reshape(-1, 2)
+        dst, sizes = rows[:, 0], rows[:, 1]
+        if (sizes > ZERO_PAGE_BYTES).any():
+            cuts = [(o + lo, min(ZERO_PAGE_BYTES, n - lo)) for o, n in rows.tolist()
+                    for lo in range(0, n, ZERO_PAGE_BYTES)]
+            dst, sizes = np.array(cuts, np.int64).reshape(-1, 2).T
+        return cls(dst_space=space, src_offsets=np.zeros(len(dst), np.int64),
+                   dst_offsets=np.ascontiguousarray(dst), sizes=np.ascontiguousarray(sizes))
+
+    @property
+    def kind(self):
+        return "memset"
 
 
 @dataclass(frozen=True)
@@ -234,6 +271,14 @@ class Attention(Op):
     sizes. ``query`` is [layers, heads, head_dim] float32 (None on the simulator); the
     result is the attention output [layers, heads, head_dim] and the per-block
     log-sum-exp [layers, heads, num_blocks].
+
+    With ``segments`` (int64 [S + 1], from 0 to the number of blocks), the op is S
+    requests' attention in one launch: request s reads blocks
+    ``segments[s]:segments[s + 1]`` with its own query ``query[s]`` (``query``: S arrays
+    of [layers, heads, head_dim], or one [S, layers, heads, head_dim] array), and the
+    result is a list of S ``(output, block lse)`` pairs, each what the one-request op over
+    that request's blocks returns. The simulator charges it as one op: the bytes and FLOPs
+    of all requests, one launch.
     """
 
     space: str = "l1"
@@ -249,10 +294,16 @@ class Attention(Op):
     # False: the output stays on the device, as a model's next layer would read it (the
     # serving drivers never read it; copying it back cost 33 us of host time per op).
     readback: bool = True
+    segments: Optional[np.ndarray] = None
 
     @property
     def kind(self):
         return "attention"
+
+    @property
+    def num_segments(self) -> int:
+        """Requests in the op (1 without ``segments``)."""
+        return 1 if self.segments is None else len(self.segments) - 1
 
     @property
     def nbytes(self):

@@ -172,7 +172,9 @@ def test_compile_cubin_for_sm90_and_cache_it(tmp_path, source):
     assert kernels.compile_cubin(source, "sm_90", out_dir=tmp_path) == cubin
     assert cubin.stat().st_mtime_ns == stamp  # second call is a cache hit
     names = {"int4.cu": [b"int4_quantize_g32", b"int4_dequantize_g128"],
-             "attention_decode.cu": [b"attention_decode_split_d128_g64", b"attention_decode_combine"],
+             "attention_decode.cu": [b"attention_decode_split_d128_g64", b"attention_decode_combine",
+                                     b"attention_decode_segments_split_d128_g64",
+                                     b"attention_decode_segments_combine"],
              "kv_fill.cu": [b"kv_key_prefix"]}
     data = cubin.read_bytes()
     assert all(name in data for name in names[source])  # extern "C": unmangled names
@@ -200,18 +202,14 @@ def test_ci_check_fails_on_a_warning(tmp_path):
     assert done.returncode != 0, done.stdout
 
 
-def _emulate_attention(slab, offsets, fmts, n_valid, q, L, H, D, BT, G, scale, plan):
-    """Transcription of attention_decode.cu's split and combine kernels in float32 NumPy,
-    reading the blocks from raw bytes with the kernel's own address arithmetic. It checks
-    the algorithm and the indexing as written, not the CUDA compiler."""
+def _emulate_split(slab, offsets, fmts, n_valid, q_lh, l, h, blocks, L, H, D, BT, G, scale):
+    """One split CTA of attention_decode.cu (``split_impl``) in float32 NumPy, reading the
+    blocks from raw bytes with the kernel's own address arithmetic: the partial (max, sum,
+    accumulator) of (layer l, head h) over ``blocks`` and each block's lse. It checks the
+    algorithm and the indexing as written, not the CUDA compiler."""
     f32 = np.float32
     lanes, groups = D // 8, kernels.ATTN_THREADS // (D // 8)
-    nb, n = len(offsets), 2 * L * H * BT * D
-    S, bps = plan.num_splits, plan.blocks_per_split
-    part_m = np.full((L * H, S), -np.inf, f32)
-    part_l = np.zeros((L * H, S), f32)
-    part_acc = np.zeros((L * H, S, D), f32)
-    lse = np.full((L * H, nb), np.nan, f32)
+    n = 2 * L * H * BT * D
 
     def load_vec(base, fmt, elem):  # 8 elements from flat index elem (multiple of 8)
         if fmt == 0:
@@ -223,49 +221,109 @@ def _emulate_attention(slab, offsets, fmts, n_valid, q, L, H, D, BT, G, scale, p
         codes = np.array([(word >> (4 * e)) & 0xF for e in range(8)], f32)
         return (zf + codes * sf).astype(np.float16).astype(f32)
 
-    for lh in range(L * H):
-        l, h = lh // H, lh % H
-        for split in range(S):
-            stride = 2 * L * H * D  # token-major blocks
-            k_elem0 = (l * H + h) * D
-            v_elem0 = k_elem0 + L * H * D
-            acc = np.zeros((groups, D), f32)
-            run_m, run_l = f32(-np.inf), f32(0)
-            for b in range(split * bps, min(nb, (split + 1) * bps)):
-                nv = min(max(int(n_valid[b]), 0), BT)
-                if nv == 0:
-                    lse[lh, b] = -np.inf
-                    continue
-                base, fmt = offsets[b], fmts[b]
-                s = np.zeros(BT, f32)
-                for i in range(nv):
-                    k = np.concatenate([load_vec(base, fmt, k_elem0 + i * stride + 8 * j) for j in range(lanes)])
-                    s[i] = f32(np.dot(q[l, h].astype(f32), k)) * f32(scale)
-                m = s[:nv].max()
-                new_m = max(run_m, m)
-                c = np.exp(f32(m - new_m))
-                e = np.exp(s[:nv] - m)
-                total = e.sum(dtype=f32)
-                w = e * c
-                alpha = np.exp(f32(run_m - new_m))
-                run_l, run_m = run_l * alpha + total * c, new_m
-                lse[lh, b] = m + np.log(total)
-                acc *= alpha
-                for g in range(groups):
-                    for i in range(g, nv, groups):
-                        v = np.concatenate([load_vec(base, fmt, v_elem0 + i * stride + 8 * j) for j in range(lanes)])
-                        acc[g] += w[i] * v
-            part_m[lh, split], part_l[lh, split] = run_m, run_l
-            part_acc[lh, split] = acc.sum(axis=0)
-    out = np.zeros((L * H, D), f32)
-    for lh in range(L * H):
-        big_m = part_m[lh].max(initial=-np.inf)
-        if big_m == -np.inf:
+    stride = 2 * L * H * D  # token-major blocks
+    k_elem0 = (l * H + h) * D
+    v_elem0 = k_elem0 + L * H * D
+    acc = np.zeros((groups, D), f32)
+    run_m, run_l = f32(-np.inf), f32(0)
+    lse = {}
+    for b in blocks:
+        nv = min(max(int(n_valid[b]), 0), BT)
+        if nv == 0:
+            lse[b] = -np.inf
             continue
-        live = part_m[lh] != -np.inf
-        wts = np.exp(part_m[lh][live] - big_m)
-        out[lh] = (part_acc[lh][live] * wts[:, None]).sum(0) / (part_l[lh][live] * wts).sum()
+        base, fmt = offsets[b], fmts[b]
+        s = np.zeros(BT, f32)
+        for i in range(nv):
+            k = np.concatenate([load_vec(base, fmt, k_elem0 + i * stride + 8 * j) for j in range(lanes)])
+            s[i] = f32(np.dot(q_lh.astype(f32), k)) * f32(scale)
+        m = s[:nv].max()
+        new_m = max(run_m, m)
+        c = np.exp(f32(m - new_m))
+        e = np.exp(s[:nv] - m)
+        total = e.sum(dtype=f32)
+        w = e * c
+        alpha = np.exp(f32(run_m - new_m))
+        run_l, run_m = run_l * alpha + total * c, new_m
+        lse[b] = m + np.log(total)
+        acc *= alpha
+        for g in range(groups):
+            for i in range(g, nv, groups):
+                v = np.concatenate([load_vec(base, fmt, v_elem0 + i * stride + 8 * j) for j in range(lanes)])
+                acc[g] += w[i] * v
+    return run_m, run_l, acc.sum(axis=0), lse
+
+
+def _emulate_combine(part_m, part_l, part_acc, D):
+    """``combine_impl``: the merge of one (l, h)'s partials."""
+    big_m = np.max(part_m, initial=-np.inf)
+    if big_m == -np.inf:
+        return np.zeros(D, np.float32)
+    live = part_m != -np.inf
+    wts = np.exp(part_m[live] - big_m)
+    return (part_acc[live] * wts[:, None]).sum(0) / (part_l[live] * wts).sum()
+
+
+def _emulate_attention(slab, offsets, fmts, n_valid, q, L, H, D, BT, G, scale, plan):
+    """attention_decode.cu's one-request split and combine kernels (``_emulate_split``)."""
+    nb, S, bps = len(offsets), plan.num_splits, plan.blocks_per_split
+    lse = np.full((L * H, nb), np.nan, np.float32)
+    out = np.zeros((L * H, D), np.float32)
+    for lh in range(L * H):
+        parts = [_emulate_split(slab, offsets, fmts, n_valid, q[lh // H, lh % H], lh // H,
+                                lh % H, range(split * bps, min(nb, (split + 1) * bps)),
+                                L, H, D, BT, G, scale) for split in range(S)]
+        for *_, blse in parts:
+            for b, v in blse.items():
+                lse[lh, b] = v
+        out[lh] = _emulate_combine(np.array([p[0] for p in parts], np.float32),
+                                   np.array([p[1] for p in parts], np.float32),
+                                   np.array([p[2] for p in parts], np.float32).reshape(-1, D), D)
     return out.reshape(L, H, D), lse.reshape(L, H, nb)
+
+
+def _emulate_segments(slab, offsets, fmts, n_valid, q, seg_starts, L, H, D, BT, G, scale,
+                      bps, item_starts):
+    """attention_decode.cu's segments kernels: the item -> segment search, each item's
+    block range, the lse offsets and the per-segment combine, over a flat lse buffer."""
+    S, items = len(seg_starts) - 1, int(item_starts[-1])
+    lse = np.full(max(L * H * int(seg_starts[-1]), 1), np.nan, np.float32)
+    part_m = np.full((L * H, items), np.nan, np.float32)
+    part_l = np.full((L * H, items), np.nan, np.float32)
+    part_acc = np.full((L * H, items, D), np.nan, np.float32)
+    for lh in range(L * H):
+        for item in range(items):
+            lo, hi = 0, S  # segment_of: item_starts[lo] <= item < item_starts[hi]
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if item_starts[mid] <= item else (lo, mid)
+            s = lo
+            seg0, seg1 = int(seg_starts[s]), int(seg_starts[s + 1])
+            b0 = seg0 + (item - int(item_starts[s])) * bps
+            m, l_, acc, blse = _emulate_split(slab, offsets, fmts, n_valid, q[s, lh // H, lh % H],
+                                              lh // H, lh % H, range(b0, min(seg1, b0 + bps)),
+                                              L, H, D, BT, G, scale)
+            for b, v in blse.items():
+                lse[L * H * seg0 + lh * (seg1 - seg0) + (b - seg0)] = v
+            part_m[lh, item], part_l[lh, item], part_acc[lh, item] = m, l_, acc
+    out = np.zeros((S, L * H, D), np.float32)
+    for s in range(S):
+        i0, i1 = int(item_starts[s]), int(item_starts[s + 1])
+        for lh in range(L * H):
+            out[s, lh] = _emulate_combine(part_m[lh, i0:i1], part_l[lh, i0:i1],
+                                          part_acc[lh, i0:i1], D)
+    return out.reshape(S, L, H, D), lse
+
+
+def _slab_of(rng, layout, specs):
+    """Random blocks (fmt, n_valid) packed into one byte string at 256-byte offsets."""
+    entries, offsets, slab = [], [], bytearray()
+    for fmt, nv in specs:
+        buf = layout.pack(rng.standard_normal(layout.shape).astype(np.float16), fmt)
+        entries.append((buf, fmt, nv))
+        offsets.append(len(slab))
+        slab += buf.tobytes() + bytes(-len(buf) % 256)
+    return entries, offsets, bytes(slab)
 
 
 @pytest.mark.parametrize("head_dim, group_size, ctas_per_sm", [(64, 32, 8), (128, 64, 1), (256, 128, 1)])
@@ -273,19 +331,70 @@ def test_emulated_kernel_algorithm_matches_the_reference(rng, head_dim, group_si
     L, H, BT = 2, 3, 8
     layout = KVLayout(L, H, head_dim, BT, group_size, "token")
     specs = [("fp16", 8), ("int4", 8), ("fp16", 3), ("int4", 0), ("int4", 1), ("fp16", 0), ("int4", 7)]
-    entries, offsets, slab = [], [], bytearray()
-    for fmt, nv in specs:
-        buf = layout.pack(rng.standard_normal(layout.shape).astype(np.float16), fmt)
-        entries.append((buf, fmt, nv))
-        offsets.append(len(slab))
-        slab += buf.tobytes() + bytes(-len(buf) % 256)
+    entries, offsets, slab = _slab_of(rng, layout, specs)
     q = rng.standard_normal((L, H, head_dim)).astype(np.float32)
     # num_sms=1 with few CTAs per SM forces several blocks per split
     plan = kernels.attention_plan(L, H, head_dim, BT, len(specs), num_sms=1, ctas_per_sm=ctas_per_sm)
-    out, lse = _emulate_attention(bytes(slab), offsets, [0 if f == "fp16" else 1 for f, _ in specs],
+    out, lse = _emulate_attention(slab, offsets, [0 if f == "fp16" else 1 for f, _ in specs],
                                   [nv for _, nv in specs], q, L, H, head_dim, BT, group_size, 0.2, plan)
     ref_out, ref_lse = attention_decode_ref(q, entries, layout, 0.2)
     _check_attention(out, lse, ref_out, ref_lse)
+
+
+@pytest.mark.parametrize("counts", [[0], [5], [3, 0, 7, 1], [0, 0], [12, 12, 1, 0, 30]])
+@pytest.mark.parametrize("num_sms, ctas", [(1, 1), (132, 8)])
+def test_segment_plan_cuts_each_segment_into_items_that_cover_its_blocks_once(counts, num_sms,
+                                                                              ctas):
+    seg = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    bps, items = kernels.segment_plan(2, 3, seg, num_sms, ctas)
+    assert items.dtype == np.int32 and len(items) == len(seg) and items[0] == 0
+    for s, c in enumerate(counts):
+        n = int(items[s + 1] - items[s])
+        covered = [seg[s] + k * bps + j for k in range(n) for j in range(bps)
+                   if k * bps + j < c]
+        assert covered == list(range(seg[s], seg[s + 1]))
+        assert n == -(-c // bps)  # no empty item; none at all for a segment without blocks
+
+
+def test_segment_plan_aims_at_the_waves_of_one_request_s_plan():
+    seg = np.array([0, 3000, 3000, 6000])
+    bps, items = kernels.segment_plan(1, 2, seg, 132, 10)
+    one = kernels.attention_plan(1, 2, 128, 16, 6000, 132, 10)
+    assert bps == one.blocks_per_split
+    assert 2 * int(items[-1]) >= 132 * 10  # enough CTAs to fill the chip
+
+
+@pytest.mark.parametrize("seg", [[], [1, 2], [0, 3, 2]])
+def test_segment_plan_refuses_bad_segment_tables(seg):
+    with pytest.raises(ValueError, match="seg_starts"):
+        kernels.segment_plan(1, 1, np.array(seg, np.int64), 132)
+
+
+@pytest.mark.parametrize("head_dim, group_size", [(64, 32), (128, 64)])
+def test_emulated_segments_kernel_gives_each_segment_its_reference(rng, head_dim, group_size):
+    L, H, BT = 2, 2, 8
+    layout = KVLayout(L, H, head_dim, BT, group_size, "token")
+    requests = [[("fp16", 8), ("int4", 3), ("fp16", 8)], [], [("fp16", 0)],
+                [("int4", 8), ("fp16", 1), ("fp16", 8), ("int4", 5), ("fp16", 2)], [("fp16", 4)]]
+    specs = [b for r in requests for b in r]
+    entries, offsets, slab = _slab_of(rng, layout, specs)
+    seg = np.concatenate([[0], np.cumsum([len(r) for r in requests])]).astype(np.int64)
+    q = rng.standard_normal((len(requests), L, H, head_dim)).astype(np.float32)
+    # 2 waves of 10 CTAs over L*H = 4: 5 items' worth, so two blocks per item and
+    # segments of several items
+    bps, items = kernels.segment_plan(L, H, seg, num_sms=1, ctas_per_sm=10)
+    assert bps == 2 and int(items[-1]) > len(requests)
+    out, lse = _emulate_segments(slab, offsets, [0 if f == "fp16" else 1 for f, _ in specs],
+                                 [nv for _, nv in specs], q, seg, L, H, head_dim, BT, group_size,
+                                 0.2, bps, items)
+    for s in range(len(requests)):
+        lo, hi = int(seg[s]), int(seg[s + 1])
+        ref_out, ref_lse = attention_decode_ref(q[s], entries[lo:hi], layout, 0.2)
+        seg_lse = lse[L * H * lo:L * H * hi].reshape(L, H, hi - lo)
+        if hi == lo:
+            assert (out[s] == 0).all()
+            continue
+        _check_attention(out[s], seg_lse, ref_out, ref_lse)
 
 
 # --------------------------------------------------------------------------- channel keys
@@ -807,6 +916,88 @@ def test_attention_int4_block_equals_its_fp16_decoding(gpu, rng, head_dim, group
     out16, lse16, _ = _run_attention(gpu, q, table16, layout, 0.2, 0xFF)
     np.testing.assert_allclose(out4, out16, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(lse4, lse16, rtol=1e-6, atol=1e-7)
+
+
+def _run_segments(cuda, q, table, seg, layout, scale, poison):
+    S, L, H, D = q.shape
+    nb = table.num_blocks
+    q_dev = _upload(cuda, q.astype(np.float32))
+    out = _poisoned(cuda, 4 * S * L * H * D, poison)
+    lse = _poisoned(cuda, max(4 * L * H * nb, 4), poison)
+    bps, items = kernels.attention_decode_segments(q_dev, table, seg, L, H, D, layout.block_tokens,
+                                                   layout.group_size, scale, out, lse)
+    out_h = _download(cuda, out, 4 * S * L * H * D)
+    lse_h = _download(cuda, lse, 4 * L * H * nb)
+    assert (out_h[4 * S * L * H * D:] == poison).all(), "out: wrote past the end"
+    assert (lse_h[4 * L * H * nb:] == poison).all(), "lse: wrote past the end"
+    return (out_h[: 4 * S * L * H * D].view(np.float32).reshape(S, L, H, D),
+            lse_h[: 4 * L * H * nb].view(np.float32), bps, items)
+
+
+def _segments_case(gpu, rng, layout, counts):
+    fmts = rng.choice(["fp16", "int4"], sum(counts))
+    n_valid = rng.integers(0, layout.block_tokens + 1, sum(counts))
+    specs = list(zip(fmts, n_valid.tolist()))
+    entries, _slab, table = _kv_slab(gpu, rng, layout, specs)
+    seg = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return entries, _slab, table, seg
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("head_dim, group_size", ATTN_SHAPES)
+def test_attention_segments_equal_one_launch_per_request(gpu, rng, head_dim, group_size):
+    """One launch over several requests' blocks gives each request the out and lse that a
+    launch over its own blocks gives (and the reference's)."""
+    layout = KVLayout(layers=2, kv_heads=3, head_dim=head_dim, block_tokens=16,
+                      group_size=group_size, int4_keys="token")
+    counts = [1, 8, 0, 3, 17, 2]
+    entries, _slab, table, seg = _segments_case(gpu, rng, layout, counts)
+    q = (2.0 * rng.standard_normal((len(counts), 2, 3, head_dim))).astype(np.float32)
+    scale = 1.0 / np.sqrt(head_dim)
+    for poison in (0xFF, 0x00):  # NaN, then zeros
+        out, lse, _, _ = _run_segments(gpu, q, table, seg, layout, scale, poison)
+        for s in range(len(counts)):
+            lo, hi = int(seg[s]), int(seg[s + 1])
+            seg_lse = lse[6 * lo:6 * hi].reshape(2, 3, hi - lo)
+            ref_out, ref_lse = attention_decode_ref(q[s], entries[lo:hi], layout, scale)
+            if hi == lo:
+                assert (out[s] == 0).all()
+                continue
+            _check_attention(out[s], seg_lse, ref_out, ref_lse)
+            sub = kernels.upload_block_table(
+                _table_ptrs(gpu, table, lo, hi), [f for _, f, _ in entries[lo:hi]],
+                [nv for _, _, nv in entries[lo:hi]], 16)
+            one_out, one_lse, _ = _run_attention(gpu, q[s], sub, layout, scale, poison)
+            np.testing.assert_allclose(out[s], one_out, rtol=1e-5, atol=1e-6)
+            np.testing.assert_array_equal(np.isneginf(seg_lse), np.isneginf(one_lse))
+            fin = np.isfinite(one_lse)
+            np.testing.assert_allclose(seg_lse[fin], one_lse[fin], rtol=1e-6, atol=1e-6)
+
+
+def _table_ptrs(cuda, table, lo, hi):
+    """Block addresses lo:hi of a device block table, read back."""
+    host = np.zeros(max(table.num_blocks, 1), np.uint64)
+    cuda.memcpy_dtoh(host, table.ptrs)
+    return host[lo:hi].tolist()
+
+
+@pytest.mark.cuda
+def test_attention_segments_many_requests_several_items_each(gpu, rng):
+    layout = KVLayout(layers=1, kv_heads=2, head_dim=128, block_tokens=16, group_size=64,
+                      int4_keys="token")
+    counts = rng.integers(0, 200, 40).tolist()
+    counts[7] = 0
+    entries, _slab, table, seg = _segments_case(gpu, rng, layout, counts)
+    q = rng.standard_normal((len(counts), 1, 2, 128)).astype(np.float32)
+    out, lse, bps, items = _run_segments(gpu, q, table, seg, layout, 0.1, 0xFF)
+    assert bps > 1 and (np.diff(items) > 1).any(), (bps, items)  # multi-block items
+    for s in range(len(counts)):
+        lo, hi = int(seg[s]), int(seg[s + 1])
+        if hi == lo:
+            assert (out[s] == 0).all()
+            continue
+        ref_out, ref_lse = attention_decode_ref(q[s], entries[lo:hi], layout, 0.1)
+        _check_attention(out[s], lse[2 * lo:2 * hi].reshape(1, 2, hi - lo), ref_out, ref_lse)
 
 
 @pytest.mark.cuda

@@ -16,6 +16,7 @@ another's block, which the allocator must refuse.
 from __future__ import annotations
 
 import math
+from itertools import chain
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -289,16 +290,15 @@ class ServingDriver:
                 mgr.extend(b, pos * self.bt + off + 1)
                 items.append((r, b, pos, off))
             tok = self._ingest_tokens(items)
-            # 4. attention per running request over its blocks (all in L1)
-            atts = []
+            # 4. attention of every running request over its blocks (all in L1): one op
+            # for the step, each request its own segment of it
+            att = self._attention(running, [tok] if tok is not None else [])
             for r in running:
-                ids = np.asarray(r.blocks, np.int64)
-                mgr.record_reads(l1=len(ids))
-                self.tenant_stats[r.tenant]["l1_hits"] += len(ids)
-                atts.append(self._attention(r, ids, t, [tok] if tok is not None else []))
+                mgr.record_reads(l1=len(r.blocks))
+                self.tenant_stats[r.tenant]["l1_hits"] += len(r.blocks)
                 r.generated += 1
             self._req_policy.on_access(np.array([r.rid for r in running], np.int64), t)
-            yield be.wait(atts + ([tok] if tok is not None else []))
+            yield be.wait([att] + ([tok] if tok is not None else []))
             # 5. finished requests leave
             for r in [r for r in running if r.generated >= r.decode]:
                 running.remove(r)
@@ -336,24 +336,26 @@ class ServingDriver:
 
     def _ingest(self, started: list[Request]):
         regions, items = [], []
+        tb = self.sizes.token_bytes
         for r in started:
-            for p, b in enumerate(r.blocks):
-                n = int(self.table.token_end[b] - self.table.token_start[b])
-                region, _ = self.mover.block_region(b)
-                regions.append(Region("l1", region.offset, n * self.sizes.token_bytes, r.tenant))
+            ntok = (self.table.token_end[r.blocks] - self.table.token_start[r.blocks]).tolist()
+            # the offsets checked for the request's tenant per allocator at once
+            for p, (offset, n) in enumerate(zip(self.mover.l1_offsets(r.blocks), ntok)):
+                regions.append(Region("l1", offset, n * tb, r.tenant))
                 items.append((r.rid, p, 0, n))
         return self._submit_ingest(regions, items)
 
     def _ingest_tokens(self, items):
         self.mover.relocate()  # freed slots are zeroed (and compacted) before any check
-        regions, src = [], []
+        if self.backend.moves_data and self.s.checks.data:
+            for _, b, _, off in items:
+                if off == 0:
+                    self._check_zero(b)
         tb = self.sizes.token_bytes
-        for r, b, pos, off in items:
-            region, _ = self.mover.block_region(b)
-            if off == 0 and self.backend.moves_data and self.s.checks.data:
-                self._check_zero(b)
-            regions.append(Region("l1", region.offset + off * tb, tb, r.tenant))
-            src.append((r.rid, pos, off, off + 1))
+        offsets = self.mover.l1_offsets([b for _, b, _, _ in items])
+        regions = [Region("l1", o + off * tb, tb, r.tenant)
+                   for o, (r, _, _, off) in zip(offsets, items)]
+        src = [(r.rid, pos, off, off + 1) for r, _, pos, off in items]
         return self._submit_ingest(regions, src)
 
     def _submit_ingest(self, regions, items):
@@ -369,22 +371,34 @@ class ServingDriver:
         return self.mover.submit_op(Ingest(purpose="ingest", dst=tuple(regions), fill=fill,
                                            pinned=pinned), Stream.H2D)
 
-    def _attention(self, r: Request, ids, t: int, after):
+    def _attention(self, running: list[Request], after):
+        """One attention op over every running request's blocks (a segment each)."""
+        if not running:
+            return None
         m = self.s.model
+        counts = [len(r.blocks) for r in running]
+        ids = np.fromiter(chain.from_iterable(r.blocks for r in running), np.int64,
+                          sum(counts))
+        seg = np.zeros(len(running) + 1, np.int64)
+        np.cumsum(counts, out=seg[1:])
         nv = self.table.token_end[ids] - self.table.token_start[ids]
-        q = None
-        if self.backend.moves_data:
-            # One query per request: drawing a fresh one every step cost 0.5 ms of host
-            # time per attention op, synthetic-workload work the system does not do.
-            q = self._queries.get(r.rid)
-            if q is None:
-                rng = np.random.default_rng([self.s.seed, 0x71, r.rid])
-                q = rng.standard_normal((m.layers, m.kv_heads, m.head_dim), np.float32)
-                self._queries[r.rid] = q
+        queries = [self._query(r.rid) for r in running] if self.backend.moves_data else None
         flops = 4.0 * m.layers * m.kv_heads * m.head_dim * float(nv.sum())
-        return self.mover.attention(ids, nv, r.tenant, q, flops, self.sizes.layout,
-                                    softmax_scale=m.head_dim ** -0.5, after=after,
-                                    readback=False)
+        return self.mover.attention_batch(ids, nv, seg, [r.tenant for r in running], queries,
+                                          flops, self.sizes.layout,
+                                          softmax_scale=m.head_dim ** -0.5, after=after,
+                                          readback=False)
+
+    def _query(self, rid: int) -> np.ndarray:
+        # One query per request: drawing a fresh one every step cost 0.5 ms of host time
+        # per attention op, synthetic-workload work the system does not do.
+        q = self._queries.get(rid)
+        if q is None:
+            m = self.s.model
+            rng = np.random.default_rng([self.s.seed, 0x71, rid])
+            q = rng.standard_normal((m.layers, m.kv_heads, m.head_dim), np.float32)
+            self._queries[rid] = q
+        return q
 
     def _pad_fetch(self, swapped_in, t0: float):
         """Timing protection: when a protected tenant's request was swapped in, the host

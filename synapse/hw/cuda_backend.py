@@ -26,8 +26,9 @@ import numpy as np
 
 from ..backend import Backend, _Wait, run_sync
 from ..errors import BackendUnavailable, CapacityError, KernelError
-from ..ops import (ZERO_STREAM, Attention, Copy, Dequantize, DiskIO, Ingest, LayerCompute, Op,
-                   OpRecord, Quantize, Region, Stream, Zero)
+from ..ops import (PINNED_ZERO_BEFORE, ZERO_PAGE_BYTES, ZERO_STREAM, Attention, Copy, Dequantize,
+                   DiskIO, Ingest, LayerCompute, Op, OpRecord, PinnedZero, Quantize, Region,
+                   Stream, Zero)
 from . import driver_api as drv
 from .disk_queue import DiskQueue
 from .pinned_pool import check_pinnable
@@ -100,23 +101,30 @@ class VmmDeviceMemory:
 
 
 class PinnedMemory:
-    """One page-locked host array (PyCUDA ``pagelocked_empty``)."""
+    """One page-locked host array (PyCUDA ``pagelocked_empty``). With a ``backend``, a
+    freed range is zeroed by a copy engine (``queue_zero``: a D2H copy from a device page
+    of zeros on the stream that next writes the space), and a host view waits for the
+    zeroing queued so far; without one (staging), on the host."""
 
     kind = "pinned_host"
 
-    def __init__(self, space: str, nbytes: int):
+    def __init__(self, space: str, nbytes: int, backend: "CudaBackend | None" = None):
         check_pinnable(nbytes)
         try:
             self.array = cuda.pagelocked_empty(max(nbytes, 256), np.uint8)
         except cuda.Error as e:
             raise CapacityError(f"page-locking {nbytes} bytes for {space} failed ({e}); check "
                                 f"`ulimit -l` and free host memory") from None
-        self.space, self.nbytes = space, nbytes
+        self.space, self.nbytes, self.backend = space, nbytes, backend
+        self.zero_owed = False  # ranges freed whose zeroing is not done yet
+        self.zeroing = None  # the ticket of the last zeroing copy queued into it
         self.base = int(self.array.ctypes.data)
         self.tracked = _track(self.base, self.array.nbytes, "pinned_host",
                               purpose_for_space(space), owner="cuda_backend")
 
     def view(self, offset: int, nbytes: int) -> np.ndarray:
+        if self.zero_owed:  # the host must not see (or write) what a copy is to clear
+            self.backend.settle_zero(self)
         return self.array[offset: offset + nbytes]
 
     def address(self, offset: int) -> int:
@@ -124,7 +132,11 @@ class PinnedMemory:
 
     def zero(self, offset: int, nbytes: int) -> None:
         # Freed at a commit, after the step's ops completed: nothing reads it any more.
-        self.array[offset: offset + nbytes] = 0
+        if self.backend is None:
+            self.array[offset: offset + nbytes] = 0
+        else:
+            self.zero_owed = True
+            self.backend.queue_zero(self, offset, nbytes)
 
     def free(self) -> None:
         _untrack(self.tracked)
@@ -278,8 +290,14 @@ class CudaBackend(Backend):
         return self._keep(space, self._vmm_memory(space, nbytes))
 
     def memory(self, space: str, nbytes: int, kind: str):
-        mem = DeviceMemory(self, space, nbytes) if kind == "device" else PinnedMemory(space, nbytes)
-        return self._keep(space, mem)
+        if kind == "device":
+            return self._keep(space, DeviceMemory(self, space, nbytes))
+        if "zeros" not in self._mem:  # the page pinned ranges are zeroed from (set-up)
+            zeros = DeviceMemory(self, "zeros", ZERO_PAGE_BYTES)
+            drv.memset_d8_async(zeros.base, 0, ZERO_PAGE_BYTES, self.streams[Stream.D2H])
+            drv.stream_synchronize(self.streams[Stream.D2H])
+            self._mem["zeros"] = zeros
+        return self._keep(space, PinnedMemory(space, nbytes, self))
 
     def _keep(self, space: str, mem):
         old = self._mem.pop(space, None)
@@ -310,7 +328,7 @@ class CudaBackend(Backend):
         copies compaction queued have read them), so the pages mapped are the step's."""
         mem = self._mem.get("l1")
         if isinstance(mem, VmmDeviceMemory) and mem.arena.trim_pending:
-            self.synchronize_all()
+            self._synchronize_all_blocked()
             mem.arena.trim()
 
     def l1_pages(self) -> int | None:
@@ -336,18 +354,37 @@ class CudaBackend(Backend):
     def queue_zero(self, mem: DeviceMemory, offset: int, nbytes: int) -> None:
         self._pending_zero.setdefault(mem.space, []).append((offset, nbytes))
 
-    def _flush_zero(self) -> None:
-        pending, self._pending_zero = self._pending_zero, {}
-        for space, ranges in pending.items():
+    def _flush_zero(self, stream: Stream | None = None) -> None:
+        """Queue the zeroing owed: device ranges before any op, pinned ranges before an
+        op on ``PINNED_ZERO_BEFORE`` (the next to write them) or, with ``stream`` None,
+        now; a step frees its L2 slabs at several commits, and one batch clears them."""
+        pinned_too = stream is None or stream in PINNED_ZERO_BEFORE
+        for space in list(self._pending_zero):
+            mem = self._mem[space]
+            if isinstance(mem, PinnedMemory):
+                if pinned_too:
+                    mem.zeroing = self._enqueue(PinnedZero.of(space, self._pending_zero.pop(space)),
+                                                ZERO_STREAM.get(space, Stream.D2H), ())
+                continue
+            ranges = self._pending_zero.pop(space)
             regions = tuple(Region(space, o, n) for o, n in ranges)
             self._enqueue(Zero(purpose="zero_on_free", regions=regions),
                           ZERO_STREAM.get(space, Stream.COMPUTE), ())
+
+    def settle_zero(self, mem: PinnedMemory) -> None:
+        """Wait for the zeroing copies queued into ``mem`` (before a host access)."""
+        if self._pending_zero.get(mem.space):
+            self._flush_zero()
+        if mem.zeroing is not None:
+            self._wait_blocked(mem.zeroing)
+            mem.zeroing = None
+        mem.zero_owed = False
 
     def read_region(self, region: Region) -> np.ndarray:
         mem = self._mem[region.space]
         if isinstance(mem, PinnedMemory):
             return mem.view(region.offset, region.nbytes).copy()
-        self.synchronize_all()
+        self._synchronize_all_blocked()
         out = cuda.pagelocked_empty(region.nbytes, np.uint8)
         drv.memcpy_dtoh_async(int(out.ctypes.data), mem.address(region.offset), region.nbytes,
                               self.streams[Stream.D2H])
@@ -357,7 +394,7 @@ class CudaBackend(Backend):
     # -- work -----------------------------------------------------------------------
     def submit(self, op: Op, stream: Stream, after: Sequence = ()) -> _Ticket:
         if self._pending_zero:
-            self._flush_zero()
+            self._flush_zero(stream)
         return self._enqueue(op, stream, after)
 
     def _enqueue(self, op: Op, stream: Stream, after: Sequence) -> _Ticket:
@@ -375,6 +412,9 @@ class CudaBackend(Backend):
             for t in after:
                 if t is not None and t.future is None:
                     self._wait_blocked(t)
+            for mem in self._mem.values():  # its thread may touch any pinned space
+                if isinstance(mem, PinnedMemory) and mem.zero_owed:
+                    self.settle_zero(mem)
             ticket.future = self._disk.submit(stream.value, op.run,
                                               [t.future for t in after if t is not None])
             self._tickets.append(ticket)
@@ -532,7 +572,7 @@ class CudaBackend(Backend):
         """Device scratch for a gather-then-scatter copy (grown rarely, at a sync)."""
         have = getattr(self, "_scratch_mem", None)
         if have is None or have[1] < nbytes:
-            self.synchronize_all()
+            self._synchronize_all_blocked()
             if have is not None:
                 drv.mem_free(have[0])
             size = max(nbytes, 4 << 20)
@@ -540,6 +580,8 @@ class CudaBackend(Backend):
         return self._scratch_mem[0]
 
     def _attention(self, op: Attention, s: int, ticket: _Ticket):
+        if op.segments is not None:
+            return self._attention_segments(op, s, ticket)
         from . import kernels
         lay = op.layout
         nb = len(op.offsets)
@@ -558,12 +600,7 @@ class CudaBackend(Backend):
         off = self.staging.take(total, s)
         host = self.staging.host
         buf = host.view(off, up)
-        np.add(op.offsets, self._mem[op.space].base, out=buf[:8 * nb].view(np.int64),
-               casting="unsafe")
-        np.take(_FMT_LUT, op.fmts, out=buf[p_ptr:p_ptr + 4 * nb].view(np.int32))
-        o = p_ptr + p_fmt
-        buf[o:o + 4 * nb].view(np.int32)[:] = op.n_valid
-        o += p_nv
+        o = self._stage_table(op, buf, p_ptr, p_fmt) + p_nv
         buf[o:o + q.nbytes] = q.reshape(-1).view(np.uint8)
         dev = self.staging.dev + off
         o_off, l_off = off + up, off + up + _pad256(o_bytes)
@@ -579,6 +616,64 @@ class CudaBackend(Backend):
             launch_attention(dev + up - p_q, dev, dev + p_ptr, dev + p_ptr + p_fmt,
                              op.softmax_scale, self.staging.dev + o_off,
                              self.staging.dev + l_off, self.compute)
+            if readback:
+                drv.memcpy_dtoh_async(host.address(o_off), self.staging.dev + o_off,
+                                      total - up, s)
+        return launch
+
+    def _stage_table(self, op: Attention, buf: np.ndarray, p_ptr: int, p_fmt: int) -> int:
+        """An attention op's block table into ``buf``: block addresses (u64) at 0, kernel
+        format codes (i32) at ``p_ptr``, valid tokens (i32) after; returns where those are."""
+        nb = len(op.offsets)
+        np.add(op.offsets, self._mem[op.space].base, out=buf[:8 * nb].view(np.int64),
+               casting="unsafe")
+        np.take(_FMT_LUT, op.fmts, out=buf[p_ptr:p_ptr + 4 * nb].view(np.int32))
+        o = p_ptr + p_fmt
+        buf[o:o + 4 * nb].view(np.int32)[:] = op.n_valid
+        return o
+
+    def _attention_segments(self, op: Attention, s: int, ticket: _Ticket):
+        """All of a step's requests in one launch (``kernels.SegmentsLauncher``): one
+        staging slice holds the block table, the segment and work-item tables and the S
+        queries (one upload); outputs [S, L, H, D] and every segment's lse come back in
+        one copy when read back."""
+        from . import kernels
+        lay = op.layout
+        nb, S = len(op.offsets), op.num_segments
+        L, H, D = lay.layers, lay.kv_heads, lay.head_dim
+        launcher = kernels.segments_launcher(L, H, D, lay.block_tokens, op.group_size)
+        bps, items = launcher.plan(op.segments)
+        q_bytes = 4 * L * H * D
+        p_ptr, p_fmt, p_nv = _pad256(8 * nb), _pad256(4 * nb), _pad256(4 * nb)
+        p_seg = _pad256(8 * (S + 1))  # seg_starts then item_starts, i32 each
+        up = p_ptr + p_fmt + p_nv + p_seg + _pad256(S * q_bytes)
+        o_bytes, l_bytes = S * q_bytes, 4 * L * H * max(nb, 1)
+        total = up + _pad256(o_bytes) + l_bytes
+        self.staging.reserve(total)
+        off = self.staging.take(total, s)
+        host = self.staging.host
+        buf = host.view(off, up)
+        o_seg = self._stage_table(op, buf, p_ptr, p_fmt) + p_nv
+        seg = buf[o_seg:o_seg + 8 * (S + 1)].view(np.int32)
+        seg[:S + 1] = op.segments
+        seg[S + 1:] = items
+        o_q = o_seg + p_seg
+        qs = buf[o_q:o_q + S * q_bytes].view(np.float32).reshape(S, L, H, D)
+        for i in range(S):  # each request's query straight into staging (no stacked copy)
+            qs[i] = op.query[i]
+        dev = self.staging.dev + off
+        o_off, l_off = off + up, off + up + _pad256(o_bytes)
+        upload = o_q + S * q_bytes
+        readback = op.readback
+        if readback:
+            ticket.post = ("segments", o_off, l_off, (S, L, H, D), op.segments.tolist())
+        num_items = int(items[-1])
+
+        def launch():
+            drv.memcpy_htod_async(dev, host.address(off), upload, s)
+            launcher.launch(dev + o_q, dev, dev + p_ptr, dev + p_ptr + p_fmt, dev + o_seg,
+                            dev + o_seg + 4 * (S + 1), S, num_items, bps, op.softmax_scale,
+                            self.staging.dev + o_off, self.staging.dev + l_off, self.compute)
             if readback:
                 drv.memcpy_dtoh_async(host.address(o_off), self.staging.dev + o_off,
                                       total - up, s)
@@ -645,11 +740,21 @@ class CudaBackend(Backend):
             raise KernelError(f"{t.op.kind} ({t.op.purpose}) failed on the GPU: {e}") from None
         t.done = True
         if t.post is not None:  # results leave the staging ring before it is reused
-            _, o_off, l_off, oshape, lshape = t.post
+            kind, o_off, l_off, oshape, lshape = t.post
             host = self.staging.host
             out = host.view(o_off, 4 * math.prod(oshape)).view(np.float32).reshape(oshape)
-            lse = host.view(l_off, 4 * math.prod(lshape)).view(np.float32).reshape(lshape)
-            t.value = (out.copy(), lse.copy())
+            if kind == "attention":
+                lse = host.view(l_off, 4 * math.prod(lshape)).view(np.float32).reshape(lshape)
+                t.value = (out.copy(), lse.copy())
+                return
+            # segments: lshape holds the segment bounds; segment i's lse [L, H, nb_i]
+            # starts at element L*H*bounds[i]
+            S, L, H, _ = oshape
+            bounds = lshape
+            lse = host.view(l_off, 4 * L * H * max(bounds[-1], 1)).view(np.float32)
+            t.value = [(out[i].copy(),
+                        lse[L * H * lo:L * H * hi].reshape(L, H, hi - lo).copy())
+                       for i, (lo, hi) in enumerate(zip(bounds, bounds[1:]))]
 
     def _wait_blocked(self, t: _Ticket) -> None:
         # The host waits for the device or the disk outside the driver's own waits (staging
@@ -661,6 +766,14 @@ class CudaBackend(Backend):
     def synchronize_all(self) -> None:
         for s in self.streams.values():
             drv.stream_synchronize(s)
+
+    def _synchronize_all_blocked(self) -> None:
+        # A wait for every stream inside the run (the VMM trim at a step's end, a data
+        # check's read, growing scratch): the host waits for the device, blocked, not busy
+        # (counted as busy, it made the trim's wait part of the host's time).
+        t0 = time.perf_counter()
+        self.synchronize_all()
+        self._other_blocked_s += time.perf_counter() - t0
 
     def result(self, ticket):
         self._synchronize(ticket)
@@ -678,13 +791,14 @@ class CudaBackend(Backend):
         drv.event_record(self._base_event, self.streams[Stream.COMPUTE])
         self._blocked_s = run_sync(process, self._synchronize)
         self._run_wall_s = time.perf_counter() - self._t0
+        self._blocked_s += self._other_blocked_s  # waits after the run are not the run's
         self.synchronize_all()
 
     def host_busy_s(self) -> float | None:
         wall = getattr(self, "_run_wall_s", None)
         if wall is None:
             return None
-        return max(0.0, wall - self._blocked_s - self._other_blocked_s)
+        return max(0.0, wall - self._blocked_s)
 
     def records(self) -> list[OpRecord]:
         self.synchronize_all()

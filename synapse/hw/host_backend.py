@@ -151,11 +151,16 @@ class HostBackend(Backend):
         mem = self._mem[op.space]
         lay = op.layout
         blocks = []
-        for off, fmt, nv, size in zip(op.offsets.tolist(), op.fmts.tolist(), op.n_valid.tolist(),
-                                      op.sizes.tolist()):
+        for off, fmt, nv in zip(op.offsets.tolist(), op.fmts.tolist(), op.n_valid.tolist()):
             name = _FMT_NAME[fmt]
             blocks.append(BlockRef(mem.view(off, lay.nbytes(name)), name, int(nv)))
-        return attention_decode_ref(op.query, blocks, lay, op.softmax_scale)
+        if op.segments is None:
+            return attention_decode_ref(op.query, blocks, lay, op.softmax_scale)
+        # each request its own reference pass over its own blocks: batching changes how
+        # the work is launched, not what any request computes
+        bounds = op.segments.tolist()
+        return [attention_decode_ref(op.query[i], blocks[lo:hi], lay, op.softmax_scale)
+                for i, (lo, hi) in enumerate(zip(bounds, bounds[1:]))]
 
     def _layer(self, op: LayerCompute) -> None:
         h, f = op.hidden, op.ffn

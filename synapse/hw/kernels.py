@@ -287,6 +287,40 @@ def attention_plan(layers: int, heads: int, head_dim: int, block_tokens: int, nu
     )
 
 
+def segment_plan(layers: int, heads: int, seg_starts: np.ndarray, num_sms: int,
+                 ctas_per_sm: int = ATTN_CTAS_PER_SM) -> tuple[int, np.ndarray]:
+    """Work items of a launch over several requests' blocks (``attention_decode_segments``).
+
+    ``seg_starts`` (int, [S + 1], non-decreasing, from 0): segment s owns blocks
+    ``seg_starts[s]:seg_starts[s + 1]``. Returns ``(blocks_per_split, item_starts)``:
+    segment s is cut into ``item_starts[s + 1] - item_starts[s]`` items of at most
+    ``blocks_per_split`` consecutive blocks (none when it has no block), so that
+    ``L*H*items`` CTAs cover the chip about ATTN_WAVES times, as ``attention_plan`` does
+    for one request; ``item_starts`` is int32 [S + 1]. Host cost: a few NumPy calls, as
+    it runs once per decode step.
+    """
+    lh = layers * heads
+    seg_starts = np.asarray(seg_starts)
+    counts = np.diff(seg_starts)
+    nb = int(seg_starts[-1]) if len(seg_starts) else 0
+    if lh <= 0 or len(seg_starts) < 2 or int(seg_starts[0]) != 0 or (counts < 0).any():
+        raise ValueError(f"seg_starts must start at 0 and not decrease, with layers * heads "
+                         f">= 1; got {seg_starts.tolist()[:8]} with {lh}")
+    if len(counts) > MAX_GRID_Y:
+        raise ValueError(f"at most {MAX_GRID_Y} segments per launch, got {len(counts)}")
+    target = max(1, -(-ATTN_WAVES * num_sms * ctas_per_sm // lh))
+    bps = max(1, -(-nb // target))
+    while True:
+        items = (counts + (bps - 1)) // bps
+        total = int(items.sum())
+        if total <= MAX_GRID_Y:
+            break
+        bps *= 2  # more segments than the grid holds at this size: longer items
+    item_starts = np.zeros(len(seg_starts), np.int32)
+    np.cumsum(items, out=item_starts[1:])
+    return bps, item_starts
+
+
 # --------------------------------------------------------------------------- checks
 
 
@@ -391,6 +425,8 @@ _ARG_FORMATS = {
     "int4_dequantize": "PPQ",
     "attention_decode_split": "PPPPiiiiifPPPP",
     "attention_decode_combine": "PPPiiP",
+    "attention_decode_segments_split": "PPPPPPiiiiifPPPP",
+    "attention_decode_segments_combine": "PPPPiiP",
     "kv_assemble_int4": "PPPPPIIIIII",
     "kv_block_quantize_int4_kc": "PPII",
     "kv_block_dequantize_int4_kc": "PPII",
@@ -745,8 +781,8 @@ def attention_decode(q_ptr, table, layers: int, heads: int, head_dim: int, block
     return plan
 
 
-def _attention_kernels(layers, heads, head_dim, block_tokens, group_size, num_blocks):
-    """The checked shape's split and combine kernels, launch plan and context state."""
+def _check_attention_shape(layers, heads, head_dim, block_tokens, group_size):
+    """(layers, heads, block_tokens, group_size) checked for the attention kernels."""
     layers = _positive(layers, "layers")
     heads = _positive(heads, "heads")
     block_tokens = _positive(block_tokens, "block_tokens")
@@ -755,17 +791,28 @@ def _attention_kernels(layers, heads, head_dim, block_tokens, group_size, num_bl
         raise ValueError(f"head_dim must be one of {ATTN_HEAD_DIMS}, got {head_dim!r}")
     if head_dim % group_size:
         raise ValueError(f"head_dim {head_dim} must be a multiple of group_size {group_size}")
+    return layers, heads, block_tokens, group_size
+
+
+def _check_score_memory(split_fn, shared_bytes: int, block_tokens: int) -> None:
+    if split_fn.shared_size_bytes + shared_bytes > DEFAULT_SHARED_BYTES_PER_BLOCK:
+        raise ValueError(
+            f"block_tokens {block_tokens} needs {shared_bytes} B of shared memory for scores; "
+            f"at most {DEFAULT_SHARED_BYTES_PER_BLOCK - split_fn.shared_size_bytes} B fit"
+        )
+
+
+def _attention_kernels(layers, heads, head_dim, block_tokens, group_size, num_blocks):
+    """The checked shape's split and combine kernels, launch plan and context state."""
+    layers, heads, block_tokens, group_size = _check_attention_shape(
+        layers, heads, head_dim, block_tokens, group_size)
     split_fn, state = _function(
         "attention_decode.cu", f"attention_decode_split_d{head_dim}_g{group_size}", "attention_decode_split"
     )
     combine_fn, _ = _function("attention_decode.cu", "attention_decode_combine", "attention_decode_combine")
     plan = attention_plan(layers, heads, head_dim, block_tokens, num_blocks, state.num_sms,
                           _blocks_per_sm(split_fn, state, ATTN_THREADS, 4 * block_tokens))
-    if split_fn.shared_size_bytes + plan.shared_bytes > DEFAULT_SHARED_BYTES_PER_BLOCK:
-        raise ValueError(
-            f"block_tokens {block_tokens} needs {plan.shared_bytes} B of shared memory for scores; "
-            f"at most {DEFAULT_SHARED_BYTES_PER_BLOCK - split_fn.shared_size_bytes} B fit"
-        )
+    _check_score_memory(split_fn, plan.shared_bytes, block_tokens)
     return split_fn, combine_fn, plan, state
 
 
@@ -822,13 +869,125 @@ def attention_launcher(layers: int, heads: int, head_dim: int, block_tokens: int
     return launch
 
 
+class SegmentsLauncher:
+    """``attention_decode_segments`` for one shape (layers, heads, head_dim, block_tokens,
+    group_size), checked once: ``plan(seg_starts)`` cuts a launch into work items (host
+    NumPy, ``segment_plan``), ``launch(...)`` enqueues its two kernels. A serving step
+    issues one of these for all running requests instead of one launch per request."""
+
+    def __init__(self, layers, heads, head_dim, block_tokens, group_size):
+        layers, heads, block_tokens, group_size = _check_attention_shape(
+            layers, heads, head_dim, block_tokens, group_size)
+        split_fn, state = _function("attention_decode.cu",
+                                    f"attention_decode_segments_split_d{head_dim}_g{group_size}",
+                                    "attention_decode_segments_split")
+        combine_fn, _ = _function("attention_decode.cu", "attention_decode_segments_combine",
+                                  "attention_decode_segments_combine")
+        self.shared_bytes = 4 * block_tokens
+        _check_score_memory(split_fn, self.shared_bytes, block_tokens)
+        self.layers, self.heads, self.head_dim = layers, heads, head_dim
+        self.block_tokens = block_tokens
+        self.num_sms = state.num_sms
+        self.ctas_per_sm = _blocks_per_sm(split_fn, state, ATTN_THREADS, self.shared_bytes)
+        if state.workspace is None:
+            state.workspace = AttentionWorkspace()
+        self.workspace = state.workspace
+        self._split, self._combine = split_fn.prepared_async_call, combine_fn.prepared_async_call
+
+    def plan(self, seg_starts) -> tuple[int, np.ndarray]:
+        return segment_plan(self.layers, self.heads, seg_starts, self.num_sms, self.ctas_per_sm)
+
+    def workspace_bytes(self, num_items: int) -> int:
+        return max(16, 4 * self.layers * self.heads * num_items * (self.head_dim + 2))
+
+    def launch(self, q, ptrs, fmts, n_valid, seg_starts, item_starts, num_segments: int,
+               num_items: int, blocks_per_split: int, softmax_scale: float, out, lse, stream):
+        """Device addresses: q f32 [S, L, H, D]; the table (ptrs u64, fmts i32, n_valid
+        i32 [nb]); seg_starts and item_starts i32 [S + 1] (``plan``); out f32 [S, L, H, D];
+        lse f32 [L*H*nb], segment s's [L, H, nb_s] at element L*H*seg_starts[s]."""
+        lh = self.layers * self.heads
+        parts = 4 * lh * num_items
+        ws = self.workspace.ensure(self.workspace_bytes(num_items))
+        try:
+            if num_items:
+                self._split((lh, num_items), (ATTN_THREADS, 1, 1), stream, q, ptrs, fmts,
+                            n_valid, seg_starts, item_starts, num_segments, self.layers,
+                            self.heads, self.block_tokens, blocks_per_split,
+                            float(softmax_scale), lse, ws, ws + parts, ws + 2 * parts,
+                            shared_size=self.shared_bytes)
+            if num_segments:
+                self._combine((lh, num_segments), (self.head_dim, 1, 1), stream, ws,
+                              ws + parts, ws + 2 * parts, item_starts, num_items,
+                              self.head_dim, out)
+        except _driver().Error as exc:
+            raise KernelError(f"attention decode (segments): launch failed: {exc}") from exc
+
+
+def segments_launcher(layers: int, heads: int, head_dim: int, block_tokens: int,
+                      group_size: int) -> SegmentsLauncher:
+    """The ``SegmentsLauncher`` of a shape in the current context (built once)."""
+    state = _state()
+    key = ("segments", layers, heads, head_dim, block_tokens, group_size)
+    launcher = state.launchers.get(key)
+    if launcher is None:
+        launcher = SegmentsLauncher(layers, heads, head_dim, block_tokens, group_size)
+        with _LOCK:
+            state.launchers[key] = launcher
+    return launcher
+
+
+def attention_decode_segments(q_ptr, table, seg_starts, layers: int, heads: int, head_dim: int,
+                              block_tokens: int, group_size: int, softmax_scale: float, out_ptr,
+                              lse_ptr, stream=None) -> tuple[int, np.ndarray]:
+    """Several requests' decode attention in one launch (semantics: ``attention_ref``, once
+    per segment). ``table``: a ``DeviceBlockTable`` of every segment's blocks back to back;
+    ``seg_starts`` (host ints, [S + 1]): segment s owns blocks ``seg_starts[s]:seg_starts[s+1]``.
+    ``q``: f32 [S, L, H, D]; ``out``: f32 [S, L, H, D]; ``lse``: f32, segment s's
+    [L, H, nb_s] at element ``L*H*seg_starts[s]`` (each segment's out and lse as a
+    one-request ``attention_decode`` of its blocks writes them). Uploads the segment and
+    item tables synchronously (this wrapper is for tests and one-off calls; the cuda
+    backend stages them with the block table). Returns ``(blocks_per_split, item_starts)``.
+    """
+    if not isinstance(table, DeviceBlockTable):
+        table = DeviceBlockTable(*table)
+    cuda = _driver()
+    launcher = segments_launcher(layers, heads, head_dim, block_tokens, group_size)
+    seg = np.asarray(seg_starts, np.int64)
+    if len(seg) < 2 or int(seg[-1]) != int(table.num_blocks):
+        raise ValueError(f"seg_starts must end at the table's {table.num_blocks} blocks, got "
+                         f"{seg.tolist()[-1:]}")
+    bps, items = launcher.plan(seg)
+    scale = float(softmax_scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"softmax_scale must be finite, got {softmax_scale!r}")
+    q, out = _ptr(q_ptr, "q_ptr", 16), _ptr(out_ptr, "out_ptr", 4)
+    lse = _ptr(lse_ptr, "lse_ptr", 4) if table.num_blocks else 0
+    tables = np.concatenate([seg.astype(np.int32), items])
+    try:
+        dev = cuda.mem_alloc(tables.nbytes)
+        cuda.memcpy_htod(dev, tables)
+    except cuda.Error as exc:
+        raise KernelError(f"uploading segment table: {exc}") from exc
+    n = len(seg)
+    ptrs = _ptr(table.ptrs, "table.ptrs", 8) if table.num_blocks else 0
+    fmts = _ptr(table.fmts, "table.fmts", 4) if table.num_blocks else 0
+    nvalid = _ptr(table.n_valid, "table.n_valid", 4) if table.num_blocks else 0
+    launcher.launch(q, ptrs, fmts, nvalid, int(dev), int(dev) + 4 * n, n - 1,
+                    int(items[-1]), bps, scale, out, lse, stream)
+    cuda.Context.synchronize()  # the tables are freed on return
+    dev.free()
+    return bps, items
+
+
 __all__ = [
     "AttentionPlan",
     "AttentionWorkspace",
     "DeviceBlockTable",
     "FMT_FP16",
     "FMT_INT4",
+    "SegmentsLauncher",
     "attention_decode",
+    "attention_decode_segments",
     "attention_launcher",
     "attention_plan",
     "compile_cubin",
@@ -842,5 +1001,7 @@ __all__ = [
     "quantize_int4",
     "quantize_kv_block_int4",
     "resident_blocks_per_sm",
+    "segment_plan",
+    "segments_launcher",
     "upload_block_table",
 ]

@@ -12,16 +12,13 @@ payload sources are never called.
 from __future__ import annotations
 
 import gc
-from functools import reduce
-from itertools import repeat
-from operator import add, itemgetter
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import simpy
 
 from ..backend import Backend
-from ..ops import ZERO_STREAM, Copy, Op, OpRecord, Stream, Zero
+from ..ops import PINNED_ZERO_BEFORE, ZERO_STREAM, Copy, Op, OpRecord, PinnedZero, Stream, Zero
 from .link import LinkModel
 from .predictor import is_link_op, predictor_for
 from .profile import Profile
@@ -29,7 +26,9 @@ from .profile import Profile
 
 class SimMemory:
     """Bookkeeping-only memory: zeroing a freed device range costs a memset on the stream
-    that next writes the space; zeroing pinned host memory costs host time."""
+    that next writes the space; zeroing pinned host memory a ``PinnedZero`` there (a D2H
+    copy from a device page of zeros, as the cuda backend does it; host memset time where
+    the profile's host runs the ops itself, as the cpu backend does)."""
 
     def __init__(self, backend: "SimBackend", space: str, nbytes: int, kind: str):
         self.backend, self.space, self.nbytes, self.kind = backend, space, nbytes, kind
@@ -118,6 +117,7 @@ class SimBackend(Backend):
         # what the host was charged for, counted (calibrate fits the costs to these)
         self.host_counts = {"steps": 0, "decisions": 0, "pages_mapped": 0,
                             "pages_unmapped": 0, "pinned_zero_bytes": 0}
+        self._pending_pinned: dict[str, list] = {}  # pinned host ranges (PinnedZero)
 
     # -- memory -------------------------------------------------------------------
     def memory(self, space: str, nbytes: int, kind: str) -> SimMemory:
@@ -158,35 +158,30 @@ class SimBackend(Backend):
 
     def queue_zero_ranges(self, mem: SimMemory, ranges: list) -> None:
         if mem.kind == "pinned_host":
-            zero_s = self.predictor.pinned_zero_seconds
-            host, busy, now = self._host_s, self._host_busy, self.env.now
-            sizes = list(map(itemgetter(1), ranges))
-            self.host_counts["pinned_zero_bytes"] += sum(sizes)
-            if sizes and sizes.count(sizes[0]) == len(sizes):
-                # ranges of one size (freed blocks): host_work of each, the same float
-                # sums in the same order, folded in C (past the first, host >= now)
-                seconds, k = zero_s(sizes[0]), len(sizes)
-                self._host_s = reduce(add, repeat(seconds, k), max(host, now))
-                self._host_busy = reduce(add, repeat(seconds, k), busy)
-                return
-            for nbytes in sizes:  # host_work of each, inline: the same float sums
-                seconds = zero_s(nbytes)
-                host = max(host, now) + seconds
-                busy += seconds
-            self._host_s, self._host_busy = host, busy
+            if self._ops_on_host:  # zeroed by a host memset there; a D2H copy elsewhere
+                self.host_counts["pinned_zero_bytes"] += sum(n for _, n in ranges)
+            pending = self._pending_pinned
         else:
-            self._pending_zero.setdefault(mem.space, []).extend(ranges)
+            pending = self._pending_zero
+        pending.setdefault(mem.space, []).extend(ranges)
 
-    def _flush_zero(self) -> None:
-        pending, self._pending_zero = self._pending_zero, {}
-        for space, ranges in pending.items():
-            self._enqueue(_ZeroRanges(purpose="zero_on_free", space=space, ranges=ranges),
-                          ZERO_STREAM.get(space, Stream.COMPUTE), ())
+    def _flush_zero(self, stream: Stream) -> None:
+        if self._pending_zero:
+            pending, self._pending_zero = self._pending_zero, {}
+            for space, ranges in pending.items():
+                self._enqueue(_ZeroRanges(purpose="zero_on_free", space=space, ranges=ranges),
+                              ZERO_STREAM.get(space, Stream.COMPUTE), ())
+        if self._pending_pinned and stream in PINNED_ZERO_BEFORE:
+            # as on the cuda backend: pinned ranges wait for an op that writes them
+            pending, self._pending_pinned = self._pending_pinned, {}
+            for space, ranges in pending.items():
+                self._enqueue(PinnedZero.of(space, ranges), ZERO_STREAM.get(space, Stream.D2H),
+                              ())
 
     # -- work ---------------------------------------------------------------------
     def submit(self, op: Op, stream: Stream, after: Sequence = ()) -> simpy.Event:
-        if self._pending_zero:
-            self._flush_zero()
+        if self._pending_zero or self._pending_pinned:
+            self._flush_zero(stream)
         return self._enqueue(op, stream, after)
 
     def _enqueue(self, op: Op, stream: Stream, after: Sequence) -> simpy.Event:

@@ -11,7 +11,8 @@ The SimPy backend never computes a duration itself; it asks its ``Predictor``:
   around the ops: planning, bookkeeping), charged at the step's safe point;
 - ``decision_seconds()``: host time of one planning call of the manager (the policy's
   work: the simulator runs the same code and counts the calls);
-- ``pinned_zero_seconds(nbytes)``: host memset of pinned memory;
+- ``pinned_zero_seconds(nbytes)``: host memset of pinned memory (what a ``PinnedZero``
+  costs where the host runs the ops: the cpu backend; elsewhere it is a D2H copy);
 - ``page_map_seconds(pages)``, ``page_unmap_seconds(pages)``: host time to map L1 pages
   as a virtual-memory arena's live prefix grows, and to unmap them at a safe point.
 
@@ -32,7 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ScenarioError
-from ..ops import Copy, Dequantize, DiskIO, Ingest, LayerCompute, Attention, Prefill, Quantize, Zero
+from ..ops import (Attention, Copy, Dequantize, DiskIO, Ingest, LayerCompute, PinnedZero, Prefill,
+                   Quantize, Zero)
 from .profile import Profile
 
 PREDICTORS = ("profile", "table")
@@ -95,6 +97,8 @@ class ProfilePredictor:
     # -- device -------------------------------------------------------------------
     def uncontended_seconds(self, op) -> float:
         """The op's whole duration when nothing shares the link with it."""
+        if isinstance(op, PinnedZero) and self.profile.host.runs_ops:
+            return self.pinned_zero_seconds(op.nbytes)  # the cpu backend's memset
         if is_link_op(op):
             return self.link_fixed_seconds(op) + self.op_seconds(op)
         return self.op_seconds(op)
