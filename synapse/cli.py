@@ -137,6 +137,34 @@ def run(scenario, backend, overrides, out, prometheus, serve_port, metrics_host,
     click.echo(f"wrote {path}")
 
 
+@main.command("serve-metrics")
+@click.argument("scenario", required=False)
+@click.option("--port", type=click.IntRange(0, 65535), default=9400, show_default=True,
+              help="Port of /metrics and /health (0: any free port, printed).")
+@click.option("--host", "metrics_host", default="127.0.0.1", show_default=True,
+              help="Address to bind (the default keeps the endpoint on this machine).")
+@click.option("--backend", "backend", default="sim", show_default=True,
+              type=click.Choice(["sim", "cpu", "cuda"]), help="As for `synapse run`.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--out", "out", type=click.Path(path_type=Path),
+              help="Directory for the run's files, as for `synapse run`.")
+@click.option("--linger", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              metavar="SECONDS", help="Keep serving this long after the run, so a scraper "
+                                      "sees the final counters.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary table.")
+@click.pass_context
+def serve_metrics(ctx, scenario, port, metrics_host, backend, overrides, out, linger, quiet):
+    """Run SCENARIO with live Prometheus /metrics and /health served while it goes.
+
+    The same run as `synapse run SCENARIO --serve-metrics PORT`: counters and histograms
+    of hits per tier, bytes and copies per direction, evictions, refusals, migration
+    latency and allocations per purpose (docs/operate.md).
+    """
+    ctx.invoke(run, scenario=scenario, backend=backend, overrides=overrides, out=out,
+               prometheus=None, serve_port=port, metrics_host=metrics_host, linger=linger,
+               quiet=quiet)
+
+
 def _write_or_rescue(res, out_dir: Path, name: str) -> Path:
     """The result files into ``out_dir``; if that fails now (the disk filled up during the
     run, say), into a new temporary folder, named in the one-line error: a finished run is
