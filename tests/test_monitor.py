@@ -373,13 +373,15 @@ def test_a_scenario_run_publishes_what_its_result_reports(backend):
         len(res.result["timeline"]["step"])]
 
 
-def test_synapse_run_serves_metrics_while_it_runs(tmp_path):
+@pytest.mark.parametrize("command", [["run", "needle", "--serve-metrics", "0"],
+                                     ["serve-metrics", "needle", "--port", "0"]],
+                         ids=["run --serve-metrics", "serve-metrics"])
+def test_a_scenario_run_serves_metrics_while_it_runs(tmp_path, command):
     from click.testing import CliRunner
     from synapse.cli import main
     from synapse.scenarios.tiny import TINY_NEEDLE
     before = _sample("synapse_block_hits_total", tier="l1")
-    args = ["run", "needle", "--backend", "sim", "--serve-metrics", "0", "-q",
-            "--out", str(tmp_path / "r")]
+    args = command + ["--backend", "sim", "-q", "--out", str(tmp_path / "r")]
     for o in TINY_NEEDLE:
         args += ["--set", o]
     r = CliRunner().invoke(main, args)
@@ -388,17 +390,3 @@ def test_synapse_run_serves_metrics_while_it_runs(tmp_path):
     hits = json.loads((tmp_path / "r" / "result.json").read_text())["metrics"]["l1_hits"]
     assert _sample("synapse_block_hits_total", tier="l1") == before + hits
 
-
-def test_synapse_serve_metrics_is_a_scenario_run_with_the_endpoint(tmp_path):
-    from click.testing import CliRunner
-    from synapse.cli import main
-    from synapse.scenarios.tiny import TINY_NEEDLE
-    before = _sample("synapse_block_hits_total", tier="l1")
-    args = ["serve-metrics", "needle", "--port", "0", "-q", "--out", str(tmp_path / "r")]
-    for o in TINY_NEEDLE:
-        args += ["--set", o]
-    r = CliRunner().invoke(main, args)
-    assert r.exit_code == 0, r.output
-    assert "serving http://127.0.0.1:" in r.output
-    hits = json.loads((tmp_path / "r" / "result.json").read_text())["metrics"]["l1_hits"]
-    assert _sample("synapse_block_hits_total", tier="l1") == before + hits
