@@ -225,9 +225,8 @@ def arena_stats(backend) -> dict | None:
     """The L1 virtual-memory arena's page maps and unmaps and the host time they took
     (``kv.vmm.VmmArena`` keeps them), read before the backend closes; None where L1 is
     not such an arena."""
-    mem = getattr(backend, "_mem", {}).get("l1")  # CudaBackend's spaces
-    arena = getattr(mem, "arena", None)
-    if arena is None or not hasattr(arena, "num_maps"):
+    arena = backend.l1_arena() if hasattr(backend, "l1_arena") else None
+    if arena is None:
         return None
     return {"page_bytes": int(arena.page_bytes), "maps": int(arena.num_maps),
             "map_s": float(arena.map_s), "unmaps": int(arena.num_unmaps),

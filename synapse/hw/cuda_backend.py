@@ -332,8 +332,14 @@ class CudaBackend(Backend):
             mem.arena.trim()
 
     def l1_pages(self) -> int | None:
+        arena = self.l1_arena()
+        return None if arena is None else arena.pages_mapped
+
+    def l1_arena(self):
+        """L1's virtual-memory arena (``kv.vmm.VmmArena``: pages, map and unmap timers),
+        or None where L1 is one allocation."""
         mem = self._mem.get("l1")
-        return mem.arena.pages_mapped if isinstance(mem, VmmDeviceMemory) else None
+        return mem.arena if isinstance(mem, VmmDeviceMemory) else None
 
     def warm_up_compute(self, rows: int = 64, hidden: int = 64, ffn: int = 64) -> None:
         torch = self._torch_mod()
