@@ -139,10 +139,16 @@ class PageTable:
         self._require_all_live(ids)
         # fromiter: an enum member is an int to NumPy only through Python, and fromiter
         # with a count converts one several times faster than asarray on a list
-        tiers = _int8_column(tiers)
+        n = len(tiers)
+        one_tier = n and tiers.count(tiers[0]) == n  # a batch of one kind (the common case)
         new_bytes = np.asarray(nbytes, np.int64)
         self._account(self.tier[ids], self.nbytes[ids], -1)
-        self._account(tiers, new_bytes, +1)
+        if one_tier:  # what _account adds, without the masks
+            self._bytes[Tier.L1 if int(tiers[0]) == _L1 else Tier.L2] += int(new_bytes.sum())
+            tiers = int(tiers[0])
+        else:
+            tiers = _int8_column(tiers)
+            self._account(tiers, new_bytes, +1)
         self._version += 1
         self.tier[ids] = tiers
         self.fmt[ids] = _int8_column(fmts)
