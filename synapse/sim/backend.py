@@ -199,7 +199,9 @@ class SimBackend(Backend):
 
     def _run(self, op: Op, stream: Stream, deps, launch_s: float, submit_s: float):
         pending = [d for d in deps if not d.processed]
-        if pending:
+        if len(pending) == 1:
+            yield pending[0]
+        elif pending:
             yield self.env.all_of(pending)
         if launch_s > self.env.now:
             yield self.env.timeout(launch_s - self.env.now)
