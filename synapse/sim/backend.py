@@ -223,7 +223,8 @@ class SimBackend(Backend):
             yield self.env.timeout(self.predictor.op_seconds(op))
 
     def wait(self, tickets: Sequence) -> simpy.Event:
-        return self.env.all_of([t for t in tickets if t is not None])
+        tickets = [t for t in tickets if t is not None]
+        return tickets[0] if len(tickets) == 1 else self.env.all_of(tickets)
 
     def now(self) -> float:
         return max(self.env.now, self._host_s)
