@@ -12,8 +12,6 @@ tiers did so through ``drop`` or ``free`` and is counted there.
 
 from __future__ import annotations
 
-from collections import deque
-from itertools import repeat
 from operator import attrgetter
 from typing import Iterable, Sequence
 
@@ -154,10 +152,12 @@ class PageTable:
         self.fmt[ids] = _int8_column(fmts)
         self.nbytes[ids] = new_bytes
         handle = self.handle
-        deque(map(handle.__setitem__, blocks, handles), 0)  # the loop in C
+        for b, h in zip(blocks, handles):  # a plain loop: faster than map(__setitem__)
+            handle[b] = h
         kinds = set(map(type, handles))
         if kinds == {Slot}:  # Slot.block's setter, once for the batch (its counter below)
-            deque(map(setattr, handles, repeat("_block"), blocks), 0)
+            for h, b in zip(handles, blocks):  # attribute stores beat map(setattr, ...)
+                h._block = b
             Slot.assigned += 1
         elif Slot in kinds:
             for b, h in zip(blocks, handles):

@@ -365,8 +365,8 @@ class SlabAllocator:
         emptied = [o // page_bytes for o in offsets]
         # full (one object) to empty; a page of one object has no free objects to clear
         emptied_pages = list(map(self._pages.__getitem__, emptied))
-        deque(map(setattr, emptied_pages, repeat("num_live"), repeat(0)), 0)
-        deque(map(setattr, emptied_pages, repeat("num_carved"), repeat(0)), 0)
+        for page in emptied_pages:  # a plain loop: attribute stores beat map(setattr, ...)
+            page.num_live = page.num_carved = 0
         self._free_pages.extend(emptied)
         self._live_per_class[ci] -= n
         add_per_tenant(self._bytes_per_tenant, list(map(_tenant_of, slabs)), -class_bytes)

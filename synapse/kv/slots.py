@@ -254,7 +254,8 @@ class SlotArena:
                 to = next(targets)
                 placed[to] = live[i]
                 self._move(live[i], to)
-        deque(map(setattr, slots, repeat("index"), repeat(-1)), 0)
+        for s in slots:  # a plain loop: attribute stores beat map(setattr, ...)
+            s.index = -1
         self.slots = placed  # type: ignore[assignment]
         if self._last is not None and self._last.index != n_new - 1:
             self._swap(self._last, placed[n_new - 1])
