@@ -323,27 +323,17 @@ class SlotArena:
         if not ranges:
             return []
         sb = self.slot_bytes
-        rows = np.array(ranges, np.int64).reshape(-1, 2)
-        lo, hi = rows[:, 0] // sb, (rows[:, 0] + rows[:, 1]) // sb
-        lo, hi = lo[lo < hi], hi[lo < hi]
-        if not len(lo):
-            return []
-        # the slots owed a memset as a mask (ranges overlap: count starts less ends),
-        # then its runs: no Python loop per slot, a step frees hundreds
-        edges = np.zeros(int(hi.max()) + 1, np.int64)
-        np.add.at(edges, lo, 1)
-        np.add.at(edges, hi, -1)
-        owed = np.cumsum(edges[:-1]) > 0
-        if len(keep):
-            kept = np.asarray(keep, np.int64) // sb
-            owed[kept[(kept >= 0) & (kept < len(owed))]] = False
-        idx = np.flatnonzero(owed)
-        if not len(idx):
-            return []
-        first = np.flatnonzero(np.diff(idx, prepend=-2) != 1)
-        starts = idx[first]
-        counts = np.diff(np.append(first, len(idx)))
-        return list(zip((starts * sb).tolist(), (counts * sb).tolist()))
+        idx = set()
+        for off, n in ranges:
+            idx.update(range(off // sb, (off + n) // sb))
+        idx.difference_update(o // sb for o in keep)
+        out: list[tuple[int, int]] = []
+        for i in sorted(idx):
+            if out and out[-1][0] + out[-1][1] == i * sb:
+                out[-1] = (out[-1][0], out[-1][1] + sb)
+            else:
+                out.append((i * sb, sb))
+        return out
 
     def _swap(self, a: Slot, b: Slot) -> None:
         if a is b:
