@@ -542,9 +542,11 @@ class TierManager:
     def _plan_prefetch(self, l2, cand, headroom, step) -> list[Move]:
         k = min(len(l2), self.prefetch.max_blocks)
         s = self.policy.scores(l2, step)
+        weakest = float(self.policy.scores(cand, step).min())
+        if not s.max() > weakest:  # no L2 block outranks L1's weakest (LRU, FIFO: most steps)
+            return []
         idx = np.argpartition(-s, k - 1)[:k] if k < len(l2) else np.arange(len(l2))
         order = idx[np.argsort(-s[idx], kind="stable")]
-        weakest = float(self.policy.scores(cand, step).min())
         top = l2[order][s[order] > weakest]
         chosen = self.prefetch.choose(top, self.table.nbytes[top], headroom)
         return self.plan_fetch(chosen, step, "prefetch")

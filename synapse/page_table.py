@@ -12,8 +12,6 @@ tiers did so through ``drop`` or ``free`` and is counted there.
 
 from __future__ import annotations
 
-from collections import deque
-from itertools import repeat
 from operator import attrgetter
 from typing import Iterable, Sequence
 
@@ -139,19 +137,27 @@ class PageTable:
         self._require_all_live(ids)
         # fromiter: an enum member is an int to NumPy only through Python, and fromiter
         # with a count converts one several times faster than asarray on a list
-        tiers = _int8_column(tiers)
+        n = len(tiers)
+        one_tier = n and tiers.count(tiers[0]) == n  # a batch of one kind (the common case)
         new_bytes = np.asarray(nbytes, np.int64)
         self._account(self.tier[ids], self.nbytes[ids], -1)
-        self._account(tiers, new_bytes, +1)
+        if one_tier:  # what _account adds, without the masks
+            self._bytes[Tier.L1 if int(tiers[0]) == _L1 else Tier.L2] += int(new_bytes.sum())
+            tiers = int(tiers[0])
+        else:
+            tiers = _int8_column(tiers)
+            self._account(tiers, new_bytes, +1)
         self._version += 1
         self.tier[ids] = tiers
         self.fmt[ids] = _int8_column(fmts)
         self.nbytes[ids] = new_bytes
         handle = self.handle
-        deque(map(handle.__setitem__, blocks, handles), 0)  # the loop in C
+        for b, h in zip(blocks, handles):  # a plain loop: faster than map(__setitem__)
+            handle[b] = h
         kinds = set(map(type, handles))
         if kinds == {Slot}:  # Slot.block's setter, once for the batch (its counter below)
-            deque(map(setattr, handles, repeat("_block"), blocks), 0)
+            for h, b in zip(handles, blocks):  # attribute stores beat map(setattr, ...)
+                h._block = b
             Slot.assigned += 1
         elif Slot in kinds:
             for b, h in zip(blocks, handles):

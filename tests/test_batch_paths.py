@@ -145,3 +145,24 @@ def test_the_needle_ground_truth_is_the_whole_matrix_computed_at_once():
     assert np.array_equal(tr.needed_matrix(), whole)
     for t in (0, NeedleTrace._ROWS, tr.num_steps - 1):
         assert np.array_equal(tr.needed(t), np.flatnonzero(whole[t]))
+
+
+def test_needle_next_use_is_the_first_later_step_that_reads_the_block():
+    """Belady's oracle, kept as a row moved on from step to step: the same answer as a
+    scan of the ground truth, going forward, back in time and skipping steps."""
+    sc = load_scenario("scenarios/needle.yaml", ["workload.context_tokens=4096",
+                                                 "workload.decode_steps=80",
+                                                 "workload.prefill_chunk_tokens=512"])
+    tr = NeedleTrace(sc.workload, sc.memory.block_tokens, sc.seed)
+    used = tr.needed_matrix()
+    blocks = np.arange(tr.num_blocks)
+
+    def scan(t):
+        later = np.vstack([used[t + 1:], np.zeros((1, tr.num_blocks), bool)])  # never
+        first = later.argmax(axis=0) + t + 1
+        return np.where(later.any(axis=0), first, 2**30)
+
+    order = list(range(tr.num_steps)) + [3, 3, 40, 2, tr.num_steps - 1, 0]
+    for t in order:
+        assert np.array_equal(tr.next_use(blocks, t), scan(t)), t
+    assert np.array_equal(tr.next_use(blocks[::7], 10), scan(10)[::7])

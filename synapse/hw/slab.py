@@ -26,7 +26,7 @@ import bisect
 import itertools
 from collections import deque
 from itertools import repeat
-from operator import attrgetter, is_
+from operator import attrgetter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -351,13 +351,16 @@ class SlabAllocator:
         if ci == len(self.size_classes) or self.size_classes[ci] != class_bytes \
                 or self._objects_per_page[ci] != 1:
             return False
-        try:
-            offsets = list(map(_offset_of, slabs))
-            if not all(map(is_, map(live.get, offsets), slabs)) \
-                    or list(map(_class_bytes_of, slabs)).count(class_bytes) != n \
-                    or len(set(offsets)) != n:
-                return False
+        offsets = []
+        try:  # a plain loop: on Python 3.11 faster than the same checks through map()
+            for s in slabs:
+                offset = s.offset
+                if live.get(offset) is not s or s.class_bytes != class_bytes:
+                    return False
+                offsets.append(offset)
         except (AttributeError, TypeError):
+            return False
+        if len(set(offsets)) != n:
             return False
         zero_ranges(list(zip(offsets, repeat(class_bytes))))
         deque(map(live.pop, offsets), 0)
@@ -365,8 +368,8 @@ class SlabAllocator:
         emptied = [o // page_bytes for o in offsets]
         # full (one object) to empty; a page of one object has no free objects to clear
         emptied_pages = list(map(self._pages.__getitem__, emptied))
-        deque(map(setattr, emptied_pages, repeat("num_live"), repeat(0)), 0)
-        deque(map(setattr, emptied_pages, repeat("num_carved"), repeat(0)), 0)
+        for page in emptied_pages:  # a plain loop: attribute stores beat map(setattr, ...)
+            page.num_live = page.num_carved = 0
         self._free_pages.extend(emptied)
         self._live_per_class[ci] -= n
         add_per_tenant(self._bytes_per_tenant, list(map(_tenant_of, slabs)), -class_bytes)
@@ -403,9 +406,11 @@ class SlabAllocator:
         nothing (callers repeat the checks one by one when it says no)."""
         live = self._live
         slabs = slabs[: len(tenants)]  # as zip: the pairs there are
-        try:  # the live handles themselves (identity), of these tenants: loops in C
-            return all(map(is_, map(live.get, map(_offset_of, slabs)), slabs)) \
-                and same_items(map(_tenant_of, slabs), tenants)
+        try:  # the live handles themselves (identity), of these tenants; a plain loop
+            for s, tenant in zip(slabs, tenants):  # (faster than map() on Python 3.11)
+                if live.get(s.offset) is not s or s.tenant != tenant:
+                    return False
+            return True
         except (AttributeError, TypeError):  # not a handle at all
             return False
 
@@ -524,17 +529,8 @@ class SlabAllocator:
             raise AllocatorError(f"handle {slab} does not match the live slab {live}")
 
 
-_offset_of, _class_bytes_of = attrgetter("offset"), attrgetter("class_bytes")
 _tenant_of, _nbytes_of = attrgetter("tenant"), attrgetter("nbytes")
 _new_slab = tuple.__new__  # builds a Slab without the named tuple's argument parsing
-
-
-def same_items(values, expected: Sequence) -> bool:
-    """Whether ``values`` (an iterable) equals ``expected`` item by item, in C (as far
-    as the shorter goes, like ``zip``)."""
-    values = list(values)
-    n = min(len(values), len(expected))
-    return values[:n] == list(expected[:n])
 
 
 def add_per_tenant(per_tenant: dict, tenants: Sequence[str], nbytes: int) -> None:

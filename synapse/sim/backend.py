@@ -199,28 +199,32 @@ class SimBackend(Backend):
 
     def _run(self, op: Op, stream: Stream, deps, launch_s: float, submit_s: float):
         pending = [d for d in deps if not d.processed]
-        if pending:
+        if len(pending) == 1:
+            yield pending[0]
+        elif pending:
             yield self.env.all_of(pending)
         if launch_s > self.env.now:
             yield self.env.timeout(launch_s - self.env.now)
         start = self.env.now
+        nbytes = op.nbytes  # a sum over the op's rows: once per op
         if self._ops_on_host:  # it ran inside submit: its time was the host's
             start -= self.predictor.uncontended_seconds(op)
         else:
-            yield from self._execute(op)
+            yield from self._execute(op, nbytes)
         self._records.append(OpRecord(op.kind, op.purpose, stream.value, submit_s, start,
-                                      self.env.now, op.nbytes, op.count))
+                                      self.env.now, nbytes, op.count))
 
-    def _execute(self, op: Op):
+    def _execute(self, op: Op, nbytes: int):
         if is_link_op(op):
             direction = op.direction if isinstance(op, Copy) else "h2d"
-            yield from self.link.transfer(direction, op.nbytes, op.count,
+            yield from self.link.transfer(direction, nbytes, op.count,
                                           fixed_s=self.predictor.link_fixed_seconds(op))
         else:
             yield self.env.timeout(self.predictor.op_seconds(op))
 
     def wait(self, tickets: Sequence) -> simpy.Event:
-        return self.env.all_of([t for t in tickets if t is not None])
+        tickets = [t for t in tickets if t is not None]
+        return tickets[0] if len(tickets) == 1 else self.env.all_of(tickets)
 
     def now(self) -> float:
         return max(self.env.now, self._host_s)

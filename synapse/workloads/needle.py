@@ -199,17 +199,36 @@ class NeedleTrace:
 
     def next_use(self, blocks: np.ndarray, t: int) -> np.ndarray:
         """First step after t at which each block is used (a large number if never)."""
+        return self._next_use_row(t)[blocks]
+
+    def _next_use_row(self, t: int) -> np.ndarray:
+        """Every block's next use after step t, kept from the last call's step and moved
+        on from it: only the blocks used between the two steps change. Not a [steps,
+        blocks] table (35 MB at 128k: its page faults cost more than a run's updates)."""
         if self._next_use is None:
-            needed = self.needed_matrix()
-            T, n = needed.shape
-            nxt = np.empty((T, n), np.int32)
-            never = np.int32(2**30)
-            row = np.full(n, never, np.int32)
-            for s in range(T - 1, -1, -1):
-                nxt[s] = row
-                row = np.where(needed[s], s, row)
-            self._next_use = nxt
-        return self._next_use[t, blocks]
+            if self._needed is None:
+                self._compute_needed()
+            # every (block, step) use as one sorted key, block-major: the first key past
+            # (block, s) is the block's next use after s, if it is still that block's
+            span = self.num_steps + 1
+            steps = np.repeat(np.arange(self.num_steps, dtype=np.int64),
+                              [len(ids) for ids in self._needed])
+            keys = np.sort(np.concatenate(self._needed).astype(np.int64) * span + steps)
+            self._next_use = [span, np.append(keys, self.num_blocks * span), -1, None]
+        span, keys, at, row = self._next_use
+        if row is None or t < at:  # first call, or back in time: every block's, searched
+            at, row = -1, self._next_after(np.arange(self.num_blocks, dtype=np.int64), -1)
+        for s in range(at + 1, t + 1):
+            used = self._needed[s]
+            row[used] = self._next_after(used, s)
+        self._next_use[2:] = [max(at, t), row]
+        return row
+
+    def _next_after(self, blocks: np.ndarray, s: int) -> np.ndarray:
+        span, keys = self._next_use[0], self._next_use[1]
+        base = blocks.astype(np.int64) * span
+        hit = keys[np.searchsorted(keys, base + s, side="right")] - base
+        return np.where(hit < span, hit, 2**30).astype(np.int32)
 
     # -- data for the hardware ---------------------------------------------------------
     def query_vector(self, t: int, layers: int, heads: int, head_dim: int) -> np.ndarray:
