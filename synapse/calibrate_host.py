@@ -126,6 +126,21 @@ def sample_from_run(piece: str, records, steps: int, host_busy_s: float,
     return HostSample(piece, steps, len(records), rows, max(0.0, host), **extras)
 
 
+def _nonnegative_fit(a: np.ndarray, y: np.ndarray, w: np.ndarray):
+    """Weighted least squares of ``y`` on the columns of ``a`` with every coefficient
+    >= 0: a negative cost is no cost, so the most negative term is dropped and the rest
+    refitted. Returns (coefficients, indices of the terms kept)."""
+    active = [j for j in range(a.shape[1]) if a[:, j].any()]
+    coef = np.zeros(a.shape[1])
+    while active:
+        sol, *_ = np.linalg.lstsq(a[:, active] * w[:, None], y * w, rcond=None)
+        if (sol >= 0).all():
+            coef[active] = sol
+            break
+        active.pop(int(np.argmin(sol)))
+    return coef, active
+
+
 def fit_host(samples: list[HostSample]) -> dict:
     """Per-step, per-op and per-row host costs (microseconds) fitted to runs, with each
     run's predicted and measured host time and relative residual."""
@@ -135,16 +150,7 @@ def fit_host(samples: list[HostSample]) -> dict:
     y = np.array([s.host_s for s in samples], np.float64)
     if np.any(y <= 0):
         raise ValueError("a run measured no host time: nothing to fit")
-    w = 1.0 / y
-    active = [j for j in range(a.shape[1]) if a[:, j].any()]
-    coef = np.zeros(a.shape[1])
-    while active:
-        sol, *_ = np.linalg.lstsq(a[:, active] * w[:, None], y * w, rcond=None)
-        if (sol >= 0).all():
-            coef[:] = 0
-            coef[active] = sol
-            break
-        active.pop(int(np.argmin(sol)))  # a negative cost is no cost: drop the most negative
+    coef, active = _nonnegative_fit(a, y, 1.0 / y)
     pred = a @ coef
     residuals = [{**s.as_dict(), "predicted_s": float(p),
                   "rel_error": float((p - s.host_s) / s.host_s)} for s, p in zip(samples, pred)]
@@ -325,16 +331,7 @@ def fit_host_counted(samples: list[HostSample], counts: list[dict], fixed: dict)
         known.append(fixed_s)
     a, y = np.array(a, np.float64), np.array(y, np.float64)
     total = np.array([s.host_s for s in samples], np.float64)
-    w = 1.0 / total  # relative error of the whole run's host time
-    active = [j for j in range(a.shape[1]) if a[:, j].any()]
-    coef = np.zeros(a.shape[1])
-    while active:
-        sol, *_ = np.linalg.lstsq(a[:, active] * w[:, None], y * w, rcond=None)
-        if (sol >= 0).all():
-            coef[:] = 0
-            coef[active] = sol
-            break
-        active.pop(int(np.argmin(sol)))
+    coef, active = _nonnegative_fit(a, y, 1.0 / total)  # relative to the run's host time
     pred = a @ coef + np.array(known)
     err = np.abs((pred - total) / total)
     page_us = float(coef[2] * 1e6)
