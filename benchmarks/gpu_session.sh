@@ -93,10 +93,12 @@ fi
 if has prefix; then
   stage "prefix reuse: scenario on cuda and sim, then time to first token from L2/L3"
   PREFIX_SET="--set model.layers=8 --set memory.l1_budget=768MiB --set memory.l2_budget=1536MiB --set workload.l3_budget=16GiB"
-  for b in sim cuda; do
-    python3 -m synapse run prefix_reuse --backend $b $PREFIX_SET --out "$OUT/prefix_reuse-$b" -q 2>&1 | tee "$OUT/logs/prefix_reuse-$b.log"
-  done
-  python3 -m synapse compare "$OUT/prefix_reuse-sim" "$OUT/prefix_reuse-cuda" --out "$OUT/compare-prefix_reuse" 2>&1 | tee "$OUT/logs/compare-prefix_reuse.log" | tail -30
+  if [ "${PREFIX_SCENARIO:-1}" = 1 ]; then  # PREFIX_SCENARIO=0: the time-to-first-token benchmark only
+    for b in sim cuda; do
+      python3 -m synapse run prefix_reuse --backend $b $PREFIX_SET --out "$OUT/prefix_reuse-$b" -q 2>&1 | tee "$OUT/logs/prefix_reuse-$b.log"
+    done
+    python3 -m synapse compare "$OUT/prefix_reuse-sim" "$OUT/prefix_reuse-cuda" --out "$OUT/compare-prefix_reuse" 2>&1 | tee "$OUT/logs/compare-prefix_reuse.log" | tail -30
+  fi
   timeout ${PREFIX_LIMIT_S:-300} python3 benchmarks/prefix_reuse.py --device cuda --model llama-8b-shape \
     --l3-dir "${L3_DIR:-/tmp/synapse-l3}" --out "$OUT/prefix_reuse.json" 2>&1 | tee "$OUT/logs/prefix_reuse.log" | tail -12
 fi

@@ -34,7 +34,8 @@ against the disk's cold sequential read measured here (``synapse.hw.measure_disk
 (host time to queue them), ``into_cache`` (0 for a ``DynamicCache``: its forward joins
 prefix and new tokens), ``forward`` (CUDA events; it overlaps the copies and includes
 its waits for them) and ``copy_end_after_forward_start`` (> 0: the copies were still
-running when the forward began). ``--attention sdpa`` turns the fused bottom-right
+running when the forward began); ``copy_path`` how the copies were issued (one batched
+driver call per layer, or a torch copy per chunk). ``--attention sdpa`` turns the fused
 causal attention of the new tokens off, to compare. The first token
 and the last logits of each reuse mode are compared with the same cache's ``recompute``.
 
@@ -178,8 +179,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up")
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's); "
                                                 "1 on a shared CPU, where 2 thrash")
-    ap.add_argument("--attention", default="fused", help="fused (the new tokens on SDPA's "
-                    "fused kernels with a bottom-right causal bias) or sdpa (the model's own)")
+    ap.add_argument("--attention", default="fused", help="fused (the new tokens on flash "
+                    "attention over the prefix and over themselves, merged by log-sum-exp; "
+                    "SDPA's bottom-right causal bias where flash refuses) or sdpa (the "
+                    "model's own, with an explicit mask)")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     a = ap.parse_args(argv)
     if not 0 < a.saved_tokens < a.prompt_tokens:
@@ -297,6 +300,7 @@ def measure(a, store, mode: str, run, kind: str, ref: dict, kv_bytes: int, whole
     return {
         "restored_tokens": n, "expected_tokens": whole, "computed_tokens": reuse.computed_tokens,
         "ttft_s": ttft, "speedup": ref["recompute_ttft_s"] / ttft, "phases_s": phases,
+        "copy_path": reuse.copy_path,
         "load_gb_per_s": None if in_place or moving <= 0 else loaded / moving / 1e9,
         "same_first_token": int(logits.argmax()) == int(ref_logits.argmax()),
         "max_abs_logit_diff": float((logits.float() - ref_logits.float()).abs().max()),
@@ -339,7 +343,8 @@ def summary(r: dict) -> str:
                          f"{m['restored_tokens']} tokens {rate}; first token "
                          f"{'same' if m['same_first_token'] else 'DIFFERENT'}, "
                          f"max |logit diff| {m['max_abs_logit_diff']:.2e}")
-            lines.append("    split: " + ttft_split(m["phases_s"]))
+            lines.append("    split: " + ttft_split(m["phases_s"])
+                         + (f"; copies: {m['copy_path']}" if m.get("copy_path") else ""))
         lines.append(f"  L3 with a warm page cache: {c['l3_warm_ttft_s'] * 1e3:.1f} ms; goals: "
                      + ", ".join(f"{k} {'n/a' if v is None else ('met' if v else 'MISSED')}"
                                  for k, v in c["goals"].items()))

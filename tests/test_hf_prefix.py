@@ -327,3 +327,22 @@ def test_on_cuda_a_prefix_from_pinned_l2_and_l3_gives_dynamic_cache_tokens(kind,
             out = with_prefix(m, second, store, cache())
             assert sum(store.report()["hit_tokens"].values()) == 96
         assert torch.equal(out, ref)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("pinned", [True, False])
+def test_on_cuda_the_layerwise_load_fills_head_major_planes_batched_or_not(pinned):
+    from synapse.hf.prefix_load import LayerwiseLoad
+    g = torch.Generator().manual_seed(1)
+    chunks = [torch.randn(3, 2, 2, 16, 8, generator=g).half() for _ in range(5)]
+    if pinned:
+        chunks = [c.pin_memory() for c in chunks]
+    load = LayerwiseLoad(chunks, torch.device("cuda"), torch.float16)
+    load.wait_all()
+    load.finish()
+    # pinned chunks on a CUDA 12.8+ driver take one batched call a layer; others torch copies
+    assert load.copy_path == ("cuMemcpyBatchAsync" if pinned else "torch copy per chunk")
+    for i, planes in enumerate(load.planes):
+        want = torch.cat([c[i] for c in chunks], dim=2)  # [2, heads, tokens, head_dim]
+        assert torch.equal(planes.cpu(), want)

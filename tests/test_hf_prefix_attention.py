@@ -1,6 +1,8 @@
-"""The new tokens' attention over a cached prefix on SDPA's fused causal path
-(``synapse.hf.prefix_attention``): the same logits and tokens as the model's own
-``sdpa``, on tiny random Llama and Qwen2 models (CPU, seeded, no downloads)."""
+"""The new tokens' attention over a cached prefix on fused kernels
+(``synapse.hf.prefix_attention``: two flash-attention calls merged by log-sum-exp, or
+SDPA's bottom-right causal bias where flash refuses): the same logits and tokens as the
+model's own ``sdpa``, on tiny random Llama and Qwen2 models (CPU, seeded, no
+downloads)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,11 @@ from transformers import DynamicCache  # noqa: E402
 from transformers.masking_utils import sdpa_mask, sliding_window_causal_mask_function  # noqa: E402
 
 from synapse.hf.prefix import generate_with_prefix, prefill_with_prefix, prefix_fingerprint  # noqa: E402
-from synapse.hf.prefix_attention import PREFIX_SDPA, prefix_mask, prefix_sdpa  # noqa: E402
+from torch.nn.attention.bias import causal_lower_right  # noqa: E402
+
+from synapse.hf import prefix_attention as pa  # noqa: E402
+from synapse.hf.prefix_attention import (PREFIX_SDPA, prefix_mask, prefix_sdpa,  # noqa: E402
+                                         split_attention)
 from synapse.prefix import PrefixStore  # noqa: E402
 
 # fp32 on the CPU: SDPA over the bias and over transformers' boolean mask sum the same
@@ -28,16 +34,61 @@ def ids(n, seed=0):
 
 
 class FusedCalls:
-    """Counts SDPA calls that took the bottom-right causal bias."""
+    """Counts attention calls that took the fused branch: the split flash calls, or SDPA
+    over the bottom-right causal bias where flash refused."""
 
     def __init__(self, monkeypatch):
         self.calls = 0
-        inner = CausalBias._dispatch
+        split, bias = pa.split_attention, CausalBias._dispatch
 
-        def counted(*args, **kwargs):
+        def counted_split(*args, **kwargs):
+            out = split(*args, **kwargs)
+            self.calls += out is not None
+            return out
+
+        def counted_bias(*args, **kwargs):
             self.calls += 1
-            return inner(*args, **kwargs)
-        monkeypatch.setattr(CausalBias, "_dispatch", staticmethod(counted))
+            return bias(*args, **kwargs)
+        monkeypatch.setattr(pa, "split_attention", counted_split)
+        monkeypatch.setattr(CausalBias, "_dispatch", staticmethod(counted_bias))
+
+
+def lower_right_reference(q, k, v):
+    """Softmax attention with the bottom-right causal mask, written out in float64."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = (t.repeat_interleave(groups, 1).double() for t in (k, v))
+    n, s = q.shape[-2], k.shape[-2]
+    scores = (q.double() @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    scores = scores.masked_fill(~causal_lower_right(n, s)._materialize("cpu"), float("-inf"))
+    return torch.softmax(scores, -1) @ v
+
+
+@pytest.mark.parametrize("heads, kv_heads, new, prefix", [
+    (4, 4, 7, 3), (4, 2, 5, 12), (8, 2, 16, 100), (2, 1, 33, 1)])
+def test_split_flash_attention_is_softmax_over_prefix_and_new_keys(heads, kv_heads, new, prefix):
+    g = torch.Generator().manual_seed(heads * 1000 + new)
+    q = torch.randn(2, heads, new, 16, generator=g)
+    k, v = (torch.randn(2, kv_heads, prefix + new, 16, generator=g) for _ in range(2))
+    got = split_attention(q, k, v, prefix)
+    torch.testing.assert_close(got.double(), lower_right_reference(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_where_flash_refuses_the_bias_kernel_runs_and_the_refusal_is_remembered(monkeypatch):
+    model = tiny_model("qwen2")
+    prompt = ids(100)
+    own = logits_over_new_tokens(model, prompt, 64, fused=False)
+    tried = []
+
+    def refuse(*args, **kwargs):
+        tried.append(1)
+        raise RuntimeError("no kernel for these inputs")
+    monkeypatch.setattr(pa, "_flash", refuse)
+    monkeypatch.setattr(pa, "_flash_refused", set())
+    spy = FusedCalls(monkeypatch)
+    fused = logits_over_new_tokens(model, prompt, 64, fused=True)
+    assert len(tried) == 1  # asked once, not once a layer
+    assert spy.calls == model.config.num_hidden_layers  # every layer on the bias kernel
+    torch.testing.assert_close(fused, own, atol=ATOL, rtol=RTOL)
 
 
 def logits_over_new_tokens(model, prompt, cached: int, fused: bool):
@@ -128,14 +179,26 @@ def test_decode_steps_and_a_prefill_without_prefix_keep_sdpas_path(q_length, q_o
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_on_the_gpu_the_fused_kernels_take_the_bias_and_match_the_mask(family):
-    from torch.backends.cuda import SDPAParams, can_use_efficient_attention, can_use_flash_attention
+def test_on_the_gpu_the_split_flash_kernels_run_and_match_the_mask(family, monkeypatch):
     model = tiny_model(family, dtype=torch.float16).cuda()
     prompt = ids(600).cuda()
     own = logits_over_new_tokens(model, prompt, 512, fused=False).float()
+    monkeypatch.setattr(pa, "_flash_refused", set())
+    spy = FusedCalls(monkeypatch)
     fused = logits_over_new_tokens(model, prompt, 512, fused=True).float()
-    q = torch.empty(1, 4, 88, 32, device="cuda", dtype=torch.float16)
-    k = torch.empty(1, 4, 600, 32, device="cuda", dtype=torch.float16)
-    params = SDPAParams(q, k, k, None, 0.0, False, False)
-    assert can_use_flash_attention(params) or can_use_efficient_attention(params)
+    assert not pa._flash_refused  # flash took fp16 with grouped key heads, no bias kernel
+    assert spy.calls == model.config.num_hidden_layers
     torch.testing.assert_close(fused, own, atol=2e-2, rtol=2e-2)  # fp16, another kernel
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_the_gpu_split_attention_matches_the_float64_reference_with_grouped_heads():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 8, 200, 128, device="cuda", dtype=torch.float16, generator=g)
+    k, v = (torch.randn(1, 2, 1224, 128, device="cuda", dtype=torch.float16, generator=g)
+            for _ in range(2))
+    got = split_attention(q, k, v, 1024)
+    assert got is not None
+    want = lower_right_reference(q.cpu(), k.cpu(), v.cpu())
+    torch.testing.assert_close(got.double().cpu(), want, atol=2e-3, rtol=2e-3)

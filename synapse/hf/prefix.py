@@ -75,12 +75,14 @@ class PrefixReuse:
     hit_tokens: dict = field(default_factory=dict)  # tier -> restored tokens found there
     chunks_saved: int = 0
     phases_s: dict = field(default_factory=dict)    # store_load, to_device, into_cache, save
+    copy_path: str | None = None                   # how the restored chunks were copied
     loaded: list = field(default_factory=list, repr=False)  # the restored chunks (host)
 
     def summary(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "restored_tokens": self.restored_tokens,
                 "computed_tokens": self.computed_tokens, "hit_tokens": dict(self.hit_tokens),
-                "chunks_saved": self.chunks_saved, "phases_s": dict(self.phases_s)}
+                "chunks_saved": self.chunks_saved, "phases_s": dict(self.phases_s),
+                "copy_path": self.copy_path}
 
     @property
     def computed_tokens(self) -> int:
@@ -147,6 +149,7 @@ def _start_load(model, input_ids, store, cache, tenant: str, step_tokens: int | 
     if not got.tokens:
         return cache, reuse, None
     load = LayerwiseLoad(got.chunks, model.device, _model_dtype(model))
+    reuse.copy_path = load.copy_path
     load.into(cache, step_tokens)
     reuse.loaded = got.chunks  # what save may be asked for if the store evicted it since
     return cache, reuse, load

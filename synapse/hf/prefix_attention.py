@@ -15,6 +15,17 @@ Both halves are registered with transformers under one name, ``PREFIX_SDPA``:
 - an attention function (``AttentionInterface``) that runs SDPA with the bias, and hands
   anything else to transformers' own ``sdpa_attention_forward`` unchanged.
 
+How the attention function runs the bias case: as two flash-attention calls whose
+results are merged by their log-sum-exp (``split_attention``): the N queries over the P
+prefix keys with no mask at all, and over their own N keys with the plain square causal
+mask; ``out = o_p * w + o_n * (1 - w)``, ``w = sigmoid(lse_p - lse_n)``, which is exactly
+softmax over the union of the two key sets. Flash attention takes fewer key heads than
+query heads natively, so grouped-query models are not widened with ``repeat_kv``;
+torch's lower-right bias itself runs on the memory-efficient kernel only, which needs as
+many key heads as query heads (``repeat_kv`` copies every layer's whole cache) and is
+slower than flash on Hopper. Where the flash op does not take the inputs (fp32 on CUDA,
+a head size it lacks), the bias goes to SDPA as before.
+
 ``prefix_sdpa(model)`` selects it for the duration of a call, through
 ``model.set_attn_implementation``, and restores the model's own after; it does nothing
 unless the model uses ``sdpa``. Decode steps (one query) and a prefill without a prefix
@@ -75,12 +86,50 @@ def prefix_attention(module, query, key, value, attention_mask, dropout: float =
         mask = attention_mask._materialize(query.device)[None, None]
         return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    groups = getattr(module, "num_key_value_groups", 1)
-    if groups > 1:  # the fused lower-right kernels take as many key heads as query heads
-        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
+    out = None
+    if not (dropout and module.training):
+        out = split_attention(query, key, value, kv_len - q_len, scaling)
+    if out is None:
+        groups = getattr(module, "num_key_value_groups", 1)
+        if groups > 1:  # the lower-right bias kernel takes as many key heads as query heads
+            key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+_flash_refused: set = set()  # (device type, dtype, head size) the flash op turned down
+
+
+def _flash(query, key, value, causal: bool, scale):
+    """(out [B, H, N, D], lse [B, H, N] float32) from torch's flash-attention op."""
+    if query.device.type == "cuda":
+        r = torch.ops.aten._scaled_dot_product_flash_attention(
+            query, key, value, 0.0, causal, False, scale=scale)
+    else:
+        r = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, causal, scale=scale)
+    return r[0], r[1]
+
+
+def split_attention(query, key, value, prefix: int, scale=None):
+    """Attention of ``query`` [B, H, N, D] over ``key``/``value`` [B, Hk, P + N, D] with
+    the bottom-right causal mask (query i sees keys 0..P+i), as flash attention over the
+    first ``prefix`` = P keys unmasked plus flash attention over the last N keys with the
+    square causal mask, merged by log-sum-exp. None where the flash op refuses the inputs
+    (the caller then uses another kernel)."""
+    sig = (query.device.type, query.dtype, query.shape[-1])
+    if sig in _flash_refused or prefix <= 0:
+        return None
+    try:
+        o_p, l_p = _flash(query, key[:, :, :prefix], value[:, :, :prefix], False, scale)
+        o_n, l_n = _flash(query, key[:, :, prefix:], value[:, :, prefix:], True, scale)
+    except (RuntimeError, NotImplementedError):
+        _flash_refused.add(sig)
+        return None
+    n = query.shape[-2]  # some kernels pad the lse's rows
+    w = torch.sigmoid(l_p[..., :n] - l_n[..., :n]).unsqueeze(-1)
+    return torch.lerp(o_n.float(), o_p.float(), w).to(query.dtype)
 
 
 def register() -> None:

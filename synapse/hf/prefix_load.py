@@ -10,7 +10,12 @@ pass of the new tokens.
 On CUDA, per layer, on one side stream: one host-to-device copy per chunk (a chunk's
 layer slice, keys and values, is contiguous in its pinned buffer) into a staging buffer,
 then one strided copy from there into the layer's head-major ``[2, heads, tokens,
-head_dim]`` planes, then an event. The compute stream never waits on the host: the
+head_dim]`` planes, then an event. A layer's chunk copies go to the driver in one
+``cuMemcpyBatchAsync`` call where the driver has it (CUDA 12.8+) and every chunk is
+pinned: issued one by one through PyTorch, a 32k prompt's 3,840 copies of 1 MiB cost
+68 ms of host time on the H200, about as long as moving them, and the copy engines
+waited on the host (37.5 GB/s against 55 for large copies). Elsewhere, one torch copy
+per chunk (``copy_path`` says which ran). The compute stream never waits on the host: the
 attention module of layer i waits on layer i's event (``wait_event``) when its forward
 starts, so the copy of layer i runs while layers before it compute.
 
@@ -39,6 +44,7 @@ class LayerwiseLoad:
         layers, _, heads, c, d = chunks[0].shape
         self.num_layers, self.tokens = layers, len(chunks) * c
         self.cuda = device.type == "cuda"
+        self.copy_path = "on the host" if not self.cuda else None
         self.deferred = False
         self.phases: dict[str, float] = {}
         self._marks: dict[str, object] = {}
@@ -59,11 +65,16 @@ class LayerwiseLoad:
         stage = torch.empty((len(chunks),) + tuple(chunks[0].shape[1:]), device=device,
                             dtype=dtype)
         self.events = [torch.cuda.Event() for _ in range(layers)]
+        batch = _batch_copier(chunks, device)
+        self.copy_path = "cuMemcpyBatchAsync" if batch else "torch copy per chunk"
         self._marks["copy_start"] = _timing_event(self.stream)
         with torch.cuda.stream(self.stream):
             for i in range(layers):
-                for j, ch in enumerate(chunks):
-                    stage[j].copy_(ch[i], non_blocking=True)
+                if batch:
+                    batch(stage, i, self.stream.cuda_stream)
+                else:
+                    for j, ch in enumerate(chunks):
+                        stage[j].copy_(ch[i], non_blocking=True)
                 self._fill(i, stage)
                 self.events[i].record(self.stream)
         self._marks["copy_end"] = _timing_event(self.stream)
@@ -215,6 +226,28 @@ def _update_in_steps(cache, planes, step_tokens, wait) -> None:
     finally:
         if tiered:
             cache.needs_scores = scores
+
+
+def _batch_copier(chunks, device):
+    """A function ``(stage, layer, stream)`` queuing every chunk's ``layer`` slice into
+    ``stage`` as one batched driver call, or None where that cannot run (the reason is
+    not an error: the torch copies do the same work)."""
+    from ..hw import driver_api
+    if not all(ch.is_pinned() and ch.is_contiguous() for ch in chunks):
+        return None
+    if driver_api.batch_copy_unavailable() is not None:
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    nbytes = chunks[0][0].nbytes
+    layer_stride = chunks[0].stride(0) * chunks[0].element_size()
+    bases = [ch.data_ptr() for ch in chunks]
+
+    def copy(stage, layer: int, stream: int) -> None:
+        dst0, step = stage.data_ptr(), stage.stride(0) * stage.element_size()
+        driver_api.memcpy_batch_async([dst0 + j * step for j in range(len(bases))],
+                                      [b + layer * layer_stride for b in bases],
+                                      [nbytes] * len(bases), stream, index)
+    return copy
 
 
 def _timing_event(stream):
