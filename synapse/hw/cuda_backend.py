@@ -257,7 +257,7 @@ class CudaBackend(Backend):
         self.ctx.push()
         self._closed = False
         self.vmm = vmm  # None: L1 on CUDA virtual memory where available; False: cuMemAlloc
-        self.l1_arena = "not allocated yet"
+        self.l1_arena_kind = "not allocated yet"
         try:
             least, greatest = drv.stream_priority_range()
             self.compute = cuda.Stream()
@@ -318,9 +318,9 @@ class CudaBackend(Backend):
         except vmm.VmmUnavailable as e:
             if self.vmm:
                 raise BackendUnavailable(f"L1 on CUDA virtual memory: {e}") from None
-            self.l1_arena = f"one cuMemAlloc (CUDA virtual memory unavailable: {e})"
+            self.l1_arena_kind = f"one cuMemAlloc (CUDA virtual memory unavailable: {e})"
             return DeviceMemory(self, space, nbytes)
-        self.l1_arena = f"CUDA virtual memory, {arena.page_bytes >> 20} MiB pages mapped on demand"
+        self.l1_arena_kind = f"CUDA virtual memory, {arena.page_bytes >> 20} MiB pages mapped on demand"
         return VmmDeviceMemory(self, space, nbytes, arena)
 
     def step_done(self) -> None:
@@ -829,7 +829,7 @@ class CudaBackend(Backend):
         return audit(table, self._mem, drv.memory_type, drv.is_managed)
 
     def environment(self) -> dict:
-        env = {"device": str(self.device.name()), "l1_arena": self.l1_arena,
+        env = {"device": str(self.device.name()), "l1_arena": self.l1_arena_kind,
                "compute_capability": "%d.%d" % self.device.compute_capability(),
                "driver": cuda.get_driver_version(),
                "cuda_runtime_headers": ".".join(map(str, cuda.get_version())),
