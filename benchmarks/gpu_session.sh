@@ -99,6 +99,7 @@ if has prefix; then
     done
     python3 -m synapse compare "$OUT/prefix_reuse-sim" "$OUT/prefix_reuse-cuda" --out "$OUT/compare-prefix_reuse" 2>&1 | tee "$OUT/logs/compare-prefix_reuse.log" | tail -30
   fi
+  python3 benchmarks/prefix_attention_kernels.py --out "$OUT/prefix_attention_kernels.json" 2>&1 | tee "$OUT/logs/prefix_attention_kernels.log"
   timeout ${PREFIX_LIMIT_S:-300} python3 benchmarks/prefix_reuse.py --device cuda --model llama-8b-shape \
     --l3-dir "${L3_DIR:-/tmp/synapse-l3}" --out "$OUT/prefix_reuse.json" 2>&1 | tee "$OUT/logs/prefix_reuse.log" | tail -12
 fi

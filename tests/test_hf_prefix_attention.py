@@ -82,8 +82,8 @@ def test_where_flash_refuses_the_bias_kernel_runs_and_the_refusal_is_remembered(
     def refuse(*args, **kwargs):
         tried.append(1)
         raise RuntimeError("no kernel for these inputs")
-    monkeypatch.setattr(pa, "_flash", refuse)
-    monkeypatch.setattr(pa, "_flash_refused", set())
+    monkeypatch.setattr(pa, "_attend", refuse)
+    monkeypatch.setattr(pa, "_refused", set())
     spy = FusedCalls(monkeypatch)
     fused = logits_over_new_tokens(model, prompt, 64, fused=True)
     assert len(tried) == 1  # asked once, not once a layer
@@ -183,22 +183,24 @@ def test_on_the_gpu_the_split_flash_kernels_run_and_match_the_mask(family, monke
     model = tiny_model(family, dtype=torch.float16).cuda()
     prompt = ids(600).cuda()
     own = logits_over_new_tokens(model, prompt, 512, fused=False).float()
-    monkeypatch.setattr(pa, "_flash_refused", set())
+    monkeypatch.setattr(pa, "_refused", set())
+    monkeypatch.setattr(pa, "used", set())
     spy = FusedCalls(monkeypatch)
     fused = logits_over_new_tokens(model, prompt, 512, fused=True).float()
-    assert not pa._flash_refused  # flash took fp16 with grouped key heads, no bias kernel
+    assert pa.used == {"cudnn"} and not pa._refused  # fp16, grouped key heads, no bias kernel
     assert spy.calls == model.config.num_hidden_layers
     torch.testing.assert_close(fused, own, atol=2e-2, rtol=2e-2)  # fp16, another kernel
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_on_the_gpu_split_attention_matches_the_float64_reference_with_grouped_heads():
+@pytest.mark.parametrize("kernel", ["cudnn", "flash"])
+def test_on_the_gpu_split_attention_matches_the_float64_reference_with_grouped_heads(kernel):
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(1, 8, 200, 128, device="cuda", dtype=torch.float16, generator=g)
     k, v = (torch.randn(1, 2, 1224, 128, device="cuda", dtype=torch.float16, generator=g)
             for _ in range(2))
-    got = split_attention(q, k, v, 1024)
-    assert got is not None
+    got = split_attention(q, k, v, 1024, kernels=(kernel,))
+    assert got is not None, f"{kernel} refused fp16 [1, 8, 200, 128] over 2 key heads"
     want = lower_right_reference(q.cpu(), k.cpu(), v.cpu())
     torch.testing.assert_close(got.double().cpu(), want, atol=2e-3, rtol=2e-3)

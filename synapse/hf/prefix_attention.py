@@ -15,16 +15,18 @@ Both halves are registered with transformers under one name, ``PREFIX_SDPA``:
 - an attention function (``AttentionInterface``) that runs SDPA with the bias, and hands
   anything else to transformers' own ``sdpa_attention_forward`` unchanged.
 
-How the attention function runs the bias case: as two flash-attention calls whose
+How the attention function runs the bias case: as two fused-attention calls whose
 results are merged by their log-sum-exp (``split_attention``): the N queries over the P
 prefix keys with no mask at all, and over their own N keys with the plain square causal
 mask; ``out = o_p * w + o_n * (1 - w)``, ``w = sigmoid(lse_p - lse_n)``, which is exactly
-softmax over the union of the two key sets. Flash attention takes fewer key heads than
-query heads natively, so grouped-query models are not widened with ``repeat_kv``;
-torch's lower-right bias itself runs on the memory-efficient kernel only, which needs as
-many key heads as query heads (``repeat_kv`` copies every layer's whole cache) and is
-slower than flash on Hopper. Where the flash op does not take the inputs (fp32 on CUDA,
-a head size it lacks), the bias goes to SDPA as before.
+softmax over the union of the two key sets. The kernels are torch's cuDNN attention
+(on CUDA) and flash attention, tried in that order. Neither widens a grouped-query
+model's prefix keys with ``repeat_kv``: flash takes fewer key heads natively, and for
+cuDNN the query heads that share a key head are folded into one longer query sequence
+(exact without a mask). torch's lower-right bias itself runs on the memory-efficient
+kernel only, which needs as many key heads as query heads (``repeat_kv`` copies every
+layer's whole cache) and is slower on Hopper. Where no kernel takes the inputs (fp32 on
+CUDA, a head size they lack), the bias goes to SDPA as before.
 
 ``prefix_sdpa(model)`` selects it for the duration of a call, through
 ``model.set_attn_implementation``, and restores the model's own after; it does nothing
@@ -98,38 +100,67 @@ def prefix_attention(module, query, key, value, attention_mask, dropout: float =
     return out.transpose(1, 2).contiguous(), None
 
 
-_flash_refused: set = set()  # (device type, dtype, head size) the flash op turned down
+_refused: set = set()  # (kernel, device type, dtype, head size) a kernel turned down
+used: set = set()      # the kernels split_attention has run (for tests and benchmarks)
 
 
-def _flash(query, key, value, causal: bool, scale):
-    """(out [B, H, N, D], lse [B, H, N] float32) from torch's flash-attention op."""
-    if query.device.type == "cuda":
+def _kernels(device) -> tuple:
+    # cuDNN first on CUDA: on the H200 it runs the prefix's attention faster than flash
+    # (benchmarks/prefix_attention_kernels.py); the CPU has flash only
+    return ("cudnn", "flash") if device.type == "cuda" else ("flash",)
+
+
+def _attend(kernel: str, query, key, value, causal: bool, scale):
+    """(out [B, H, N, D], lse [B, H, N] float32) of one fused kernel."""
+    b, h, n, d = query.shape
+    hk = key.shape[1]
+    fold = kernel == "cudnn" and hk != h
+    if fold and not causal:
+        # no mask: the query heads of a group read the same key head, so they can be
+        # one longer query sequence of that head (no copy of the keys)
+        query = query.reshape(b, hk, (h // hk) * n, d)
+    elif fold:  # causal: the rows of a folded head would see the wrong keys; widen them
+        key, value = (t.repeat_interleave(h // hk, dim=1) for t in (key, value))
+    if kernel == "cudnn":
+        r = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            query, key, value, None, True, 0.0, causal, False, scale=scale)
+    elif query.device.type == "cuda":
         r = torch.ops.aten._scaled_dot_product_flash_attention(
             query, key, value, 0.0, causal, False, scale=scale)
     else:
         r = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             query, key, value, 0.0, causal, scale=scale)
-    return r[0], r[1]
+    out, lse = r[0], r[1]
+    rows = out.shape[-2]
+    lse = lse.reshape(out.shape[0], out.shape[1], -1)[..., :rows]  # some pad or add a dim
+    return out.reshape(b, h, n, d), lse.reshape(b, h, n)
 
 
-def split_attention(query, key, value, prefix: int, scale=None):
+def split_attention(query, key, value, prefix: int, scale=None, kernels=None):
     """Attention of ``query`` [B, H, N, D] over ``key``/``value`` [B, Hk, P + N, D] with
-    the bottom-right causal mask (query i sees keys 0..P+i), as flash attention over the
-    first ``prefix`` = P keys unmasked plus flash attention over the last N keys with the
-    square causal mask, merged by log-sum-exp. None where the flash op refuses the inputs
-    (the caller then uses another kernel)."""
-    sig = (query.device.type, query.dtype, query.shape[-1])
-    if sig in _flash_refused or prefix <= 0:
+    the bottom-right causal mask (query i sees keys 0..P+i), as one fused kernel over the
+    first ``prefix`` = P keys unmasked plus one over the last N keys with the square
+    causal mask, merged by log-sum-exp. ``kernels``: the order to try (default: cuDNN
+    then flash on CUDA, flash on the CPU). None where every kernel refuses the inputs
+    (the caller then uses another)."""
+    if prefix <= 0:
         return None
-    try:
-        o_p, l_p = _flash(query, key[:, :, :prefix], value[:, :, :prefix], False, scale)
-        o_n, l_n = _flash(query, key[:, :, prefix:], value[:, :, prefix:], True, scale)
-    except (RuntimeError, NotImplementedError):
-        _flash_refused.add(sig)
-        return None
-    n = query.shape[-2]  # some kernels pad the lse's rows
-    w = torch.sigmoid(l_p[..., :n] - l_n[..., :n]).unsqueeze(-1)
-    return torch.lerp(o_n.float(), o_p.float(), w).to(query.dtype)
+    for kernel in kernels or _kernels(query.device):
+        sig = (kernel, query.device.type, query.dtype, query.shape[-1])
+        if sig in _refused:
+            continue
+        try:
+            o_p, l_p = _attend(kernel, query, key[:, :, :prefix], value[:, :, :prefix],
+                               False, scale)
+            o_n, l_n = _attend(kernel, query, key[:, :, prefix:], value[:, :, prefix:],
+                               True, scale)
+        except (RuntimeError, NotImplementedError):
+            _refused.add(sig)
+            continue
+        used.add(kernel)
+        w = torch.sigmoid(l_p - l_n).unsqueeze(-1)
+        return torch.lerp(o_n.float(), o_p.float(), w).to(query.dtype)
+    return None
 
 
 def register() -> None:

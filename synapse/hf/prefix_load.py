@@ -1,16 +1,17 @@
 """A restored prefix's KV moved to the device layer by layer, overlapped with the forward
 pass of the new tokens.
 
-    load = LayerwiseLoad(chunks, device, dtype)   # copies issued on a side stream
+    load = LayerwiseLoad(chunks, device, dtype)   # copies issued on side streams
     load.into(cache)                               # DynamicCache: deferred; others: update()
     with load.waits(model):                        # layer i's attention waits for layer i
         out = model(input_ids=new, past_key_values=cache)
     phases = load.finish()                         # seconds: to_device, into_cache, forward
 
-On CUDA, per layer, on one side stream: one host-to-device copy per chunk (a chunk's
+On CUDA, per layer, on side streams: one host-to-device copy per chunk (a chunk's
 layer slice, keys and values, is contiguous in its pinned buffer) into a staging buffer,
 then one strided copy from there into the layer's head-major ``[2, heads, tokens,
-head_dim]`` planes, then an event. A layer's chunk copies go to the driver in one
+head_dim]`` planes on a second stream, then an event; two staging buffers alternate, so
+the copy engine moves layer i+1 while layer i is scattered. A layer's chunk copies go to the driver in one
 ``cuMemcpyBatchAsync`` call where the driver has it (CUDA 12.8+) and every chunk is
 pinned: issued one by one through PyTorch, a 32k prompt's 3,840 copies of 1 MiB cost
 68 ms of host time on the H200, about as long as moving them, and the copy engines
@@ -59,26 +60,40 @@ class LayerwiseLoad:
             self.phases["to_device"] = time.perf_counter() - t0
             return
         compute = torch.cuda.current_stream(device)
-        self.stream = torch.cuda.Stream(device=device)
-        # the planes and stage may reuse memory the compute stream freed: start after it
+        # host-to-device copies on one stream, the strided fills into the planes on another,
+        # through two stages: layer i+1's copy runs while layer i's fill does
+        self.stream, fill = torch.cuda.Stream(device=device), torch.cuda.Stream(device=device)
+        # the planes and stages may reuse memory the compute stream freed: start after it
         self.stream.wait_stream(compute)
-        stage = torch.empty((len(chunks),) + tuple(chunks[0].shape[1:]), device=device,
-                            dtype=dtype)
-        self.events = [torch.cuda.Event() for _ in range(layers)]
+        fill.wait_stream(compute)
+        stages = [torch.empty((len(chunks),) + tuple(chunks[0].shape[1:]), device=device,
+                              dtype=dtype) for _ in range(2)]
+        copied = [torch.cuda.Event() for _ in range(layers)]
+        self.events = [torch.cuda.Event() for _ in range(layers)]  # layer i's planes filled
         batch = _batch_copier(chunks, device)
         self.copy_path = "cuMemcpyBatchAsync" if batch else "torch copy per chunk"
         self._marks["copy_start"] = _timing_event(self.stream)
-        with torch.cuda.stream(self.stream):
-            for i in range(layers):
+        for i in range(layers):
+            stage = stages[i % 2]
+            if i >= 2:  # the stage is free once layer i-2's fill has read it
+                self.stream.wait_event(self.events[i - 2])
+            with torch.cuda.stream(self.stream):
                 if batch:
                     batch(stage, i, self.stream.cuda_stream)
                 else:
                     for j, ch in enumerate(chunks):
                         stage[j].copy_(ch[i], non_blocking=True)
+                copied[i].record(self.stream)
+            fill.wait_event(copied[i])
+            with torch.cuda.stream(fill):
                 self._fill(i, stage)
-                self.events[i].record(self.stream)
-        self._marks["copy_end"] = _timing_event(self.stream)
-        stage.record_stream(self.stream)
+                self.events[i].record(fill)
+        self._marks["copy_end"] = _timing_event(fill)
+        for stage in stages:
+            stage.record_stream(self.stream)
+            stage.record_stream(fill)
+        for planes in self.planes:
+            planes.record_stream(fill)
         self.phases["copy_issue"] = time.perf_counter() - t0
 
     def _fill(self, i: int, stacked) -> None:
