@@ -30,8 +30,9 @@ pinned host-to-device bandwidth measured here (1 GiB, CUDA events); for L3 the s
 ``load`` (files read and checked into pinned buffers, ``--io-workers`` threads), set
 against the disk's cold sequential read measured here (``synapse.hw.measure_disk``).
 ``phases_s`` gives each part of the time to first token: ``store_load`` (the lookup),
-``to_device`` (the layer-wise copies; CUDA events on their side stream), ``copy_issue``
-(host time to queue them), ``into_cache`` (0 for a ``DynamicCache``: its forward joins
+``to_device`` (the layer-wise copies; CUDA events on their side streams), ``copy_issue``
+(host time to queue them; most of it during the forward, a few layers ahead of it),
+``into_cache`` (0 for a ``DynamicCache``: its forward joins
 prefix and new tokens), ``forward`` (CUDA events; it overlaps the copies and includes
 its waits for them) and ``copy_end_after_forward_start`` (> 0: the copies were still
 running when the forward began); ``copy_path`` how the copies were issued (one batched

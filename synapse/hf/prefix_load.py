@@ -7,18 +7,21 @@ pass of the new tokens.
         out = model(input_ids=new, past_key_values=cache)
     phases = load.finish()                         # seconds: to_device, into_cache, forward
 
-On CUDA, per layer, on side streams: one host-to-device copy per chunk (a chunk's
-layer slice, keys and values, is contiguous in its pinned buffer) into a staging buffer,
-then one strided copy from there into the layer's head-major ``[2, heads, tokens,
-head_dim]`` planes on a second stream, then an event; two staging buffers alternate, so
-the copy engine moves layer i+1 while layer i is scattered. A layer's chunk copies go to the driver in one
-``cuMemcpyBatchAsync`` call where the driver has it (CUDA 12.8+) and every chunk is
-pinned: issued one by one through PyTorch, a 32k prompt's 3,840 copies of 1 MiB cost
-68 ms of host time on the H200, about as long as moving them, and the copy engines
+On CUDA, per layer, on side streams: one host-to-device copy per chunk (a chunk's layer
+slice, keys and values, is contiguous in its pinned buffer) into a staging buffer, then
+one strided copy from there into the layer's head-major ``[2, heads, tokens, head_dim]``
+planes on a second stream, then an event; two staging buffers alternate, so the copy
+engine moves layer i+1 while layer i is scattered. A layer's chunk copies go to the
+driver in one ``cuMemcpyBatchAsync`` call where the driver has it (CUDA 12.8+) and every
+chunk is pinned: issued one by one through PyTorch, a 32k prompt's 3,840 copies of 1 MiB
+cost 68 ms of host time on the H200, about as long as moving them, and the copy engines
 waited on the host (37.5 GB/s against 55 for large copies). Elsewhere, one torch copy
-per chunk (``copy_path`` says which ran). The compute stream never waits on the host: the
-attention module of layer i waits on layer i's event (``wait_event``) when its forward
-starts, so the copy of layer i runs while layers before it compute.
+per chunk (``copy_path`` says which ran). The compute stream never waits on the host:
+the attention module of layer i waits on layer i's event (``wait_event``) when its
+forward starts, so the copy of layer i runs while layers before it compute. The copies
+are queued ``ISSUE_AHEAD`` layers ahead of that wait, not all before the forward: queuing
+a 32-layer prompt's costs the host about 10 ms, which then runs while the device
+computes instead of before it starts.
 
 A ``DynamicCache`` (plain ``DynamicLayer``s) takes the planes as its layers' tensors
 before the forward, so it reports the prefix's length to the mask and position code, and
@@ -35,6 +38,7 @@ import time
 
 import torch
 
+ISSUE_AHEAD = 3  # layers whose copies are queued before the attention of the layer waiting
 
 class LayerwiseLoad:
     def __init__(self, chunks, device, dtype):
@@ -62,39 +66,55 @@ class LayerwiseLoad:
         compute = torch.cuda.current_stream(device)
         # host-to-device copies on one stream, the strided fills into the planes on another,
         # through two stages: layer i+1's copy runs while layer i's fill does
-        self.stream, fill = torch.cuda.Stream(device=device), torch.cuda.Stream(device=device)
+        self.stream, self._fill_stream = (torch.cuda.Stream(device=device),
+                                          torch.cuda.Stream(device=device))
         # the planes and stages may reuse memory the compute stream freed: start after it
         self.stream.wait_stream(compute)
-        fill.wait_stream(compute)
-        stages = [torch.empty((len(chunks),) + tuple(chunks[0].shape[1:]), device=device,
-                              dtype=dtype) for _ in range(2)]
-        copied = [torch.cuda.Event() for _ in range(layers)]
+        self._fill_stream.wait_stream(compute)
+        self._stages = [torch.empty((len(chunks),) + tuple(chunks[0].shape[1:]),
+                                    device=device, dtype=dtype) for _ in range(2)]
+        self._copied = [torch.cuda.Event() for _ in range(layers)]
         self.events = [torch.cuda.Event() for _ in range(layers)]  # layer i's planes filled
-        batch = _batch_copier(chunks, device)
-        self.copy_path = "cuMemcpyBatchAsync" if batch else "torch copy per chunk"
+        self._batch = _batch_copier(chunks, device)
+        self.copy_path = "cuMemcpyBatchAsync" if self._batch else "torch copy per chunk"
+        self._issued = 0
         self._marks["copy_start"] = _timing_event(self.stream)
-        for i in range(layers):
-            stage = stages[i % 2]
+        self.phases["copy_issue"] = time.perf_counter() - t0
+        self._issue_through(ISSUE_AHEAD - 1)
+
+    def _issue_through(self, last: int) -> None:
+        """Queue the copies of every layer up to ``last`` not queued yet. Layers are issued
+        a few ahead of the forward's attention (``_wait``), so the host's time queuing
+        them (about 10 ms for a 32k prompt of 32 layers) runs while the device computes
+        earlier layers instead of before the forward starts."""
+        if not self.cuda or self._issued > last:
+            return
+        t0 = time.perf_counter()
+        fill = self._fill_stream
+        while self._issued <= min(last, self.num_layers - 1):
+            i = self._issued
+            stage = self._stages[i % 2]
             if i >= 2:  # the stage is free once layer i-2's fill has read it
                 self.stream.wait_event(self.events[i - 2])
             with torch.cuda.stream(self.stream):
-                if batch:
-                    batch(stage, i, self.stream.cuda_stream)
+                if self._batch:
+                    self._batch(stage, i, self.stream.cuda_stream)
                 else:
-                    for j, ch in enumerate(chunks):
+                    for j, ch in enumerate(self.chunks):
                         stage[j].copy_(ch[i], non_blocking=True)
-                copied[i].record(self.stream)
-            fill.wait_event(copied[i])
+                self._copied[i].record(self.stream)
+            fill.wait_event(self._copied[i])
             with torch.cuda.stream(fill):
                 self._fill(i, stage)
                 self.events[i].record(fill)
-        self._marks["copy_end"] = _timing_event(fill)
-        for stage in stages:
-            stage.record_stream(self.stream)
-            stage.record_stream(fill)
-        for planes in self.planes:
-            planes.record_stream(fill)
-        self.phases["copy_issue"] = time.perf_counter() - t0
+            self._issued += 1
+        if self._issued == self.num_layers:
+            self._marks["copy_end"] = _timing_event(fill)
+            for t in self._stages + self.planes:
+                t.record_stream(self.stream)
+                t.record_stream(fill)
+            self._stages = None
+        self.phases["copy_issue"] += time.perf_counter() - t0
 
     def _fill(self, i: int, stacked) -> None:
         """``stacked`` [chunks, 2, heads, c, d] into layer i's planes (one strided copy)."""
@@ -123,6 +143,7 @@ class LayerwiseLoad:
 
     def _wait(self, layer: int) -> None:
         if self.cuda:
+            self._issue_through(layer + ISSUE_AHEAD)
             torch.cuda.current_stream(self.device).wait_event(self.events[layer])
 
     def wait_all(self) -> None:
@@ -141,6 +162,7 @@ class LayerwiseLoad:
         """Wait (on the host) until the copies and a timed forward are done, release the
         host chunks, and return the phases in seconds."""
         if self.cuda:
+            self._issue_through(self.num_layers - 1)
             m = self._marks
             last = m.get("forward_end") or m.get("into_end") or m["copy_end"]
             last.synchronize()
