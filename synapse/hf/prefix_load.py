@@ -87,8 +87,8 @@ class LayerwiseLoad:
         a few ahead of the forward's attention (``_wait``), so the host's time queuing
         them (about 10 ms for a 32k prompt of 32 layers) runs while the device computes
         earlier layers instead of before the forward starts."""
-        if not self.cuda or self._issued > last:
-            return
+        if not self.cuda or self._issued > min(last, self.num_layers - 1):
+            return  # queued already (all of them, once the last layer is)
         t0 = time.perf_counter()
         fill = self._fill_stream
         while self._issued <= min(last, self.num_layers - 1):
