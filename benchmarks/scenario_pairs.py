@@ -2,7 +2,8 @@
 (calibrated) profile, and print where their times differ.
 
 Used by benchmarks/gpu_session.sh; also works with --backends cpu,sim on any machine.
-Writes each run's folder as OUT/NAME-BACKEND and a summary JSON to OUT/scenario_pairs.json.
+Writes each run's folder as OUT/NAME-BACKEND and a summary JSON to OUT/scenario_pairs.json (scenarios already
+there from an earlier invocation are kept, others replaced).
 Data checks are off by default (``checks.data=false``): they read device memory back and
 compute references on the host in the middle of the run, which is verification, not the
 work being timed; the cuda tests (``pytest -m cuda``) run the same scenarios with them on.
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
         print(f"{name:10s} decisions identical: {same}  run time {hw} {rh['run_time_s']:.3f} s "
               f"(host busy {rh.get('host_busy_s') or 0:.3f}, of it decisions "
               f"{rh.get('decision_s') or 0:.3f}; the rest {rh.get('host_rest_fraction') or 0:.0%} "
-              f"of the wall time)  {model} {rm['run_time_s']:.3f} s "
+              f"of the run time)  {model} {rm['run_time_s']:.3f} s "
               f"(host busy {rm.get('host_busy_s') or 0:.3f})  error {row['run_time_rel_error']:+.1%}")
         for op in sorted(set(row["op_p50_s"][hw]) | set(row["op_p50_s"][model])):
             a_, b_ = row["op_p50_s"][hw].get(op), row["op_p50_s"][model].get(op)
@@ -63,7 +64,9 @@ def main(argv=None) -> int:
                       f"{(b_ - a_) / a_:+.1%}")
         sys.stdout.flush()
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "scenario_pairs.json").write_text(json.dumps(summary, indent=1, default=str))
+    path = a.out / "scenario_pairs.json"  # a second invocation (the held-out pair) adds to it
+    old = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps(old | summary, indent=1, default=str))
     return 0
 
 
