@@ -63,7 +63,7 @@ from .batch import BatchedSequences, BatchMode
 from .copies import CopiesAndCrops
 from .errors import UnsupportedModel
 from .int4 import dequantize_layer_rows, layer_row_sections
-from .scores import FUSED_FROM_QUERIES, QueryTap, token_mass, token_mass_fused
+from .scores import FUSED_FROM_QUERIES, DecodeScores, QueryTap, token_mass, token_mass_fused
 
 NEEDS_SCORES = ("h2o", "lru")  # h2o: accumulated attention; lru: "used" = mass threshold
 _NO_IDS, _NO_MASS = np.zeros(0, np.int64), np.zeros(0)  # a step without scores observes none
@@ -275,6 +275,7 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
         self._pending = False  # a finished step whose masses the policy has not seen
         self._l2_free: dict = {}  # L2 read buffer -> event after its last reader
         self._step_mass: torch.Tensor | None = None
+        self._decode_scores = DecodeScores(self.num_layers)
         self.device = None
         self.dtype = None
         self.rec = Recorder()
@@ -439,9 +440,10 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
         else:
             keys, values = st["out"][2 * layer_idx], st["out"][2 * layer_idx + 1]
         if qs is not None:
-            mass = token_mass_fused if q >= FUSED_FROM_QUERIES and keys.is_cuda else token_mass
             scale = self.tap.scaling(layer_idx) if scaling is None else scaling
-            self._add_mass(mass(qs, keys, scale, keys.shape[-2] - q))
+            if q > 1 or not self._decode_scores.add(layer_idx, qs, keys, scale):
+                mass = token_mass_fused if q >= FUSED_FROM_QUERIES and keys.is_cuda else token_mass
+                self._add_mass(mass(qs, keys, scale, keys.shape[-2] - q))
         if end and layer_idx == self.num_layers - 1:
             self._end_step()
         return keys, values
@@ -677,6 +679,8 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
         """The last layer's keys are returned: the step's tokens are in. What the policy
         makes of the step's masses moves blocks, and the last layer's attention still
         reads the arena, so that waits for ``settle`` (the next step, or a query)."""
+        for tok in self._decode_scores.finish():  # a decode step's, layers in order
+            self._add_mass(tok)
         self.seen_tokens = self.planner.tokens
         self._begun = False
         self._pending = True
