@@ -523,28 +523,43 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
     def _prefetch_l2(self, layer: int) -> None:
         """Copy ``layer``'s L2 run (K and V planes, each contiguous; INT4: one run of layer
         rows) to the device: on CUDA on a side stream into one of two buffers, while the
-        current layer computes."""
+        current layer computes. One copy per run: the views it copies between are made
+        once a step (``_l2_views``)."""
         st = self._step
-        m, slot = st["l2_blocks"], self.stack.manager.spaces.l2.slot_bytes
-        rows = self._backend.space("l2").layer_runs(layer, m, slot)
-        per = rows.shape[-1]
-        buf = st["l2_buf"][layer % 2]  # the runs back to back: 2 * m * (slot / planes) bytes
+        src, dst, _, nbytes = st.get("l2_views") or self._l2_views()
+        k = len(dst[0])
         cs = st["copy_stream"]
         if cs is not None:
             freed = self._l2_free.pop(layer % 2, None)  # whatever read it last is done
             if freed is not None:
                 cs.wait_event(freed)
             with torch.cuda.stream(cs):
-                for i in range(len(rows)):
-                    buf[i * m * per: (i + 1) * m * per].copy_(rows[i].reshape(-1),
-                                                               non_blocking=True)
+                for i in range(k):
+                    dst[layer % 2][i].copy_(src[k * layer + i], non_blocking=True)
             ev = torch.cuda.Event()
             ev.record(cs)
             st["l2_ready"][layer] = ev
         else:
-            for i in range(len(rows)):
-                buf[i * m * per: (i + 1) * m * per].copy_(rows[i].reshape(-1))
-        self.read_h2d += len(rows) * m * per
+            for i in range(k):
+                dst[layer % 2][i].copy_(src[k * layer + i])
+        self.read_h2d += nbytes
+
+    def _l2_views(self) -> tuple:
+        """This step's views for the L2 read-through: each plane's run of the L2 slots
+        (``[blocks, bytes]``), the two device buffers cut into one destination per run of
+        a layer, the two buffers' used parts (what ``_l2_rows`` returns) and the bytes a
+        layer copies."""
+        st = self._step
+        m, per = st["l2_blocks"], st["l2_plane_bytes"]
+        mem = self._backend.space("l2")
+        k = mem.planes_per_layer
+        src = mem.slots(self.stack.manager.spaces.l2.slot_bytes)[:, :m]  # [runs, m, run]
+        run = src.shape[-1]  # a run's bytes per block: a K or V plane's, or an INT4 layer row
+        used = [b[: 2 * m * per] for b in st["l2_buf"].unbind(0)]
+        dst = [u[: k * m * run].view(k, m, run).unbind(0) for u in used]
+        src = src.unbind(0)
+        st["l2_views"] = views = (src, dst, used, k * m * run)
+        return views
 
     def _l2_rows(self, layer: int) -> torch.Tensor:
         st = self._step
@@ -556,8 +571,7 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
             torch.cuda.current_stream(self.device).wait_event(ev)
             self.stall_s += time.perf_counter() - t0
         st["l2_done"].add(layer)
-        m, per = st["l2_blocks"], st["l2_plane_bytes"]
-        return st["l2_buf"][layer % 2][: 2 * m * per]
+        return (st.get("l2_views") or self._l2_views())[2][layer % 2]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
