@@ -60,6 +60,7 @@ from ..kv.stack import DEMOTE_NAMES, PolicySettings, build_stack
 from ..monitor.cache_probe import publish_cache_step
 from ..telemetry import Recorder
 from .batch import BatchedSequences, BatchMode
+from .chunk_attention import ChunkAttention
 from .copies import CopiesAndCrops
 from .errors import UnsupportedModel
 from .int4 import dequantize_layer_rows, layer_row_sections
@@ -224,6 +225,7 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
         self._model = None
         self._hooks: list = []       # the model's forward pre-hook (its attention mask)
         self._attn_hooks: list = []  # batch mode: each attention layer's mask
+        self.chunk_attention: ChunkAttention | None = None  # set by attach
         self._batch: BatchedSequences | None = None
         self._l1_source = None  # set by a batch on its sequences (synapse.hf.batch)
         super().__init__(layers=[_Layer(self, i) for i in range(self.num_layers)])
@@ -241,6 +243,7 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
             self.tap = QueryTap(model)
         self._model = model
         self._hooks.append(model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
+        self._hooks += ChunkAttention.hook(self, model)  # prefill chunks on fused kernels
         if self._batch is not None:
             self._hook_attention()
         return self
