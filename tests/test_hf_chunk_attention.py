@@ -10,9 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from torch.nn.attention.bias import CausalBias  # noqa: E402
-
 from hf_models import VOCAB, tiny_model  # noqa: E402
+from test_hf_prefix_attention import FusedCalls  # noqa: E402 (SDPA calls on the bias)
 
 from synapse.hf import TieredCache  # noqa: E402
 from synapse.hf.chunk_attention import ChunkAttention  # noqa: E402
@@ -29,19 +28,6 @@ def run(model, demote, monkeypatch=None, fused=True, chunk=16, family_seed=0):
                              prefill_chunk_size=chunk, output_logits=True,
                              return_dict_in_generate=True)
     return out, cache
-
-
-class FusedCalls:
-    """SDPA calls that took the bottom-right causal bias."""
-
-    def __init__(self, monkeypatch):
-        self.calls = 0
-        inner = CausalBias._dispatch
-
-        def counted(*args, **kwargs):
-            self.calls += 1
-            return inner(*args, **kwargs)
-        monkeypatch.setattr(CausalBias, "_dispatch", staticmethod(counted))
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

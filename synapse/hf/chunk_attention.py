@@ -22,7 +22,7 @@ alone, and so is a model that does not use ``sdpa``.
 
 from __future__ import annotations
 
-from .batch import _cache_of
+from .batch import _cache_of, _input_of
 from .prefix_attention import prefix_sdpa
 
 
@@ -45,11 +45,7 @@ class ChunkAttention:
         if _cache_of(kwargs) is not c or c._batch is not None or c.planner is None \
                 or c.seen_tokens == 0:
             return False
-        x = kwargs.get("input_ids")
-        if x is None:
-            x = kwargs.get("inputs_embeds")
-        if x is None:
-            x = args[0] if args else None
+        x = _input_of(args, kwargs)
         return x is not None and x.shape[0] == 1 and x.shape[1] > 1
 
     def _before(self, module, args, kwargs):
