@@ -74,3 +74,29 @@ def test_the_models_attention_is_restored_when_a_chunk_fails(monkeypatch):
             model(ids[:, 16:], past_key_values=cache, use_cache=True)
     assert model.config._attn_implementation == "sdpa"
     assert cache.chunk_attention.active is None and cache.chunk_attention.passes == 1
+
+
+@pytest.mark.cuda
+def test_on_cuda_the_chunks_take_the_fused_kernels_with_the_same_logits(monkeypatch):
+    """fp16 on CUDA: SDPA runs the bias on flash (or memory-efficient) attention with its
+    bottom-right causal mask; the logits stay within fp16 rounding of the explicit mask's."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device: the fused bottom-right kernels run there")
+    model = tiny_model("llama").to("cuda", torch.float16)
+
+    def go(fused):
+        if not fused:
+            monkeypatch.setattr(ChunkAttention, "_before", lambda self, *a: None)
+        ids = torch.randint(3, VOCAB, (1, 64), generator=torch.Generator().manual_seed(0))
+        cache = TieredCache(model.config, policy="h2o", l1_budget_tokens=32, demote="int4",
+                            block_tokens=8, model=model, backend="cuda")
+        with torch.no_grad():
+            return model.generate(ids.cuda(), max_new_tokens=8, do_sample=False,
+                                  past_key_values=cache, prefill_chunk_size=16,
+                                  output_logits=True, return_dict_in_generate=True), cache
+    spy = FusedCalls(monkeypatch)
+    fused, cf = go(True)
+    assert spy.calls == model.config.num_hidden_layers * 3
+    assert cf.telemetry()["demotions"] > 0
+    plain, _ = go(False)
+    torch.testing.assert_close(fused.logits[0], plain.logits[0], atol=2e-2, rtol=2e-2)
