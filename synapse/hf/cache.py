@@ -594,6 +594,7 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
 
     def _begin_step(self, q_len: int) -> None:
         self.settle()
+        self._decode_scores.reset()  # what a failed pass left
         self.planner.check_step(q_len)  # before anything changes: a refused step leaves no trace
         self._backend.safe_point()
         self.step += 1
@@ -696,8 +697,8 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
         """The last layer's keys are returned: the step's tokens are in. What the policy
         makes of the step's masses moves blocks, and the last layer's attention still
         reads the arena, so that waits for ``settle`` (the next step, or a query)."""
-        for tok in self._decode_scores.finish():  # a decode step's, layers in order
-            self._add_mass(tok)
+        if self.record_masses:
+            self._finish_scores()
         self.seen_tokens = self.planner.tokens
         self._begun = False
         self._pending = True
@@ -706,6 +707,13 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
             self.masses.append(self._step_mass.copy())
             rows = torch.stack(self._layer_mass_rows).cpu().numpy()
             self.layer_masses.append(np.stack([self._live_masses(r) for r in rows]))
+
+    def _finish_scores(self) -> None:
+        """A decode step's masses, batched over its layers (``DecodeScores``), added in
+        layer order. Run at ``settle``, once the last layer's keys and values are let go,
+        so its float32 transient never adds to theirs."""
+        for tok in self._decode_scores.finish():
+            self._add_mass(tok)
 
     def settle(self) -> None:
         """Feed the finished step's masses to the policy and carry out its background
@@ -720,6 +728,7 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
             return
         self._pending = False
         t, pl = self.step, self.planner
+        self._finish_scores()
         if self._step_mass is not None:
             mass = self._step_mass if isinstance(self._step_mass, np.ndarray) else self._block_masses()
             moves = pl.observe(t, pl.live_ids(), mass.astype(np.float64))

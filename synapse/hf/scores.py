@@ -217,7 +217,8 @@ class DecodeScores:
     layer one matmul writes its logits into the step's buffer (3 torch ops a layer, where
     ``token_mass`` takes 10), and the normalisation and the sum over heads run once a step
     (``finish``), a few layers at a time so the float32 transient stays under
-    ``max_bytes``. The arithmetic is ``token_mass``'s, operation by operation (logits in
+    ``max_bytes``. The buffer holds the keys' dtype: 16 MiB for 16 layers of 16 heads at
+    32k keys in fp16. The arithmetic is ``token_mass``'s, operation by operation (logits in
     the keys' dtype, scaled and normalised in float32, summed over heads, divided by the
     heads), so each layer's masses are the same bits on the CPU (tests/test_hf_scores.py).
     Layers come in order from 0; one that does not (or whose scaling or key count
@@ -247,16 +248,21 @@ class DecodeScores:
         self.count += 1
         return True
 
+    def reset(self) -> None:
+        """Let an unfinished step's buffer go (a pass that failed half-way)."""
+        self.buf = self.rows = self.scaling = None
+        self.count = 0
+
     def finish(self) -> list:
         """The step's token masses of layers 0, 1, ...: float32 [keys] each. The buffer
         is let go: the next ``add`` starts a step."""
         buf, count, s = self.buf, self.count, self.scaling
-        self.buf = self.rows = self.scaling = None
-        self.count = 0
+        self.reset()
         if buf is None:
             return []
         _, b, hk, g, n = buf.shape
-        piece = max(1, min(count, self.max_bytes // max(1, b * hk * g * n * 8)))
+        # float32 a logit: the widened copy, the scaled one and the softmax's output
+        piece = max(1, min(count, self.max_bytes // max(1, b * hk * g * n * 12)))
         out = []
         for lo in range(0, count, piece):
             x = buf if piece >= self.layers == count else buf[lo:min(count, lo + piece)]
