@@ -76,6 +76,15 @@ def test_the_models_attention_is_restored_when_a_chunk_fails(monkeypatch):
     assert cache.chunk_attention.active is None and cache.chunk_attention.passes == 1
 
 
+def test_a_model_on_another_attention_runs_its_chunks_as_before():
+    model = tiny_model("llama")
+    model.set_attn_implementation("eager")
+    _, cache = run(model, "int4")
+    assert cache.chunk_attention.passes == 0
+    assert model.config._attn_implementation == "eager"
+    assert cache.telemetry()["demotions"] > 0
+
+
 @pytest.mark.cuda
 def test_on_cuda_the_chunks_take_the_fused_kernels_with_the_same_logits(monkeypatch):
     """fp16 on CUDA: SDPA runs the bias on flash (or memory-efficient) attention with its

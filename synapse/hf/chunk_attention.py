@@ -3,8 +3,8 @@
 A prompt longer than the L1 budget goes in chunks (``prefill_chunk_size``). Each chunk
 after the first attends to the kept keys before it and causally to its own, and
 transformers' ``sdpa`` builds an explicit ``[chunk, kept + chunk]`` boolean mask for
-that, which keeps SDPA off its fused causal paths (on CUDA: the memory-efficient kernel
-reads a bias of the mask's size every layer, masked tiles included). ``TieredCache``
+that, which keeps SDPA off flash attention (on CUDA a kernel that takes a mask reads a
+bias of the mask's size every layer, masked tiles included). ``TieredCache``
 returns the keys with this chunk's last, and reports the offset that makes the mask
 causal from the bottom right (``mask_sizes``), so where nothing was dropped (the offset
 is 0: INT4 or fp16 demotion with room in L2) the mask is exactly that bias, and the
@@ -23,14 +23,17 @@ alone, and so is a model that does not use ``sdpa``.
 from __future__ import annotations
 
 from .batch import _cache_of, _input_of
-from .prefix_attention import prefix_sdpa
+from .prefix_attention import PREFIX_SDPA, prefix_sdpa
 
 
 class ChunkAttention:
+    """The hooks of one cache on one model; ``passes`` counts the forward passes that
+    ran on ``PREFIX_SDPA``."""
+
     def __init__(self, cache) -> None:
         self.cache = cache
         self.active = None  # the entered prefix_sdpa context of the running pass
-        self.passes = 0     # forward passes run on PREFIX_SDPA (for tests and telemetry)
+        self.passes = 0
 
     @classmethod
     def hook(cls, cache, model) -> list:
@@ -53,7 +56,7 @@ class ChunkAttention:
             ctx = prefix_sdpa(module)
             ctx.__enter__()
             self.active = ctx
-            self.passes += 1
+            self.passes += getattr(module.config, "_attn_implementation", None) == PREFIX_SDPA
         return None
 
     def _after(self, module, args, kwargs, output):
