@@ -273,6 +273,29 @@ def test_scores_equal_eager_attention_weights_per_block():
                                        atol=2e-6)
 
 
+def test_decode_scores_batched_over_layers_decide_as_scored_per_layer(monkeypatch):
+    """h2o with INT4 demotion under a small budget (L2 read through, chunked prefill):
+    a decode step's masses batched over the layers (``DecodeScores``) are the bits of
+    ``token_mass`` per layer, so the masses, the decisions and the tokens are the same."""
+    from synapse.hf.scores import DecodeScores
+    m = tiny_model("llama", layers=3, seed=5)
+
+    def run():
+        cache = TieredCache(m.config, policy="h2o", l1_budget_tokens=48, demote="int4",
+                            block_tokens=8, model=m, record_masses=True)
+        out = greedy(m, prompt(48, seed=3), cache, new=16, prefill_chunk_size=16)
+        return out.sequences, cache
+    batched, cb = run()
+    monkeypatch.setattr(DecodeScores, "add", lambda self, *a: False)
+    alone, ca = run()
+    assert torch.equal(batched, alone)
+    assert cb.telemetry()["demotions"] > 0
+    assert cb.decisions() == ca.decisions()
+    assert len(cb.layer_masses) == len(ca.layer_masses) > 16
+    for x, y in zip(cb.layer_masses, ca.layer_masses):
+        assert np.array_equal(x, y)
+
+
 # -- bad input --------------------------------------------------------------------------------
 def test_a_budget_below_two_blocks_is_refused_naming_the_numbers():
     with pytest.raises(CapacityError, match=r"l1_budget_tokens=12 .*2 blocks.*16 tokens"):

@@ -252,6 +252,16 @@ def _cache_of(kwargs: dict):
     return None
 
 
+def _input_of(args: tuple, kwargs: dict):
+    """A forward call's input (ids or embeddings, batch first), or None."""
+    x = kwargs.get("input_ids")
+    if x is None:
+        x = kwargs.get("inputs_embeds")
+    if x is None:
+        x = args[0] if args else None
+    return x
+
+
 class BatchMode:
     """``TieredCache``'s side of a batch: the forward pre-hooks that read the attention
     mask and set each layer's, the per-sequence caches, and the Cache verbs that reorder
@@ -262,11 +272,7 @@ class BatchMode:
         batch or a padded prompt starts batch mode (``synapse.hf.batch``)."""
         if _cache_of(kwargs) is not self:
             return None
-        x = kwargs.get("input_ids")
-        if x is None:
-            x = kwargs.get("inputs_embeds")
-        if x is None:
-            x = args[0] if args else None
+        x = _input_of(args, kwargs)
         if x is None:
             return None
         b, q = int(x.shape[0]), int(x.shape[1])

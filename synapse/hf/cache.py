@@ -60,10 +60,11 @@ from ..kv.stack import DEMOTE_NAMES, PolicySettings, build_stack
 from ..monitor.cache_probe import publish_cache_step
 from ..telemetry import Recorder
 from .batch import BatchedSequences, BatchMode
+from .chunk_attention import ChunkAttention
 from .copies import CopiesAndCrops
 from .errors import UnsupportedModel
 from .int4 import dequantize_layer_rows, layer_row_sections
-from .scores import FUSED_FROM_QUERIES, QueryTap, token_mass, token_mass_fused
+from .scores import FUSED_FROM_QUERIES, DecodeScores, QueryTap, token_mass, token_mass_fused
 
 NEEDS_SCORES = ("h2o", "lru")  # h2o: accumulated attention; lru: "used" = mass threshold
 _NO_IDS, _NO_MASS = np.zeros(0, np.int64), np.zeros(0)  # a step without scores observes none
@@ -224,6 +225,7 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
         self._model = None
         self._hooks: list = []       # the model's forward pre-hook (its attention mask)
         self._attn_hooks: list = []  # batch mode: each attention layer's mask
+        self.chunk_attention: ChunkAttention | None = None  # set by attach
         self._batch: BatchedSequences | None = None
         self._l1_source = None  # set by a batch on its sequences (synapse.hf.batch)
         super().__init__(layers=[_Layer(self, i) for i in range(self.num_layers)])
@@ -241,6 +243,7 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
             self.tap = QueryTap(model)
         self._model = model
         self._hooks.append(model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
+        self._hooks += ChunkAttention.hook(self, model)  # prefill chunks on fused kernels
         if self._batch is not None:
             self._hook_attention()
         return self
@@ -275,6 +278,7 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
         self._pending = False  # a finished step whose masses the policy has not seen
         self._l2_free: dict = {}  # L2 read buffer -> event after its last reader
         self._step_mass: torch.Tensor | None = None
+        self._decode_scores = DecodeScores(self.num_layers)
         self.device = None
         self.dtype = None
         self.rec = Recorder()
@@ -439,9 +443,10 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
         else:
             keys, values = st["out"][2 * layer_idx], st["out"][2 * layer_idx + 1]
         if qs is not None:
-            mass = token_mass_fused if q >= FUSED_FROM_QUERIES and keys.is_cuda else token_mass
             scale = self.tap.scaling(layer_idx) if scaling is None else scaling
-            self._add_mass(mass(qs, keys, scale, keys.shape[-2] - q))
+            if q > 1 or not self._decode_scores.add(layer_idx, qs, keys, scale):
+                mass = token_mass_fused if q >= FUSED_FROM_QUERIES and keys.is_cuda else token_mass
+                self._add_mass(mass(qs, keys, scale, keys.shape[-2] - q))
         if end and layer_idx == self.num_layers - 1:
             self._end_step()
         return keys, values
@@ -521,28 +526,43 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
     def _prefetch_l2(self, layer: int) -> None:
         """Copy ``layer``'s L2 run (K and V planes, each contiguous; INT4: one run of layer
         rows) to the device: on CUDA on a side stream into one of two buffers, while the
-        current layer computes."""
+        current layer computes. One copy per run: the views it copies between are made
+        once a step (``_l2_views``)."""
         st = self._step
-        m, slot = st["l2_blocks"], self.stack.manager.spaces.l2.slot_bytes
-        rows = self._backend.space("l2").layer_runs(layer, m, slot)
-        per = rows.shape[-1]
-        buf = st["l2_buf"][layer % 2]  # the runs back to back: 2 * m * (slot / planes) bytes
+        src, dst, _, nbytes = st.get("l2_views") or self._l2_views()
+        k = len(dst[0])
         cs = st["copy_stream"]
         if cs is not None:
             freed = self._l2_free.pop(layer % 2, None)  # whatever read it last is done
             if freed is not None:
                 cs.wait_event(freed)
             with torch.cuda.stream(cs):
-                for i in range(len(rows)):
-                    buf[i * m * per: (i + 1) * m * per].copy_(rows[i].reshape(-1),
-                                                               non_blocking=True)
+                for i in range(k):
+                    dst[layer % 2][i].copy_(src[k * layer + i], non_blocking=True)
             ev = torch.cuda.Event()
             ev.record(cs)
             st["l2_ready"][layer] = ev
         else:
-            for i in range(len(rows)):
-                buf[i * m * per: (i + 1) * m * per].copy_(rows[i].reshape(-1))
-        self.read_h2d += len(rows) * m * per
+            for i in range(k):
+                dst[layer % 2][i].copy_(src[k * layer + i])
+        self.read_h2d += nbytes
+
+    def _l2_views(self) -> tuple:
+        """This step's views for the L2 read-through: each plane's run of the L2 slots
+        (``[blocks, bytes]``), the two device buffers cut into one destination per run of
+        a layer, the two buffers' used parts (what ``_l2_rows`` returns) and the bytes a
+        layer copies."""
+        st = self._step
+        m, per = st["l2_blocks"], st["l2_plane_bytes"]
+        mem = self._backend.space("l2")
+        k = mem.planes_per_layer
+        src = mem.slots(self.stack.manager.spaces.l2.slot_bytes)[:, :m]  # [runs, m, run]
+        run = src.shape[-1]  # a run's bytes per block: a K or V plane's, or an INT4 layer row
+        used = [b[: 2 * m * per] for b in st["l2_buf"].unbind(0)]
+        dst = [u[: k * m * run].view(k, m, run).unbind(0) for u in used]
+        src = src.unbind(0)
+        st["l2_views"] = views = (src, dst, used, k * m * run)
+        return views
 
     def _l2_rows(self, layer: int) -> torch.Tensor:
         st = self._step
@@ -554,8 +574,7 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
             torch.cuda.current_stream(self.device).wait_event(ev)
             self.stall_s += time.perf_counter() - t0
         st["l2_done"].add(layer)
-        m, per = st["l2_blocks"], st["l2_plane_bytes"]
-        return st["l2_buf"][layer % 2][: 2 * m * per]
+        return (st.get("l2_views") or self._l2_views())[2][layer % 2]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
@@ -575,6 +594,7 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
 
     def _begin_step(self, q_len: int) -> None:
         self.settle()
+        self._decode_scores.reset()  # what a failed pass left
         self.planner.check_step(q_len)  # before anything changes: a refused step leaves no trace
         self._backend.safe_point()
         self.step += 1
@@ -677,6 +697,8 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
         """The last layer's keys are returned: the step's tokens are in. What the policy
         makes of the step's masses moves blocks, and the last layer's attention still
         reads the arena, so that waits for ``settle`` (the next step, or a query)."""
+        if self.record_masses:
+            self._finish_scores()
         self.seen_tokens = self.planner.tokens
         self._begun = False
         self._pending = True
@@ -685,6 +707,13 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
             self.masses.append(self._step_mass.copy())
             rows = torch.stack(self._layer_mass_rows).cpu().numpy()
             self.layer_masses.append(np.stack([self._live_masses(r) for r in rows]))
+
+    def _finish_scores(self) -> None:
+        """A decode step's masses, batched over its layers (``DecodeScores``), added in
+        layer order. Run at ``settle``, once the last layer's keys and values are let go,
+        so its float32 transient never adds to theirs."""
+        for tok in self._decode_scores.finish():
+            self._add_mass(tok)
 
     def settle(self) -> None:
         """Feed the finished step's masses to the policy and carry out its background
@@ -699,6 +728,7 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
             return
         self._pending = False
         t, pl = self.step, self.planner
+        self._finish_scores()
         if self._step_mass is not None:
             mass = self._step_mass if isinstance(self._step_mass, np.ndarray) else self._block_masses()
             moves = pl.observe(t, pl.live_ids(), mass.astype(np.float64))

@@ -13,7 +13,7 @@ _NOT_COPIED = ("tap", "_model", "_hooks", "_attn_hooks", "_cs", "_l2_free", "_l2
                "_monitor_probe", "_typed", "_l1_source")
 # a step's views of the L1 planes: made again by the next step (a batch's are views of
 # the batch's shared tensor, which a copy of one sequence must not take along)
-_STEP_NOT_COPIED = ("copy_stream", "l2_buf", "l2_ready", "l1", "new", "out")
+_STEP_NOT_COPIED = ("copy_stream", "l2_buf", "l2_views", "l2_ready", "l1", "new", "out")
 
 
 class CopiesAndCrops:

@@ -212,6 +212,66 @@ def token_mass(q: torch.Tensor, k: torch.Tensor, scaling: float, past: int,
     return total / (b * hq * nq)
 
 
+class DecodeScores:
+    """``token_mass`` of a decode step (one query a layer), batched over the layers: per
+    layer one matmul writes its logits into the step's buffer (3 torch ops a layer, where
+    ``token_mass`` takes 10), and the normalisation and the sum over heads run once a step
+    (``finish``), a few layers at a time so the float32 transient stays under
+    ``max_bytes``. The buffer holds the keys' dtype: 16 MiB for 16 layers of 16 heads at
+    32k keys in fp16. The arithmetic is ``token_mass``'s, operation by operation (logits in
+    the keys' dtype, scaled and normalised in float32, summed over heads, divided by the
+    heads), so each layer's masses are the same bits on the CPU (tests/test_hf_scores.py).
+    Layers come in order from 0; one that does not (or whose scaling or key count
+    differs from layer 0's) is refused, ``add`` returns False, and its caller scores it
+    with ``token_mass``."""
+
+    def __init__(self, layers: int, max_bytes: int = SCORE_TRANSIENT_BYTES // 2) -> None:
+        self.layers, self.max_bytes = layers, max_bytes
+        self.buf = self.rows = self.scaling = None
+        self.count = 0
+
+    def add(self, layer: int, q: torch.Tensor, k: torch.Tensor, scaling: float) -> bool:
+        b, hq, _, d = q.shape
+        hk, n = k.shape[1], k.shape[2]
+        if layer != self.count:
+            return False
+        if self.buf is None:
+            self.buf = torch.empty((self.layers, b, hk, hq // hk, n), dtype=k.dtype,
+                                   device=k.device)
+            self.rows, self.scaling = self.buf.unbind(0), scaling
+        elif scaling != self.scaling or self.buf.shape[1:] != (b, hk, hq // hk, n) \
+                or self.buf.dtype != k.dtype:
+            return False
+        if q.dtype != k.dtype:
+            q = q.to(k.dtype)
+        torch.matmul(q.reshape(b, hk, hq // hk, d), k.transpose(-1, -2), out=self.rows[layer])
+        self.count += 1
+        return True
+
+    def reset(self) -> None:
+        """Let an unfinished step's buffer go (a pass that failed half-way)."""
+        self.buf = self.rows = self.scaling = None
+        self.count = 0
+
+    def finish(self) -> list:
+        """The step's token masses of layers 0, 1, ...: float32 [keys] each. The buffer
+        is let go: the next ``add`` starts a step."""
+        buf, count, s = self.buf, self.count, self.scaling
+        self.reset()
+        if buf is None:
+            return []
+        _, b, hk, g, n = buf.shape
+        # float32 a logit: the widened copy, the scaled one and the softmax's output
+        piece = max(1, min(count, self.max_bytes // max(1, b * hk * g * n * 12)))
+        out = []
+        for lo in range(0, count, piece):
+            x = buf if piece >= self.layers == count else buf[lo:min(count, lo + piece)]
+            if x.dtype != torch.float32:
+                x = x.float()
+            out.extend((torch.softmax(x * s, dim=-1).sum(dim=(1, 2, 3)) / (b * hk * g)).unbind(0))
+        return out[:count]
+
+
 def decode_mass(q: torch.Tensor, k: torch.Tensor, scaling: float,
                 allowed: torch.Tensor) -> torch.Tensor:
     """``scores.token_mass`` of one query per row for a whole batch: ``q`` [B, Hq, 1, D],

@@ -1,0 +1,66 @@
+"""A TieredCache's prefill chunks on SDPA's fused bottom-right causal kernels.
+
+A prompt longer than the L1 budget goes in chunks (``prefill_chunk_size``). Each chunk
+after the first attends to the kept keys before it and causally to its own, and
+transformers' ``sdpa`` builds an explicit ``[chunk, kept + chunk]`` boolean mask for
+that, which keeps SDPA off flash attention (on CUDA a kernel that takes a mask reads a
+bias of the mask's size every layer, masked tiles included). ``TieredCache``
+returns the keys with this chunk's last, and reports the offset that makes the mask
+causal from the bottom right (``mask_sizes``), so where nothing was dropped (the offset
+is 0: INT4 or fp16 demotion with room in L2) the mask is exactly that bias, and the
+chunk can run on ``synapse.hf.prefix_attention``'s ``PREFIX_SDPA`` instead, which
+checks that before it takes the fused path and falls back to ``sdpa``'s own mask
+otherwise (a dropped block, padding, another mask function).
+
+``ChunkAttention.hook(cache, model)`` switches a forward pass of more than one token
+that continues a single, started sequence to ``PREFIX_SDPA`` (through
+``prefix_sdpa``) and restores the model's own implementation after it, also when the
+pass fails. Decode steps (one token), the first chunk (no past: ``sdpa`` already runs
+it causal and fused) and batches (their own 4D masks, ``synapse.hf.batch``) are left
+alone, and so is a model that does not use ``sdpa``.
+"""
+
+from __future__ import annotations
+
+from .batch import _cache_of, _input_of
+from .prefix_attention import PREFIX_SDPA, prefix_sdpa
+
+
+class ChunkAttention:
+    """The hooks of one cache on one model; ``passes`` counts the forward passes that
+    ran on ``PREFIX_SDPA``."""
+
+    def __init__(self, cache) -> None:
+        self.cache = cache
+        self.active = None  # the entered prefix_sdpa context of the running pass
+        self.passes = 0
+
+    @classmethod
+    def hook(cls, cache, model) -> list:
+        """The forward hooks on ``model`` (their handles, for ``remove``)."""
+        me = cls(cache)
+        cache.chunk_attention = me
+        return [model.register_forward_pre_hook(me._before, with_kwargs=True),
+                model.register_forward_hook(me._after, with_kwargs=True, always_call=True)]
+
+    def _continues_a_sequence(self, args, kwargs) -> bool:
+        c = self.cache
+        if _cache_of(kwargs) is not c or c._batch is not None or c.planner is None \
+                or c.seen_tokens == 0:
+            return False
+        x = _input_of(args, kwargs)
+        return x is not None and x.shape[0] == 1 and x.shape[1] > 1
+
+    def _before(self, module, args, kwargs):
+        if self.active is None and self._continues_a_sequence(args, kwargs):
+            ctx = prefix_sdpa(module)
+            ctx.__enter__()
+            self.active = ctx
+            self.passes += getattr(module.config, "_attn_implementation", None) == PREFIX_SDPA
+        return None
+
+    def _after(self, module, args, kwargs, output):
+        ctx, self.active = self.active, None
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+        return None
