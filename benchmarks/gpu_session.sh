@@ -3,6 +3,7 @@
 # on the simulator with the calibrated profile, peer comparisons. Logs and JSON go to $OUT.
 #   device run, carry [".whl"]:  bash benchmarks/gpu_session.sh
 #   a subset:                    STAGES="env tests" bash benchmarks/gpu_session.sh
+#   some test files only:        CUDA_TESTS="tests/test_hf_cache.py tests/test_hf_prefix.py" STAGES="env tests" ...
 source benchmarks/gpu_env.sh
 # The device tool brings back only a few files: everything is written under $RES and
 # packed into one archive at the end (plus summary.txt beside it).
@@ -56,7 +57,7 @@ fi
 
 if has tests; then
   stage "pytest -m cuda"
-  timeout ${TESTS_LIMIT_S:-240} python3 -m pytest -m cuda -q -rs tests/ 2>&1 | tee "$OUT/logs/pytest_cuda.log" | tail -25
+  timeout ${TESTS_LIMIT_S:-240} python3 -m pytest -m cuda -q -rs ${CUDA_TESTS:-tests/} 2>&1 | tee "$OUT/logs/pytest_cuda.log" | tail -25
 fi
 
 if has calibrate; then
