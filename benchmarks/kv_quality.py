@@ -38,8 +38,7 @@ with each cache; every one is compared with ``DynamicCache`` on the same model a
 
 Same device memory: the eviction methods are matched by the number of tokens they may
 keep, which at fp32 and one layout is the same bytes: TieredCache's L1 holds at most B
-tokens (its measured peak is B; during the one-pass prompt it holds the prompt's KV
-too, ``prefill_peak_bytes``, as kvpress does); each press keeps ``B - question - (new tokens - 1)`` of
+tokens (its measured peak is B); each press keeps ``B - question - (new tokens - 1)`` of
 the context, so that at its last forward pass it holds B tokens too (kvpress compresses
 the context at prefill only; the question and the new tokens are appended). With its
 default watermarks TieredCache drops down to 85% of B whenever B is crossed, so it
@@ -48,8 +47,12 @@ attends to fewer tokens than the presses; the ``tiered_<policy>_drop_wm1`` rows
 keeps every token (4-bit ones and a full-precision window), so it is matched by bits, not
 memory. Every row reports the KV bytes it holds, measured on its tensors after every
 token: peak and at the end (TieredCache: its L1 blocks only; its L2 blocks are host memory).
-kvpress's prefill holds more for a moment: each layer's KV of the whole context, before
-the press prunes it (``prefill_peak_bytes``, sampled as each layer's attention returns).
+The one-pass prompt holds more for a moment (``prefill_peak_bytes``): kvpress each
+layer's KV of the whole context before the press prunes it (sampled as each layer's
+attention returns); TieredCache the prompt's KV of every layer until the pass ends,
+besides its L1 (its ``pass_peak_bytes``: which blocks stay in L1 depends on every
+layer's attention). QuantizedCache quantizes each layer's prompt KV as that layer runs
+and keeps no full-precision copy of it; the ``_prefill16`` rows hold their storage only.
 TieredCache's attention is dense over what it keeps: ``l2`` and ``int4`` read demoted
 blocks back for every step, so only ``drop`` loses tokens.
 
@@ -217,6 +220,9 @@ def run_cache(name, spec, model, ids, new_tokens, prompt, ref) -> tuple[dict, di
     try:
         got["forced_logits"] = teacher_forced(model, ids, cache, (ref or got)["tokens"], chunk)
         kept = cache.kept_tokens() if hasattr(cache, "kept_tokens") else None
+        # generate_once's step hook restarts a TieredCache's peaks when the prompt ends;
+        # this run's are the whole run's, the prompt fed the same way
+        pass_peak = getattr(cache, "pass_peak_bytes", 0)
     finally:
         release(cache, ids.device)
     got["keys"] = probe.last_keys
@@ -228,8 +234,8 @@ def run_cache(name, spec, model, ids, new_tokens, prompt, ref) -> tuple[dict, di
                  keys_seen_last_step=probe.keys_seen[-1])
     if kept is not None:
         entry["kept_tokens_end"] = kept
-    if (tel or {}).get("pass_peak_bytes", 0) > peak:  # a prompt pass held beyond the budget
-        entry["prefill_peak_bytes"] = tel["pass_peak_bytes"]
+    if pass_peak > peak:  # a prompt pass held beyond the budget
+        entry["prefill_peak_bytes"] = pass_peak
     shape = getattr(cache, "shape", None)
     if shape is not None and settings.get("demote") == "int4":
         entry["int4_bits_per_element"] = 8 * shape.int4_bytes / shape.numel
