@@ -316,7 +316,8 @@ def merge_kvpress(kv: dict, results: dict) -> None:
                 continue
             def run(name):
                 k = f"{base}/{name}"
-                return {"tokens": t[f"{k}/tokens"], "logits": list(t[f"{k}/logits"]),
+                return {"tokens": t[f"{k}/tokens"], "tokens_all": t[f"{k}/tokens"][None],
+                        "logits": list(t[f"{k}/logits"]),
                         "forced_logits": list(t[f"{k}/forced_logits"])}
 
             ref = run("dynamic")
