@@ -149,3 +149,55 @@ def test_a_batch_still_asks_for_chunks_that_fit_each_sequence():
             m.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False,
                        past_key_values=cache, pad_token_id=0)
     assert all(s.seen_tokens == 0 for s in cache.sequences)
+
+
+def test_a_copy_after_a_held_pass_continues_as_the_original():
+    import copy
+    m = tiny_model("llama")
+    cache = held(m, "h2o", "int4")
+    forward(m, prompt(), cache)
+    twin = copy.deepcopy(cache)
+    nxt = prompt(4, seed=5)
+    for j in range(nxt.shape[1]):
+        a = forward(m, nxt[:, j:j + 1], cache).logits
+        b = forward(m, nxt[:, j:j + 1], twin).logits
+        assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_held_passes_attend_as_dynamic_cache_and_keep_the_budget(dtype):
+    """On the device, fp16 taking the fused INT4 read-through in the second pass (its L2
+    blocks from the first)."""
+    from transformers import DynamicCache
+    m = tiny_model("llama", dtype=dtype).cuda()
+    ids = prompt(2 * PROMPT).cuda()
+    dyn = DynamicCache(config=m.config)
+    cache = TieredCache(m.config, policy="h2o", l1_budget_tokens=BUDGET, demote="int4",
+                        block_tokens=BT, backend="cuda", model=m, pass_over_budget="hold")
+    ref, out = forward(m, ids[:, :PROMPT], dyn), forward(m, ids[:, :PROMPT], cache)
+    assert torch.equal(out.logits, ref.logits)
+    second = forward(m, ids[:, PROMPT:], cache).logits
+    assert torch.isfinite(second).all()
+    assert cache.manager.spaces.l1.used_bytes <= cache.l1_budget_bytes
+    assert cache.seen_tokens == 2 * PROMPT and cache.telemetry()["l2_hits"] > 0
+
+
+@pytest.mark.parametrize("policy", ["h2o", "sinks"])
+def test_a_second_held_pass_over_l2_blocks_and_a_partial_tail_sees_every_token(policy):
+    """With a lossless L2 every token is still attended: a second pass beyond the budget
+    (the first left a partial tail block and most blocks in L2) gives DynamicCache's
+    logits up to the order of the sums."""
+    from transformers import DynamicCache
+    m = tiny_model("llama")
+    ids = prompt(PROMPT + 37, seed=6)
+    dyn = DynamicCache(config=m.config)
+    cache = held(m, policy, "l2")
+    for lo, hi in ((0, PROMPT), (PROMPT, PROMPT + 37)):
+        ref = forward(m, ids[:, lo:hi], dyn).logits
+        got = forward(m, ids[:, lo:hi], cache).logits
+        torch.testing.assert_close(got, ref, rtol=0, atol=2e-5)
+    t = cache.telemetry()
+    assert t["l2_hits"] > 0 and t["drops"] == 0
+    assert cache.kept_tokens() == PROMPT + 37
