@@ -29,7 +29,10 @@ returns views of its planes; blocks in L2 are read through (one copy of the laye
 dequantized) and placed between the past L1 tokens and this step's, so the causal mask
 stays right (attention over past keys does not depend on their order). A block fetched
 back into L1 is dequantized on the way in. With a budget of at least the context and no
-eviction, tokens and logits equal ``DynamicCache``'s bit for bit.
+eviction, tokens and logits equal ``DynamicCache``'s bit for bit. A forward pass longer
+than the budget is refused (feed it in chunks that fit), or with
+``pass_over_budget="hold"`` taken whole at full precision and stored within the budget
+afterwards (``synapse.hf.held_pass``).
 
 Positions stay right after eviction: ``get_seq_length`` is the number of tokens seen,
 ``get_mask_sizes`` the number of keys returned, with the offset that keeps the causal

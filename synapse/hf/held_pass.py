@@ -20,7 +20,8 @@ to the budget.
    values and feeding the policy that block's queries' attention (``token_mass`` of
    those queries over every key before them, the mean over layers): H2O's online rule,
    with the scores of full attention. The policy's choices are then a 1-block chunked
-   prefill's with this pass's attention; the stored bytes are the model's own.
+   prefill's with this pass's attention; the stored bytes are the model's own. Each
+   storage step is a step of the decision log and of ``telemetry()["steps"]``.
 """
 
 from __future__ import annotations
