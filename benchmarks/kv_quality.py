@@ -8,12 +8,17 @@ on the same prompts (``--random-prompts`` of random ids, plus a needle prompt: a
 with each cache; every one is compared with ``DynamicCache`` on the same model and prompt:
 
 - ``tiered_<policy>_<demote>``: ``TieredCache(config, policy=..., l1_budget_tokens=B,
-  demote=..., block_tokens=16, backend="cpu", model=model)`` for policy h2o / lru / sinks
-  and demote l2 / int4 / drop; B = ``--budget`` (25%) of the context (prompt + new
-  tokens), in whole blocks; the prompt goes in one block per forward pass
-  (``prefill_chunk_size=16``), so the policy chooses at every block. Unlike kvpress, whose
-  prefill attends to the whole context before it prunes, TieredCache never holds more
-  than B tokens, so its prefill already attends to the kept tokens only.
+  demote=..., block_tokens=16, backend="cpu", model=model, pass_over_budget="hold")`` for
+  policy h2o / lru / sinks and demote l2 / int4 / drop; B = ``--budget`` (25%) of the
+  context (prompt + new tokens), in whole blocks. The prompt goes in one forward pass, as
+  for ``DynamicCache``, QuantizedCache and kvpress: its tokens attend to the whole
+  prompt at full precision (the pass's KV of every layer held on the device for the pass:
+  ``prefill_peak_bytes``), then it is stored one block per planner step, the policy
+  choosing at every block with that block's queries' attention (``synapse.hf.held_pass``).
+  ``tiered_<policy>_int4_prefill16``: the prompt fed one block per forward pass instead
+  (``prefill_chunk_size=16``, TieredCache's default ``pass_over_budget="refuse"``), so
+  the device never holds more than B tokens of KV, and the later prompt tokens attend to
+  the blocks already demoted to INT4.
   ``tiered_full`` (fifo, a budget above the context) is the control: it must equal
   ``DynamicCache`` token for token and logit for logit. The INT4 rows come in both key
   formats: ``tiered_<policy>_int4`` with ``int4_keys="channel"`` (keys per channel over a
@@ -23,7 +28,7 @@ with each cache; every one is compared with ``DynamicCache`` on the same model a
   of ``hf_caches.py``; extras ``optimum-quanto`` 0.2.7, ``hqq`` 0.2.8), the prompt in one
   forward pass; ``quanto_prefill16``, ``hqq_prefill16``: the same, fed the prompt one
   block per pass as TieredCache is (its later prompt tokens then attend to quantized
-  states, as TieredCache's do).
+  states, as ``tiered_<policy>_int4_prefill16``'s do).
 - ``kvpress_<press>``: NVIDIA kvpress 0.5.5's ObservedAttentionPress (H2O's score),
   StreamingLLMPress (sinks; ``n_sink`` = 16 = TieredCache's one sink block) and
   SnapKVPress (window 64, kernel 5), run by ``kv_quality_kvpress.py`` in a venv of their
@@ -42,8 +47,12 @@ attends to fewer tokens than the presses; the ``tiered_<policy>_drop_wm1`` rows
 keeps every token (4-bit ones and a full-precision window), so it is matched by bits, not
 memory. Every row reports the KV bytes it holds, measured on its tensors after every
 token: peak and at the end (TieredCache: its L1 blocks only; its L2 blocks are host memory).
-kvpress's prefill holds more for a moment: each layer's KV of the whole context, before
-the press prunes it (``prefill_peak_bytes``, sampled as each layer's attention returns).
+The one-pass prompt holds more for a moment (``prefill_peak_bytes``): kvpress each
+layer's KV of the whole context before the press prunes it (sampled as each layer's
+attention returns); TieredCache the prompt's KV of every layer until the pass ends,
+besides its L1 (its ``pass_peak_bytes``: which blocks stay in L1 depends on every
+layer's attention). QuantizedCache quantizes each layer's prompt KV as that layer runs
+and keeps no full-precision copy of it; the ``_prefill16`` rows hold their storage only.
 TieredCache's attention is dense over what it keeps: ``l2`` and ``int4`` read demoted
 blocks back for every step, so only ``drop`` loses tokens.
 
@@ -105,10 +114,12 @@ def cache_specs(context: int, budget: int) -> dict:
     """name -> (settings, factory(model) -> cache, prefill_chunk or None)."""
     from transformers import DynamicCache, QuantizedCache
     from synapse.hf import TieredCache
-    # One block per prefill pass, so that the policy scores and chooses at every block. With
-    # the largest chunk that fits (budget - 1 block) each chunk evicts nearly all that is
-    # older, and h2o and lru then keep the same blocks (measured: identical figures).
+    # The _prefill16 rows: one block per prefill pass, so that the policy scores and
+    # chooses at every block. With the largest chunk that fits (budget - 1 block) each
+    # chunk evicts nearly all that is older, and h2o and lru then keep the same blocks
+    # (measured: identical figures). A held one-pass prompt is stored one block per step.
     chunk = BLOCK_TOKENS
+    held = {"pass_over_budget": "hold"}
     full = (context // BLOCK_TOKENS + 2) * BLOCK_TOKENS * 2  # far above the high watermark
 
     def tiered(policy, l1, demote, **extra):
@@ -123,14 +134,17 @@ def cache_specs(context: int, budget: int) -> dict:
     for p in POLICIES:
         for d in DEMOTES:
             extra = {"int4_keys": "channel"} if d == "int4" else {}
-            specs[f"tiered_{p}_{d}"] = (*tiered(p, budget, d, **extra), chunk)
-        specs[f"tiered_{p}_int4_token"] = (*tiered(p, budget, "int4", int4_keys="token"), chunk)
+            specs[f"tiered_{p}_{d}"] = (*tiered(p, budget, d, **extra, **held), None)
+        specs[f"tiered_{p}_int4_token"] = (*tiered(p, budget, "int4", int4_keys="token",
+                                                   **held), None)
+        specs[f"tiered_{p}_int4_prefill{chunk}"] = (*tiered(p, budget, "int4",
+                                                            int4_keys="channel"), chunk)
     # The default watermarks (0.95 / 0.85) drop down to 85% of the budget as soon as it
     # is crossed; at 1.0 / 1.0 a drop happens only when a new block does not fit, so the
     # whole budget is used, as by the presses (and, for sinks, as by StreamingLLM).
     for p in POLICIES:
         specs[f"tiered_{p}_drop_wm1"] = (*tiered(p, budget, "drop", high_watermark=1.0,
-                                                 low_watermark=1.0), chunk)
+                                                 low_watermark=1.0, **held), None)
     # axis 0 for quanto, 1 for HQQ: the axes transformers' KV cache docs give for each
     specs["quanto"] = ({**QUANT, "axis_key": 0, "axis_value": 0},
                        lambda m: QuantizedCache(backend="quanto", config=m.config, axis_key=0,
@@ -206,6 +220,9 @@ def run_cache(name, spec, model, ids, new_tokens, prompt, ref) -> tuple[dict, di
     try:
         got["forced_logits"] = teacher_forced(model, ids, cache, (ref or got)["tokens"], chunk)
         kept = cache.kept_tokens() if hasattr(cache, "kept_tokens") else None
+        # generate_once's step hook restarts a TieredCache's peaks when the prompt ends;
+        # this run's are the whole run's, the prompt fed the same way
+        pass_peak = getattr(cache, "pass_peak_bytes", 0)
     finally:
         release(cache, ids.device)
     got["keys"] = probe.last_keys
@@ -217,13 +234,16 @@ def run_cache(name, spec, model, ids, new_tokens, prompt, ref) -> tuple[dict, di
                  keys_seen_last_step=probe.keys_seen[-1])
     if kept is not None:
         entry["kept_tokens_end"] = kept
+    if pass_peak > peak:  # a prompt pass held beyond the budget
+        entry["prefill_peak_bytes"] = pass_peak
     shape = getattr(cache, "shape", None)
     if shape is not None and settings.get("demote") == "int4":
         entry["int4_bits_per_element"] = 8 * shape.int4_bytes / shape.numel
     if tel is not None:
         entry["telemetry"] = {k: tel.get(k) for k in (
             "l1_budget_tokens", "l1_budget_bytes", "l1_peak_bytes", "evictions", "demotions",
-            "drops", "fetches", "prefetches", "bytes_h2d", "bytes_d2h", "int4_rel_rmse")}
+            "drops", "fetches", "prefetches", "bytes_h2d", "bytes_d2h", "int4_rel_rmse",
+            "pass_peak_bytes")}
     if ref is not None:
         entry["agreement"] = agreement(ref, got)
         entry["forced"] = forced_agreement(ref["forced_logits"], got["forced_logits"])
@@ -296,7 +316,8 @@ def merge_kvpress(kv: dict, results: dict) -> None:
                 continue
             def run(name):
                 k = f"{base}/{name}"
-                return {"tokens": t[f"{k}/tokens"], "logits": list(t[f"{k}/logits"]),
+                return {"tokens": t[f"{k}/tokens"], "tokens_all": t[f"{k}/tokens"][None],
+                        "logits": list(t[f"{k}/logits"]),
                         "forced_logits": list(t[f"{k}/forced_logits"])}
 
             ref = run("dynamic")
@@ -396,7 +417,9 @@ def print_tables(summary: dict) -> None:
 
 DOC_ROWS = ("tiered_full", "tiered_h2o_l2", "tiered_h2o_int4", "tiered_lru_int4",
             "tiered_sinks_int4", "tiered_h2o_int4_token", "tiered_lru_int4_token",
-            "tiered_sinks_int4_token", "quanto", "hqq", f"quanto_prefill{BLOCK_TOKENS}",
+            "tiered_sinks_int4_token", f"tiered_h2o_int4_prefill{BLOCK_TOKENS}",
+            f"tiered_lru_int4_prefill{BLOCK_TOKENS}", f"tiered_sinks_int4_prefill{BLOCK_TOKENS}",
+            "quanto", "hqq", f"quanto_prefill{BLOCK_TOKENS}",
             f"hqq_prefill{BLOCK_TOKENS}", "tiered_h2o_drop", "tiered_lru_drop",
             "tiered_sinks_drop", "tiered_h2o_drop_wm1", "tiered_lru_drop_wm1",
             "tiered_sinks_drop_wm1", "kvpress_observed_attention", "kvpress_streaming_llm",
@@ -416,9 +439,12 @@ def markdown_table(summary: dict) -> str:
             lines.append(f"| `{name}` | {rows[0].get('status', 'not run')} |" + " |" * (len(models) + 1))
             continue
         first = next(r for r in rows if r.get("status") == "ok")
+        held = max((r.get("prefill_peak_bytes", 0) for r in rows), default=0)
+        peak = f"{first['kv_held_peak_bytes'] / 1024:.0f}" + (
+            f" ({held / 1024:.0f} in the prompt's pass)" if held else "")
         cells = [f"{r['forced_top1_match']:.2f} / {r['forced_mean_rel_logit_diff']:.3f} "
                  f"({r['prefix_match']:.2f})" if r.get("status") == "ok" else "not run" for r in rows]
-        lines.append(f"| `{name}` | {first['kv_held_peak_bytes'] / 1024:.0f} | "
+        lines.append(f"| `{name}` | {peak} | "
                      f"{first['keys_seen_last_step']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -528,7 +554,9 @@ def main(argv=None) -> int:
                                      "(new tokens - 1) of the context, so that it holds B at its "
                                      "last forward pass); QuantizedCache: the same bits",
                       "kv_held": "storage bytes of the cache's tensors after every token (peak, "
-                                 "end); TieredCache: device_kv_bytes() (L1 blocks)",
+                                 "end); TieredCache: device_kv_bytes() (L1 blocks), and "
+                                 "prefill_peak_bytes where its one-pass prompt held the "
+                                 "prompt's KV beyond them (pass_peak_bytes)",
                       "agreement": "greedy tokens and logits against DynamicCache on the same "
                                    "model, prompt and venv; logits over the steps whose inputs "
                                    "are identical (through the first divergent token)"},

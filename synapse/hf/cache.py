@@ -29,7 +29,10 @@ returns views of its planes; blocks in L2 are read through (one copy of the laye
 dequantized) and placed between the past L1 tokens and this step's, so the causal mask
 stays right (attention over past keys does not depend on their order). A block fetched
 back into L1 is dequantized on the way in. With a budget of at least the context and no
-eviction, tokens and logits equal ``DynamicCache``'s bit for bit.
+eviction, tokens and logits equal ``DynamicCache``'s bit for bit. A forward pass longer
+than the budget is refused (feed it in chunks that fit), or with
+``pass_over_budget="hold"`` taken whole at full precision and stored within the budget
+afterwards (``synapse.hf.held_pass``).
 
 Positions stay right after eviction: ``get_seq_length`` is the number of tokens seen,
 ``get_mask_sizes`` the number of keys returned, with the offset that keeps the causal
@@ -63,6 +66,7 @@ from .batch import BatchedSequences, BatchMode
 from .chunk_attention import ChunkAttention
 from .copies import CopiesAndCrops
 from .errors import UnsupportedModel
+from .held_pass import HeldPass
 from .int4 import dequantize_layer_rows, layer_row_sections
 from .scores import FUSED_FROM_QUERIES, DecodeScores, QueryTap, token_mass, token_mass_fused
 
@@ -118,7 +122,7 @@ def _text_config(config):
     return get(decoder=True) if get is not None else config
 
 
-class TieredCache(BatchMode, CopiesAndCrops, Cache):
+class TieredCache(BatchMode, CopiesAndCrops, HeldPass, Cache):
     """A transformers ``Cache`` over Synapse's tiers; see the module docstring.
 
     ``config_or_model``: the model's config (or the model itself). ``model``: the model,
@@ -134,6 +138,10 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
     block through every step anyway, so bringing one back into L1 saves only its share of
     that read and costs a fetch now and a demotion later (measured on the H200: it made
     the h2o decode slower, not faster).
+    ``pass_over_budget``: what a forward pass of more tokens than the L1 budget gets:
+    ``"refuse"`` (a CapacityError naming a ``prefill_chunk_size`` that fits) or ``"hold"``
+    (taken whole: its tokens attend to their own KV at full precision, held on the device
+    for the pass, and are stored within the budget after it; ``synapse.hf.held_pass``).
     """
 
     def __init__(self, config_or_model, policy: str = "h2o", l1_budget_tokens: int = 4096,
@@ -143,7 +151,7 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
                  low_watermark: float = 0.85, eviction_ratio: float = 0.25,
                  prefetch_blocks: int = 0, access_factor: float = 4.0,
                  record_masses: bool = False, vmm: bool | None = None,
-                 int4_keys: str = DEFAULT_KEY_FORMAT):
+                 int4_keys: str = DEFAULT_KEY_FORMAT, pass_over_budget: str = "refuse"):
         self._init_args = dict(policy=policy, l1_budget_tokens=l1_budget_tokens, demote=demote,
                                block_tokens=block_tokens, backend=backend,
                                l2_budget_tokens=l2_budget_tokens, int4_group=int4_group,
@@ -151,7 +159,7 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
                                high_watermark=high_watermark, low_watermark=low_watermark,
                                eviction_ratio=eviction_ratio, prefetch_blocks=prefetch_blocks,
                                access_factor=access_factor, record_masses=record_masses,
-                               vmm=vmm, int4_keys=int4_keys)
+                               vmm=vmm, int4_keys=int4_keys, pass_over_budget=pass_over_budget)
         if hasattr(config_or_model, "config") and isinstance(config_or_model, torch.nn.Module):
             model = config_or_model if model is None else model
             config = config_or_model.config
@@ -209,6 +217,9 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
         if int4_keys not in KEY_FORMATS:
             raise ValueError(f"int4_keys must be one of {', '.join(KEY_FORMATS)}, got {int4_keys!r}")
         self.int4_keys = int4_keys
+        if pass_over_budget not in ("refuse", "hold"):
+            raise ValueError(f"pass_over_budget must be 'refuse' or 'hold', got {pass_over_budget!r}")
+        self.pass_over_budget = pass_over_budget
         self._policy_kw = dict(policy=policy, demote=demote_key, heavy_ratio=heavy_ratio,
                                sink_blocks=sink_blocks, high_watermark=high_watermark,
                                low_watermark=low_watermark, eviction_ratio=eviction_ratio,
@@ -286,6 +297,8 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
         self.stall_s = 0.0
         self.l1_peak_bytes = 0
         self.l1_reserved_peak_bytes = 0
+        self.pass_peak_bytes = 0   # L1 plus a held pass's own KV (synapse.hf.held_pass)
+        self.held_pass_bytes = 0
         self.step_l1_bytes: list[int] = []
         self.masses: list[np.ndarray] = []          # per step, aggregated (record_masses)
         self.layer_masses: list[np.ndarray] = []    # per step, [layers, blocks]
@@ -430,6 +443,8 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
         if not self._begun:
             self._begin_step(key_states.shape[-2])
         st = self._step
+        if "held" in st:
+            return self._update_held(key_states, value_states, layer_idx, qs)
         q = key_states.shape[-2]
         new = st.get("new")
         if new is None:  # the step's first layer: its views of the planes, made once
@@ -595,7 +610,13 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
     def _begin_step(self, q_len: int) -> None:
         self.settle()
         self._decode_scores.reset()  # what a failed pass left
-        self.planner.check_step(q_len)  # before anything changes: a refused step leaves no trace
+        if self._holds_pass(q_len):
+            return self._begin_held(q_len)
+        try:  # before anything changes: a refused step leaves no trace
+            self.planner.check_step(q_len)
+        except CapacityError as e:
+            raise CapacityError(f"{e}; or TieredCache(..., pass_over_budget='hold') to take "
+                                f"the pass whole (its KV held on the device for the pass)") from None
         self._backend.safe_point()
         self.step += 1
         self._begun = True
@@ -753,7 +774,7 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
     def reset_peaks(self) -> None:
         """Start the peaks over (``l1_peak_bytes``, ``l1_reserved_peak_bytes``): a
         benchmark measuring the decode phase alone calls it when the prefill ends."""
-        self.l1_peak_bytes = self.device_kv_bytes()
+        self.l1_peak_bytes = self.pass_peak_bytes = self.device_kv_bytes()
         self.l1_reserved_peak_bytes = self.device_reserved_bytes()
 
     # -- telemetry -------------------------------------------------------------------------
@@ -773,7 +794,8 @@ class TieredCache(BatchMode, CopiesAndCrops, Cache):
         out = {"steps": self.step + 1, "tokens": self.seen_tokens,
                "l1_budget_tokens": self.l1_budget_tokens,
                "l1_budget_bytes": getattr(self, "l1_budget_bytes", None),
-               "l1_peak_bytes": self.l1_peak_bytes, "stall_s": self.stall_s}
+               "l1_peak_bytes": self.l1_peak_bytes, "stall_s": self.stall_s,
+               "pass_peak_bytes": max(self.pass_peak_bytes, self.l1_peak_bytes)}
         if self.prefix_telemetry is not None:
             out["prefix"] = dict(self.prefix_telemetry)
         if mgr is None:
