@@ -204,3 +204,24 @@ def test_on_the_gpu_split_attention_matches_the_float64_reference_with_grouped_h
     assert got is not None, f"{kernel} refused fp16 [1, 8, 200, 128] over 2 key heads"
     want = lower_right_reference(q.cpu(), k.cpu(), v.cpu())
     torch.testing.assert_close(got.double().cpu(), want, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("dtype, head_dim, asked", [
+    (torch.float16, 128, True), (torch.bfloat16, 64, True), (torch.float32, 128, False),
+    (torch.float16, 320, False), (torch.float16, 12, False)])
+def test_the_cuda_kernels_are_asked_for_half_precision_and_their_head_sizes_only(
+        dtype, head_dim, asked):
+    assert pa._cuda_takes(torch.empty(1, 4, 8, head_dim, dtype=dtype)) is asked
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_the_gpu_fp32_takes_the_bias_kernel_and_matches_the_mask(monkeypatch):
+    model = tiny_model("llama").cuda()
+    prompt = ids(600).cuda()
+    own = logits_over_new_tokens(model, prompt, 512, fused=False)
+    monkeypatch.setattr(pa, "used", set())
+    fused = logits_over_new_tokens(model, prompt, 512, fused=True)
+    assert not pa.used  # neither cuDNN nor flash ran fp32
+    assert torch.isfinite(fused).all()
+    torch.testing.assert_close(fused, own, atol=1e-4, rtol=1e-4)

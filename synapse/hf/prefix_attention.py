@@ -104,6 +104,19 @@ _refused: set = set()  # (kernel, device type, dtype, head size) a kernel turned
 used: set = set()      # the kernels split_attention has run (for tests and benchmarks)
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
+def _cuda_takes(query) -> bool:
+    """Whether the CUDA kernels may be asked at all. The aten ops are called directly, past
+    SDPA's dispatcher, so nothing else checks their inputs: cuDNN and flash take fp16 and
+    bf16 only, head sizes up to 256 in multiples of 8. (On the H200 a test's fp32 pass
+    that could reach this path unguarded gave NaN logits without an error; this check was
+    added after the session's last GPU call, so it is not yet verified there.)"""
+    d = query.shape[-1]
+    return query.dtype in HALF and d <= 256 and d % 8 == 0
+
+
 def _kernels(device) -> tuple:
     # cuDNN first on CUDA: on the H200 it runs the prefix's attention faster than flash
     # (benchmarks/prefix_attention_kernels.py); the CPU has flash only
@@ -148,6 +161,9 @@ def split_attention(query, key, value, prefix: int, scale=None, kernels=None):
     for kernel in kernels or _kernels(query.device):
         sig = (kernel, query.device.type, query.dtype, query.shape[-1])
         if sig in _refused:
+            continue
+        if query.device.type == "cuda" and not _cuda_takes(query):
+            _refused.add(sig)
             continue
         try:
             o_p, l_p = _attend(kernel, query, key[:, :, :prefix], value[:, :, :prefix],
