@@ -252,7 +252,7 @@ class TierManager:
         spaces = self.spaces
         for tier, space in ((_T_L1, spaces.l1), (_T_L2, spaces.l2)):  # on every submit
             take = getattr(space, "take_relocations", None)
-            if take is None:
+            if take is None or not space.owes():  # most calls: nothing owed
                 continue
             moves = take()
             zero = space.take_zero([dst for _, _, dst in moves])

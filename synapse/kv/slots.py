@@ -292,6 +292,12 @@ class SlotArena:
         if slot is not None and slot.index != len(self.slots) - 1:
             self._swap(slot, self.slots[-1])
 
+    def owes(self) -> bool:
+        """Whether ``take_relocations`` or ``take_zero`` has anything to hand out or to
+        forget (relocations, ranges to zero, slots allocated since the last call): when
+        not, both calls would change nothing, and the caller may skip them."""
+        return bool(self._pending or self._fresh or self._zero)
+
     def take_relocations(self) -> list[tuple[Slot, int, int]]:
         """The byte moves that bring memory in line with the bookkeeping since the last
         call, as ``(slot, from_offset, to_offset)``. Sources are offsets before the batch
