@@ -545,8 +545,9 @@ class TierManager:
         weakest = float(self.policy.scores(cand, step).min())
         if not s.max() > weakest:  # no L2 block outranks L1's weakest (LRU, FIFO: most steps)
             return []
-        idx = np.argpartition(-s, k - 1)[:k] if k < len(l2) else np.arange(len(l2))
-        order = idx[np.argsort(-s[idx], kind="stable")]
+        neg = np.negative(s)  # once, for the partition and the sort
+        idx = neg.argpartition(k - 1)[:k] if k < len(l2) else np.arange(len(l2))
+        order = idx[neg[idx].argsort(kind="stable")]
         top = l2[order][s[order] > weakest]
         chosen = self.prefetch.choose(top, self.table.nbytes[top], headroom)
         return self.plan_fetch(chosen, step, "prefetch")
