@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import simpy
+from simpy.events import PENDING
 
 from ..backend import Backend
 from ..ops import PINNED_ZERO_BEFORE, ZERO_STREAM, Copy, Op, OpRecord, PinnedZero, Stream, Zero
@@ -95,6 +96,35 @@ class _ZeroRanges(Zero):
         return len(self.ranges)
 
 
+
+
+class _AllDone(simpy.Event):
+    """``simpy.AllOf`` as the simulator waits on tickets: triggered where AllOf is (by
+    the last of its events to be processed, or by the first to fail, whose error it
+    carries), so every event of a run keeps its place; without the condition's value
+    (a dict of the events, which nothing here reads) or the callback that builds it."""
+
+    def __init__(self, env: simpy.Environment, events: list):
+        self.env = env  # simpy.Event.__init__, inline (as simpy's own Process does)
+        self.callbacks = []
+        self._left = len(events)
+        if not events:  # nothing to wait for: done at once, as AllOf([])
+            self.succeed()
+        for event in events:
+            if event.callbacks is None:  # processed already
+                self._check(event)
+            else:
+                event.callbacks.append(self._check)
+
+    def _check(self, event) -> None:
+        if self._value is not PENDING:
+            return
+        self._left -= 1
+        if not event._ok:
+            event._defused = True
+            self.fail(event._value)
+        elif not self._left:
+            self.succeed()
 
 
 class SimBackend(Backend):
@@ -202,7 +232,7 @@ class SimBackend(Backend):
         if len(pending) == 1:
             yield pending[0]
         elif pending:
-            yield self.env.all_of(pending)
+            yield _AllDone(self.env, pending)
         if launch_s > self.env.now:
             yield self.env.timeout(launch_s - self.env.now)
         start = self.env.now
@@ -224,7 +254,7 @@ class SimBackend(Backend):
 
     def wait(self, tickets: Sequence) -> simpy.Event:
         tickets = [t for t in tickets if t is not None]
-        return tickets[0] if len(tickets) == 1 else self.env.all_of(tickets)
+        return tickets[0] if len(tickets) == 1 else _AllDone(self.env, tickets)
 
     def now(self) -> float:
         return max(self.env.now, self._host_s)
