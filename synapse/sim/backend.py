@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import simpy
-from simpy.events import PENDING
+from simpy.events import PENDING, URGENT
 
 from ..backend import Backend
 from ..ops import PINNED_ZERO_BEFORE, ZERO_STREAM, Copy, Op, OpRecord, PinnedZero, Stream, Zero
@@ -127,6 +127,100 @@ class _AllDone(simpy.Event):
             self.succeed()
 
 
+class _OpRun(simpy.Event):
+    """One op on its stream, and its ticket: triggered when the op has finished. It
+    runs as a simpy process of the op would (started by an urgent event at submit; then
+    its dependencies, the host's launch time, the op's own time or its copy over the
+    link; then triggered), scheduling the same events in the same order, as callbacks
+    rather than a generator driven by ``simpy.Process`` (a few microseconds per op, and
+    a run submits thousands). An error in its steps fails the ticket, as it would fail
+    the process, and reaches whatever waits on it."""
+
+    def __init__(self, backend: "SimBackend", op: Op, stream: Stream, deps: list,
+                 launch_s: float, submit_s: float):
+        env = self.env = backend.env  # simpy.Event.__init__, inline
+        self.callbacks = []
+        self.backend, self.op, self.stream, self.deps = backend, op, stream, deps
+        self.launch_s, self.submit_s = launch_s, submit_s
+        self.start = self.nbytes = 0
+        begin = simpy.Event(env)  # what simpy.Process schedules to start (Initialize)
+        begin._ok, begin._value = True, None
+        begin.callbacks.append(self._begin)
+        env.schedule(begin, URGENT)
+
+    def _fail(self, error: BaseException) -> None:
+        self._ok, self._value = False, error  # as a process whose generator raised
+        self.env.schedule(self)
+
+    def _resumed_ok(self, event) -> bool:
+        """False (and the ticket failed) when ``event`` failed: a process waiting on it
+        would have had a copy of its error thrown in, and failed with it."""
+        if event is None or event._ok:
+            return True
+        event._defused = True
+        error = type(event._value)(*event._value.args)
+        error.__cause__ = event._value
+        self._fail(error)
+        return False
+
+    def _begin(self, _event) -> None:
+        try:
+            pending = [d for d in self.deps if d.callbacks is not None]  # not processed
+            if len(pending) == 1:
+                pending[0].callbacks.append(self._launch)
+            elif pending:
+                _AllDone(self.env, pending).callbacks.append(self._launch)
+            else:
+                self._launch(None)
+        except BaseException as e:
+            self._fail(e)
+
+    def _launch(self, event) -> None:
+        if not self._resumed_ok(event):
+            return
+        try:
+            env = self.env
+            if self.launch_s > env.now:
+                env.timeout(self.launch_s - env.now).callbacks.append(self._execute)
+            else:
+                self._execute(None)
+        except BaseException as e:
+            self._fail(e)
+
+    def _execute(self, event) -> None:
+        if not self._resumed_ok(event):
+            return
+        try:
+            backend, op = self.backend, self.op
+            self.start = self.env.now
+            self.nbytes = op.nbytes  # a sum over the op's rows: once per op
+            if backend._ops_on_host:  # it ran inside submit: its time was the host's
+                self.start -= backend.predictor.uncontended_seconds(op)
+                self._finish(None)
+            elif is_link_op(op):
+                direction = op.direction if isinstance(op, Copy) else "h2d"
+                backend.link.transfer(direction, self.nbytes, op.count, self._finish,
+                                      self._fail, backend.predictor.link_fixed_seconds(op))
+            else:
+                self.env.timeout(backend.predictor.op_seconds(op)).callbacks.append(self._finish)
+        except BaseException as e:
+            self._fail(e)
+
+    def _finish(self, event) -> None:
+        if not self._resumed_ok(event):
+            return
+        try:
+            op = self.op
+            self.backend._records.append(OpRecord(op.kind, op.purpose, self.stream.value,
+                                                  self.submit_s, self.start, self.env.now,
+                                                  self.nbytes, op.count))
+        except BaseException as e:
+            self._fail(e)
+            return
+        self._ok, self._value = True, None
+        self.env.schedule(self)
+
+
 class SimBackend(Backend):
     name = "sim"
     simulated = True
@@ -223,34 +317,9 @@ class SimBackend(Backend):
         prev = self._tail[stream]
         if prev is not None:
             deps.append(prev)
-        proc = self.env.process(self._run(op, stream, deps, self._host_s, now))
-        self._tail[stream] = proc
-        return proc
-
-    def _run(self, op: Op, stream: Stream, deps, launch_s: float, submit_s: float):
-        pending = [d for d in deps if not d.processed]
-        if len(pending) == 1:
-            yield pending[0]
-        elif pending:
-            yield _AllDone(self.env, pending)
-        if launch_s > self.env.now:
-            yield self.env.timeout(launch_s - self.env.now)
-        start = self.env.now
-        nbytes = op.nbytes  # a sum over the op's rows: once per op
-        if self._ops_on_host:  # it ran inside submit: its time was the host's
-            start -= self.predictor.uncontended_seconds(op)
-        else:
-            yield from self._execute(op, nbytes)
-        self._records.append(OpRecord(op.kind, op.purpose, stream.value, submit_s, start,
-                                      self.env.now, nbytes, op.count))
-
-    def _execute(self, op: Op, nbytes: int):
-        if is_link_op(op):
-            direction = op.direction if isinstance(op, Copy) else "h2d"
-            yield from self.link.transfer(direction, nbytes, op.count,
-                                          fixed_s=self.predictor.link_fixed_seconds(op))
-        else:
-            yield self.env.timeout(self.predictor.op_seconds(op))
+        ticket = _OpRun(self, op, stream, deps, self._host_s, now)
+        self._tail[stream] = ticket
+        return ticket
 
     def wait(self, tickets: Sequence) -> simpy.Event:
         tickets = [t for t in tickets if t is not None]

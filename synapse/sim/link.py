@@ -54,10 +54,6 @@ class _Engines:
             self.users += 1
             self.queue.pop(0).succeed()
 
-    def cancel(self, req: simpy.Event) -> None:
-        if not req.triggered:
-            self.queue.remove(req)
-
     def release(self, req: simpy.Event) -> None:
         if req.triggered:
             self.users -= 1
@@ -80,30 +76,63 @@ class LinkModel:
         self._version = 0
         self.bytes_moved = {"h2d": 0, "d2h": 0}
 
-    def transfer(self, direction: str, nbytes: int, calls: int = 1, fixed_s: float | None = None):
-        """SimPy process body: ``calls`` copies totalling ``nbytes`` in one direction;
-        ``fixed_s`` (the predictor's) replaces ``calls * copy_latency_us`` when given."""
+    def transfer(self, direction: str, nbytes: int, calls: int, on_done, on_error,
+                 fixed_s: float | None = None) -> None:
+        """``calls`` copies totalling ``nbytes`` in one direction: an engine, then the
+        fixed cost (``fixed_s``, the predictor's, replaces ``calls * copy_latency_us``
+        when given), then the bytes; ``on_done(None)`` once they have crossed, or
+        ``on_error(exception)``. The steps are the events a simpy process holding the
+        engine would wait on, in its order, as callbacks."""
         fixed = calls * self.latency_s if fixed_s is None else fixed_s
-        engines = self.engines
+        engines, env = self.engines, self.env
         req = engines.request()
-        try:
-            yield req
-            if calls and fixed:
-                yield self.env.timeout(fixed)
-            if nbytes > 0:
-                flow = _Flow(direction, nbytes, self.env.event())
-                self._advance()
-                self.flows.append(flow)
-                self._reschedule()
-                yield flow.done
-        except GeneratorExit:  # a generator cleaned up: as simpy, cancelled, not released
-            engines.cancel(req)
-            raise
-        except BaseException:
+
+        def failed(event) -> bool:
+            if event._ok:
+                return False
+            event._defused = True
             engines.release(req)
-            raise
-        engines.release(req)
-        self.bytes_moved[direction] += nbytes
+            error = type(event._value)(*event._value.args)
+            error.__cause__ = event._value
+            on_error(error)
+            return True
+
+        def granted(event) -> None:
+            if failed(event):
+                return
+            try:
+                if calls and fixed:
+                    env.timeout(fixed).callbacks.append(flow)
+                else:
+                    flow(None)
+            except BaseException as e:
+                engines.release(req)
+                on_error(e)
+
+        def flow(event) -> None:
+            if event is not None and failed(event):
+                return
+            try:
+                if nbytes > 0:
+                    f = _Flow(direction, nbytes, simpy.Event(env))
+                    self._advance()
+                    self.flows.append(f)
+                    self._reschedule()
+                    f.done.callbacks.append(moved)
+                else:
+                    moved(None)
+            except BaseException as e:
+                engines.release(req)
+                on_error(e)
+
+        def moved(event) -> None:
+            if event is not None and failed(event):
+                return
+            engines.release(req)
+            self.bytes_moved[direction] += nbytes
+            on_done(None)
+
+        req.callbacks.append(granted)
 
     def rates(self, n_h2d: int, n_d2h: int) -> dict[str, float]:
         """Per-copy rate in each direction for the given numbers of active copies."""
