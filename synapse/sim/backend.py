@@ -133,8 +133,8 @@ class _OpRun(simpy.Event):
     its dependencies, the host's launch time, the op's own time or its copy over the
     link; then triggered), scheduling the same events in the same order, as callbacks
     rather than a generator driven by ``simpy.Process`` (a few microseconds per op, and
-    a run submits thousands). An error in its steps fails the ticket, as it would fail
-    the process, and reaches whatever waits on it."""
+    a run submits thousands). An error in a step fails the ticket, as it would fail the
+    process, and reaches whatever waits on it."""
 
     def __init__(self, backend: "SimBackend", op: Op, stream: Stream, deps: list,
                  launch_s: float, submit_s: float):
@@ -143,80 +143,96 @@ class _OpRun(simpy.Event):
         self.backend, self.op, self.stream, self.deps = backend, op, stream, deps
         self.launch_s, self.submit_s = launch_s, submit_s
         self.start = self.nbytes = 0
+        self._engine = None  # the copy engine's grant while a link copy holds it
         begin = simpy.Event(env)  # what simpy.Process schedules to start (Initialize)
         begin._ok, begin._value = True, None
-        begin.callbacks.append(self._begin)
+        self._then = self._begin  # the step to run when the awaited event is processed
+        begin.callbacks.append(self._resume)
         env.schedule(begin, URGENT)
 
-    def _fail(self, error: BaseException) -> None:
-        self._ok, self._value = False, error  # as a process whose generator raised
+    def _await(self, event, then) -> None:
+        self._then = then
+        event.callbacks.append(self._resume)
+
+    def _resume(self, event) -> None:
+        if not event._ok:  # a process waiting on it gets a copy of its error, and fails
+            event._defused = True
+            error = type(event._value)(*event._value.args)
+            error.__cause__ = event._value
+            self._failed(error)
+            return
+        try:
+            self._then()
+        except BaseException as e:  # as a process whose generator raised
+            self._failed(e)
+
+    def _failed(self, error: BaseException) -> None:
+        if self._engine is not None:  # as the process's ``with`` on the engine would
+            self.backend.link.engines.release(self._engine)
+            self._engine = None
+        self._ok, self._value = False, error
         self.env.schedule(self)
 
-    def _resumed_ok(self, event) -> bool:
-        """False (and the ticket failed) when ``event`` failed: a process waiting on it
-        would have had a copy of its error thrown in, and failed with it."""
-        if event is None or event._ok:
-            return True
-        event._defused = True
-        error = type(event._value)(*event._value.args)
-        error.__cause__ = event._value
-        self._fail(error)
-        return False
+    def _begin(self) -> None:
+        pending = [d for d in self.deps if d.callbacks is not None]  # not processed yet
+        if len(pending) == 1:
+            self._await(pending[0], self._launch)
+        elif pending:
+            self._await(_AllDone(self.env, pending), self._launch)
+        else:
+            self._launch()
 
-    def _begin(self, _event) -> None:
-        try:
-            pending = [d for d in self.deps if d.callbacks is not None]  # not processed
-            if len(pending) == 1:
-                pending[0].callbacks.append(self._launch)
-            elif pending:
-                _AllDone(self.env, pending).callbacks.append(self._launch)
-            else:
-                self._launch(None)
-        except BaseException as e:
-            self._fail(e)
+    def _launch(self) -> None:
+        env = self.env
+        if self.launch_s > env.now:
+            self._await(env.timeout(self.launch_s - env.now), self._execute)
+        else:
+            self._execute()
 
-    def _launch(self, event) -> None:
-        if not self._resumed_ok(event):
-            return
-        try:
-            env = self.env
-            if self.launch_s > env.now:
-                env.timeout(self.launch_s - env.now).callbacks.append(self._execute)
-            else:
-                self._execute(None)
-        except BaseException as e:
-            self._fail(e)
+    def _execute(self) -> None:
+        backend, op = self.backend, self.op
+        self.start = self.env.now
+        self.nbytes = op.nbytes  # a sum over the op's rows: once per op
+        if backend._ops_on_host:  # it ran inside submit: its time was the host's
+            self.start -= backend.predictor.uncontended_seconds(op)
+            self._finish()
+        elif is_link_op(op):  # an engine, its fixed cost, then the bytes (sim.link)
+            self._engine = backend.link.engines.request()
+            self._await(self._engine, self._granted)
+        else:
+            self._await(self.env.timeout(backend.predictor.op_seconds(op)), self._finish)
 
-    def _execute(self, event) -> None:
-        if not self._resumed_ok(event):
-            return
-        try:
-            backend, op = self.backend, self.op
-            self.start = self.env.now
-            self.nbytes = op.nbytes  # a sum over the op's rows: once per op
-            if backend._ops_on_host:  # it ran inside submit: its time was the host's
-                self.start -= backend.predictor.uncontended_seconds(op)
-                self._finish(None)
-            elif is_link_op(op):
-                direction = op.direction if isinstance(op, Copy) else "h2d"
-                backend.link.transfer(direction, self.nbytes, op.count, self._finish,
-                                      self._fail, backend.predictor.link_fixed_seconds(op))
-            else:
-                self.env.timeout(backend.predictor.op_seconds(op)).callbacks.append(self._finish)
-        except BaseException as e:
-            self._fail(e)
+    def _granted(self) -> None:
+        link, op = self.backend.link, self.op
+        fixed = link.fixed_seconds(op.count, self.backend.predictor.link_fixed_seconds(op))
+        if op.count and fixed:
+            self._await(self.env.timeout(fixed), self._flow)
+        else:
+            self._flow()
 
-    def _finish(self, event) -> None:
-        if not self._resumed_ok(event):
-            return
-        try:
-            op = self.op
-            self.backend._records.append(OpRecord(op.kind, op.purpose, self.stream.value,
-                                                  self.submit_s, self.start, self.env.now,
-                                                  self.nbytes, op.count))
-        except BaseException as e:
-            self._fail(e)
-            return
+    def _flow(self) -> None:
+        if self.nbytes > 0:
+            self._await(self.backend.link.start_flow(self._direction(), self.nbytes),
+                        self._moved)
+        else:
+            self._moved()
+
+    def _moved(self) -> None:
+        link = self.backend.link
+        link.engines.release(self._engine)
+        self._engine = None
+        link.moved(self._direction(), self.nbytes)
+        self._finish()
+
+    def _direction(self) -> str:
+        op = self.op
+        return op.direction if isinstance(op, Copy) else "h2d"
+
+    def _finish(self) -> None:
+        op = self.op
+        self.backend._records.append(OpRecord(op.kind, op.purpose, self.stream.value,
+                                              self.submit_s, self.start, self.env.now,
+                                              self.nbytes, op.count))
         self._ok, self._value = True, None
         self.env.schedule(self)
 

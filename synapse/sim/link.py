@@ -76,63 +76,24 @@ class LinkModel:
         self._version = 0
         self.bytes_moved = {"h2d": 0, "d2h": 0}
 
-    def transfer(self, direction: str, nbytes: int, calls: int, on_done, on_error,
-                 fixed_s: float | None = None) -> None:
-        """``calls`` copies totalling ``nbytes`` in one direction: an engine, then the
-        fixed cost (``fixed_s``, the predictor's, replaces ``calls * copy_latency_us``
-        when given), then the bytes; ``on_done(None)`` once they have crossed, or
-        ``on_error(exception)``. The steps are the events a simpy process holding the
-        engine would wait on, in its order, as callbacks."""
-        fixed = calls * self.latency_s if fixed_s is None else fixed_s
-        engines, env = self.engines, self.env
-        req = engines.request()
+    def fixed_seconds(self, calls: int, fixed_s: float | None = None) -> float:
+        """What a copy holds its engine for before its bytes flow: ``calls *
+        copy_latency_us``, or the predictor's ``fixed_s`` when given."""
+        return calls * self.latency_s if fixed_s is None else fixed_s
 
-        def failed(event) -> bool:
-            if event._ok:
-                return False
-            event._defused = True
-            engines.release(req)
-            error = type(event._value)(*event._value.args)
-            error.__cause__ = event._value
-            on_error(error)
-            return True
+    def start_flow(self, direction: str, nbytes: int) -> simpy.Event:
+        """A copy's bytes start crossing (its engine held, its fixed cost paid); the
+        event is triggered once they have. The caller releases the engine, then counts
+        the bytes with ``moved``. (The simulator's op runs take these steps, in the
+        order a simpy process holding the engine would: ``sim.backend._OpRun``.)"""
+        flow = _Flow(direction, nbytes, simpy.Event(self.env))
+        self._advance()
+        self.flows.append(flow)
+        self._reschedule()
+        return flow.done
 
-        def granted(event) -> None:
-            if failed(event):
-                return
-            try:
-                if calls and fixed:
-                    env.timeout(fixed).callbacks.append(flow)
-                else:
-                    flow(None)
-            except BaseException as e:
-                engines.release(req)
-                on_error(e)
-
-        def flow(event) -> None:
-            if event is not None and failed(event):
-                return
-            try:
-                if nbytes > 0:
-                    f = _Flow(direction, nbytes, simpy.Event(env))
-                    self._advance()
-                    self.flows.append(f)
-                    self._reschedule()
-                    f.done.callbacks.append(moved)
-                else:
-                    moved(None)
-            except BaseException as e:
-                engines.release(req)
-                on_error(e)
-
-        def moved(event) -> None:
-            if event is not None and failed(event):
-                return
-            engines.release(req)
-            self.bytes_moved[direction] += nbytes
-            on_done(None)
-
-        req.callbacks.append(granted)
+    def moved(self, direction: str, nbytes: int) -> None:
+        self.bytes_moved[direction] += nbytes
 
     def rates(self, n_h2d: int, n_d2h: int) -> dict[str, float]:
         """Per-copy rate in each direction for the given numbers of active copies."""
