@@ -96,8 +96,6 @@ class _ZeroRanges(Zero):
         return len(self.ranges)
 
 
-
-
 class _AllDone(simpy.Event):
     """``simpy.AllOf`` as the simulator waits on tickets: triggered where AllOf is (by
     the last of its events to be processed, or by the first to fail, whose error it
