@@ -36,8 +36,10 @@ for n in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 from synapse.runner import run_scenario
 from synapse.scenarios.loader import load_scenario
 policy = sys.argv[1]
-sc = load_scenario("scenarios/needle.yaml", {overrides!r} + ["policy.eviction=" + policy])
-if policy != "load-only":
+load_only = policy == "load-only"
+sc = load_scenario("scenarios/needle.yaml",
+                   {overrides!r} + ["policy.eviction=" + ("lru" if load_only else policy)])
+if not load_only:
     run_scenario(sc, "sim")
 """
 
