@@ -252,7 +252,7 @@ class TierManager:
         spaces = self.spaces
         for tier, space in ((_T_L1, spaces.l1), (_T_L2, spaces.l2)):  # on every submit
             take = getattr(space, "take_relocations", None)
-            if take is None:
+            if take is None or not space.owes():  # most calls: nothing owed
                 continue
             moves = take()
             zero = space.take_zero([dst for _, _, dst in moves])
@@ -545,8 +545,9 @@ class TierManager:
         weakest = float(self.policy.scores(cand, step).min())
         if not s.max() > weakest:  # no L2 block outranks L1's weakest (LRU, FIFO: most steps)
             return []
-        idx = np.argpartition(-s, k - 1)[:k] if k < len(l2) else np.arange(len(l2))
-        order = idx[np.argsort(-s[idx], kind="stable")]
+        neg = np.negative(s)  # once, for the partition and the sort
+        idx = neg.argpartition(k - 1)[:k] if k < len(l2) else np.arange(len(l2))
+        order = idx[neg[idx].argsort(kind="stable")]
         top = l2[order][s[order] > weakest]
         chosen = self.prefetch.choose(top, self.table.nbytes[top], headroom)
         return self.plan_fetch(chosen, step, "prefetch")

@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 from synapse.errors import AllocatorError, CapacityError
 from synapse.hw.memory import HostMemory
-from synapse.kv.slots import SlotArena
+from synapse.kv.slots import SlotArena, zero_runs
 
 SLOT = 16
 
@@ -107,3 +107,28 @@ def test_the_arena_refuses_other_sizes_and_foreign_handles():
     b.arena.free(s1)
     with pytest.raises(AllocatorError, match="not live"):
         b.arena.free(s1)
+
+
+def _zero_runs_by_slot(ranges, keep, sb):
+    """The definition ``zero_runs`` must meet: every covered slot, less the kept ones,
+    merged into runs of adjacent slots."""
+    idx = set()
+    for off, n in ranges:
+        idx.update(range(off // sb, (off + n) // sb))
+    idx.difference_update(o // sb for o in keep)
+    out = []
+    for i in sorted(idx):
+        if out and out[-1][0] + out[-1][1] == i * sb:
+            out[-1] = (out[-1][0], out[-1][1] + sb)
+        else:
+            out.append((i * sb, sb))
+    return out
+
+
+@given(st.lists(st.tuples(st.integers(0, 40), st.integers(0, 12)), max_size=8),
+       st.lists(st.integers(0, 50), max_size=10))
+def test_zero_runs_are_the_covered_slots_less_the_kept_ones(spans, kept):
+    sb = 64
+    ranges = [(a * sb, n * sb) for a, n in spans]
+    keep = [k * sb for k in kept]
+    assert zero_runs(ranges, keep, sb) == _zero_runs_by_slot(ranges, keep, sb)

@@ -25,6 +25,7 @@ Operations (n = live slots, k = slots freed or allocated):
 from __future__ import annotations
 
 import itertools
+from bisect import bisect_left
 from collections import deque
 from itertools import repeat
 from operator import attrgetter
@@ -38,6 +39,35 @@ from ..hw.slab import add_per_tenant
 
 
 _tenant_of = attrgetter("tenant")
+
+
+def zero_runs(ranges, keep, slot_bytes: int) -> list[tuple[int, int]]:
+    """The slots that ``(offset, nbytes)`` ranges cover, less the slots at offsets
+    ``keep``, as maximal runs of adjacent slots ``(offset, nbytes)``, ascending. Works on
+    intervals (a range is a run of slots, a kept slot cuts one): a compaction's freed
+    tail is one range of up to hundreds of slots, which a set of slot indices walked
+    one by one paid for slot by slot."""
+    sb = slot_bytes
+    merged: list[list[int]] = []  # [first slot, end slot) of overlapping or touching ranges
+    for lo, hi in sorted((off // sb, (off + n) // sb) for off, n in ranges):
+        if hi <= lo:
+            continue
+        if merged and lo <= merged[-1][1]:
+            if hi > merged[-1][1]:
+                merged[-1][1] = hi
+        else:
+            merged.append([lo, hi])
+    cuts = sorted({o // sb for o in keep})
+    out: list[tuple[int, int]] = []
+    for lo, hi in merged:
+        if cuts:
+            for c in cuts[bisect_left(cuts, lo):bisect_left(cuts, hi)]:
+                if c > lo:
+                    out.append((lo * sb, (c - lo) * sb))
+                lo = c + 1
+        if hi > lo:
+            out.append((lo * sb, (hi - lo) * sb))
+    return out
 
 
 class Slot:
@@ -292,6 +322,12 @@ class SlotArena:
         if slot is not None and slot.index != len(self.slots) - 1:
             self._swap(slot, self.slots[-1])
 
+    def owes(self) -> bool:
+        """Whether ``take_relocations`` or ``take_zero`` has anything to hand out or to
+        forget (relocations, ranges to zero, slots allocated since the last call): when
+        not, both calls would change nothing, and the caller may skip them."""
+        return bool(self._pending or self._fresh or self._zero)
+
     def take_relocations(self) -> list[tuple[Slot, int, int]]:
         """The byte moves that bring memory in line with the bookkeeping since the last
         call, as ``(slot, from_offset, to_offset)``. Sources are offsets before the batch
@@ -322,18 +358,7 @@ class SlotArena:
         ranges, self._zero = self._zero, []
         if not ranges:
             return []
-        sb = self.slot_bytes
-        idx = set()
-        for off, n in ranges:
-            idx.update(range(off // sb, (off + n) // sb))
-        idx.difference_update(o // sb for o in keep)
-        out: list[tuple[int, int]] = []
-        for i in sorted(idx):
-            if out and out[-1][0] + out[-1][1] == i * sb:
-                out[-1] = (out[-1][0], out[-1][1] + sb)
-            else:
-                out.append((i * sb, sb))
-        return out
+        return zero_runs(ranges, keep, self.slot_bytes)
 
     def _swap(self, a: Slot, b: Slot) -> None:
         if a is b:

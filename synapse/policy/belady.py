@@ -33,4 +33,5 @@ class Belady(EvictionPolicy):
             raise ScenarioError("policy 'belady' needs a workload whose future accesses are "
                                 "known (needle or a replayed trace)")
         nxt = self._next_use(ids, step).astype(np.float64)
-        return self._tiebreak(-np.minimum(nxt, 2.0**28), ids)
+        np.minimum(nxt, 2.0**28, out=nxt)  # in place: the values of -np.minimum(nxt, 2**28)
+        return self._tiebreak(np.negative(nxt, out=nxt), ids)

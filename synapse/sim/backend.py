@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import simpy
+from simpy.events import PENDING, URGENT
 
 from ..backend import Backend
 from ..ops import PINNED_ZERO_BEFORE, ZERO_STREAM, Copy, Op, OpRecord, PinnedZero, Stream, Zero
@@ -95,6 +96,143 @@ class _ZeroRanges(Zero):
         return len(self.ranges)
 
 
+class _AllDone(simpy.Event):
+    """``simpy.AllOf`` as the simulator waits on tickets: triggered where AllOf is (by
+    the last of its events to be processed, or by the first to fail, whose error it
+    carries), so every event of a run keeps its place; without the condition's value
+    (a dict of the events, which nothing here reads) or the callback that builds it."""
+
+    def __init__(self, env: simpy.Environment, events: list):
+        self.env = env  # simpy.Event.__init__, inline (as simpy's own Process does)
+        self.callbacks = []
+        self._left = len(events)
+        if not events:  # nothing to wait for: done at once, as AllOf([])
+            self.succeed()
+        for event in events:
+            if event.callbacks is None:  # processed already
+                self._check(event)
+            else:
+                event.callbacks.append(self._check)
+
+    def _check(self, event) -> None:
+        if self._value is not PENDING:
+            return
+        self._left -= 1
+        if not event._ok:
+            event._defused = True
+            self.fail(event._value)
+        elif not self._left:
+            self.succeed()
+
+
+class _OpRun(simpy.Event):
+    """One op on its stream, and its ticket: triggered when the op has finished. It
+    runs as a simpy process of the op would (started by an urgent event at submit; then
+    its dependencies, the host's launch time, the op's own time or its copy over the
+    link; then triggered), scheduling the same events in the same order, as callbacks
+    rather than a generator driven by ``simpy.Process`` (a few microseconds per op, and
+    a run submits thousands). An error in a step fails the ticket, as it would fail the
+    process, and reaches whatever waits on it."""
+
+    def __init__(self, backend: "SimBackend", op: Op, stream: Stream, deps: list,
+                 launch_s: float, submit_s: float):
+        env = self.env = backend.env  # simpy.Event.__init__, inline
+        self.callbacks = []
+        self.backend, self.op, self.stream, self.deps = backend, op, stream, deps
+        self.launch_s, self.submit_s = launch_s, submit_s
+        self.start = self.nbytes = 0
+        self._engine = None  # the copy engine's grant while a link copy holds it
+        begin = simpy.Event(env)  # what simpy.Process schedules to start (Initialize)
+        begin._ok, begin._value = True, None
+        self._then = self._begin  # the step to run when the awaited event is processed
+        begin.callbacks.append(self._resume)
+        env.schedule(begin, URGENT)
+
+    def _await(self, event, then) -> None:
+        self._then = then
+        event.callbacks.append(self._resume)
+
+    def _resume(self, event) -> None:
+        if not event._ok:  # a process waiting on it gets a copy of its error, and fails
+            event._defused = True
+            error = type(event._value)(*event._value.args)
+            error.__cause__ = event._value
+            self._failed(error)
+            return
+        try:
+            self._then()
+        except BaseException as e:  # as a process whose generator raised
+            self._failed(e)
+
+    def _failed(self, error: BaseException) -> None:
+        if self._engine is not None:  # as the process's ``with`` on the engine would
+            self.backend.link.engines.release(self._engine)
+            self._engine = None
+        self._ok, self._value = False, error
+        self.env.schedule(self)
+
+    def _begin(self) -> None:
+        pending = [d for d in self.deps if d.callbacks is not None]  # not processed yet
+        if len(pending) == 1:
+            self._await(pending[0], self._launch)
+        elif pending:
+            self._await(_AllDone(self.env, pending), self._launch)
+        else:
+            self._launch()
+
+    def _launch(self) -> None:
+        env = self.env
+        if self.launch_s > env.now:
+            self._await(env.timeout(self.launch_s - env.now), self._execute)
+        else:
+            self._execute()
+
+    def _execute(self) -> None:
+        backend, op = self.backend, self.op
+        self.start = self.env.now
+        self.nbytes = op.nbytes  # a sum over the op's rows: once per op
+        if backend._ops_on_host:  # it ran inside submit: its time was the host's
+            self.start -= backend.predictor.uncontended_seconds(op)
+            self._finish()
+        elif is_link_op(op):  # an engine, its fixed cost, then the bytes (sim.link)
+            self._engine = backend.link.engines.request()
+            self._await(self._engine, self._granted)
+        else:
+            self._await(self.env.timeout(backend.predictor.op_seconds(op)), self._finish)
+
+    def _granted(self) -> None:
+        link, op = self.backend.link, self.op
+        fixed = link.fixed_seconds(op.count, self.backend.predictor.link_fixed_seconds(op))
+        if op.count and fixed:
+            self._await(self.env.timeout(fixed), self._flow)
+        else:
+            self._flow()
+
+    def _flow(self) -> None:
+        if self.nbytes > 0:
+            self._await(self.backend.link.start_flow(self._direction(), self.nbytes),
+                        self._moved)
+        else:
+            self._moved()
+
+    def _moved(self) -> None:
+        link = self.backend.link
+        link.engines.release(self._engine)
+        self._engine = None
+        link.moved(self._direction(), self.nbytes)
+        self._finish()
+
+    def _direction(self) -> str:
+        op = self.op
+        return op.direction if isinstance(op, Copy) else "h2d"
+
+    def _finish(self) -> None:
+        op = self.op
+        self.backend._records.append(OpRecord(op.kind, op.purpose, self.stream.value,
+                                              self.submit_s, self.start, self.env.now,
+                                              self.nbytes, op.count))
+        self._ok, self._value = True, None
+        self.env.schedule(self)
 
 
 class SimBackend(Backend):
@@ -193,38 +331,13 @@ class SimBackend(Backend):
         prev = self._tail[stream]
         if prev is not None:
             deps.append(prev)
-        proc = self.env.process(self._run(op, stream, deps, self._host_s, now))
-        self._tail[stream] = proc
-        return proc
-
-    def _run(self, op: Op, stream: Stream, deps, launch_s: float, submit_s: float):
-        pending = [d for d in deps if not d.processed]
-        if len(pending) == 1:
-            yield pending[0]
-        elif pending:
-            yield self.env.all_of(pending)
-        if launch_s > self.env.now:
-            yield self.env.timeout(launch_s - self.env.now)
-        start = self.env.now
-        nbytes = op.nbytes  # a sum over the op's rows: once per op
-        if self._ops_on_host:  # it ran inside submit: its time was the host's
-            start -= self.predictor.uncontended_seconds(op)
-        else:
-            yield from self._execute(op, nbytes)
-        self._records.append(OpRecord(op.kind, op.purpose, stream.value, submit_s, start,
-                                      self.env.now, nbytes, op.count))
-
-    def _execute(self, op: Op, nbytes: int):
-        if is_link_op(op):
-            direction = op.direction if isinstance(op, Copy) else "h2d"
-            yield from self.link.transfer(direction, nbytes, op.count,
-                                          fixed_s=self.predictor.link_fixed_seconds(op))
-        else:
-            yield self.env.timeout(self.predictor.op_seconds(op))
+        ticket = _OpRun(self, op, stream, deps, self._host_s, now)
+        self._tail[stream] = ticket
+        return ticket
 
     def wait(self, tickets: Sequence) -> simpy.Event:
         tickets = [t for t in tickets if t is not None]
-        return tickets[0] if len(tickets) == 1 else self.env.all_of(tickets)
+        return tickets[0] if len(tickets) == 1 else _AllDone(self.env, tickets)
 
     def now(self) -> float:
         return max(self.env.now, self._host_s)
