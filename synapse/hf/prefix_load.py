@@ -40,6 +40,7 @@ import torch
 
 ISSUE_AHEAD = 3  # layers whose copies are queued before the attention of the layer waiting
 
+
 class LayerwiseLoad:
     def __init__(self, chunks, device, dtype):
         """``chunks``: host tensors ``[layers, 2, heads, chunk_tokens, head_dim]`` of the
