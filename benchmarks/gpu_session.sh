@@ -23,6 +23,8 @@ STAGES=${STAGES:-"env tests ncu stream hf slab calibrate scenarios summary"}
 # kv (issue 11: VMM page costs, TieredCache vs transformers' caches on a Qwen2 shape, 32k);
 # batch (issue 16: the same caches at batch 8 and batch 1, 8k prompts: STAGES="env batch");
 # ring (the MLP stack of 2026-11-24 against cpu_offload) is available but not in the default;
+# profile (torch.profiler of TieredCache's decode/prefill at 32k and of one L2 time to
+# first token, cProfile of the tenants scenario on cuda: STAGES="env profile");
 # so are operate (synapse audit --backend cuda, monitor overhead on the GPU: STAGES="env operate")
 # and prefix (issue 13: prefix_reuse on cuda and sim, then the TTFT benchmark; L3_DIR should
 # be on the machine's local NVMe, the benchmark prints which file system it measured)
@@ -154,6 +156,27 @@ if has batch; then
     --prompt-tokens ${BATCH_PROMPT:-8192} --new-tokens ${BATCH_NEW:-32} --repeats ${BATCH_REPEATS:-2} \
     --time-budget ${BATCH_BUDGET_S:-260} --caches ${BATCH_CACHES:-dynamic,tiered_full,tiered_h2o} \
     --out "$OUT/hf_caches_batch.json" 2>&1 | tee "$OUT/logs/hf_caches_batch.log" | tail -25
+fi
+
+if has profile; then
+  stage "where the time goes: TieredCache at 32k (torch.profiler), one L2 time to first token, the tenants scenario's host (cProfile)"
+  for spec in ${PROFILE_HF:-"tiered_h2o:decode tiered_h2o:prefill tiered_full:prefill"}; do
+    c=${spec%%:*}; ph=${spec##*:}
+    timeout ${PROFILE_HF_LIMIT_S:-120} python3 benchmarks/profile_hf_step.py --device cuda --model qwen2 --cache $c \
+      --prompt-tokens ${KV_PROMPT:-32768} --phase $ph --rows 30 --json "$OUT/profile_${c}_${ph}.json" \
+      > "$OUT/logs/profile_${c}_${ph}.log" 2>&1; tail -45 "$OUT/logs/profile_${c}_${ph}.log"
+  done
+  if [ "${PROFILE_TTFT:-1}" = 1 ]; then
+    timeout ${PREFIX_LIMIT_S:-300} python3 benchmarks/prefix_reuse.py --device cuda --model llama-8b-shape --caches dynamic \
+      --repeats 2 --l3-dir "${L3_DIR:-/tmp/synapse-l3}" --profile "$OUT/ttft-trace" --out "$OUT/prefix_reuse_profiled.json" \
+      2>&1 | tee "$OUT/logs/prefix_reuse_profiled.log" | tail -50
+  fi
+  if [ "${PROFILE_HOST:-1}" = 1 ]; then
+    timeout ${PROFILE_HOST_LIMIT_S:-150} python3 -m cProfile -o "$OUT/tenants_cuda.pstats" -m synapse run tenants \
+      --backend cuda --out "$OUT/tenants-profiled" -q > "$OUT/logs/tenants_profiled.log" 2>&1
+    python3 -c "import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(45)" \
+      "$OUT/tenants_cuda.pstats" 2>&1 | tee "$OUT/logs/tenants_cprofile.txt" | tail -60
+  fi
 fi
 
 if has slab; then

@@ -95,6 +95,40 @@ def _direct_works(path: Path, buf: mmap.mmap) -> bool:
         return False
 
 
+class ColdFile:
+    """One file of ``nbytes`` written (fsync'd) once in ``directory``, read cold on each
+    ``read_gb_per_s()`` call: the disk's rate at that moment, for a figure taken next to
+    the work it is compared with. Removed on ``close`` (a context manager)."""
+
+    def __init__(self, directory, nbytes: int = 256 * MiB):
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.path = d / f".synapse-disk-{os.getpid()}-{secrets.token_hex(4)}"
+        self.nbytes = nbytes
+        self.buf = mmap.mmap(-1, nbytes)
+        try:
+            _write(self.path, memoryview(os.urandom(nbytes)))
+            self.direct = _direct_works(self.path, self.buf)
+        except BaseException:
+            self.close()
+            raise
+
+    def read_gb_per_s(self) -> float:
+        if not self.direct:
+            _drop(self.path)
+        return self.nbytes / _read(self.path, self.nbytes, self.buf, direct=self.direct) / 1e9
+
+    def close(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.buf.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def disk_sweep(directory, sizes=DISK_SIZES, repeats: int = 3, progress=None) -> dict:
     """Sequential write (with fsync) and cold read of one file per size, ``repeats``
     times each; medians. Returns the record ``calibrate`` fits (bytes, seconds, calls per
