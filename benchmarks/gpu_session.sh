@@ -160,7 +160,7 @@ fi
 
 if has profile; then
   stage "where the time goes: TieredCache at 32k (torch.profiler), one L2 time to first token, the tenants scenario's host (cProfile)"
-  for spec in ${PROFILE_HF:-"tiered_h2o:decode tiered_h2o:prefill tiered_full:prefill"}; do
+  for spec in ${PROFILE_HF:-tiered_h2o:decode tiered_h2o:prefill tiered_full:prefill}; do
     c=${spec%%:*}; ph=${spec##*:}
     timeout ${PROFILE_HF_LIMIT_S:-120} python3 benchmarks/profile_hf_step.py --device cuda --model qwen2 --cache $c \
       --prompt-tokens ${KV_PROMPT:-32768} --phase $ph --rows 30 --json "$OUT/profile_${c}_${ph}.json" \

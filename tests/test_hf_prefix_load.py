@@ -44,6 +44,52 @@ def test_a_dynamic_cache_holds_the_prefix_before_the_forward_without_a_copy():
         assert torch.equal(layer.values[0], load.planes[i][1])
 
 
+def test_the_prompts_rest_is_written_behind_the_prefix_not_concatenated():
+    """With room for the prompt's rest, the prefill's update writes the new keys behind the
+    prefix in the same planes: the cache's tensors are views of them, equal to the cache a
+    recompute leaves; the decode step after it is DynamicLayer's own update again."""
+    model = tiny_model(layers=LAYERS)
+    prompt = torch.randint(3, VOCAB, (1, 50), generator=torch.Generator().manual_seed(2))
+    with PrefixStore(prefix_fingerprint(model, 16), l2_bytes=1 << 24) as store:
+        prefill_with_prefix(model, prompt[:, :40], store=store)
+        out, cache, reuse = prefill_with_prefix(model, prompt, store=store, save=False)
+    assert reuse.restored_tokens == 32
+    ref = DynamicCache(config=model.config)
+    with torch.no_grad():
+        want = model(prompt, past_key_values=ref).logits[0, -1]
+    assert torch.allclose(out.logits[0, -1], want, atol=1e-5)
+    for layer, r in zip(cache.layers, ref.layers):
+        assert "update" not in layer.__dict__  # the class's update is back
+        assert layer.keys.shape == r.keys.shape == (1, layer.keys.shape[1], 50, layer.keys.shape[3])
+        assert torch.allclose(layer.keys, r.keys, atol=1e-5)
+        assert torch.allclose(layer.values, r.values, atol=1e-5)
+    # one buffer a layer: values sit right behind the keys in it (no concatenation made them)
+    k, v = cache.layers[0].keys, cache.layers[0].values
+    assert v.data_ptr() - k.data_ptr() == k.stride(1) * k.shape[1] * k.element_size()
+    nxt = torch.randint(3, VOCAB, (1, 1), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a = model(nxt, past_key_values=cache).logits[0, -1]
+        b = model(nxt, past_key_values=ref).logits[0, -1]
+    assert torch.allclose(a, b, atol=1e-5) and cache.get_seq_length() == 51
+
+
+def test_an_update_that_does_not_fit_the_room_goes_to_dynamic_layers_own():
+    cs = chunks()
+    model = tiny_model(layers=LAYERS)
+    cache = DynamicCache(config=model.config)
+    load = LayerwiseLoad(cs, torch.device("cpu"), torch.float32, room=3)
+    load.into(cache)
+    g = torch.Generator().manual_seed(4)
+    k, v = torch.randn(1, HEADS, 5, DIM, generator=g), torch.randn(1, HEADS, 5, DIM, generator=g)
+    layer = cache.layers[0]
+    keys, values = cache.update(k, v, 0)  # 5 tokens, room for 3: concatenated
+    assert torch.equal(keys[0], torch.cat((load.planes[0][0, :, :5 * CHUNK], k[0]), dim=1))
+    assert keys.shape[-2] == 5 * CHUNK + 5 and "update" not in layer.__dict__
+    keys, _ = cache.update(k[:, :, :3], v[:, :, :3], 1)  # exactly the room: written behind
+    assert keys.data_ptr() == load.planes[1][0].data_ptr() and keys.shape[-2] == 5 * CHUNK + 3
+    assert "update" not in cache.layers[1].__dict__
+
+
 def test_the_forward_waits_for_layer_i_just_before_layer_is_attention():
     """The timeline of one forward pass with a deferred load (as on CUDA): each layer's
     wait comes right before its own attention, not all before the first layer; a second

@@ -60,7 +60,7 @@ import torch
 from ..prefix import Fingerprint, config_digest
 from .errors import UnsupportedModel
 from .prefix_attention import prefix_sdpa
-from .prefix_load import LayerwiseLoad
+from .prefix_load import LayerwiseLoad, plain_dynamic
 
 LAYOUT = "hf [layers, 2, kv_heads, tokens, head_dim] post-rope"
 _VOLATILE_CONFIG = ("_name_or_path", "transformers_version", "_commit_hash")
@@ -120,17 +120,20 @@ def load_prefix(model, input_ids, store, cache=None, *, tenant: str = "default",
     for any use when this returns (the device's work on it queued before the caller's);
     ``prefill_with_prefix`` and ``generate_with_prefix`` instead overlap the load with
     the forward pass."""
-    cache, reuse, load = _start_load(model, input_ids, store, cache, tenant, step_tokens)
+    cache, reuse, load = _start_load(model, input_ids, store, cache, tenant, step_tokens,
+                                     room_for_rest=False)
     if load is not None:
         load.wait_all()
         reuse.phases_s.update(load.finish())
     return cache, reuse
 
 
-def _start_load(model, input_ids, store, cache, tenant: str, step_tokens: int | None):
+def _start_load(model, input_ids, store, cache, tenant: str, step_tokens: int | None,
+                room_for_rest: bool = True):
     """The lookup, then the copies issued layer by layer (``LayerwiseLoad``) and the prefix
     put into the cache (deferred for a ``DynamicCache``). Returns ``(cache, reuse, load)``,
-    ``load`` None when nothing was restored."""
+    ``load`` None when nothing was restored. ``room_for_rest``: the call runs the prompt's
+    rest through the cache next (the load leaves room for it behind the prefix)."""
     tokens = _prompt(input_ids)
     cache = _cache(model, cache)
     reuse = PrefixReuse(len(tokens))
@@ -148,7 +151,11 @@ def _start_load(model, input_ids, store, cache, tenant: str, step_tokens: int | 
     _publish_lookups(got.tiers, len(tokens) // store.chunk_tokens)
     if not got.tokens:
         return cache, reuse, None
-    load = LayerwiseLoad(got.chunks, model.device, _model_dtype(model))
+    # a plain DynamicCache's forward writes the prompt's rest behind the prefix (no
+    # concatenation of the whole cache); chunks of a chunked prefill do too
+    room = (len(tokens) - got.tokens
+            if room_for_rest and plain_dynamic(cache, got.chunks[0].shape[0]) else 0)
+    load = LayerwiseLoad(got.chunks, model.device, _model_dtype(model), room=room)
     reuse.copy_path = load.copy_path
     load.into(cache, step_tokens)
     reuse.loaded = got.chunks  # what save may be asked for if the store evicted it since
