@@ -160,6 +160,7 @@ fi
 
 if has profile; then
   stage "where the time goes: TieredCache at 32k (torch.profiler), one L2 time to first token, the tenants scenario's host (cProfile)"
+  python3 benchmarks/decode_attention_kernels.py --out "$OUT/decode_attention_kernels.json" 2>&1 | tee "$OUT/logs/decode_attention_kernels.log"
   for spec in ${PROFILE_HF:-tiered_h2o:decode tiered_h2o:prefill tiered_full:prefill}; do
     c=${spec%%:*}; ph=${spec##*:}
     timeout ${PROFILE_HF_LIMIT_S:-120} python3 benchmarks/profile_hf_step.py --device cuda --model qwen2 --cache $c \
@@ -171,12 +172,16 @@ if has profile; then
       --repeats 2 --l3-dir "${L3_DIR:-/tmp/synapse-l3}" --profile "$OUT/ttft-trace" --out "$OUT/prefix_reuse_profiled.json" \
       2>&1 | tee "$OUT/logs/prefix_reuse_profiled.log" | tail -50
   fi
-  if [ "${PROFILE_HOST:-1}" = 1 ]; then
-    timeout ${PROFILE_HOST_LIMIT_S:-150} python3 -m cProfile -o "$OUT/tenants_cuda.pstats" -m synapse run tenants \
-      --backend cuda --out "$OUT/tenants-profiled" -q > "$OUT/logs/tenants_profiled.log" 2>&1
-    python3 -c "import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(45)" \
-      "$OUT/tenants_cuda.pstats" 2>&1 | tee "$OUT/logs/tenants_cprofile.txt" | tail -60
-  fi
+  # the scenario's host, data checks off as scenario_pairs.py times them: cProfile, then unprofiled
+  for s in ${PROFILE_SCENARIOS:-tenants needle tsunami}; do
+    timeout ${PROFILE_HOST_LIMIT_S:-150} python3 -m cProfile -o "$OUT/${s}_cuda.pstats" -m synapse run $s \
+      --backend cuda --set checks.data=false --out "$OUT/${s}-profiled" -q > "$OUT/logs/${s}_profiled.log" 2>&1
+    python3 -c "import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(30)" \
+      "$OUT/${s}_cuda.pstats" > "$OUT/logs/${s}_cprofile.txt" 2>&1
+    timeout 120 python3 -m synapse run $s --backend cuda --set checks.data=false --out "$OUT/${s}-plain" -q > "$OUT/logs/${s}_plain.log" 2>&1
+    python3 -c "import json, sys; m = json.load(open(sys.argv[1]))['metrics']; print(sys.argv[2], {k: m.get(k) for k in ('run_time_s', 'host_busy_s', 'decision_s', 'host_rest_s', 'host_rest_fraction')})" \
+      "$OUT/${s}-plain/result.json" $s
+  done
 fi
 
 if has slab; then
