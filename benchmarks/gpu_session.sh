@@ -23,6 +23,7 @@ STAGES=${STAGES:-"env tests ncu stream hf slab calibrate scenarios summary"}
 # kv (issue 11: VMM page costs, TieredCache vs transformers' caches on a Qwen2 shape, 32k);
 # batch (issue 16: the same caches at batch 8 and batch 1, 8k prompts: STAGES="env batch");
 # ring (the MLP stack of 2026-11-24 against cpu_offload) is available but not in the default;
+# kvflash (the kv stage's caches with --sdpa-priority flash: STAGES="env kvflash");
 # profile (torch.profiler of TieredCache's decode/prefill at 32k and of one L2 time to
 # first token, cProfile of the tenants scenario on cuda: STAGES="env profile");
 # so are operate (synapse audit --backend cuda, monitor overhead on the GPU: STAGES="env operate")
@@ -148,6 +149,14 @@ if has kv; then
     --prompt-tokens ${KV_PROMPT:-32768} --new-tokens ${KV_NEW:-64} --repeats ${KV_REPEATS:-2} \
     --time-budget ${KV_BUDGET_S:-280} --caches ${KV_CACHES:-dynamic,offloaded,tiered_full,tiered_h2o,tiered_lru} \
     --out "$OUT/hf_caches_qwen2.json" 2>&1 | tee "$OUT/logs/hf_caches_qwen2.log" | tail -25
+fi
+
+if has kvflash; then
+  stage "the same caches with flash attention tried first for every cache (what SDPA's kernel choice costs a decode step)"
+  timeout ${KVFLASH_LIMIT_S:-200} python3 benchmarks/hf_caches.py --device cuda --model qwen2 \
+    --prompt-tokens ${KV_PROMPT:-32768} --new-tokens ${KV_NEW:-64} --repeats 1 --time-budget 180 \
+    --caches ${KVFLASH_CACHES:-dynamic,tiered_h2o} --sdpa-priority flash \
+    --out "$OUT/hf_caches_qwen2_flash.json" 2>&1 | tee "$OUT/logs/hf_caches_qwen2_flash.log" | tail -14
 fi
 
 if has batch; then

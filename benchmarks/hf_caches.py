@@ -68,6 +68,7 @@ quanto's own pure-torch kernel and nothing is compiled; ``extension`` keeps them
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -547,8 +548,21 @@ def parse_args(argv):
                          "also run at batch 1 for the per-sequence ratio goal")
     ap.add_argument("--no-batch1", action="store_true",
                     help="with --batch > 1: skip the batch-1 reference runs")
+    ap.add_argument("--sdpa-priority", default=None,
+                    help="comma list of SDPA backends tried first, in order, for every cache "
+                         "alike (flash, cudnn, efficient, math; torch's sdpa_kernel with "
+                         "set_priority): what the decode step's attention kernel choice costs. "
+                         "Default: SDPA's own choice")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
+    names = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+             "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
+    if a.sdpa_priority is not None:
+        got = [x for x in a.sdpa_priority.split(",") if x]
+        if not got or set(got) - set(names):
+            ap.error(f"--sdpa-priority: got {a.sdpa_priority!r}, expected a comma list of "
+                     f"{', '.join(names)}")
+        a.sdpa_priority = [names[x] for x in got]
     a.prompt_tokens = a.prompt_tokens or (128 if a.tiny else 8192 if a.device == "cuda" else 1024)
     a.new_tokens = a.new_tokens or (16 if a.tiny else 64)
     if a.batch < 1:
@@ -710,10 +724,19 @@ def main(argv=None) -> int:
             route_quanto_unpack_to_torch() if a.quanto_unpack == "torch"
             else "extension (quanto's JIT-compiled kernels)")
     with_b1 = a.batch > 1 and not a.no_batch1
-    run_all(a, model, ids, specs, res, t_start, runs_after=len(a.caches) if with_b1 else 0)
-    if with_b1:
-        run_all(a, model, ids[:1], cache_specs(cfg, device, context, a.prompt_tokens), res,
-                t_start, section="batch1_caches")
+    kernels = contextlib.nullcontext()
+    if a.sdpa_priority:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        order = [getattr(SDPBackend, n) for n in a.sdpa_priority]
+        rest = [b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                            SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH) if b not in order]
+        kernels = sdpa_kernel(order + rest, set_priority=True)  # the rest after: a fallback
+        res["config"]["sdpa_priority"] = [b.name for b in order + rest]
+    with kernels:
+        run_all(a, model, ids, specs, res, t_start, runs_after=len(a.caches) if with_b1 else 0)
+        if with_b1:
+            run_all(a, model, ids[:1], cache_specs(cfg, device, context, a.prompt_tokens), res,
+                    t_start, section="batch1_caches")
     res["goals"] = goals(res)
     res["total_s"] = time.perf_counter() - t_start
     out_path = a.out or default_out()
