@@ -24,6 +24,7 @@ class FakeDriver:
 
     def __init__(self):
         self.next_va, self.handles, self.mapped, self.zeroed = 1 << 20, 0, {}, []
+        self.zero_streams = []
         self.bytes = {}
 
     def reserve(self, n):
@@ -52,7 +53,8 @@ class FakeDriver:
         for v in range(va, va + n, PAGE):
             del self.mapped[v]
 
-    def zero(self, ranges):
+    def zero(self, ranges, stream=None):
+        self.zero_streams.append(stream)
         for va, n in ranges:
             self.zeroed.append(va)
             self.bytes[self.mapped[va]] = "zero"
@@ -111,6 +113,27 @@ def test_a_page_is_zeroed_before_it_serves_a_new_tenant_and_reused_within_one():
     b.extent(2 * PAGE)
     assert len(drv.zeroed) == 4 and pool.created == 2  # a's pages, zeroed for b
     assert all(drv.bytes[h] == "zero" for h in drv.mapped.values())
+
+
+def test_a_lazy_arena_maps_each_plane_when_asked_and_zeroes_on_the_given_stream():
+    drv = FakeDriver()
+    arena = vmm.VmmArena(4 * 10 * PAGE, 4, driver=drv)
+    arena.lazy, arena.lazy_stream = True, 7
+    arena.extent(4 * 3 * PAGE)             # three pages a plane are live: none mapped yet
+    assert arena.pages_mapped == 0 and arena.mapped_pages() == 0
+    arena.ensure((2, 3))                    # one layer's K and V planes
+    assert [len(h) for h in arena.mapped] == [0, 0, 3, 3]
+    assert arena.mapped_pages() == 0        # what every plane may touch
+    assert drv.zero_streams == [7]          # fresh pages zeroed on the stream, no wait
+    arena.ensure()
+    assert [len(h) for h in arena.mapped] == [3, 3, 3, 3] and arena.mapped_pages() == 3
+    arena.ensure()                          # nothing left to map: no driver call
+    assert drv.zero_streams == [7, 7]
+    arena.lazy = False                      # not lazy: growth is mapped at once, and waited
+    arena.extent(4 * 5 * PAGE)
+    assert arena.pages_mapped == 4 * 5 and drv.zero_streams[-1] is None
+    arena.extent(4 * 2 * PAGE)
+    assert arena.trim_pending and arena.trim() == 4 * 3
 
 
 def test_unmapping_waits_for_the_safe_point():

@@ -375,7 +375,7 @@ class TieredCache(BatchMode, CopiesAndCrops, HeldPass, Cache):
         if self._batch is not None:  # replaced by the batch's own mask (synapse.hf.batch)
             return self.seen_tokens + query_length, 0
         if self.planner is not None and not self._begun:
-            self._begin_step(query_length)
+            self._begin_step(query_length, lazy=True)
         kept = self.kept_tokens()
         return kept + query_length, self.seen_tokens - kept
 
@@ -441,7 +441,7 @@ class TieredCache(BatchMode, CopiesAndCrops, HeldPass, Cache):
         layer's queries when the policy scores (None: not scored here; a batch scores
         its decode steps for all sequences at once and ends their steps itself, ``end``)."""
         if not self._begun:
-            self._begin_step(key_states.shape[-2])
+            self._begin_step(key_states.shape[-2], lazy=end)
         st = self._step
         if "held" in st:
             return self._update_held(key_states, value_states, layer_idx, qs)
@@ -449,6 +449,9 @@ class TieredCache(BatchMode, CopiesAndCrops, HeldPass, Cache):
         new = st.get("new")
         if new is None:  # the step's first layer: its views of the planes, made once
             new = self._step_views(st)
+        lazy = st.get("lazy")
+        if lazy is not None:  # this layer's planes mapped as it comes (_begin_step)
+            lazy.ensure((2 * layer_idx, 2 * layer_idx + 1))
         new[2 * layer_idx].copy_(key_states)
         new[2 * layer_idx + 1].copy_(value_states)
         if st["l2_blocks"]:
@@ -607,9 +610,13 @@ class TieredCache(BatchMode, CopiesAndCrops, HeldPass, Cache):
             self.stall_s += self._backend.drive(self.stack.mover.execute(moves, t))
         self.stack.mover.relocate()
 
-    def _begin_step(self, q_len: int) -> None:
+    def _begin_step(self, q_len: int, lazy: bool = False) -> None:
+        """``lazy``: a single sequence's step, whose layers come one by one through
+        ``_update``: the L1 arena's new pages are mapped per layer as it arrives (see
+        ``VmmArena.ensure``); every op the backend runs maps all first."""
         self.settle()
         self._decode_scores.reset()  # what a failed pass left
+        arena = self._lazy_arena(False)  # a step that failed half-way: all mapped again
         if self._holds_pass(q_len):
             return self._begin_held(q_len)
         try:  # before anything changes: a refused step leaves no trace
@@ -622,10 +629,14 @@ class TieredCache(BatchMode, CopiesAndCrops, HeldPass, Cache):
         self._begun = True
         t, pl = self.step, self.planner
         pl.begin(t)
+        if lazy and arena is not None:
+            arena.lazy, arena.lazy_stream = True, torch.cuda.current_stream(self.device).cuda_stream
         for moves in pl.admit(t, q_len):
             self._moves(moves, t)
         self._moves([], t)
         self._layout(q_len)
+        if lazy and arena is not None:
+            self._step["lazy"] = arena
         self._step_mass = None
         self._layer_mass_rows = []
         self._track_peak()
@@ -720,6 +731,8 @@ class TieredCache(BatchMode, CopiesAndCrops, HeldPass, Cache):
         reads the arena, so that waits for ``settle`` (the next step, or a query)."""
         if self.record_masses:
             self._finish_scores()
+        self._lazy_arena(False)
+        self._step.pop("lazy", None)
         self.seen_tokens = self.planner.tokens
         self._begun = False
         self._pending = True
@@ -728,6 +741,16 @@ class TieredCache(BatchMode, CopiesAndCrops, HeldPass, Cache):
             self.masses.append(self._step_mass.copy())
             rows = torch.stack(self._layer_mass_rows).cpu().numpy()
             self.layer_masses.append(np.stack([self._live_masses(r) for r in rows]))
+
+    def _lazy_arena(self, lazy: bool):
+        """The L1 virtual-memory arena (None without one); ``lazy=False`` maps whatever a
+        lazy step left unmapped and ends it."""
+        mem = self._backend.space("l1") if self.planner is not None else None
+        arena = getattr(mem, "arena", None)
+        if arena is not None and not lazy and arena.lazy:
+            arena.lazy = False
+            arena.ensure()
+        return arena
 
     def _finish_scores(self) -> None:
         """A decode step's masses, batched over its layers (``DecodeScores``), added in

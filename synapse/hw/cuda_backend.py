@@ -90,7 +90,7 @@ class VmmDeviceMemory:
         self.arena.extent(live_bytes)
 
     def zero(self, offset: int, nbytes: int) -> None:
-        end = min(offset + nbytes, len(self.arena.mapped[0]) * self.arena.page_bytes)
+        end = min(offset + nbytes, self.arena.mapped_pages() * self.arena.page_bytes)
         if end > offset:
             self.backend.queue_zero(self, offset, end - offset)
 

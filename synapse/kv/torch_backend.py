@@ -82,7 +82,7 @@ class PlaneMemory:
         p = self.planes
         lo, hi = offset // p, (offset + nbytes) // p
         if self.arena is not None:  # only mapped pages may be touched
-            hi = min(hi, len(self.arena.mapped[0]) * self.arena.page_bytes)
+            hi = min(hi, self.arena.mapped_pages() * self.arena.page_bytes)
         if hi > lo:
             self.t[:, lo:hi].zero_()
 
@@ -197,6 +197,9 @@ class TorchBackend(Backend):
 
     # -- work -------------------------------------------------------------------------
     def submit(self, op: Op, stream: Stream, after: Sequence = ()) -> _Ticket:
+        for mem in self._mem.values():  # a lazy arena (a cache's step) maps all for an op
+            if mem.arena is not None and mem.arena.lazy:
+                mem.arena.ensure()
         t0 = time.perf_counter() - self._t0
         try:
             post = self._execute(op)
