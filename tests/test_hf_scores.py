@@ -124,10 +124,11 @@ def test_bias_pass_on_cuda_equals_token_mass_at_prefill_shapes(past, nq):
 
 
 @pytest.mark.cuda
-def test_bias_pass_on_cuda_timing_against_the_widened_vectors():
+def test_bias_pass_on_cuda_timing_against_the_widened_vectors(monkeypatch):
     """Not asserted: prints ms per call of the former path (pass 1 + widened pass 2) and
-    the new (pass 2 on the bias; and with pass 1 handed in, as a chunk after the first
-    gets it), at the Qwen2 shape of a 32k prefill's chunk: 8176 queries, 16k past keys."""
+    the new (pass 2 on the bias, on each kernel that took it; and with pass 1 handed in,
+    as a chunk after the first gets it), at the Qwen2 shape of a 32k prefill's third
+    chunk: 8176 queries, 16352 past keys."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device visible to torch")
     q, k = _cuda_inputs(16352, 8176)
@@ -144,13 +145,22 @@ def test_bias_pass_on_cuda_timing_against_the_widened_vectors():
         end.record()
         torch.cuda.synchronize()
         return start.elapsed_time(end) / n
+    scores.used.clear()
+    token_mass_fused(q, k, s, past)  # the first call picks pass 2's kernels
+    chosen = dict(scores._PASS2)
     old = ms(lambda: scores._token_mass_widened(q, k, s, past, row_lse(q, k, s, past)))
-    new = ms(lambda: token_mass_fused(q, k, s, past))
-    given = ms(lambda: token_mass_fused(q, k, s, past, rows=rows))
     p1 = ms(lambda: row_lse(q, k, s, past))
-    print(f"\nper layer call, 8176 queries over {past} past keys: former {old:.2f} ms, "
-          f"bias {new:.2f} ms, bias with pass 1 handed in {given:.2f} ms (pass 1 alone "
-          f"{p1:.2f} ms); paths used {sorted(scores.used)}")
+    line = [f"former {old:.2f} ms (pass 1 alone {p1:.2f} ms)"]
+    for kernel in ("efficient", "cudnn"):
+        if kernel == "cudnn" and "cudnn" not in chosen.values():
+            line.append(f"cudnn not taken ({sorted(x for x in scores.used if 'cudnn' in x)})")
+            continue
+        monkeypatch.setattr(scores, "_PASS2", {key: kernel for key in chosen})
+        new = ms(lambda: token_mass_fused(q, k, s, past))
+        given = ms(lambda: token_mass_fused(q, k, s, past, rows=rows))
+        line.append(f"bias on {kernel} {new:.2f} ms, with pass 1 handed in {given:.2f} ms")
+    print(f"\nper layer call, 8176 queries over {past} past keys: " + "; ".join(line)
+          + f"; chosen {chosen}")
 
 
 def decode_inputs(layers, n, dtype, device="cpu", hk=4, groups=4, d=64, seed=0):
@@ -200,3 +210,27 @@ def test_decode_scores_on_cuda_equal_token_mass_in_fp16():
         assert scores.add(layer, q, k, 128 ** -0.5)
     for tok, q, k in zip(scores.finish(), qs, ks):
         torch.testing.assert_close(tok, token_mass(q, k, 128 ** -0.5, 4095), rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("cudnn_right", [True, False])
+def test_pass_two_takes_cudnn_only_where_it_agreed(cudnn_right, monkeypatch):
+    """The kernel choice (CUDA's, played by CPU flash here): cuDNN serves pass 2 from the
+    call after the one where its masses agreed with the memory-efficient kernel's."""
+    calls = []
+
+    def cudnn(*a):
+        calls.append("cudnn")
+        lse, out = scores._columns_cpu(*a)
+        return (lse, out) if cudnn_right else (lse + 1, out)
+    monkeypatch.setattr(scores, "_columns_cuda", scores._columns_cpu)
+    monkeypatch.setattr(scores, "_columns_cudnn", cudnn)
+    monkeypatch.setattr(scores, "_PASS2", {})
+    g = torch.Generator().manual_seed(2)
+    kq, qk = torch.randn((1, 2, 16, 8), generator=g), torch.randn((1, 2, 24, 8), generator=g)
+    v, bias = torch.zeros((1, 2, 24, 8)), -torch.rand((1, 2, 24), generator=g)
+    want = scores._columns_cpu(kq, qk, v, bias, False, 0.3)
+    for _ in range(2):
+        got = scores._columns_chosen(kq, qk, v, bias, False, 0.3)
+        torch.testing.assert_close(got, want)
+    assert scores._PASS2 == {(None, False): "cudnn" if cudnn_right else "efficient"}
+    assert calls == (["cudnn"] * 2 if cudnn_right else ["cudnn"])
