@@ -309,7 +309,7 @@ def _lse_cpu(q, k, causal: bool, scale: float) -> torch.Tensor:
 
 _NARROW_V: dict = {}
 _DUMMY: dict = {}
-_CONTIGUOUS: dict = {}  # device index -> True once the kernel refused a strided input
+_CONTIGUOUS: dict = {}  # (device index, with a bias) -> True once strided inputs were refused
 used: set = set()  # how masses were computed ("row lse given", "bias", "widened")
 
 
@@ -329,15 +329,16 @@ def _efficient(q, k, v, bias, causal: bool, scale: float):
     """(out, lse) of CUDA's memory-efficient attention kernel. Plane views are passed as
     they are (the kernel reads [B, N, H, D] rows with any aligned strides, which is the
     planes' own layout); made contiguous only where the kernel has refused that."""
-    if _CONTIGUOUS.get(q.device.index):
+    key = (q.device.index, bias is not None)  # a refused bias must not slow the rest
+    if _CONTIGUOUS.get(key):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     try:
         out = torch.ops.aten._scaled_dot_product_efficient_attention(
             q, k, v, bias, True, 0.0, causal, scale=scale)
     except RuntimeError:
-        if _CONTIGUOUS.get(q.device.index):
+        if _CONTIGUOUS.get(key):
             raise
-        _CONTIGUOUS[q.device.index] = True
+        _CONTIGUOUS[key] = True
         return _efficient(q, k, v, bias, causal, scale)
     return out[0], out[1][..., : q.shape[-2]]
 
@@ -402,7 +403,7 @@ def _columns_cuda(kq, qk, v, bias, causal: bool, scale: float):
     (the kernel reads a bias tile per key tile: one row here, from cache)."""
     b, h, m, _ = kq.shape
     mask = bias.unsqueeze(2).expand(b, h, m, bias.shape[-1])
-    narrow = _NARROW_V.get(kq.device.index, True)
+    narrow = _NARROW_V.get((kq.device.index, "bias"), True)
     if not narrow:
         v = torch.nn.functional.pad(v, (0, kq.shape[-1] - v.shape[-1]))
     try:
@@ -410,7 +411,7 @@ def _columns_cuda(kq, qk, v, bias, causal: bool, scale: float):
     except RuntimeError:
         if not narrow:
             raise
-        _NARROW_V[kq.device.index] = False
+        _NARROW_V[(kq.device.index, "bias")] = False
         return _columns_cuda(kq, qk, v, bias, causal, scale)
     return lse.float(), out[..., 0]
 
