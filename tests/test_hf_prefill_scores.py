@@ -59,3 +59,30 @@ def test_fused_scores_take_pass_one_from_the_chunk_attention(monkeypatch):
     prefill_steps = 80 // 16
     for a, b in zip(fused.layer_masses[:prefill_steps], direct.layer_masses[:prefill_steps]):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.cuda
+def test_on_cuda_a_chunked_h2o_prefill_scores_with_the_attentions_lse(monkeypatch):
+    """fp16 on CUDA, chunks of 64: pass 1 from the chunk attention, pass 2 on the bias;
+    the per-layer masses within fp16 rounding of token_mass's."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device: the fused score kernels run there")
+    model = tiny_model("qwen2").to("cuda", torch.float16)
+
+    def go():
+        ids = torch.randint(3, VOCAB, (1, 256), generator=torch.Generator().manual_seed(0))
+        cache = TieredCache(model.config, policy="h2o", l1_budget_tokens=128, demote="int4",
+                            block_tokens=16, model=model, backend="cuda", record_masses=True)
+        with torch.no_grad():
+            model.generate(ids.cuda(), max_new_tokens=2, do_sample=False,
+                           past_key_values=cache, prefill_chunk_size=64)
+        return cache
+    scores.used.clear()
+    fused = go()
+    assert {"row lse given", "bias"} <= scores.used, scores.used
+    monkeypatch.setattr(scores, "FUSED_DEVICES", set())  # the direct q.K^T
+    direct = go()
+    # the first two chunks (the second scored with the attention's lse): later chunks'
+    # keys depend on what the policy demoted to INT4, which a near-tie may change
+    for a, b in zip(fused.layer_masses[:2], direct.layer_masses[:2]):
+        np.testing.assert_allclose(a, b, rtol=2e-2, atol=1e-5)
