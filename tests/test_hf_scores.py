@@ -101,7 +101,7 @@ def test_fused_masses_on_cuda_equal_direct_ones_in_fp16():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("past,nq", [(4096, 2048), (8192, 4096), (6000, 3000)])
+@pytest.mark.parametrize("past,nq", [(4096, 2048), (8192, 4096), (6000, 3001)])
 def test_bias_pass_on_cuda_equals_token_mass_at_prefill_shapes(past, nq):
     """4 KV heads x 4 query heads per group, head_dim 128, fp16: the bias pass (and with
     the attention's row normalisers handed in) equals token_mass; the fallback agrees."""
@@ -234,3 +234,17 @@ def test_pass_two_takes_cudnn_only_where_it_agreed(cudnn_right, monkeypatch):
         torch.testing.assert_close(got, want)
     assert scores._PASS2 == {(None, False): "cudnn" if cudnn_right else "efficient"}
     assert calls == (["cudnn"] * 2 if cudnn_right else ["cudnn"])
+
+
+def test_a_padded_causal_pass_never_goes_to_cudnn(monkeypatch):
+    """Causal and not square (a chunk padded to the bias alignment): the memory-efficient
+    kernel, whatever was chosen for square ones."""
+    monkeypatch.setattr(scores, "_columns_cuda", scores._columns_cpu)
+    monkeypatch.setattr(scores, "_columns_cudnn",
+                        lambda *a: (_ for _ in ()).throw(AssertionError("cuDNN called")))
+    monkeypatch.setattr(scores, "_PASS2", {(None, True): "cudnn"})
+    g = torch.Generator().manual_seed(4)
+    kq, qk = torch.randn((1, 2, 13, 8), generator=g), torch.randn((1, 2, 16, 8), generator=g)
+    v, bias = torch.zeros((1, 2, 16, 8)), -torch.rand((1, 2, 16), generator=g)
+    got = scores._columns_chosen(kq, qk, v, bias, True, 0.3)
+    torch.testing.assert_close(got, scores._columns_cpu(kq, qk, v, bias, True, 0.3))

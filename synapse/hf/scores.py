@@ -453,16 +453,17 @@ def _agree(a, b) -> bool:
 
 def _columns_chosen(kq, qk, v, bias, causal: bool, scale: float):
     key = (kq.device.index, causal)
-    kernel = _PASS2.get(key)
+    # causal: square only (cuDNN's causal is top-left, as the other kernel's; a padded
+    # chunk's is not square, and there the two might differ)
+    fits = "cudnn" in PASS2_KERNELS and (not causal or qk.shape[-2] == kq.shape[-2])
+    kernel = _PASS2.get(key) if fits else "efficient"
     used.add(f"pass 2 on {kernel or 'efficient'}")
     if kernel == "cudnn":
         return _columns_cudnn(kq, qk, v, bias, causal, scale)
-    if kernel == "efficient":
-        return _columns_cuda(kq, qk, v, bias, causal, scale)
     ref = _columns_cuda(kq, qk, v, bias, causal, scale)  # refusing the bias raises here
-    _PASS2[key] = "efficient"
-    if "cudnn" in PASS2_KERNELS and (qk.shape[-2] == kq.shape[-2] or not causal):
-        try:  # causal: square only (cuDNN's causal is top-left; so is the other kernel's)
+    if kernel is None:  # the first call that cuDNN could serve: compare the two
+        _PASS2[key] = "efficient"
+        try:
             got = _columns_cudnn(kq, qk, v, bias, causal, scale)
         except (RuntimeError, NotImplementedError) as e:
             used.add(f"cudnn refused: {type(e).__name__}")
