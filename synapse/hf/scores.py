@@ -533,23 +533,24 @@ def token_mass_fused(q: torch.Tensor, k: torch.Tensor, scaling: float, past: int
         bias = torch.nn.functional.pad(bias, (0, pad), value=float("-inf"))
         corr = torch.nn.functional.pad(corr, (0, pad))
     v = torch.nn.functional.pad(corr.unsqueeze(-1), (0, 7))   # [B, Hq, L, 8]
+    mass = torch.empty(n, dtype=torch.float32, device=k.device)
     try:
         lse_o, c_o = _columns(_grouped(k[:, :, past:].flip(2), g), qf, v, bias, True, scaling)
+        mass[past:] = (torch.exp(lse_o) * (1 + c_o)).sum(dim=(0, 1)).flip(0)
+        if past:
+            nl = nq + pad
+            qs, bs = qf.view(b, hk, g * nl, d), bias.view(b, hk, g * nl)
+            vs = v.view(b, hk, g * nl, 8)
+            for lo in range(0, past, PAST_PIECE):
+                hi = min(past, lo + PAST_PIECE)
+                lse_p, c_p = _columns(k[:, :, lo:hi], qs, vs, bs, False, scaling)
+                mass[lo:hi] = (torch.exp(lse_p) * (1 + c_p)).sum(dim=(0, 1))
     except RuntimeError:
         if not k.is_cuda:
             raise
         _BIAS_REFUSED.add(k.device)
         return _token_mass_widened(q, k, scaling, past, rows, lse)
     used.add("bias")
-    mass = torch.empty(n, dtype=torch.float32, device=k.device)
-    mass[past:] = (torch.exp(lse_o) * (1 + c_o)).sum(dim=(0, 1)).flip(0)
-    if past:
-        nl = nq + pad
-        qs, bs, vs = qf.view(b, hk, g * nl, d), bias.view(b, hk, g * nl), v.view(b, hk, g * nl, 8)
-        for lo in range(0, past, PAST_PIECE):
-            hi = min(past, lo + PAST_PIECE)
-            lse_p, c_p = _columns(k[:, :, lo:hi], qs, vs, bs, False, scaling)
-            mass[lo:hi] = (torch.exp(lse_p) * (1 + c_p)).sum(dim=(0, 1))
     return mass / (b * hq * nq)
 
 
