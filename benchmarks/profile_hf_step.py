@@ -8,14 +8,21 @@ counts nested ones too). ``--phase decode`` prints both, and the top ops by coun
 
     python benchmarks/profile_hf_step.py --cache tiered_full --prompt-tokens 32768
     python benchmarks/profile_hf_step.py --device cpu --tiny --cache tiered_h2o --batch 8
+
+``--fused-scores`` runs the prefill's scores on the fused two-pass path on the CPU too
+(the ops the GPU runs; the CPU's default is the direct q.K^T). ``--sync-debug`` (CUDA)
+counts the calls that make the host wait on the device, by the line that made them.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import sys
+import traceback
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -38,6 +45,38 @@ def op_counts(prof, steps: int) -> dict:
             "top_ops_per_step": {k: v / steps for k, v in top.most_common(25)}}
 
 
+@contextlib.contextmanager
+def sync_sites(on: bool):
+    """A Counter of the synchronising calls made in the block, by the innermost frame of
+    this repository (or of transformers) that made them; None when ``on`` is false."""
+    if not on:
+        yield None
+        return
+    import torch
+    sites = collections.Counter()
+    root = str(Path(__file__).resolve().parents[1])
+
+    def seen(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return shown(message, category, filename, lineno, file, line)
+        frames = [f for f in traceback.extract_stack()[:-1]
+                  if (f.filename.startswith(root) and "/.venv/" not in f.filename)
+                  or "transformers" in f.filename]
+        f = frames[-1] if frames else traceback.extract_stack()[-2]
+        sites[f"{Path(f.filename).name}:{f.lineno} {f.line}"] += 1
+    shown = warnings.showwarning
+    warnings.showwarning = seen
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = seen
+            yield sites
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = shown
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", default="tiered_full", help="a cache of hf_caches.py")
@@ -51,6 +90,11 @@ def main(argv=None) -> int:
     ap.add_argument("--phase", choices=("decode", "prefill", "generate"), default="decode")
     ap.add_argument("--no-cprofile", action="store_true", help="decode: skip the cProfile table")
     ap.add_argument("--json", type=Path, default=None, help="decode: write the op counts here")
+    ap.add_argument("--fused-scores", action="store_true",
+                    help="score prefill chunks on the fused path on the CPU too")
+    ap.add_argument("--sync-debug", action="store_true",
+                    help="CUDA: count host-device synchronisations of the profiled phase by "
+                         "call site (torch.cuda.set_sync_debug_mode)")
     a = ap.parse_args(argv)
     if a.batch < 1 or a.new_tokens < 1 or a.prompt_tokens < 1:
         ap.error("--batch, --new-tokens and --prompt-tokens must be at least 1")
@@ -62,6 +106,9 @@ def main(argv=None) -> int:
         return 2
     device = torch.device(a.device)
     cuda = device.type == "cuda"
+    if a.fused_scores:
+        from synapse.hf import scores
+        scores.FUSED_DEVICES.add(device.type)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     # the context the caches are sized for: the prompt, its first token and the profiled
@@ -108,9 +155,15 @@ def main(argv=None) -> int:
             return 0
         else:
             with profile(activities=acts) as prof:
-                model.generate(ids, past_key_values=cache, max_new_tokens=1, do_sample=False,
-                               **({"prefill_chunk_size": chunk} if chunk else {}))
+                with sync_sites(a.sync_debug and cuda) as sites:
+                    model.generate(ids, past_key_values=cache, max_new_tokens=1,
+                                   do_sample=False,
+                                   **({"prefill_chunk_size": chunk} if chunk else {}))
                 sync()
+            if sites is not None:
+                print(f"=== host-device synchronisations: {sum(sites.values())}")
+                for where, n in sites.most_common(a.rows):
+                    print(f"  {n:6d}  {where}")
         if a.phase == "decode" and not a.no_cprofile:  # Python hot spots of the same steps
             import cProfile
             import pstats

@@ -68,7 +68,7 @@ from .copies import CopiesAndCrops
 from .errors import UnsupportedModel
 from .held_pass import HeldPass
 from .int4 import dequantize_layer_rows, layer_row_sections
-from .scores import FUSED_FROM_QUERIES, DecodeScores, QueryTap, token_mass, token_mass_fused
+from .scores import DecodeScores, QueryTap, fused_for, token_mass, token_mass_fused
 
 NEEDS_SCORES = ("h2o", "lru")  # h2o: accumulated attention; lru: "used" = mass threshold
 _NO_IDS, _NO_MASS = np.zeros(0, np.int64), np.zeros(0)  # a step without scores observes none
@@ -290,6 +290,7 @@ class TieredCache(BatchMode, CopiesAndCrops, HeldPass, Cache):
         self._l2_free: dict = {}  # L2 read buffer -> event after its last reader
         self._step_mass: torch.Tensor | None = None
         self._decode_scores = DecodeScores(self.num_layers)
+        self._later: dict | None = None  # a chunk's layer scored after its attention
         self.device = None
         self.dtype = None
         self.rec = Recorder()
@@ -462,12 +463,48 @@ class TieredCache(BatchMode, CopiesAndCrops, HeldPass, Cache):
             keys, values = st["out"][2 * layer_idx], st["out"][2 * layer_idx + 1]
         if qs is not None:
             scale = self.tap.scaling(layer_idx) if scaling is None else scaling
-            if q > 1 or not self._decode_scores.add(layer_idx, qs, keys, scale):
-                mass = token_mass_fused if q >= FUSED_FROM_QUERIES and keys.is_cuda else token_mass
+            if q > 1 and self._scores_after_attention:
+                self._score_later(layer_idx, qs, keys, scale)
+            elif q > 1 or not self._decode_scores.add(layer_idx, qs, keys, scale):
+                mass = token_mass_fused if fused_for(q, keys) else token_mass
                 self._add_mass(mass(qs, keys, scale, keys.shape[-2] - q))
         if end and layer_idx == self.num_layers - 1:
             self._end_step()
         return keys, values
+
+    # A chunk's layer is scored once its attention has run (at the next layer's update,
+    # the pass's end or ``settle``), so the fused path can take pass 1's row normalisers
+    # from that attention (``attention_lse``) instead of computing them again. The layers
+    # are still added in order, with the same inputs: the masses are those of scoring in
+    # ``update``. False: scored in ``update`` (tests compare the two).
+    _scores_after_attention = True
+
+    def _score_later(self, layer: int, qs, keys, scale: float) -> None:
+        self.score_pending()
+        self._later = {"layer": layer, "q": qs, "keys": keys, "scale": scale, "rows": None}
+
+    def attention_lse(self, layer, lse: torch.Tensor) -> None:
+        """The row log-sum-exp [B, Hq, Q] the model's attention computed for ``layer``
+        over the keys ``update`` returned (``synapse.hf.prefix_attention``): pass 1 of
+        the layer's fused scores. Ignored where it does not fit the pending layer."""
+        p = self._later
+        if p is not None and p["layer"] == layer and \
+                tuple(lse.shape) == tuple(p["q"].shape[:-1]):
+            p["rows"] = lse if lse.dtype == torch.float32 else lse.float()
+
+    def score_pending(self) -> None:
+        """Score the layer left for after its attention (if any), in layer order."""
+        p, self._later = self._later, None
+        if p is None:
+            return
+        qs, keys = p["q"], p["keys"]
+        q, past = qs.shape[-2], keys.shape[-2] - qs.shape[-2]
+        if fused_for(q, keys):
+            self._add_mass(token_mass_fused(qs, keys, p["scale"], past, rows=p["rows"]))
+        else:
+            self._add_mass(token_mass(qs, keys, p["scale"], past))
+        if self.record_masses and self._pending and not self._begun:  # the step's last layer
+            self._record_step_masses()
 
     def _add_mass(self, tok: torch.Tensor) -> None:
         """One layer's attention mass per key (in this step's key order)."""
@@ -617,6 +654,7 @@ class TieredCache(BatchMode, CopiesAndCrops, HeldPass, Cache):
         self.settle()
         self._decode_scores.reset()  # what a failed pass left
         arena = self._lazy_arena(False)  # a step that failed half-way: all mapped again
+        self._later = None
         if self._holds_pass(q_len):
             return self._begin_held(q_len)
         try:  # before anything changes: a refused step leaves no trace
@@ -736,7 +774,11 @@ class TieredCache(BatchMode, CopiesAndCrops, HeldPass, Cache):
         self.seen_tokens = self.planner.tokens
         self._begun = False
         self._pending = True
-        if self.record_masses and self._step_mass is not None:
+        if self.record_masses and self._later is None:  # else once the last layer is scored
+            self._record_step_masses()
+
+    def _record_step_masses(self) -> None:
+        if self._step_mass is not None:
             self._step_mass = self._block_masses()
             self.masses.append(self._step_mass.copy())
             rows = torch.stack(self._layer_mass_rows).cpu().numpy()
@@ -770,6 +812,7 @@ class TieredCache(BatchMode, CopiesAndCrops, HeldPass, Cache):
             return
         if not self._pending:
             return
+        self.score_pending()
         self._pending = False
         t, pl = self.step, self.planner
         self._finish_scores()

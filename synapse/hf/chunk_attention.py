@@ -18,10 +18,15 @@ that continues a single, started sequence to ``PREFIX_SDPA`` (through
 pass fails. Decode steps (one token), the first chunk (no past: ``sdpa`` already runs
 it causal and fused) and batches (their own 4D masks, ``synapse.hf.batch``) are left
 alone, and so is a model that does not use ``sdpa``.
+
+For a cache that scores (h2o, lru) the pass also hands each layer's row log-sum-exp,
+which ``split_attention`` computes anyway, to the cache (``TieredCache.attention_lse``):
+pass 1 of its fused scores, not computed again.
 """
 
 from __future__ import annotations
 
+from . import prefix_attention
 from .batch import _cache_of, _input_of
 from .prefix_attention import PREFIX_SDPA, prefix_sdpa
 
@@ -33,6 +38,7 @@ class ChunkAttention:
     def __init__(self, cache) -> None:
         self.cache = cache
         self.active = None  # the entered prefix_sdpa context of the running pass
+        self.sink = None    # the lse_sink this pass replaced (restored after it)
         self.passes = 0
 
     @classmethod
@@ -56,11 +62,19 @@ class ChunkAttention:
             ctx = prefix_sdpa(module)
             ctx.__enter__()
             self.active = ctx
-            self.passes += getattr(module.config, "_attn_implementation", None) == PREFIX_SDPA
+            on = getattr(module.config, "_attn_implementation", None) == PREFIX_SDPA
+            self.passes += on
+            if on and self.cache.needs_scores:
+                self.sink, prefix_attention.lse_sink = prefix_attention.lse_sink, \
+                    self.cache.attention_lse
         return None
 
     def _after(self, module, args, kwargs, output):
         ctx, self.active = self.active, None
         if ctx is not None:
+            if prefix_attention.lse_sink == self.cache.attention_lse:
+                prefix_attention.lse_sink, self.sink = self.sink, None
             ctx.__exit__(None, None, None)
+        if not self.cache._begun:  # the pass ended: its last layer is scored now
+            self.cache.score_pending()
         return None

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .int4 import dequantize_layer_rows
-from .scores import FUSED_FROM_QUERIES, decode_mass, token_mass, token_mass_fused
+from .scores import decode_mass, fused_for, token_mass, token_mass_fused
 
 
 class SharedL1:
@@ -165,8 +165,7 @@ class SharedPlanes:
                         continue
                     n_i = self.lengths[i]
                     ki = keys[i:i + 1, :, :n_i]
-                    mass = token_mass_fused if n_real >= FUSED_FROM_QUERIES and ki.is_cuda \
-                        else token_mass
+                    mass = token_mass_fused if fused_for(n_real, ki) else token_mass
                     child._add_mass(mass(query[i:i + 1, :, sel], ki, scaling, n_i - n_real))
         if last:
             for child, (_, n_real) in zip(self.children, self.rows):

@@ -42,6 +42,9 @@ import torch
 
 PREFIX_SDPA = "synapse_prefix_sdpa"
 _registered = False
+# callable(layer_idx, lse [B, H, N] float32): where set (synapse.hf.chunk_attention, for a
+# TieredCache that scores), each split layer's row log-sum-exp over all its keys goes there
+lse_sink = None
 
 
 def _lower_right_or_none(kwargs):
@@ -88,9 +91,13 @@ def prefix_attention(module, query, key, value, attention_mask, dropout: float =
         mask = attention_mask._materialize(query.device)[None, None]
         return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    out = None
+    out, sink = None, lse_sink
     if not (dropout and module.training):
-        out = split_attention(query, key, value, kv_len - q_len, scaling)
+        out = split_attention(query, key, value, kv_len - q_len, scaling,
+                              with_lse=sink is not None)
+        if out is not None and sink is not None:
+            out, lse = out
+            sink(getattr(module, "layer_idx", None), lse)
     if out is None:
         groups = getattr(module, "num_key_value_groups", 1)
         if groups > 1:  # the lower-right bias kernel takes as many key heads as query heads
@@ -149,13 +156,15 @@ def _attend(kernel: str, query, key, value, causal: bool, scale):
     return out.reshape(b, h, n, d), lse.reshape(b, h, n)
 
 
-def split_attention(query, key, value, prefix: int, scale=None, kernels=None):
+def split_attention(query, key, value, prefix: int, scale=None, kernels=None,
+                    with_lse: bool = False):
     """Attention of ``query`` [B, H, N, D] over ``key``/``value`` [B, Hk, P + N, D] with
     the bottom-right causal mask (query i sees keys 0..P+i), as one fused kernel over the
     first ``prefix`` = P keys unmasked plus one over the last N keys with the square
     causal mask, merged by log-sum-exp. ``kernels``: the order to try (default: cuDNN
     then flash on CUDA, flash on the CPU). None where every kernel refuses the inputs
-    (the caller then uses another)."""
+    (the caller then uses another). ``with_lse``: (out, each row's log-sum-exp over all
+    its keys, float32 [B, H, N])."""
     if prefix <= 0:
         return None
     for kernel in kernels or _kernels(query.device):
@@ -175,7 +184,8 @@ def split_attention(query, key, value, prefix: int, scale=None, kernels=None):
             continue
         used.add(kernel)
         w = torch.sigmoid(l_p - l_n).unsqueeze(-1)
-        return torch.lerp(o_n.float(), o_p.float(), w).to(query.dtype)
+        out = torch.lerp(o_n.float(), o_p.float(), w).to(query.dtype)
+        return (out, torch.logaddexp(l_p.float(), l_n.float())) if with_lse else out
     return None
 
 

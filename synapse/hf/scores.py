@@ -22,6 +22,14 @@ import torch
 from .errors import UnsupportedModel
 
 FUSED_FROM_QUERIES = 64  # CUDA: from this many queries a step (prefill), the fused path
+# where the fused path serves: CUDA (the CPU's direct path is exact and cheap there; tests
+# and benchmarks/profile_hf_step.py --fused-scores add "cpu" to run the fused arithmetic)
+FUSED_DEVICES = {"cuda"}
+
+
+def fused_for(queries: int, keys: torch.Tensor) -> bool:
+    """Whether ``token_mass_fused`` scores a step of ``queries`` queries over ``keys``."""
+    return queries >= FUSED_FROM_QUERIES and keys.device.type in FUSED_DEVICES
 
 
 def attention_modules(model) -> list:
@@ -301,6 +309,8 @@ def _lse_cpu(q, k, causal: bool, scale: float) -> torch.Tensor:
 
 _NARROW_V: dict = {}
 _DUMMY: dict = {}
+_CONTIGUOUS: dict = {}  # (device index, with a bias) -> True once strided inputs were refused
+used: set = set()  # how masses were computed ("row lse given", "bias", "widened")
 
 
 def _zeros_like_keys(k: torch.Tensor) -> torch.Tensor:
@@ -315,67 +325,256 @@ def _zeros_like_keys(k: torch.Tensor) -> torch.Tensor:
     return buf[: b * h * n * 8].view(b, h, n, 8)
 
 
+def _efficient(q, k, v, bias, causal: bool, scale: float):
+    """(out, lse) of CUDA's memory-efficient attention kernel. Plane views are passed as
+    they are (the kernel reads [B, N, H, D] rows with any aligned strides, which is the
+    planes' own layout); made contiguous only where the kernel has refused that."""
+    key = (q.device.index, bias is not None)  # a refused bias must not slow the rest
+    if _CONTIGUOUS.get(key):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    try:
+        out = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, bias, True, 0.0, causal, scale=scale)
+    except RuntimeError:
+        if _CONTIGUOUS.get(key):
+            raise
+        _CONTIGUOUS[key] = True
+        return _efficient(q, k, v, bias, causal, scale)
+    return out[0], out[1][..., : q.shape[-2]]
+
+
 def _lse_cuda(q, k, causal: bool, scale: float) -> torch.Tensor:
     """log-sum-exp of each query row's logits, from CUDA's memory-efficient attention
     kernel (fused: no logits in memory). Its values are a dummy of 8 dims when the kernel
     takes a narrower value than key (it does on sm_80+), else the keys themselves."""
-    q, k = q.contiguous(), k.contiguous()  # the kernel's layout checks: plain strides
     narrow = _NARROW_V.get(q.device.index, True)
     v = _zeros_like_keys(k) if narrow else k
     try:
-        out = torch.ops.aten._scaled_dot_product_efficient_attention(
-            q, k, v, None, True, 0.0, causal, scale=scale)
+        return _efficient(q, k, v, None, causal, scale)[1].float()
     except RuntimeError:
         if not narrow:
             raise
         _NARROW_V[q.device.index] = False
         return _lse_cuda(q, k, causal, scale)
-    return out[1][..., : q.shape[-2]].float()
+
+
+def _grouped(x: torch.Tensor, g: int) -> torch.Tensor:
+    """KV heads [B, Hkv, N, D] -> one per query head [B, Hkv * g, N, D] (query head h
+    reads KV head h // g)."""
+    return x if g == 1 else x.repeat_interleave(g, dim=1)
+
+
+def row_lse(q: torch.Tensor, k: torch.Tensor, scaling: float, past: int, lse=None) -> torch.Tensor:
+    """Each query row's normaliser ``lse_i = log sum_j exp(s q_i . k_j)`` over the keys
+    it sees (past keys unmasked, then the chunk's own causally; combined with logaddexp):
+    float32 [B, Hq, Q]. Pass 1 of ``token_mass_fused``; the model's attention computes
+    the same numbers (``synapse.hf.prefix_attention.split_attention``), and where it has,
+    the cache hands them in instead."""
+    lse = lse or (_lse_cuda if q.is_cuda else _lse_cpu)
+    b, hq, nq, d = q.shape
+    hk = k.shape[1]
+    g = hq // hk
+    q = q.to(k.dtype)
+    out = lse(q, _grouped(k[:, :, past:], g), True, scaling).reshape(b, hq, nq)
+    # the query heads of a group stacked along the sequence: one longer query of their
+    # KV head (no mask, so nothing else changes)
+    stacked = q.reshape(b, hk, g * nq, d)
+    for lo in range(0, past, PAST_PIECE):
+        part = lse(stacked, k[:, :, lo:min(past, lo + PAST_PIECE)], False, scaling)
+        out = torch.logaddexp(out, part.reshape(b, hq, nq))
+    return out
+
+
+def _columns_cpu(kq, qk, v, bias, causal: bool, scale: float):
+    """(log column sum, correction) of ``_columns``, on CPU flash attention (it takes an
+    additive mask of any strides; its values must be as wide as its keys)."""
+    b, h, m, d = kq.shape
+    if v.shape[-1] != d:
+        v = torch.nn.functional.pad(v, (0, d - v.shape[-1]))
+    mask = bias.unsqueeze(2).expand(b, h, m, bias.shape[-1])
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        kq, qk, v, 0.0, causal, attn_mask=mask, scale=scale)[:2]
+    return lse, out[..., 0]
+
+
+def _columns_cuda(kq, qk, v, bias, causal: bool, scale: float):
+    """``_columns`` on CUDA's memory-efficient kernel at the vectors' own head_dim: the
+    row bias is its ``attn_bias``, broadcast over the kernel's queries by a stride of 0
+    (the kernel reads a bias tile per key tile: one row here, from cache)."""
+    b, h, m, _ = kq.shape
+    mask = bias.unsqueeze(2).expand(b, h, m, bias.shape[-1])
+    narrow = _NARROW_V.get((kq.device.index, "bias"), True)
+    if not narrow:
+        v = torch.nn.functional.pad(v, (0, kq.shape[-1] - v.shape[-1]))
+    try:
+        out, lse = _efficient(kq, qk, v, mask, causal, scale)
+    except RuntimeError:
+        if not narrow:
+            raise
+        _NARROW_V[(kq.device.index, "bias")] = False
+        return _columns_cuda(kq, qk, v, bias, causal, scale)
+    return lse.float(), out[..., 0]
+
+
+def _columns_cudnn(kq, qk, v, bias, causal: bool, scale: float):
+    """``_columns`` on torch's cuDNN attention (on the H200 it ran the chunks' own
+    attention about 4x faster than the memory-efficient kernel runs pass 1: 121 against
+    478 ms in a 32k prefill's profile). Values of 8 dims where it takes them, else of the
+    keys' width."""
+    b, h, m, d = kq.shape
+    mask = bias.unsqueeze(2).expand(b, h, m, bias.shape[-1])
+    if _NARROW_V.get(("cudnn", kq.device.index)) is False:
+        v = torch.nn.functional.pad(v, (0, d - v.shape[-1]))
+    try:
+        r = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            kq, qk, v, mask, True, 0.0, causal, False, scale=scale)
+    except (RuntimeError, NotImplementedError):
+        if v.shape[-1] == d:
+            raise
+        _NARROW_V[("cudnn", kq.device.index)] = False
+        return _columns_cudnn(kq, qk, v, bias, causal, scale)
+    out, lse = r[0], r[1]
+    return lse.reshape(b, h, -1)[..., :m].float(), out[..., 0]
+
+
+# Pass 2's CUDA kernels, fastest first. A kernel is taken for a (device, causal) only
+# after its first call agreed with the memory-efficient kernel's on the same inputs:
+# torch calls cuDNN with whatever strides the bias has, and a broadcast it misread would
+# give wrong masses without an error.
+PASS2_KERNELS = ("cudnn", "efficient")
+_PASS2: dict = {}  # (device index, causal) -> the kernel verified for it
+
+
+def _agree(a, b) -> bool:
+    (la, oa), (lb, ob) = a, b
+    ca, cb = torch.exp(la) * (1 + oa.float()), torch.exp(lb) * (1 + ob.float())
+    return bool(torch.allclose(ca, cb, rtol=1e-2, atol=1e-3 * float(cb.abs().max()) + 1e-30))
+
+
+def _columns_chosen(kq, qk, v, bias, causal: bool, scale: float):
+    key = (kq.device.index, causal)
+    # causal: square only (cuDNN's causal is top-left, as the other kernel's; a padded
+    # chunk's is not square, and there the two might differ)
+    fits = "cudnn" in PASS2_KERNELS and (not causal or qk.shape[-2] == kq.shape[-2])
+    kernel = _PASS2.get(key) if fits else "efficient"
+    used.add(f"pass 2 on {kernel or 'efficient'}")
+    if kernel == "cudnn":
+        return _columns_cudnn(kq, qk, v, bias, causal, scale)
+    ref = _columns_cuda(kq, qk, v, bias, causal, scale)  # refusing the bias raises here
+    if kernel is None:  # the first call that cuDNN could serve: compare the two
+        _PASS2[key] = "efficient"
+        try:
+            got = _columns_cudnn(kq, qk, v, bias, causal, scale)
+        except (RuntimeError, NotImplementedError) as e:
+            used.add(f"cudnn refused: {type(e).__name__}")
+        else:
+            if _agree(got, ref):
+                _PASS2[key] = "cudnn"
+            else:
+                used.add("cudnn refused: other masses")
+    return ref
+
+
+_BIAS_REFUSED: set = set()  # devices whose kernel refused the bias: the widened vectors
+
+
+def _columns(kq, qk, v, bias, causal: bool, scale: float):
+    """Pass 2's kernel, keys as its queries ``kq`` [B, H, M, D] and queries as its keys
+    ``qk`` [B, H, L, D], with the additive bias ``bias`` [B, H, L] (``-lse_i`` rounded to
+    the vectors' dtype) on every row and values ``v`` [B, H, L, 8] whose first column is
+    ``exp(-lse_i - bias_i) - 1`` (the rounding the bias dropped). Its log-sum-exp is then
+    ``log sum_i exp(s k.q_i + bias_i)`` and its output's first column the average of the
+    correction under those weights, so ``exp(lse) * (1 + out)`` is the column sum
+    ``sum_i exp(s k.q_i - lse_i)`` to float32 precision. Returns (lse, out) float32 [B, H, M]."""
+    fn = _columns_chosen if kq.is_cuda else _columns_cpu
+    lse, out = fn(kq, qk, v, bias, causal, scale)
+    return lse, out.float()
 
 
 def token_mass_fused(q: torch.Tensor, k: torch.Tensor, scaling: float, past: int,
-                     lse=None) -> torch.Tensor:
+                     lse=None, rows: torch.Tensor | None = None) -> torch.Tensor:
     """``token_mass`` for many queries (a prefill chunk) without ever holding the logits:
     two passes of a fused attention kernel that reports each row's log-sum-exp.
 
-    1. Each query row's normaliser ``lse_i = log sum_j exp(s q_i . k_j)`` (past keys
-       unmasked, then the chunk's own keys causally; combined with logaddexp).
+    1. Each query row's normaliser ``lse_i`` (``row_lse``), or ``rows`` where the
+       model's attention already computed them (float32 [B, Hq, Q], over these keys).
     2. Each key's column sum ``sum_i exp(s q_i . k_j - lse_i)``: the same kernel with the
-       roles swapped, keys as queries and queries as keys, each widened by two dimensions
-       that carry ``-lse_i`` (split into two fp16 parts for fp32 precision) against a 1,
-       so the kernel's own log-sum-exp *is* the log of the column sum. The chunk's own
-       keys see only later queries: both sequences reversed, that is a causal mask.
-    Query heads of a group are stacked along the sequence for the unmasked parts (the
-    kernel sums over them), taken one by one for the causal parts; past keys in pieces.
-    The transient: a few tensors of [kv heads, chunk, head_dim + 8] (about 10 MiB each at
-    4 KV heads, 8k-token chunks, head_dim 128), never [heads, queries, keys]. Equal to
-    ``token_mass`` up to floating-point rounding (tests/test_hf_scores.py).
+       roles swapped, keys as queries and queries as keys, ``-lse_i`` an additive bias
+       on key i (``_columns``: in the vectors' dtype, its rounding carried by the values),
+       so the kernel's own log-sum-exp *is* the log of the column sum and it runs at the
+       model's head_dim. The chunk's own keys see only later queries: both sequences
+       reversed, that is a causal mask; past keys see every query, in any order, so the
+       reversed ones serve them too.
+    The query heads of a group are stacked along the sequence where nothing is masked
+    (the kernel sums over them); for the causal part each query head gets its KV head's
+    keys. Past keys are read in place, in pieces of ``PAST_PIECE``. Where the device's
+    kernel refuses the bias, the vectors are widened instead (``_token_mass_widened``).
+    Equal to ``token_mass`` up to floating-point rounding (tests/test_hf_scores.py).
     """
+    b, hq, nq, d = q.shape
+    hk, n = k.shape[1], k.shape[2]
+    g = hq // hk
+    dt = k.dtype
+    if rows is None:
+        rows = row_lse(q, k, scaling, past, lse)
+    else:
+        used.add("row lse given")
+    if k.device in _BIAS_REFUSED or lse is not None:
+        return _token_mass_widened(q, k, scaling, past, rows, lse)
+    # the queries reversed and padded to a multiple of 8 (the kernels' alignment of the
+    # bias rows): padding queries get a bias of -inf, so no key sees them
+    pad = (-nq) % 8
+    neg = -rows.flip(-1).contiguous()  # flip keeps its input's strides: plain rows here
+    bias = neg.to(dt)
+    corr = torch.expm1(neg - bias.float()).to(dt)
+    qf = q.to(dt).flip(2).contiguous()
+    if pad:
+        qf = torch.nn.functional.pad(qf, (0, 0, 0, pad))
+        bias = torch.nn.functional.pad(bias, (0, pad), value=float("-inf"))
+        corr = torch.nn.functional.pad(corr, (0, pad))
+    v = torch.nn.functional.pad(corr.unsqueeze(-1), (0, 7))   # [B, Hq, L, 8]
+    mass = torch.empty(n, dtype=torch.float32, device=k.device)
+    try:
+        lse_o, c_o = _columns(_grouped(k[:, :, past:].flip(2), g), qf, v, bias, True, scaling)
+        mass[past:] = (torch.exp(lse_o) * (1 + c_o)).sum(dim=(0, 1)).flip(0)
+        if past:
+            nl = nq + pad
+            qs, bs = qf.view(b, hk, g * nl, d), bias.view(b, hk, g * nl)
+            vs = v.view(b, hk, g * nl, 8)
+            for lo in range(0, past, PAST_PIECE):
+                hi = min(past, lo + PAST_PIECE)
+                lse_p, c_p = _columns(k[:, :, lo:hi], qs, vs, bs, False, scaling)
+                mass[lo:hi] = (torch.exp(lse_p) * (1 + c_p)).sum(dim=(0, 1))
+    except RuntimeError:
+        if not k.is_cuda:
+            raise
+        _BIAS_REFUSED.add(k.device)
+        return _token_mass_widened(q, k, scaling, past, rows, lse)
+    used.add("bias")
+    return mass / (b * hq * nq)
+
+
+def _token_mass_widened(q, k, scaling: float, past: int, lse_row, lse=None) -> torch.Tensor:
+    """Pass 2 of ``token_mass_fused`` with ``-lse_i`` carried by the vectors themselves:
+    queries and keys widened by 8 dims, two of which hold ``-lse_i`` (split into two parts
+    of the vectors' dtype for float32 precision) against a 1. For a kernel without an
+    additive bias; on CUDA the widened head_dim (136) takes a slower kernel than 128."""
+    used.add("widened")
     lse = lse or (_lse_cuda if q.is_cuda else _lse_cpu)
     b, hq, nq, d = q.shape
     hk, n = k.shape[1], k.shape[2]
     g = hq // hk
     dt = k.dtype
-    qs = (q.to(dt) * scaling).contiguous()                   # [1, Hq, Q, D]
     k_past, k_own = k[:, :, :past], k[:, :, past:]
-    # 1. row normalisers
-    lse_row = torch.empty((b, hq, nq), dtype=torch.float32, device=k.device)
-    for r in range(g):  # the r-th query head of every group against its KV head
-        lse_row[:, r::g] = lse(qs[:, r::g], k_own, True, 1.0)
-    if past:
-        stacked = qs.view(b, hk, g * nq, d)
-        for lo in range(0, past, PAST_PIECE):
-            part = lse(stacked, k_past[:, :, lo:lo + PAST_PIECE], False, 1.0).view(b, hk, g, nq)
-            lse_row = torch.logaddexp(lse_row, part.reshape(b, hq, nq))
-    # 2. column sums, through widened vectors
     pad = 8
     qa = torch.empty((b, hq, nq, d + pad), dtype=dt, device=k.device)
-    qa[..., :d] = qs
+    qa[..., :d] = q.to(dt) * scaling
     hi = (-lse_row).to(dt)
     qa[..., d] = hi
     qa[..., d + 1] = (-lse_row - hi.float()).to(dt)
     qa[..., d + 2:] = 0
-    wide = torch.empty((b, hk, max(nq, min(past, PAST_PIECE)), d + pad), dtype=dt, device=k.device)
+    piece = min(PAST_PIECE, WIDE_PIECE)
+    wide = torch.empty((b, hk, max(nq, min(past, piece)), d + pad), dtype=dt, device=k.device)
     wide[..., d:d + 2] = 1
     wide[..., d + 2:] = 0
 
@@ -386,16 +585,18 @@ def token_mass_fused(q: torch.Tensor, k: torch.Tensor, scaling: float, past: int
 
     mass = torch.empty(n, dtype=torch.float32, device=k.device)
     ko = widen(k_own).flip(2).contiguous()
+    qa_f = qa.flip(2)
     own = torch.zeros(nq, dtype=torch.float32, device=k.device)
     for r in range(g):
-        own += torch.exp(lse(ko, qa[:, r::g].flip(2), True, 1.0)).sum(dim=(0, 1)).flip(0)
-    mass[past:] = own
+        own += torch.exp(lse(ko, qa_f[:, r::g], True, 1.0)).sum(dim=(0, 1))
+    mass[past:] = own.flip(0)
     if past:
         qa_stacked = qa.view(b, hk, g * nq, d + pad)
-        for lo in range(0, past, PAST_PIECE):
-            kp = widen(k_past[:, :, lo:lo + PAST_PIECE])
+        for lo in range(0, past, piece):
+            kp = widen(k_past[:, :, lo:lo + piece])
             mass[lo:lo + kp.shape[2]] = torch.exp(lse(kp, qa_stacked, False, 1.0)).sum(dim=(0, 1))
     return mass / (b * hq * nq)
 
 
-PAST_PIECE = 8192  # past keys per pass (bounds the widened copies)
+PAST_PIECE = 32768  # past keys per pass: read in place, only the kernel's outputs grow
+WIDE_PIECE = 8192   # the widened fallback copies its past keys: bounds that copy
