@@ -105,6 +105,12 @@ class DecisionLog:
         if ids:
             self.entries.append((int(step), action, ids))
 
+    def add_ints(self, step: int, action: str, ids: list) -> None:
+        """``add`` for a list of plain ints (the manager's own, from ``tolist``): the
+        same entry, without checking the type of each id."""
+        if ids:
+            self.entries.append((int(step), action, list(ids)))
+
 
 class Spaces:
     """The allocators of one run: L1 (device budget), L2 (pinned pool), INT4 staging."""
@@ -471,8 +477,8 @@ class TierManager:
         c.demotions += len(demotes)
         if forced:
             c.forced_evictions += len(moves)
-        self.log.add(step, "drop", drops)
-        self.log.add(step, "demote", demotes)
+        self.log.add_ints(step, "drop", drops)
+        self.log.add_ints(step, "demote", demotes)
         return moves
 
     # -- fetch ----------------------------------------------------------------------
@@ -513,7 +519,7 @@ class TierManager:
             self.counters.prefetches += len(done)
         else:
             self.counters.fetches += len(done)
-        self.log.add(step, purpose, done)
+        self.log.add_ints(step, purpose, done)
         return moves
 
     @_decision

@@ -141,7 +141,9 @@ class Mover:
         n = len(moves)
         after = list(after) + self._barrier
         names = table.tenants
-        tenants = list(map(names.__getitem__, table.tenant[list(blocks)].tolist()))
+        tenants = [names[0]] * n if len(names) == 1 else \
+            list(map(names.__getitem__, table.tenant[list(blocks)].tolist()))  # (one tenant:
+        # every block's, without a gather)
         unstaged = stagings.count(None)
         uniform = purposes.count(purposes[0]) == n and dst_tiers.count(dst_tiers[0]) == n \
             and src_tiers.count(src_tiers[0]) == n and unstaged in (0, n)
