@@ -574,15 +574,16 @@ class TierManager:
                 and dst_tiers.count(dst_tiers[0]) == n \
                 and dsts.count(None) == (n if purpose == "drop" else 0):
             drop = purpose == "drop"
-            removed = list(blocks) if drop else []
+            ids = list(blocks)  # one list, read (never changed) by each use below
+            removed = ids if drop else []
             free_l1 = srcs if src_tier == _T_L1 else ()
             free_l2 = () if src_tier == _T_L1 else srcs
             staged = [] if stagings.count(None) == n else [s for s in stagings if s is not None]
-            fetched = list(blocks) if not drop and dst_tiers[0] == _T_L1 \
+            fetched = ids if not drop and dst_tiers[0] == _T_L1 \
                 and purpose != "prefetch" else []
-            prefetched = list(blocks) if not drop and dst_tiers[0] == _T_L1 \
+            prefetched = ids if not drop and dst_tiers[0] == _T_L1 \
                 and purpose == "prefetch" else []
-            self._clear_busy(list(blocks))
+            self._clear_busy(ids)
             if removed:
                 table.drop_all(removed)
             else:

@@ -152,18 +152,20 @@ class PageTable:
         self.fmt[ids] = _int8_column(fmts)
         self.nbytes[ids] = new_bytes
         handle = self.handle
-        for b, h in zip(blocks, handles):  # a plain loop: faster than map(__setitem__)
-            handle[b] = h
         kinds = set(map(type, handles))
         if kinds == {Slot}:  # Slot.block's setter, once for the batch (its counter below)
-            for h, b in zip(handles, blocks):  # attribute stores beat map(setattr, ...)
+            for b, h in zip(blocks, handles):  # one plain loop: item and attribute stores
+                handle[b] = h                  # beat map(__setitem__ / setattr, ...)
                 h._block = b
             Slot.assigned += 1
-        elif Slot in kinds:
+        else:
             for b, h in zip(blocks, handles):
-                if h.__class__ is Slot:
-                    h._block = b
-            Slot.assigned += 1
+                handle[b] = h
+            if Slot in kinds:
+                for b, h in zip(blocks, handles):
+                    if h.__class__ is Slot:
+                        h._block = b
+                Slot.assigned += 1
         self.offset[ids] = np.fromiter(map(_offset_of, handles), np.int64, len(handles))
 
     def relocate(self, blocks: Sequence[int], handles: Sequence[object]) -> None:
