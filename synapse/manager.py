@@ -278,10 +278,11 @@ class TierManager:
         grown[: len(self._busy)] = self._busy
         self._busy = grown
 
-    def _mark_busy(self, blocks: Sequence[int]) -> None:
-        """``_set_busy(b, True)`` for every block."""
+    def _mark_busy(self, blocks: np.ndarray) -> None:
+        """``_set_busy(b, True)`` for every block (an int64 array: indexing with it
+        converts no Python list)."""
         if len(blocks):
-            top = max(blocks)
+            top = int(blocks.max())
             if top >= len(self._busy):
                 self._grow_busy(top)
             self._busy[blocks] = True
@@ -470,7 +471,7 @@ class TierManager:
                     moves.append(_new_move(Move, (b, "demote", _T_L1, _T_L2, src_fmt, fmt, src,
                                                   dst_of[i], staged.get(i))))
                     demotes.append(b)
-        self._mark_busy(blocks[:n])
+        self._mark_busy(victims[:n])
         c = self.counters
         c.evictions += len(moves)
         c.drops += len(drops)
@@ -514,7 +515,7 @@ class TierManager:
                        repeat(_FP16), srcs, dsts,
                        map(staged.get, range(k)) if staged else repeat(None))
         done = blocks[: len(moves)]
-        self._mark_busy(done)
+        self._mark_busy(ids[: len(done)])
         if purpose == "prefetch":
             self.counters.prefetches += len(done)
         else:
