@@ -287,10 +287,11 @@ class TierManager:
                 self._grow_busy(top)
             self._busy[blocks] = True
 
-    def _clear_busy(self, blocks: Sequence[int]) -> None:
+    def _clear_busy(self, blocks) -> None:
         """``_set_busy(b, False)`` for every block (pinned blocks stay busy)."""
         if len(blocks):
-            top = max(blocks)
+            blocks = np.asarray(blocks, np.int64)  # (indexing with a list converts it)
+            top = int(blocks.max())
             if top >= len(self._busy):
                 self._grow_busy(top)
             self._busy[blocks] = False
@@ -575,20 +576,24 @@ class TierManager:
                 and dst_tiers.count(dst_tiers[0]) == n \
                 and dsts.count(None) == (n if purpose == "drop" else 0):
             drop = purpose == "drop"
-            ids = list(blocks)  # one list, read (never changed) by each use below
-            removed = ids if drop else []
+            # the ids as one array, read (never changed) by every use below: the busy
+            # marks, the page table and the policy's hooks index with it, where a list
+            # would be converted by each of them
+            ids = np.fromiter(blocks, np.int64, n)
+            removed = ids if drop else ()
             free_l1 = srcs if src_tier == _T_L1 else ()
             free_l2 = () if src_tier == _T_L1 else srcs
             staged = [] if stagings.count(None) == n else [s for s in stagings if s is not None]
             fetched = ids if not drop and dst_tiers[0] == _T_L1 \
-                and purpose != "prefetch" else []
+                and purpose != "prefetch" else ()
             prefetched = ids if not drop and dst_tiers[0] == _T_L1 \
-                and purpose == "prefetch" else []
+                and purpose == "prefetch" else ()
             self._clear_busy(ids)
-            if removed:
-                table.drop_all(removed)
+            if drop:
+                table.drop_all(ids)
             else:
-                table.move_all(blocks, dst_tiers, dst_fmts, list(map(_nbytes_of, dsts)), dsts)
+                table.move_all(blocks, dst_tiers, dst_fmts,
+                               np.fromiter(map(_nbytes_of, dsts), np.int64, n), dsts, ids=ids)
         else:
             removed, moved, fetched, prefetched = [], [], [], []
             free_l1, free_l2 = [], []
@@ -615,11 +620,11 @@ class TierManager:
         spaces.l2.free_all(free_l2)
         if staged:
             spaces.staging.free_all(staged)
-        if removed:
+        if len(removed):
             self.policy.on_remove(np.asarray(removed, np.int64))
-        if fetched:
+        if len(fetched):
             self.policy.on_fetch(np.asarray(fetched, np.int64), step)
-        if prefetched:
+        if len(prefetched):
             self.policy.on_prefetch(np.asarray(prefetched, np.int64), step)
         if self.tail_last:
             for p in self.pinned:  # a pinned tail fetched back stays last

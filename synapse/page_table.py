@@ -131,9 +131,11 @@ class PageTable:
         self._bytes[tier] += nbytes
 
     def move_all(self, blocks: Sequence[int], tiers: Sequence[Tier], fmts: Sequence[Fmt],
-                 nbytes: Sequence[int], handles: Sequence[object]) -> None:
-        """``move`` for each block at once (distinct blocks, all live)."""
-        ids = np.asarray(blocks, np.int64)
+                 nbytes: Sequence[int], handles: Sequence[object],
+                 ids: np.ndarray | None = None) -> None:
+        """``move`` for each block at once (distinct blocks, all live); ``ids``: the
+        blocks as an int64 array, where the caller has one."""
+        ids = np.asarray(blocks, np.int64) if ids is None else ids
         self._require_all_live(ids)
         # fromiter: an enum member is an int to NumPy only through Python, and fromiter
         # with a count converts one several times faster than asarray on a list
