@@ -247,6 +247,12 @@ class PageTable:
         self._ids_in[t] = (self._version, ids)
         return ids
 
+    def is_ids_in(self, ids: np.ndarray, tier: Tier) -> bool:
+        """Whether ``ids`` is the array ``ids_in(tier)`` returns now (the same object,
+        and the tier column unchanged since): then every id in it is in ``tier``."""
+        hit = self._ids_in.get(int(tier))
+        return hit is not None and hit[1] is ids and hit[0] == self._version
+
     def bytes_in(self, tier: Tier) -> int:
         return self._bytes[tier]
 
