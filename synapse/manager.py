@@ -105,6 +105,12 @@ class DecisionLog:
         if ids:
             self.entries.append((int(step), action, ids))
 
+    def add_ints(self, step: int, action: str, ids: list) -> None:
+        """``add`` for a list of plain ints (the manager's own, from ``tolist``): the
+        same entry, without checking the type of each id."""
+        if ids:
+            self.entries.append((int(step), action, list(ids)))
+
 
 class Spaces:
     """The allocators of one run: L1 (device budget), L2 (pinned pool), INT4 staging."""
@@ -272,18 +278,20 @@ class TierManager:
         grown[: len(self._busy)] = self._busy
         self._busy = grown
 
-    def _mark_busy(self, blocks: Sequence[int]) -> None:
-        """``_set_busy(b, True)`` for every block."""
+    def _mark_busy(self, blocks: np.ndarray) -> None:
+        """``_set_busy(b, True)`` for every block (an int64 array: indexing with it
+        converts no Python list)."""
         if len(blocks):
-            top = max(blocks)
+            top = int(blocks.max())
             if top >= len(self._busy):
                 self._grow_busy(top)
             self._busy[blocks] = True
 
-    def _clear_busy(self, blocks: Sequence[int]) -> None:
+    def _clear_busy(self, blocks) -> None:
         """``_set_busy(b, False)`` for every block (pinned blocks stay busy)."""
         if len(blocks):
-            top = max(blocks)
+            blocks = np.asarray(blocks, np.int64)  # (indexing with a list converts it)
+            top = int(blocks.max())
             if top >= len(self._busy):
                 self._grow_busy(top)
             self._busy[blocks] = False
@@ -464,15 +472,15 @@ class TierManager:
                     moves.append(_new_move(Move, (b, "demote", _T_L1, _T_L2, src_fmt, fmt, src,
                                                   dst_of[i], staged.get(i))))
                     demotes.append(b)
-        self._mark_busy(blocks[:n])
+        self._mark_busy(victims[:n])
         c = self.counters
         c.evictions += len(moves)
         c.drops += len(drops)
         c.demotions += len(demotes)
         if forced:
             c.forced_evictions += len(moves)
-        self.log.add(step, "drop", drops)
-        self.log.add(step, "demote", demotes)
+        self.log.add_ints(step, "drop", drops)
+        self.log.add_ints(step, "demote", demotes)
         return moves
 
     # -- fetch ----------------------------------------------------------------------
@@ -508,12 +516,12 @@ class TierManager:
                        repeat(_FP16), srcs, dsts,
                        map(staged.get, range(k)) if staged else repeat(None))
         done = blocks[: len(moves)]
-        self._mark_busy(done)
+        self._mark_busy(ids[: len(done)])
         if purpose == "prefetch":
             self.counters.prefetches += len(done)
         else:
             self.counters.fetches += len(done)
-        self.log.add(step, purpose, done)
+        self.log.add_ints(step, purpose, done)
         return moves
 
     @_decision
@@ -568,19 +576,24 @@ class TierManager:
                 and dst_tiers.count(dst_tiers[0]) == n \
                 and dsts.count(None) == (n if purpose == "drop" else 0):
             drop = purpose == "drop"
-            removed = list(blocks) if drop else []
+            # the ids as one array, read (never changed) by every use below: the busy
+            # marks, the page table and the policy's hooks index with it, where a list
+            # would be converted by each of them
+            ids = np.fromiter(blocks, np.int64, n)
+            removed = ids if drop else ()
             free_l1 = srcs if src_tier == _T_L1 else ()
             free_l2 = () if src_tier == _T_L1 else srcs
             staged = [] if stagings.count(None) == n else [s for s in stagings if s is not None]
-            fetched = list(blocks) if not drop and dst_tiers[0] == _T_L1 \
-                and purpose != "prefetch" else []
-            prefetched = list(blocks) if not drop and dst_tiers[0] == _T_L1 \
-                and purpose == "prefetch" else []
-            self._clear_busy(list(blocks))
-            if removed:
-                table.drop_all(removed)
+            fetched = ids if not drop and dst_tiers[0] == _T_L1 \
+                and purpose != "prefetch" else ()
+            prefetched = ids if not drop and dst_tiers[0] == _T_L1 \
+                and purpose == "prefetch" else ()
+            self._clear_busy(ids)
+            if drop:
+                table.drop_all(ids)
             else:
-                table.move_all(blocks, dst_tiers, dst_fmts, list(map(_nbytes_of, dsts)), dsts)
+                table.move_all(blocks, dst_tiers, dst_fmts,
+                               np.fromiter(map(_nbytes_of, dsts), np.int64, n), dsts, ids=ids)
         else:
             removed, moved, fetched, prefetched = [], [], [], []
             free_l1, free_l2 = [], []
@@ -607,11 +620,11 @@ class TierManager:
         spaces.l2.free_all(free_l2)
         if staged:
             spaces.staging.free_all(staged)
-        if removed:
+        if len(removed):
             self.policy.on_remove(np.asarray(removed, np.int64))
-        if fetched:
+        if len(fetched):
             self.policy.on_fetch(np.asarray(fetched, np.int64), step)
-        if prefetched:
+        if len(prefetched):
             self.policy.on_prefetch(np.asarray(prefetched, np.int64), step)
         if self.tail_last:
             for p in self.pinned:  # a pinned tail fetched back stays last

@@ -141,7 +141,9 @@ class Mover:
         n = len(moves)
         after = list(after) + self._barrier
         names = table.tenants
-        tenants = list(map(names.__getitem__, table.tenant[list(blocks)].tolist()))
+        tenants = [names[0]] * n if len(names) == 1 else \
+            list(map(names.__getitem__, table.tenant[list(blocks)].tolist()))  # (one tenant:
+        # every block's, without a gather)
         unstaged = stagings.count(None)
         uniform = purposes.count(purposes[0]) == n and dst_tiers.count(dst_tiers[0]) == n \
             and src_tiers.count(src_tiers[0]) == n and unstaged in (0, n)
@@ -322,7 +324,10 @@ class Mover:
         reader = tids[0]
         if seg is not None and tids.count(reader) != len(tids):  # several tenants' requests
             reader = np.repeat(np.array(tids, table.tenant.dtype), seg[1:] - seg[:-1])
-        bad = np.flatnonzero((table.tenant[ids] != reader) | (table.tier[ids] != _L1))
+        if len(table.tenants) == 1 and reader is tids[0] and table.is_ids_in(ids, _T_L1):
+            bad = ()  # one tenant, and ids is the page table's own answer of L1's blocks
+        else:
+            bad = np.flatnonzero((table.tenant[ids] != reader) | (table.tier[ids] != _L1))
         if len(bad):
             self.manager.count_denied(len(bad))
             who = tenants[0 if seg is None else int(np.searchsorted(seg, bad[0], "right")) - 1]

@@ -131,9 +131,11 @@ class PageTable:
         self._bytes[tier] += nbytes
 
     def move_all(self, blocks: Sequence[int], tiers: Sequence[Tier], fmts: Sequence[Fmt],
-                 nbytes: Sequence[int], handles: Sequence[object]) -> None:
-        """``move`` for each block at once (distinct blocks, all live)."""
-        ids = np.asarray(blocks, np.int64)
+                 nbytes: Sequence[int], handles: Sequence[object],
+                 ids: np.ndarray | None = None) -> None:
+        """``move`` for each block at once (distinct blocks, all live); ``ids``: the
+        blocks as an int64 array, where the caller has one."""
+        ids = np.asarray(blocks, np.int64) if ids is None else ids
         self._require_all_live(ids)
         # fromiter: an enum member is an int to NumPy only through Python, and fromiter
         # with a count converts one several times faster than asarray on a list
@@ -152,18 +154,20 @@ class PageTable:
         self.fmt[ids] = _int8_column(fmts)
         self.nbytes[ids] = new_bytes
         handle = self.handle
-        for b, h in zip(blocks, handles):  # a plain loop: faster than map(__setitem__)
-            handle[b] = h
         kinds = set(map(type, handles))
         if kinds == {Slot}:  # Slot.block's setter, once for the batch (its counter below)
-            for h, b in zip(handles, blocks):  # attribute stores beat map(setattr, ...)
+            for b, h in zip(blocks, handles):  # one plain loop: item and attribute stores
+                handle[b] = h                  # beat map(__setitem__ / setattr, ...)
                 h._block = b
             Slot.assigned += 1
-        elif Slot in kinds:
+        else:
             for b, h in zip(blocks, handles):
-                if h.__class__ is Slot:
-                    h._block = b
-            Slot.assigned += 1
+                handle[b] = h
+            if Slot in kinds:
+                for b, h in zip(blocks, handles):
+                    if h.__class__ is Slot:
+                        h._block = b
+                Slot.assigned += 1
         self.offset[ids] = np.fromiter(map(_offset_of, handles), np.int64, len(handles))
 
     def relocate(self, blocks: Sequence[int], handles: Sequence[object]) -> None:
@@ -242,6 +246,12 @@ class PageTable:
         ids.flags.writeable = False
         self._ids_in[t] = (self._version, ids)
         return ids
+
+    def is_ids_in(self, ids: np.ndarray, tier: Tier) -> bool:
+        """Whether ``ids`` is the array ``ids_in(tier)`` returns now (the same object,
+        and the tier column unchanged since): then every id in it is in ``tier``."""
+        hit = self._ids_in.get(int(tier))
+        return hit is not None and hit[1] is ids and hit[0] == self._version
 
     def bytes_in(self, tier: Tier) -> int:
         return self._bytes[tier]

@@ -134,7 +134,7 @@ class NeedleDriver:
             pos = table.token_start[resident] // bt
             nvalid = tr.n_valid(t, pos)
             att = self._attention(t, resident, nvalid)
-            att_fmts = table.fmt[resident].copy()
+            att_fmts = table.fmt[resident] if be.moves_data else None  # (for _check_output)
             # 5. observe (the masses only for a policy that reads them)
             if mgr.wants_attention:
                 mgr.observe(resident, tr.masses(t, pos, nvalid), t)

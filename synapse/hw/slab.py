@@ -364,12 +364,11 @@ class SlabAllocator:
             return False
         zero_ranges(list(zip(offsets, repeat(class_bytes))))
         deque(map(live.pop, offsets), 0)
-        page_bytes = self.page_bytes
+        page_bytes, pages = self.page_bytes, self._pages
         emptied = [o // page_bytes for o in offsets]
         # full (one object) to empty; a page of one object has no free objects to clear
-        emptied_pages = list(map(self._pages.__getitem__, emptied))
-        for page in emptied_pages:  # a plain loop: attribute stores beat map(setattr, ...)
-            page.num_live = page.num_carved = 0
+        for page in map(pages.__getitem__, emptied):  # a plain loop: attribute stores
+            page.num_live = page.num_carved = 0       # beat map(setattr, ...)
         self._free_pages.extend(emptied)
         self._live_per_class[ci] -= n
         add_per_tenant(self._bytes_per_tenant, list(map(_tenant_of, slabs)), -class_bytes)

@@ -179,8 +179,10 @@ class SlotArena:
         return nbytes == self.slot_bytes and len(self.slots) < self.max_slots
 
     def can_allocate_all(self, sizes: Sequence[int]) -> bool:
-        return all(n == self.slot_bytes for n in sizes) \
-            and len(self.slots) + len(sizes) <= self.max_slots
+        sb = self.slot_bytes
+        same = sizes.count(sb) == len(sizes) if sizes.__class__ is list \
+            else all(n == sb for n in sizes)  # (a list's count runs in C)
+        return same and len(self.slots) + len(sizes) <= self.max_slots
 
     def is_live(self, slot) -> bool:
         return isinstance(slot, Slot) and slot.allocator_id == self.allocator_id \
