@@ -10,6 +10,10 @@ that takes the inputs (``SDPBackend`` forced with ``sdpa_kernel``) and with SDPA
 choice. The key count grows by one every call, as in a decode step, so a kernel whose
 plans are cached per shape pays for a new plan each time.
 
+On the H200 (torch 2.11) SDPA's own choice for these inputs (``enable_gqa=True``, no
+mask) was the math kernel, 52-67 ms a call, while the models' decode steps in
+``profile_hf_step.py`` ran cuDNN: only the forced rows compare kernels.
+
 Host time: wall time of the call on the host (median), the device not waited for.
 Device time: CUDA events around each call (median). Grouped-query attention is given
 as ``enable_gqa=True`` (no ``repeat_kv``).
