@@ -24,6 +24,8 @@ STAGES=${STAGES:-"env tests ncu stream hf slab calibrate scenarios summary"}
 # batch (issue 16: the same caches at batch 8 and batch 1, 8k prompts: STAGES="env batch");
 # ring (the MLP stack of 2026-11-24 against cpu_offload) is available but not in the default;
 # kvflash (the kv stage's caches with --sdpa-priority flash: STAGES="env kvflash");
+# kvar (the kv stage's caches with TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1: STAGES="env kvar");
+# sdpacalls (the decode attention calls as the model makes them, host time by layer, both ways);
 # profile (torch.profiler of TieredCache's decode/prefill at 32k and of one L2 time to
 # first token, cProfile of the tenants scenario on cuda: STAGES="env profile");
 # so are operate (synapse audit --backend cuda, monitor overhead on the GPU: STAGES="env operate")
@@ -149,6 +151,22 @@ if has kv; then
     --prompt-tokens ${KV_PROMPT:-32768} --new-tokens ${KV_NEW:-64} --repeats ${KV_REPEATS:-2} \
     --time-budget ${KV_BUDGET_S:-280} --caches ${KV_CACHES:-dynamic,offloaded,tiered_full,tiered_h2o,tiered_lru} \
     --out "$OUT/hf_caches_qwen2.json" 2>&1 | tee "$OUT/logs/hf_caches_qwen2.log" | tail -25
+fi
+
+if has kvar; then
+  stage "the kv stage's caches with TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 for every cache (cuDNN plans keyed on the key length rounded to a power of two where q, k, v are BSHD)"
+  TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 timeout ${KVAR_LIMIT_S:-330} python3 benchmarks/hf_caches.py --device cuda --model qwen2 \
+    --prompt-tokens ${KV_PROMPT:-32768} --new-tokens ${KV_NEW:-64} --repeats ${KV_REPEATS:-2} \
+    --time-budget ${KV_BUDGET_S:-280} --caches ${KV_CACHES:-dynamic,offloaded,tiered_full,tiered_h2o,tiered_lru} \
+    --out "$OUT/hf_caches_qwen2_ar.json" 2>&1 | tee "$OUT/logs/hf_caches_qwen2_ar.log" | tail -25
+fi
+
+if has sdpacalls; then
+  stage "the decode step's attention calls as the model makes them, per cache, without and with TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1"
+  timeout ${SDPACALLS_LIMIT_S:-150} python3 benchmarks/decode_sdpa_calls.py --prompt-tokens ${KV_PROMPT:-32768} \
+    --out "$OUT/decode_sdpa_calls.json" 2>&1 | grep -v Warning | tee "$OUT/logs/decode_sdpa_calls.log" | tail -6
+  timeout ${SDPACALLS_LIMIT_S:-150} python3 benchmarks/decode_sdpa_calls.py --prompt-tokens ${KV_PROMPT:-32768} --avoid-recompile \
+    --out "$OUT/decode_sdpa_calls_ar.json" 2>&1 | grep -v Warning | tee "$OUT/logs/decode_sdpa_calls_ar.log" | tail -6
 fi
 
 if has kvflash; then

@@ -719,6 +719,10 @@ def main(argv=None) -> int:
     context = a.prompt_tokens + a.new_tokens
     specs = cache_specs(cfg, device, context, a.prompt_tokens, a.batch)
     res = describe(a, cfg, model, device)
+    # read once per process by torch's cuDNN attention: whether it keys its plans on the key
+    # length rounded up to a power of two (q, k, v in BSHD memory only; see
+    # decode_sdpa_calls.py), for every cache of this run alike
+    res["config"]["env"] = {k: os.environ.get(k) for k in ("TORCH_CUDNN_SDPA_AVOID_RECOMPILE",)}
     if "quanto" in a.caches and backend_missing("quanto") is None:
         res["config"]["quanto_unpack"] = (
             route_quanto_unpack_to_torch() if a.quanto_unpack == "torch"
