@@ -68,6 +68,11 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=32768)
     ap.add_argument("--steps", type=int, default=32, help="decode steps recorded per cache")
     ap.add_argument("--avoid-recompile", action="store_true", help=f"set {ENV}=1 first")
+    ap.add_argument("--via", choices=("forward", "generate"), default="forward",
+                    help="decode steps as model(...) calls (timed one by one) or inside one "
+                         "model.generate (as hf_caches.py times them; steps not timed)")
+    ap.add_argument("--backend", choices=("default", "cudnn", "flash"), default="default",
+                    help="SDPA's own choice, or one backend forced for every call")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
     if a.steps < 2 or a.prompt_tokens < 1:
@@ -99,8 +104,15 @@ def main(argv=None) -> int:
     def recorded(q, k, v, attn_mask=None, *args, **kwargs):
         t0 = time.perf_counter()
         o = real(q, k, v, attn_mask, *args, **kwargs)
-        calls.append((time.perf_counter() - t0, q, k, v, attn_mask, args, kwargs))
+        if q.shape[-2] == 1:  # decode steps only
+            calls.append((time.perf_counter() - t0, q, k, v, attn_mask, args, kwargs))
         return o
+
+    import contextlib
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    forced = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION,
+              "flash": SDPBackend.FLASH_ATTENTION}[a.backend]
+    res["via"], res["backend"] = a.via, a.backend
 
     for name in [c for c in a.caches.split(",") if c]:
         if name not in specs:
@@ -114,22 +126,35 @@ def main(argv=None) -> int:
             mask = torch.ones((1, ids.shape[1]), dtype=torch.long, device=device)
             walls = []
             F.scaled_dot_product_attention = recorded
+            ctx = sdpa_kernel([forced]) if forced is not None else contextlib.nullcontext()
             try:
-                for i in range(a.steps + 2):  # two steps of warm-up, not kept
-                    if i == 2:
+                with ctx:
+                    if a.via == "generate":
                         calls.clear()
-                    sync()
-                    t0 = time.perf_counter()
-                    mask = torch.cat((mask, mask.new_ones((1, 1))), dim=1)
-                    out = model(nxt, attention_mask=mask, past_key_values=cache, use_cache=True)
-                    nxt = out.logits[:, -1:].argmax(-1)
-                    sync()
-                    if i >= 2:
-                        walls.append(time.perf_counter() - t0)
+                        sync()
+                        t0 = time.perf_counter()
+                        model.generate(ids, past_key_values=make(model), max_new_tokens=a.steps + 3,
+                                       do_sample=False, **gen)
+                        sync()
+                        walls.append((time.perf_counter() - t0) / (a.steps + 2))
+                        del calls[: 2 * layers]  # the first two decode steps
+                        del calls[a.steps * layers:]
+                    for i in range(a.steps + 2 if a.via == "forward" else 0):
+                        if i == 2:
+                            calls.clear()
+                        sync()
+                        t0 = time.perf_counter()
+                        mask = torch.cat((mask, mask.new_ones((1, 1))), dim=1)
+                        out = model(nxt, attention_mask=mask, past_key_values=cache, use_cache=True)
+                        nxt = out.logits[:, -1:].argmax(-1)
+                        sync()
+                        if i >= 2:
+                            walls.append(time.perf_counter() - t0)
             finally:
                 F.scaled_dot_product_attention = real
             kept = list(calls)
-            kernels = attention_kernels(model, nxt, mask, cache, device)
+            with (sdpa_kernel([forced]) if forced is not None else contextlib.nullcontext()):
+                kernels = attention_kernels(model, nxt, mask, cache, device)
             calls[:] = kept
         if len(calls) != a.steps * layers:
             res["caches"][name] = {"error": f"{len(calls)} attention calls recorded for "

@@ -162,18 +162,22 @@ if has kvar; then
 fi
 
 if has sdpacalls; then
-  stage "the decode step's attention calls as the model makes them, per cache, without and with TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1"
-  timeout ${SDPACALLS_LIMIT_S:-150} python3 benchmarks/decode_sdpa_calls.py --prompt-tokens ${KV_PROMPT:-32768} \
-    --out "$OUT/decode_sdpa_calls.json" 2>&1 | grep -v Warning | tee "$OUT/logs/decode_sdpa_calls.log" | tail -6
-  timeout ${SDPACALLS_LIMIT_S:-150} python3 benchmarks/decode_sdpa_calls.py --prompt-tokens ${KV_PROMPT:-32768} --avoid-recompile \
-    --out "$OUT/decode_sdpa_calls_ar.json" 2>&1 | grep -v Warning | tee "$OUT/logs/decode_sdpa_calls_ar.log" | tail -6
+  stage "the decode step's attention calls as the model makes them, per cache (${SDPACALLS_VARIANTS:-default ar})"
+  for variant in ${SDPACALLS_VARIANTS:-default ar}; do
+    case $variant in
+      default) extra="";; ar) extra="--avoid-recompile";; generate) extra="--via generate";;
+      flash) extra="--backend flash";; *) echo "unknown SDPACALLS_VARIANTS entry $variant"; continue;;
+    esac
+    timeout ${SDPACALLS_LIMIT_S:-150} python3 benchmarks/decode_sdpa_calls.py --prompt-tokens ${KV_PROMPT:-32768} $extra \
+      --out "$OUT/decode_sdpa_calls_${variant}.json" 2>&1 | grep -v Warning | tee "$OUT/logs/decode_sdpa_calls_${variant}.log" | tail -6
+  done
 fi
 
 if has kvflash; then
   stage "the same caches with flash attention tried first for every cache (what SDPA's kernel choice costs a decode step)"
   timeout ${KVFLASH_LIMIT_S:-200} python3 benchmarks/hf_caches.py --device cuda --model qwen2 \
-    --prompt-tokens ${KV_PROMPT:-32768} --new-tokens ${KV_NEW:-64} --repeats 1 --time-budget 180 \
-    --caches ${KVFLASH_CACHES:-dynamic,tiered_h2o} --sdpa-priority flash \
+    --prompt-tokens ${KV_PROMPT:-32768} --new-tokens ${KV_NEW:-64} --time-budget 180 \
+    --caches ${KVFLASH_CACHES:-dynamic,tiered_h2o} --sdpa-priority flash --repeats ${KVFLASH_REPEATS:-1} \
     --out "$OUT/hf_caches_qwen2_flash.json" 2>&1 | tee "$OUT/logs/hf_caches_qwen2_flash.log" | tail -14
 fi
 

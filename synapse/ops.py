@@ -45,6 +45,22 @@ class Region:
     tenant: str = "default"
 
 
+def merged_ranges(regions) -> list:
+    """``(space, offset, nbytes)`` runs covering exactly the bytes of ``regions``, adjacent
+    and overlapping ranges of a space merged: the tail slots freed one block at a time
+    are one memset, not one per block (the bytes cleared are the same)."""
+    out: list = []
+    for r in sorted(regions, key=lambda r: (r.space, r.offset)):
+        if r.nbytes <= 0:
+            continue
+        if out and out[-1][0] == r.space and r.offset <= out[-1][1] + out[-1][2]:
+            sp, lo, n = out[-1]
+            out[-1] = (sp, lo, max(n, r.offset + r.nbytes - lo))
+        else:
+            out.append((r.space, r.offset, r.nbytes))
+    return out
+
+
 @dataclass(frozen=True)
 class Op:
     """Base: every op names a kind (for telemetry) and a purpose (why it was issued)."""

@@ -380,3 +380,32 @@ def test_a_transformers_outside_the_supported_range_is_named(monkeypatch, versio
         hf.check_transformers()
     monkeypatch.setattr(transformers, "__version__", "5.17.0")
     assert hf.check_transformers() == "5.17.0"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_read_through_on_driver_calls_and_reused_buffers_changes_no_bit():
+    """The fused INT4 read-through with its copies and events as driver calls and a decode
+    step's keys in one reused pair of buffers gives the logits, tokens and decisions of the
+    same kernel with torch's events and a fresh pair a layer."""
+    m = tiny_model("llama", dtype=torch.float16).cuda()
+    ids = prompt(48).cuda()
+
+    def run(driver: bool):
+        cache = TieredCache(m.config, policy="h2o", l1_budget_tokens=32, demote="int4",
+                            block_tokens=8, backend="cuda", model=m)
+        if not driver:
+            cache._drv = False  # torch's events and copies, as before
+        out = greedy(m, ids, cache, new=24, prefill_chunk_size=16)
+        return cache, out
+
+    fast, a = run(True)
+    slow, b = run(False)
+    assert fast._fused and slow._fused, getattr(fast, "_fused_reason", "")
+    assert fast._drv and slow._drv is False, getattr(fast, "_drv_reason", "")
+    assert getattr(fast, "_asm_buf", None) is not None  # decode steps used the reused pair
+    assert fast.telemetry()["l2_hits"] > 0
+    assert torch.equal(a.sequences, b.sequences)
+    for x, y in zip(a.logits, b.logits):
+        assert torch.equal(x, y)
+    assert fast.decisions() == slow.decisions()

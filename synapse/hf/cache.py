@@ -271,6 +271,11 @@ class TieredCache(BatchMode, CopiesAndCrops, HeldPass, Cache):
     def reset(self) -> None:
         if getattr(self, "_backend", None) is not None:
             self._backend.close()
+        d = getattr(self, "_drv", None)
+        if d:  # a pending event may be destroyed: the driver lets it go once it completes
+            for ev in d["ready"] + d["free"]:
+                d["api"].event_destroy(ev)
+        self._drv = None
         batch = getattr(self, "_batch", None)
         if batch is not None:
             for c in batch.children:
@@ -522,7 +527,7 @@ class TieredCache(BatchMode, CopiesAndCrops, HeldPass, Cache):
         data = self._l2_rows(layer)
         if layer + 1 < self.num_layers:
             self._prefetch_l2(layer + 1)
-        if st["l2_int4"] and self._assemble_kernel():
+        if st["l2_int4"] and st["fused"]:
             out = self._assemble(kp, vp, data, cut, n)
             self._l2_consumed(layer)
             return out
@@ -538,11 +543,38 @@ class TieredCache(BatchMode, CopiesAndCrops, HeldPass, Cache):
         self._l2_consumed(layer)
         return keys, values
 
+    # The read-through's copies and events as driver calls on torch's streams (where the
+    # fused kernel serves, its context is current): a torch event, a stream switch and a
+    # copy cost the host about ten times what cuEventRecord / cuMemcpyHtoDAsync do, and a
+    # decode step makes five of them a layer. Two events per buffer, made once and
+    # recorded again: a wait is queued before the event is recorded again (the pipeline
+    # below is two layers deep), and a wait takes the record before it.
+    def _driver(self):
+        """``synapse.hw.driver_api`` with this cache's reusable events (None: torch ops)."""
+        d = getattr(self, "_drv", None)
+        if d is None:
+            d = False
+            try:
+                from ..hw import driver_api as api
+                api._cu()
+                d = {"api": api, "ready": [api.event_create(timing=False) for _ in range(2)],
+                     "free": [api.event_create(timing=False) for _ in range(2)]}
+            except Exception as e:  # noqa: BLE001 (no cuda-bindings: torch's events)
+                self._drv_reason = f"{type(e).__name__}: {e}"
+            self._drv = d
+        return d or None
+
     def _l2_consumed(self, layer: int) -> None:
         """The layer's L2 buffer has been read (the work reading it is queued): the copy
         into it for layer + 2 may start once that work is done, not before."""
         st = self._step
         if st["copy_stream"] is not None:
+            d = st["drv"]
+            if d is not None:
+                ev = d["free"][layer % 2]
+                d["api"].event_record(ev, st["compute_stream"])
+                self._l2_free[layer % 2] = ("driver", ev)
+                return
             ev = torch.cuda.Event()
             ev.record(torch.cuda.current_stream(self.device))
             self._l2_free[layer % 2] = ev  # kept across steps: the next step reuses it
@@ -570,13 +602,35 @@ class TieredCache(BatchMode, CopiesAndCrops, HeldPass, Cache):
         st, sh = self._step, self.shape
         m = st["l2_blocks"]
         total = n + m * self.block_tokens
-        keys = torch.empty((total, self.kv_heads, self.head_dim), dtype=self.dtype, device=self.device)
-        values = torch.empty_like(keys)
-        kernels.kv_assemble_int4(kp.data_ptr(), vp.data_ptr(), data.data_ptr(), keys.data_ptr(),
-                                 values.data_ptr(), cut, m, self.block_tokens,
-                                 self.kv_heads * self.head_dim, total, sh.int4_group,
-                                 key_channel=sh.int4_keys == "channel", stream=None)
-        return keys.permute(1, 0, 2).unsqueeze(0), values.permute(1, 0, 2).unsqueeze(0)
+        out = st.get("asm")
+        if out is None:
+            keys = torch.empty((total, self.kv_heads, self.head_dim), dtype=self.dtype,
+                               device=self.device)
+            values = torch.empty_like(keys)
+            out = (keys.permute(1, 0, 2).unsqueeze(0), values.permute(1, 0, 2).unsqueeze(0),
+                   keys.data_ptr(), values.data_ptr())
+        kernels.kv_assemble_int4(kp.data_ptr(), vp.data_ptr(), data.data_ptr(), out[2], out[3],
+                                 cut, m, self.block_tokens, self.kv_heads * self.head_dim,
+                                 total, sh.int4_group, key_channel=sh.int4_keys == "channel",
+                                 stream=None)
+        return out[0], out[1]
+
+    def _assembly_buffers(self, total: int):
+        """A decode step's keys and values for the fused read-through, written by each
+        layer in turn into one pair of buffers (grown by doubling, kept): each layer's
+        attention and scores read them before the next layer's kernel, on the same
+        stream, and nothing keeps them past that (a prefill chunk's keys are scored after
+        its attention, ``_score_later``, and get their own). Views made once a step."""
+        buf = getattr(self, "_asm_buf", None)
+        if buf is None or buf.shape[1] < total:
+            if buf is not None:
+                torch.cuda.synchronize(self.device)  # the last step's attention may read it
+            cap = max(total, 2 * (buf.shape[1] if buf is not None else 0))
+            buf = self._asm_buf = torch.empty((2, cap, self.kv_heads, self.head_dim),
+                                              dtype=self.dtype, device=self.device)
+        k, v = buf[0, :total], buf[1, :total]
+        return (k.permute(1, 0, 2).unsqueeze(0), v.permute(1, 0, 2).unsqueeze(0),
+                k.data_ptr(), v.data_ptr())
 
     def _prefetch_l2(self, layer: int) -> None:
         """Copy ``layer``'s L2 run (K and V planes, each contiguous; INT4: one run of layer
@@ -587,10 +641,24 @@ class TieredCache(BatchMode, CopiesAndCrops, HeldPass, Cache):
         src, dst, _, nbytes = st.get("l2_views") or self._l2_views()
         k = len(dst[0])
         cs = st["copy_stream"]
-        if cs is not None:
-            freed = self._l2_free.pop(layer % 2, None)  # whatever read it last is done
+        d = st["drv"]
+        freed = self._l2_free.pop(layer % 2, None) if cs is not None else None
+        if d is not None:
+            api, csh = d["api"], st["copy_handle"]
             if freed is not None:
-                cs.wait_event(freed)
+                api.stream_wait_event(csh, freed[1] if isinstance(freed, tuple) else freed.cuda_event)
+            ptrs, run = st["l2_ptrs"]
+            for i in range(k):
+                api.memcpy_htod_async(ptrs[1][layer % 2][i], ptrs[0][k * layer + i], run, csh)
+            ev = d["ready"][layer % 2]
+            api.event_record(ev, csh)
+            st["l2_ready"][layer] = ("driver", ev)
+        elif cs is not None:
+            if freed is not None:  # whatever read it last is done
+                if isinstance(freed, tuple):  # recorded by a driver call: wait the same way
+                    self._driver()["api"].stream_wait_event(cs.cuda_stream, freed[1])
+                else:
+                    cs.wait_event(freed)
             with torch.cuda.stream(cs):
                 for i in range(k):
                     dst[layer % 2][i].copy_(src[k * layer + i], non_blocking=True)
@@ -606,7 +674,7 @@ class TieredCache(BatchMode, CopiesAndCrops, HeldPass, Cache):
         """This step's views for the L2 read-through: each plane's run of the L2 slots
         (``[blocks, bytes]``), the two device buffers cut into one destination per run of
         a layer, the two buffers' used parts (what ``_l2_rows`` returns) and the bytes a
-        layer copies."""
+        layer copies; with driver calls, also their addresses."""
         st = self._step
         m, per = st["l2_blocks"], st["l2_plane_bytes"]
         mem = self._backend.space("l2")
@@ -617,6 +685,9 @@ class TieredCache(BatchMode, CopiesAndCrops, HeldPass, Cache):
         dst = [u[: k * m * run].view(k, m, run).unbind(0) for u in used]
         src = src.unbind(0)
         st["l2_views"] = views = (src, dst, used, k * m * run)
+        if st["drv"] is not None:
+            st["l2_ptrs"] = (([x.data_ptr() for x in src], [[x.data_ptr() for x in d] for d in dst]),
+                             m * run)
         return views
 
     def _l2_rows(self, layer: int) -> torch.Tensor:
@@ -626,7 +697,10 @@ class TieredCache(BatchMode, CopiesAndCrops, HeldPass, Cache):
         ev = st["l2_ready"].pop(layer, None)
         if ev is not None:
             t0 = time.perf_counter()
-            torch.cuda.current_stream(self.device).wait_event(ev)
+            if isinstance(ev, tuple):
+                st["drv"]["api"].stream_wait_event(st["compute_stream"], ev[1])
+            else:
+                torch.cuda.current_stream(self.device).wait_event(ev)
             self.stall_s += time.perf_counter() - t0
         st["l2_done"].add(layer)
         return (st.get("l2_views") or self._l2_views())[2][layer % 2]
@@ -690,7 +764,8 @@ class TieredCache(BatchMode, CopiesAndCrops, HeldPass, Cache):
         cut = a - self.seen_tokens % bt       # where the tail block starts: a block boundary
         m = l2.num_live
         st = {"l1": self._l1_planes(), "new_at": a, "cut": cut, "l1_tokens": n, "l2_blocks": m,
-              "l2_int4": self.demote == "l2_int4", "l2_ready": {}, "l2_done": set()}
+              "l2_int4": self.demote == "l2_int4", "l2_ready": {}, "l2_done": set(),
+              "copy_stream": None, "fused": False, "drv": None}
         if m:
             per = l2.slot_bytes // self.shape.planes
             st["l2_plane_bytes"] = per
@@ -701,7 +776,13 @@ class TieredCache(BatchMode, CopiesAndCrops, HeldPass, Cache):
                 size = max(2 * m * per, 2 * (buf.shape[-1] if buf is not None else 0))
                 buf = self._l2_buf = torch.empty((2, size), dtype=torch.uint8, device=self.device)
             st["l2_buf"] = buf
-            st["copy_stream"] = self._copy_stream()
+            cs = st["copy_stream"] = self._copy_stream()
+            st["fused"] = fused = st["l2_int4"] and cs is not None and self._assemble_kernel()
+            st["drv"] = self._driver() if fused else None
+            if st["drv"] is not None:
+                st["compute_stream"], st["copy_handle"] = 0, cs.cuda_stream  # fused: stream 0
+            if fused and q == 1 and self._batch is None and self._l1_source is None:
+                st["asm"] = self._assembly_buffers(n + m * bt)
         self._step = st
 
     @staticmethod

@@ -28,7 +28,7 @@ from ..backend import Backend, _Wait, run_sync
 from ..errors import BackendUnavailable, CapacityError, KernelError
 from ..ops import (PINNED_ZERO_BEFORE, ZERO_PAGE_BYTES, ZERO_STREAM, Attention, Copy, Dequantize,
                    DiskIO, Ingest, LayerCompute, Op, OpRecord, PinnedZero, Quantize, Region,
-                   Stream, Zero)
+                   Stream, Zero, merged_ranges)
 from . import driver_api as drv
 from .disk_queue import DiskQueue
 from .pinned_pool import check_pinnable
@@ -486,7 +486,7 @@ class CudaBackend(Backend):
         if isinstance(op, LayerCompute):
             return lambda: self._layer(op)
         if isinstance(op, Zero):
-            regions = [(self._addr(r.space, r.offset), r.nbytes) for r in op.regions]
+            regions = [(self._addr(sp, o), n) for sp, o, n in merged_ranges(op.regions)]
 
             def launch():
                 for a, n in regions:

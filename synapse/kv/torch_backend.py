@@ -36,7 +36,7 @@ import torch
 
 from ..backend import Backend, _Wait, run_sync
 from ..errors import KernelError
-from ..ops import Copy, Dequantize, Op, OpRecord, Quantize, Stream, Zero
+from ..ops import Copy, Dequantize, Op, OpRecord, Quantize, Stream, Zero, merged_ranges
 from ..hf.int4 import dequantize_layer_rows, quantize_layer_rows
 from .shape import KVShape
 
@@ -269,8 +269,8 @@ class TorchBackend(Backend):
             dst.slots(size)[:, idx] = x.view(2 * layers, k, -1).view(torch.uint8)
             return None
         if isinstance(op, Zero):
-            for r in op.regions:
-                self._mem[r.space].zero(r.offset, r.nbytes)
+            for space, offset, nbytes in merged_ranges(op.regions):
+                self._mem[space].zero(offset, nbytes)
             return None
         raise KernelError(f"the torch backend cannot run {type(op).__name__}")
 
