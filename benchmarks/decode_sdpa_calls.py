@@ -6,6 +6,8 @@ wrapped while the steps run): the inputs' shapes and strides, the mask, ``is_cau
 ``enable_gqa``, and the host time of every call by its layer, so that a per-shape plan
 build (cuDNN keys its plans on the key length: one new length a step) shows as the step's
 first layer costing more than the rest. Also the whole step's wall time (synchronised).
+A ``TieredCache``'s CUDA decode steps run on ``synapse.hf.decode_attention`` (flash,
+called as an aten op): they are recorded at that function's entry instead.
 
 ``TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1`` (torch >= 2.9, read once per process) makes cuDNN
 key its plans on the key length rounded up to a power of two, for inputs whose q, k, v
@@ -101,12 +103,35 @@ def main(argv=None) -> int:
     real = F.scaled_dot_product_attention
     calls: list = []
 
+    inner = []  # set while a DECODE_SDPA call runs: its fallback is that call, not another
+
     def recorded(q, k, v, attn_mask=None, *args, **kwargs):
         t0 = time.perf_counter()
         o = real(q, k, v, attn_mask, *args, **kwargs)
-        if q.shape[-2] == 1:  # decode steps only
+        if q.shape[-2] == 1 and not inner:  # decode steps only
             calls.append((time.perf_counter() - t0, q, k, v, attn_mask, args, kwargs))
         return o
+
+    # a TieredCache's CUDA decode steps go to synapse.hf.decode_attention (flash, called
+    # as an aten op): recorded at its entry, the same way
+    from transformers import AttentionInterface
+    from synapse.hf import decode_attention as da
+    da.register()
+    real_da = da.decode_attention
+
+    def recorded_da(module, q, k, v, mask, *args, **kwargs):
+        t0 = time.perf_counter()
+        inner.append(1)
+        try:
+            o = real_da(module, q, k, v, mask, *args, **kwargs)
+        finally:
+            inner.pop()
+        if q.shape[-2] == 1:
+            calls.append((time.perf_counter() - t0, q, k, v, mask, args,
+                          {"via": da.DECODE_SDPA, **kwargs}))
+        return o
+
+    AttentionInterface.register(da.DECODE_SDPA, recorded_da)
 
     import contextlib
     from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -139,9 +139,14 @@ def main(argv=None) -> int:
                 return out.logits[:, -1:].argmax(-1), mask
             sync()
             with profile(activities=acts) as prof:
-                for _ in range(a.new_tokens):
-                    nxt, mask = step(nxt, mask)
+                with sync_sites(a.sync_debug and cuda) as sites:
+                    for _ in range(a.new_tokens):
+                        nxt, mask = step(nxt, mask)
                 sync()
+            if sites is not None:
+                print(f"=== host-device synchronisations: {sum(sites.values())}")
+                for where, n in sites.most_common(a.rows):
+                    print(f"  {n:6d}  {where}")
         elif a.phase == "generate":  # Python hot spots of a whole generate(), cProfile
             import cProfile
             import pstats
@@ -174,6 +179,8 @@ def main(argv=None) -> int:
             sync()
             pr.disable()
             pstats.Stats(pr).sort_stats("tottime").print_stats(25)
+            # the cache's own Python, cumulative: what a step spends in synapse's calls
+            pstats.Stats(pr).sort_stats("cumtime").print_stats("synapse/", 30)
     steps = a.new_tokens if a.phase == "decode" else 1
     print(f"=== {a.cache} {a.phase} batch {a.batch}: {steps} steps")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.rows))

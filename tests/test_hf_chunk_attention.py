@@ -17,6 +17,10 @@ from synapse.hf import TieredCache  # noqa: E402
 from synapse.hf.chunk_attention import ChunkAttention  # noqa: E402
 
 
+def prompt(n, seed=0):
+    return torch.randint(3, VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
 def run(model, demote, monkeypatch=None, fused=True, chunk=16, family_seed=0):
     if not fused:
         monkeypatch.setattr(ChunkAttention, "_before", lambda self, *a: None)
@@ -109,3 +113,47 @@ def test_on_cuda_the_chunks_take_the_fused_kernels_with_the_same_logits(monkeypa
     assert cf.telemetry()["demotions"] > 0
     plain, _ = go(False)
     torch.testing.assert_close(fused.logits[0], plain.logits[0], atol=2e-2, rtol=2e-2)
+
+
+def test_a_decode_step_on_the_cpu_keeps_sdpa_and_the_function_falls_back_to_it():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from synapse.hf import decode_attention as da
+    m = tiny_model("qwen2", layers=2)
+    cache = TieredCache(m.config, policy="fifo", l1_budget_tokens=256, block_tokens=8, model=m)
+    seen = []
+    m.register_forward_pre_hook(lambda mod, a, k: seen.append(mod.config._attn_implementation),
+                                with_kwargs=True)
+    with torch.no_grad():
+        m.generate(prompt(24), max_new_tokens=4, do_sample=False, past_key_values=cache)
+    assert seen and set(seen) == {"sdpa"}  # the CPU is never switched
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 1, 32, generator=g)
+    k, v = torch.randn(2, 1, 2, 40, 32, generator=g).unbind(0)
+    attn = m.model.layers[0].self_attn
+    got, _ = da.decode_attention(attn, q, k, v, None, scaling=0.2)
+    want, _ = sdpa_attention_forward(attn, q, k, v, None, scaling=0.2)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_decode_steps_run_on_flash_and_the_model_gets_sdpa_back():
+    from transformers import DynamicCache
+    from synapse.hf import decode_attention as da
+    m = tiny_model("qwen2", layers=2, dtype=torch.float16).cuda()
+    ids = prompt(40).cuda()
+    da.used.clear()
+
+    def run(cache):
+        with torch.no_grad():
+            return m.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=cache,
+                              output_logits=True, return_dict_in_generate=True)
+
+    ref = run(DynamicCache(config=m.config))
+    assert "flash" not in da.used
+    out = run(TieredCache(m.config, policy="fifo", l1_budget_tokens=256, block_tokens=8,
+                          backend="cuda", model=m))
+    assert "flash" in da.used
+    assert m.config._attn_implementation == "sdpa"
+    for x, y in zip(out.logits, ref.logits):  # flash against SDPA's choice, fp16
+        torch.testing.assert_close(x.float(), y.float(), atol=2e-2, rtol=0)

@@ -617,7 +617,7 @@ class TieredCache(BatchMode, CopiesAndCrops, HeldPass, Cache):
 
     def _assembly_buffers(self, total: int):
         """A decode step's keys and values for the fused read-through, written by each
-        layer in turn into one pair of buffers (grown by doubling, kept): each layer's
+        layer in turn into one pair of buffers (kept, grown by 1/64): each layer's
         attention and scores read them before the next layer's kernel, on the same
         stream, and nothing keeps them past that (a prefill chunk's keys are scored after
         its attention, ``_score_later``, and get their own). Views made once a step."""
@@ -625,7 +625,9 @@ class TieredCache(BatchMode, CopiesAndCrops, HeldPass, Cache):
         if buf is None or buf.shape[1] < total:
             if buf is not None:
                 torch.cuda.synchronize(self.device)  # the last step's attention may read it
-            cap = max(total, 2 * (buf.shape[1] if buf is not None else 0))
+            # room for 1/64 more (512 steps at 32k), not double: held through the decode,
+            # its size adds to the decode's peak
+            cap = total + max(self.block_tokens, total // 64)
             buf = self._asm_buf = torch.empty((2, cap, self.kv_heads, self.head_dim),
                                               dtype=self.dtype, device=self.device)
         k, v = buf[0, :total], buf[1, :total]

@@ -15,9 +15,11 @@ otherwise (a dropped block, padding, another mask function).
 ``ChunkAttention.hook(cache, model)`` switches a forward pass of more than one token
 that continues a single, started sequence to ``PREFIX_SDPA`` (through
 ``prefix_sdpa``) and restores the model's own implementation after it, also when the
-pass fails. Decode steps (one token), the first chunk (no past: ``sdpa`` already runs
-it causal and fused) and batches (their own 4D masks, ``synapse.hf.batch``) are left
-alone, and so is a model that does not use ``sdpa``.
+pass fails. A decode step (one token) of such a sequence on CUDA goes to
+``synapse.hf.decode_attention``'s ``DECODE_SDPA`` the same way (flash: no cuDNN plan to
+wait for at a new key length). The first chunk (no past: ``sdpa`` already runs it causal
+and fused), batches (their own 4D masks, ``synapse.hf.batch``), CPU decode steps and a
+model that does not use ``sdpa`` are left alone.
 
 For a cache that scores (h2o, lru) the pass also hands each layer's row log-sum-exp,
 which ``split_attention`` computes anyway, to the cache (``TieredCache.attention_lse``):
@@ -26,8 +28,9 @@ pass 1 of its fused scores, not computed again.
 
 from __future__ import annotations
 
-from . import prefix_attention
+from . import decode_attention, prefix_attention
 from .batch import _cache_of, _input_of
+from .decode_attention import DECODE_SDPA
 from .prefix_attention import PREFIX_SDPA, prefix_sdpa
 
 
@@ -39,6 +42,7 @@ class ChunkAttention:
         self.cache = cache
         self.active = None  # the entered prefix_sdpa context of the running pass
         self.sink = None    # the lse_sink this pass replaced (restored after it)
+        self.decode = None  # the config a decode pass switched to DECODE_SDPA
         self.passes = 0
 
     @classmethod
@@ -49,16 +53,27 @@ class ChunkAttention:
         return [model.register_forward_pre_hook(me._before, with_kwargs=True),
                 model.register_forward_hook(me._after, with_kwargs=True, always_call=True)]
 
-    def _continues_a_sequence(self, args, kwargs) -> bool:
+    def _continues_a_sequence(self, args, kwargs) -> int:
+        """The pass's new tokens where it continues this cache's single started sequence
+        (0 where it does not)."""
         c = self.cache
         if _cache_of(kwargs) is not c or c._batch is not None or c.planner is None \
                 or c.seen_tokens == 0:
-            return False
+            return 0
         x = _input_of(args, kwargs)
-        return x is not None and x.shape[0] == 1 and x.shape[1] > 1
+        return x.shape[1] if x is not None and x.shape[0] == 1 else 0
 
     def _before(self, module, args, kwargs):
-        if self.active is None and self._continues_a_sequence(args, kwargs):
+        if self.active is not None or self.decode is not None:
+            return None
+        n = self._continues_a_sequence(args, kwargs)
+        if n == 1 and decode_attention.takes(self.cache):
+            cfg = module.config
+            if getattr(cfg, "_attn_implementation", None) == "sdpa":
+                decode_attention.register()
+                cfg._attn_implementation = DECODE_SDPA
+                self.decode = cfg
+        elif n > 1:
             ctx = prefix_sdpa(module)
             ctx.__enter__()
             self.active = ctx
@@ -70,6 +85,9 @@ class ChunkAttention:
         return None
 
     def _after(self, module, args, kwargs, output):
+        cfg, self.decode = self.decode, None
+        if cfg is not None:
+            cfg._attn_implementation = "sdpa"
         ctx, self.active = self.active, None
         if ctx is not None:
             if prefix_attention.lse_sink == self.cache.attention_lse:
