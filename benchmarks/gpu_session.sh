@@ -191,11 +191,11 @@ fi
 
 if has profile; then
   stage "where the time goes: TieredCache at 32k (torch.profiler), one L2 time to first token, the tenants scenario's host (cProfile)"
-  python3 benchmarks/decode_attention_kernels.py --out "$OUT/decode_attention_kernels.json" 2>&1 | tee "$OUT/logs/decode_attention_kernels.log"
+  [ "${PROFILE_KERNELS:-1}" = 1 ] && python3 benchmarks/decode_attention_kernels.py --out "$OUT/decode_attention_kernels.json" 2>&1 | tee "$OUT/logs/decode_attention_kernels.log"
   for spec in ${PROFILE_HF:-tiered_h2o:decode tiered_h2o:prefill tiered_full:prefill}; do
     c=${spec%%:*}; ph=${spec##*:}
     timeout ${PROFILE_HF_LIMIT_S:-120} python3 benchmarks/profile_hf_step.py --device cuda --model qwen2 --cache $c \
-      --prompt-tokens ${KV_PROMPT:-32768} --phase $ph --rows 30 --json "$OUT/profile_${c}_${ph}.json" \
+      --prompt-tokens ${KV_PROMPT:-32768} --phase $ph --rows 30 ${PROFILE_ARGS:-} --json "$OUT/profile_${c}_${ph}.json" \
       > "$OUT/logs/profile_${c}_${ph}.log" 2>&1; tail -45 "$OUT/logs/profile_${c}_${ph}.log"
   done
   if [ "${PROFILE_TTFT:-1}" = 1 ]; then

@@ -77,6 +77,29 @@ def sync_sites(on: bool):
         warnings.showwarning = shown
 
 
+@contextlib.contextmanager
+def op_sites(on: bool):
+    """Counter of torch calls by the innermost synapse line on the stack (None if off)."""
+    if not on:
+        yield None
+        return
+    from torch.overrides import TorchFunctionMode
+    root = str(Path(__file__).resolve().parents[1] / "synapse")
+    sites = collections.Counter()
+
+    class Count(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") != "__get__":
+                st = [f for f in traceback.extract_stack()[:-1] if f.filename.startswith(root)]
+                where = (f"{Path(st[-1].filename).relative_to(root)}:{st[-1].lineno} {st[-1].name}"
+                         if st else "(not synapse)")
+                sites[where] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        yield sites
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", default="tiered_full", help="a cache of hf_caches.py")
@@ -92,6 +115,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="decode: write the op counts here")
     ap.add_argument("--fused-scores", action="store_true",
                     help="score prefill chunks on the fused path on the CPU too")
+    ap.add_argument("--op-sites", action="store_true",
+                    help="count the phase's torch calls by the synapse line that made them "
+                         "(TorchFunctionMode; a separate run of the same phase)")
     ap.add_argument("--sync-debug", action="store_true",
                     help="CUDA: count host-device synchronisations of the profiled phase by "
                          "call site (torch.cuda.set_sync_debug_mode)")
@@ -169,6 +195,20 @@ def main(argv=None) -> int:
                 print(f"=== host-device synchronisations: {sum(sites.values())}")
                 for where, n in sites.most_common(a.rows):
                     print(f"  {n:6d}  {where}")
+        if a.op_sites:  # the same phase once more, its torch calls counted by call site
+            with op_sites(True) as sites:
+                if a.phase == "decode":
+                    for _ in range(a.new_tokens):
+                        nxt, mask = step(nxt, mask)
+                else:
+                    model.generate(ids, past_key_values=make(model), max_new_tokens=1,
+                                   do_sample=False,
+                                   **({"prefill_chunk_size": chunk} if chunk else {}))
+                sync()
+            n = a.new_tokens if a.phase == "decode" else 1
+            print(f"=== torch calls by call site, per step: {sum(sites.values()) / n:.1f}")
+            for where, k in sites.most_common(a.rows):
+                print(f"  {k / n:9.1f}  {where}")
         if a.phase == "decode" and not a.no_cprofile:  # Python hot spots of the same steps
             import cProfile
             import pstats

@@ -45,20 +45,25 @@ class Region:
     tenant: str = "default"
 
 
-def merged_ranges(regions) -> list:
-    """``(space, offset, nbytes)`` runs covering exactly the bytes of ``regions``, adjacent
-    and overlapping ranges of a space merged: the tail slots freed one block at a time
+def merged_byte_ranges(ranges) -> list:
+    """``(offset, nbytes)`` runs covering exactly the bytes of ``ranges``, adjacent and
+    overlapping ones merged, in offset order: the tail slots freed one block at a time
     are one memset, not one per block (the bytes cleared are the same)."""
     out: list = []
-    for r in sorted(regions, key=lambda r: (r.space, r.offset)):
-        if r.nbytes <= 0:
-            continue
-        if out and out[-1][0] == r.space and r.offset <= out[-1][1] + out[-1][2]:
-            sp, lo, n = out[-1]
-            out[-1] = (sp, lo, max(n, r.offset + r.nbytes - lo))
+    for lo, n in sorted(r for r in ranges if r[1] > 0):
+        if out and lo <= out[-1][0] + out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], lo + n - out[-1][0]))
         else:
-            out.append((r.space, r.offset, r.nbytes))
+            out.append((lo, n))
     return out
+
+
+def merged_ranges(regions) -> list:
+    """``(space, offset, nbytes)``: ``merged_byte_ranges`` of the regions of each space."""
+    spaces: dict = {}
+    for r in regions:
+        spaces.setdefault(r.space, []).append((r.offset, r.nbytes))
+    return [(sp, lo, n) for sp in sorted(spaces) for lo, n in merged_byte_ranges(spaces[sp])]
 
 
 @dataclass(frozen=True)

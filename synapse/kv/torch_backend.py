@@ -36,7 +36,8 @@ import torch
 
 from ..backend import Backend, _Wait, run_sync
 from ..errors import KernelError
-from ..ops import Copy, Dequantize, Op, OpRecord, Quantize, Stream, Zero, merged_ranges
+from ..ops import (Copy, Dequantize, Op, OpRecord, Quantize, Stream, Zero, merged_byte_ranges,
+                   merged_ranges)
 from ..hf.int4 import dequantize_layer_rows, quantize_layer_rows
 from .shape import KVShape
 
@@ -85,6 +86,12 @@ class PlaneMemory:
             hi = min(hi, self.arena.mapped_pages() * self.arena.page_bytes)
         if hi > lo:
             self.t[:, lo:hi].zero_()
+
+    def zero_ranges(self, ranges) -> None:
+        """Zero ``(offset, nbytes)`` ranges, merged first: a slab allocator's batch of
+        frees (the staging of a step's demotions) is one op, not one per block."""
+        for offset, nbytes in merged_byte_ranges(ranges):
+            self.zero(offset, nbytes)
 
     def extent(self, live_bytes: int) -> None:
         if self.arena is not None:
