@@ -543,10 +543,13 @@ class TierManager:
             if to_free > 0 else []
         prefetches: list[Move] = []
         if prefetching and not demotions:
-            l2 = self.table.ids_in(Tier.L2)
-            l2 = l2[~self._in_flight(l2)]
             headroom = self.watermarks.headroom_bytes(used, self.l1_capacity)
-            if len(l2) and len(cand) and headroom > 0:
+            l2 = self.table.ids_in(Tier.L2) if headroom > 0 and len(cand) else ()
+            if len(l2):
+                busy = self._in_flight(l2)
+                if busy.any():  # (most rounds: none in flight, and no copy of l2 to make)
+                    l2 = l2[~busy]
+            if len(l2):
                 prefetches = self._plan_prefetch(l2, cand, headroom, step)
         return demotions, prefetches
 
