@@ -281,20 +281,23 @@ class TierManager:
     def _mark_busy(self, blocks: np.ndarray) -> None:
         """``_set_busy(b, True)`` for every block (an int64 array: indexing with it
         converts no Python list)."""
-        if len(blocks):
-            top = int(blocks.max())
-            if top >= len(self._busy):
-                self._grow_busy(top)
+        try:  # within the marks (NumPy checks every index before it writes any)
+            self._busy[blocks] = True
+        except IndexError:
+            if not len(blocks):
+                raise
+            self._grow_busy(int(blocks.max()))
             self._busy[blocks] = True
 
     def _clear_busy(self, blocks) -> None:
         """``_set_busy(b, False)`` for every block (pinned blocks stay busy)."""
         if len(blocks):
             blocks = np.asarray(blocks, np.int64)  # (indexing with a list converts it)
-            top = int(blocks.max())
-            if top >= len(self._busy):
-                self._grow_busy(top)
-            self._busy[blocks] = False
+            try:  # within the marks (NumPy checks every index before it writes any)
+                self._busy[blocks] = False
+            except IndexError:
+                self._grow_busy(int(blocks.max()))
+                self._busy[blocks] = False
             for p in self.pinned:  # a pinned block is always busy
                 self._busy[p] = True
 
@@ -540,10 +543,13 @@ class TierManager:
             if to_free > 0 else []
         prefetches: list[Move] = []
         if prefetching and not demotions:
-            l2 = self.table.ids_in(Tier.L2)
-            l2 = l2[~self._in_flight(l2)]
             headroom = self.watermarks.headroom_bytes(used, self.l1_capacity)
-            if len(l2) and len(cand) and headroom > 0:
+            l2 = self.table.ids_in(Tier.L2) if headroom > 0 and len(cand) else ()
+            if len(l2):
+                busy = self._in_flight(l2)
+                if busy.any():  # (most rounds: none in flight, and no copy of l2 to make)
+                    l2 = l2[~busy]
+            if len(l2):
                 prefetches = self._plan_prefetch(l2, cand, headroom, step)
         return demotions, prefetches
 

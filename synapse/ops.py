@@ -11,6 +11,7 @@ one per block.
 from __future__ import annotations
 
 import enum
+from itertools import chain
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -142,7 +143,10 @@ class PinnedZero(Copy):
     def of(cls, space: str, ranges) -> "PinnedZero":
         """The op clearing ``ranges`` ((offset, nbytes) in ``space``); rows longer than
         the page are cut into pages."""
-        rows = np.array(ranges, np.int64).reshape(-1, 2)
+        # fromiter over the flattened pairs: several times faster than np.array on a
+        # list of tuples (hundreds of ranges per demotion round), the same array
+        rows = np.fromiter(chain.from_iterable(ranges), np.int64, 2 * len(ranges)).reshape(-1, 2) \
+            if isinstance(ranges, list) else np.array(ranges, np.int64).reshape(-1, 2)
         dst, sizes = rows[:, 0], rows[:, 1]
         if (sizes > ZERO_PAGE_BYTES).any():
             cuts = [(o + lo, min(ZERO_PAGE_BYTES, n - lo)) for o, n in rows.tolist()

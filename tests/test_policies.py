@@ -90,3 +90,71 @@ def test_victims_match_a_full_sort(seed):
 def test_unknown_policy_names_the_valid_ones():
     with pytest.raises(ScenarioError, match="lru, fifo, h2o, sinks, belady"):
         make_policy("arc")
+
+
+def _tie(primary, pos):
+    return primary.astype(np.float64) * float(2**24) + pos
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kept_score_columns_equal_the_formulas(seed):
+    """LRU, FIFO and sinks keep each block's score in a column set by their hooks: the
+    same float64 values as the formula over the state at the time of the call."""
+    rng = np.random.default_rng(seed)
+    lru, fifo, sinks = LRU(), FIFO(), AttentionSinks(sink_blocks=2)
+    pos = rng.permutation(300)
+    last = np.zeros(300, np.int64)
+    arrival = np.zeros(300, np.int64)
+    n_arrived = 0
+    for step, lo in enumerate(range(0, 300, 50)):
+        ids = np.arange(lo, lo + 50)
+        for p in (lru, fifo, sinks):
+            p.on_insert(ids, step, pos[ids])
+        last[ids] = step
+        arrival[ids] = np.arange(n_arrived, n_arrived + 50)
+        n_arrived += 50
+        used = rng.choice(lo + 50, 20, replace=False)
+        lru.on_access(used, step)
+        last[used] = step
+        fetched = rng.choice(lo + 50, 5, replace=False)
+        for p in (lru, fifo):
+            p.on_fetch(fetched, step)
+        last[fetched] = step
+        arrival[fetched] = np.arange(n_arrived, n_arrived + 5)
+        n_arrived += 5
+        seen = np.arange(lo + 50)
+        np.testing.assert_array_equal(lru.scores(seen, step), _tie(last[seen], pos[seen]))
+        np.testing.assert_array_equal(fifo.scores(seen, step), arrival[seen].astype(np.float64))
+        want = pos[seen].astype(np.float64)
+        want[pos[seen] < 2] += 2.0**62
+        np.testing.assert_array_equal(sinks.scores(seen, step), want)
+
+
+def test_belady_kept_scores_equal_the_recomputed_ones():
+    """With ``used_between`` Belady updates only the blocks used since its last call
+    (and new ones); its scores are the ones computed from every block's next use."""
+    rng = np.random.default_rng(3)
+    steps, blocks = 40, 80
+    used = rng.random((steps, blocks)) < 0.1
+
+    def next_use(ids, step):
+        later = used[step + 1:, ids]
+        first = later.argmax(axis=0) + step + 1
+        return np.where(later.any(axis=0), first, 2**30)
+
+    def used_between(a, t):
+        return np.flatnonzero(used[a + 1:t + 1].any(axis=0))
+
+    kept, plain = Belady(), Belady()
+    kept.bind_future(next_use, used_between)
+    plain.bind_future(next_use)
+    for t in range(steps - 1):
+        if t % 4 == 0:  # blocks arrive in batches, as a prompt's chunks do
+            ids = np.arange(t * 2, t * 2 + 8)  # (t // 4) * 8 onwards
+            kept.on_insert(ids, t, ids)
+            plain.on_insert(ids, t, ids)
+        have = np.arange(min(blocks, (t // 4) * 8 + 8))
+        for step in ([t, t] if t % 3 else [t]):  # twice at a step: nothing to update
+            np.testing.assert_array_equal(kept.scores(have, step), plain.scores(have, step))
+    # back in time: every block's score is recomputed
+    np.testing.assert_array_equal(kept.scores(have, 5), plain.scores(have, 5))

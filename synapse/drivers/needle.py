@@ -37,7 +37,7 @@ class NeedleDriver:
         self.mgr, self.mover, self.table = self.kv.manager, self.kv.mover, self.kv.table
         backend.reserve_staging(tr.chunk_blocks * tr.bt * shape.token_bytes)
         if self.mgr.policy.needs_future:
-            self.mgr.policy.bind_future(self._next_use)
+            self.mgr.policy.bind_future(self._next_use, self._used_between)
         self.pos2id = np.full(tr.num_blocks, -1, np.int64)
         self.rec = Recorder()
         self.m = s.model
@@ -52,6 +52,13 @@ class NeedleDriver:
     def _next_use(self, ids: np.ndarray, step: int) -> np.ndarray:
         # Block ids are assigned in position order for a single sequence.
         return self.trace.next_use(self.table.token_start[ids] // self.trace.bt, step)
+
+    def _used_between(self, a: int, t: int) -> np.ndarray:
+        """Ids of the blocks used at steps ``a + 1`` to ``t`` (inserted ones only: a block
+        inserted later is scored when it arrives)."""
+        pos = [self.trace.needed(s) for s in range(a + 1, t + 1)]
+        ids = self.pos2id[pos[0] if len(pos) == 1 else np.concatenate(pos)]
+        return ids[ids >= 0]
 
     # -- payloads (hardware backends only) ----------------------------------------------
     def _payload(self, pos: int) -> np.ndarray:

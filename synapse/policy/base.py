@@ -38,7 +38,11 @@ class Column:
             self.a = new
 
     def set(self, ids: np.ndarray, values) -> None:
-        if len(ids):
+        try:  # ids within the column (NumPy checks every index before it writes any)
+            self.a[ids] = values
+        except IndexError:
+            if not len(ids):
+                raise
             self.ensure(int(ids.max()))
             self.a[ids] = values
 

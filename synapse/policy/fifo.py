@@ -2,6 +2,9 @@
 
 A block fetched back from L2 (demand fetch or prefetch) counts as entering again, so FIFO
 over a tiered cache is "oldest arrival in L1", not "oldest token"; a hit changes nothing.
+
+The score (the arrival, as float64) is kept in a column set on arrival: ``scores`` is
+one gather, where the manager ranks every L1 and L2 block on most steps.
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ class FIFO(EvictionPolicy):
     def __init__(self) -> None:
         super().__init__()
         self.arrival = Column(np.int64)
+        self._score = Column(np.float64)  # arrival as float64 (fill: arrival 0)
         self._n = 0
 
     def _arrive(self, ids):
-        self.arrival.set(ids, np.arange(self._n, self._n + len(ids)))
+        order = np.arange(self._n, self._n + len(ids))
+        self.arrival.set(ids, order)
+        self._score.set(ids, order.astype(np.float64))
         self._n += len(ids)
 
     def on_insert(self, ids, step, positions):
@@ -31,4 +37,4 @@ class FIFO(EvictionPolicy):
         self._arrive(ids)
 
     def scores(self, ids, step):
-        return self.arrival.get(ids).astype(np.float64)
+        return self._score.get(ids)  # a new array (``Column.get`` gathers)

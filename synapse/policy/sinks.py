@@ -10,13 +10,16 @@ Where Synapse differs from the paper, and why: sinks and window are whole blocks
 the L1 budget the sinks leave, not a set length. The paper drops what leaves the window;
 with demotion to L2 a block a step reads is fetched back and, being old, is the next
 victim again (the needle scenario's sinks runs move many blocks for that reason).
+
+A block's score depends on its position only, so it is computed once, on insert, into a
+column: ``scores`` is one gather, where the manager ranks every L1 and L2 block per step.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .base import PROTECTED, EvictionPolicy
+from .base import PROTECTED, Column, EvictionPolicy
 
 
 class AttentionSinks(EvictionPolicy):
@@ -27,10 +30,20 @@ class AttentionSinks(EvictionPolicy):
         if sink_blocks < 0:
             raise ValueError(f"sink_blocks must be >= 0, got {sink_blocks}")
         self.sink_blocks = sink_blocks
+        # fill: the score of position 0 (the position column's fill)
+        self._score = Column(np.float64, self._score_of(np.zeros(1, np.int64))[0])
+
+    def _score_of(self, positions):
+        pos = positions.astype(np.float64)
+        return np.add(pos, PROTECTED, out=pos, where=pos < self.sink_blocks)  # see H2O.scores
+
+    def on_insert(self, ids, step, positions):
+        super().on_insert(ids, step, positions)
+        if len(ids):
+            self._score.set(ids, self._score_of(self.position.get(ids)))
 
     def scores(self, ids, step):
-        pos = self.position.get(ids).astype(np.float64)
-        return np.add(pos, PROTECTED, out=pos, where=pos < self.sink_blocks)  # see H2O.scores
+        return self._score.get(ids)  # a new array (``Column.get`` gathers)
 
     def describe(self):
         return {"name": self.name, "sink_blocks": self.sink_blocks}
