@@ -66,10 +66,7 @@ def decode_attention(module, query, key, value, attention_mask, dropout: float =
 
 def register() -> None:
     global _registered
-    if _registered:
-        return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-    AttentionInterface.register(DECODE_SDPA, decode_attention)
-    AttentionMaskInterface.register(DECODE_SDPA, decode_mask)
-    _registered = True
+    if not _registered:
+        from .prefix_attention import register_pair
+        register_pair(DECODE_SDPA, decode_attention, decode_mask)
+        _registered = True

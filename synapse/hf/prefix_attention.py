@@ -189,15 +189,20 @@ def split_attention(query, key, value, prefix: int, scale=None, kernels=None,
     return None
 
 
-def register() -> None:
-    global _registered
-    if _registered:
-        return
+def register_pair(name: str, attention, mask) -> None:
+    """``attention`` and ``mask`` registered with transformers under ``name``, as an
+    ``attn_implementation`` a model's config can name."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
-    AttentionInterface.register(PREFIX_SDPA, prefix_attention)
-    AttentionMaskInterface.register(PREFIX_SDPA, prefix_mask)
-    _registered = True
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, mask)
+
+
+def register() -> None:
+    global _registered
+    if not _registered:
+        register_pair(PREFIX_SDPA, prefix_attention, prefix_mask)
+        _registered = True
 
 
 @contextlib.contextmanager
