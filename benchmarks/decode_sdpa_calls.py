@@ -79,11 +79,15 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.steps < 2 or a.prompt_tokens < 1:
         ap.error("--steps must be at least 2 and --prompt-tokens at least 1")
+    names = [c for c in a.caches.split(",") if c]
+    import hf_caches as hc
+    bad = [c for c in names if c not in hc.CACHES]
+    if bad or not names:
+        ap.error(f"--caches: {bad or a.caches!r} not among {', '.join(hc.CACHES)}")
     if a.avoid_recompile:
         os.environ[ENV] = "1"
     import torch
     import torch.nn.functional as F
-    import hf_caches as hc
     if a.device == "cuda" and not torch.cuda.is_available():
         print("decode_sdpa_calls.py: --device cuda, but torch sees no CUDA device", file=sys.stderr)
         return 2
@@ -139,7 +143,7 @@ def main(argv=None) -> int:
               "flash": SDPBackend.FLASH_ATTENTION}[a.backend]
     res["via"], res["backend"] = a.via, a.backend
 
-    for name in [c for c in a.caches.split(",") if c]:
+    for name in names:
         if name not in specs:
             ap.error(f"unknown cache {name!r}; choose from {', '.join(specs)}")
         _, make, chunk = specs[name]

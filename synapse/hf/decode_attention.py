@@ -3,7 +3,7 @@
 torch's cuDNN attention builds an execution plan per exact key length (and strides), and
 SDPA chooses cuDNN for a decode step on Hopper. A decode step's key length is new every
 step, so the first layer of a step whose length the process has not run before waits for
-a plan: 35-65 ms on the H200 (torch 2.11, ``benchmarks/decode_sdpa_calls.py``), against
+a plan: 35-67 ms on the H200 (torch 2.11, ``benchmarks/decode_sdpa_calls.py``), against
 a whole step of 12-18 ms. Flash attention has no plans; once cuDNN's plan for a length
 exists the two cost the same (``hf_caches.py --sdpa-priority flash``: a ``TieredCache``
 at full budget 83.5 against 82.6 tokens/s on cuDNN's warm plans).
@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import torch
 
+from .prefix_attention import HALF, _cuda_takes, register_pair
+
 DECODE_SDPA = "synapse_decode_sdpa"
 _registered = False
 _refused: set = set()  # (dtype, head size) flash turned down
@@ -36,12 +38,7 @@ used: set = set()      # "flash" once a decode step ran on it (tests, benchmarks
 def takes(cache) -> bool:
     """Whether ``cache``'s decode steps may run here: CUDA and a half dtype."""
     return cache.device is not None and cache.device.type == "cuda" and \
-        cache.dtype in (torch.float16, torch.bfloat16)
-
-
-def decode_mask(**kwargs):
-    from transformers.masking_utils import sdpa_mask
-    return sdpa_mask(**kwargs)
+        cache.dtype in HALF
 
 
 def decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -50,8 +47,7 @@ def decode_attention(module, query, key, value, attention_mask, dropout: float =
     sig = (query.dtype, query.shape[-1])
     if attention_mask is None and query.shape[-2] == 1 and query.is_cuda and \
             not (dropout and module.training) and kwargs.get("softcap") is None and \
-            sig not in _refused and query.dtype in (torch.float16, torch.bfloat16) and \
-            query.shape[-1] <= 256 and query.shape[-1] % 8 == 0:
+            sig not in _refused and _cuda_takes(query):
         try:
             out = torch.ops.aten._scaled_dot_product_flash_attention(
                 query, key, value, 0.0, False, False, scale=scaling)[0]
@@ -67,6 +63,6 @@ def decode_attention(module, query, key, value, attention_mask, dropout: float =
 def register() -> None:
     global _registered
     if not _registered:
-        from .prefix_attention import register_pair
-        register_pair(DECODE_SDPA, decode_attention, decode_mask)
+        from transformers.masking_utils import sdpa_mask
+        register_pair(DECODE_SDPA, decode_attention, sdpa_mask)  # the mask is sdpa's own
         _registered = True
