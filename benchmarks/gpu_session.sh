@@ -24,6 +24,7 @@ STAGES=${STAGES:-"env tests ncu stream hf slab calibrate scenarios summary"}
 # batch (issue 16: the same caches at batch 8 and batch 1, 8k prompts: STAGES="env batch");
 # ring (the MLP stack of 2026-11-24 against cpu_offload) is available but not in the default;
 # kvflash (the kv stage's caches with --sdpa-priority flash: STAGES="env kvflash");
+# gap (decode_step_gap.py: the full-budget decode step against DynamicCache's, by variant);
 # kvar (the kv stage's caches with TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1: STAGES="env kvar");
 # sdpacalls (the decode attention calls as the model makes them, host time by layer, both ways);
 # profile (torch.profiler of TieredCache's decode/prefill at 32k and of one L2 time to
@@ -152,6 +153,12 @@ if has kv; then
     --prompt-tokens ${KV_PROMPT:-32768} --new-tokens ${KV_NEW:-64} --repeats ${KV_REPEATS:-2} \
     --time-budget ${KV_BUDGET_S:-280} --caches ${KV_CACHES:-dynamic,offloaded,tiered_full,tiered_h2o,tiered_lru} \
     --out "$OUT/hf_caches_qwen2.json" 2>&1 | tee "$OUT/logs/hf_caches_qwen2.log" | tail -25
+fi
+
+if has gap; then
+  stage "where a full-budget TieredCache's decode step spends the time DynamicCache's does not (variants, per-step host wall)"
+  timeout ${GAP_LIMIT_S:-240} python3 benchmarks/decode_step_gap.py --device cuda --prompt-tokens ${KV_PROMPT:-32768} \
+    --repeats ${GAP_REPEATS:-3} ${GAP_VARIANTS:+--variants $GAP_VARIANTS} --out "$OUT/decode_step_gap.json" 2>&1 | grep -v Warning | tee "$OUT/logs/decode_step_gap.log" | tail -10
 fi
 
 if has kvar; then
