@@ -23,7 +23,7 @@
 // Entry points (extern "C"): int4_quantize_g{32,64,128}(const __half* src, uint8_t* dst,
 // unsigned long long n) and int4_dequantize_g{32,64,128}(const uint8_t* src, __half* dst,
 // unsigned long long n); their faster variants, same arguments and bytes,
-// int4_quantize_{lean,lean4,staged}_g*, int4_dequantize_{stream,staged}_g* and
+// int4_quantize_{lean,lean4,staged}_g*, int4_dequantize_{stream,staged,bulk,bulk4k}_g* and
 // kv_block_quantize_int4_kc_lean_g* ("Faster variants" below);
 // kv_block_quantize_int4_kc_g{32,64,128} and
 // kv_block_dequantize_int4_kc_g{32,64,128}, a scenario KV block in the channel-key format;
@@ -467,10 +467,18 @@ __device__ __forceinline__ void assemble_impl(const __half* __restrict__ l1k,
 //   per-thread store instructions).
 // * "stream" (dequantize): the warp kernel with evict-first stores (st.global.cs): the
 //   output of a calibrate-sized call (128 MiB) is larger than L2 and is not read back.
+// * "bulk", "bulk4k" (dequantize): staged's bulk stores, and the input also without
+//   registers: each tile's codes by one bulk load and its scales and zeros by 4-byte
+//   cp.async copies, several tiles in flight per CTA (2 of 8192 elements, or 4 of 4096 at
+//   8 CTAs per SM), completion on one mbarrier per input stage; the arithmetic from shared
+//   memory in about two thirds of staged's instructions per vector (decode_word_fma: codes
+//   to floats by byte permutes instead of shifts and conversions, one fma instead of a
+//   multiply and an add, bit-identical) and one __syncthreads per tile.
 // * kv_block_quantize_int4_kc_lean (KV_QUANT_VARIANT): the channel-key block kernel with
 //   lean's arithmetic in its value rows (LeanCodes) and its key row (LeanChannels).
-// Contracts as for int4_quantize / int4_dequantize; the staged kernels also need their
-// static shared memory (about 36 KiB) and must be launched 1-D with blockDim.x == kThreads.
+// Contracts as for int4_quantize / int4_dequantize; the staged and bulk kernels also need
+// their static shared memory (up to about 42 KiB) and must be launched 1-D with blockDim.x
+// == kThreads; the bulk kernels n < 2^40.
 // =====================================================================================
 
 constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: ulp 1 over [2^23, 2^24)
@@ -798,6 +806,164 @@ __device__ __forceinline__ void dequantize_staged_impl(const uint8_t* __restrict
   if (threadIdx.x == 0) bulk_wait_all();  // shared memory must outlive the stores' reads
 }
 
+// ---- "bulk" dequantize: bulk loads of the codes, tiles in flight (see "Faster variants")
+
+constexpr float kIntMagic = 8388608.0f;  // 2^23: the float with bits 0x4B000000 | m is 2^23 + m
+
+// Code B of the byte-per-code word `nibbles` as a float: the byte permute puts it under the
+// exponent of 2^23 (bits 0x4B000000 | code, i.e. 2^23 + code), the subtraction of 2^23 is
+// exact. No int-to-float conversion. The constant goes first and the selector is an
+// immediate (asm): the other way round ptxas keeps four selectors in registers and, at 32
+// registers, rebuilds them for every vector.
+template <int B>
+__device__ __forceinline__ float code_float(uint32_t nibbles) {
+  uint32_t bits;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(bits) : "r"(0x4B000000u), "r"(nibbles), "n"(0x3004 + B));
+  return __fsub_rn(__uint_as_float(bits), kIntMagic);
+}
+
+// decode_word's bytes with fewer instructions. dequant_value rounds code * scale and then
+// the sum; one fma rounds once, and that is the same: code < 16 (4 bits) times an fp16
+// scale (11 significant bits, magnitude 0 or at least 2^-24) is exact in fp32, so the
+// product's rounding is the identity, for every finite scale and also for zeros of either
+// sign (the exact product and the sum take the signs that FMUL then FADD give).
+__device__ __forceinline__ uint4 decode_word_fma(uint32_t word, float zf, float sf) {
+  const uint32_t even = word & 0x0F0F0F0Fu;        // codes 0, 2, 4, 6: one per byte
+  const uint32_t odd = (word >> 4) & 0x0F0F0F0Fu;  // codes 1, 3, 5, 7
+  const float x[kVec] = {
+      __fmaf_rn(code_float<0>(even), sf, zf), __fmaf_rn(code_float<0>(odd), sf, zf),
+      __fmaf_rn(code_float<1>(even), sf, zf), __fmaf_rn(code_float<1>(odd), sf, zf),
+      __fmaf_rn(code_float<2>(even), sf, zf), __fmaf_rn(code_float<2>(odd), sf, zf),
+      __fmaf_rn(code_float<3>(even), sf, zf), __fmaf_rn(code_float<3>(odd), sf, zf)};
+  return floats_to_halves(x);
+}
+
+// The two shapes (BULK*_VECS_PER_THREAD in kernels.py): vectors per tile and tiles in
+// flight per CTA (codes, scales and zeros); two fp16 tiles per CTA are being stored.
+// "bulk": 8192 elements per tile, 2 input tiles (4 KiB of codes each) + 2 fp16 tiles (16
+//   KiB each): ~42 KiB of static shared memory, 5 CTAs per SM, 4 vectors per thread per tile.
+// "bulk4k": 4096 elements per tile, 4 input tiles (2 KiB of codes) + 2 fp16 tiles (8 KiB):
+//   ~26 KiB, 8 CTAs per SM (launch bounds: 32 registers), 2 vectors per thread per tile.
+constexpr int kBulkVecs = kThreads * 4;
+constexpr int kBulkInStages = 2;
+constexpr int kBulk4kVecs = kThreads * 2;
+constexpr int kBulk4kInStages = 4;
+
+// 4 bytes global -> shared without registers (cp.async: generic proxy, weak, no ordering
+// with other memory operations, so no fence waits for it); the smallest size it copies.
+__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
+}
+
+// One arrival on `bar` once this thread's cp.async copies so far have landed (counted in
+// the barrier's init count).
+__device__ __forceinline__ void cp_async_arrive(uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+
+__device__ __forceinline__ void mbar_init_count(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+
+// Tiles t = blockIdx.x + k * gridDim.x, k = 0, 1, ... Input stage s = k % kInStages holds
+// tile k's codes (one bulk load by thread 0) and its scales and zeros, and completes
+// mbarrier full[s] at parity (k / kInStages) & 1; a stage is refilled with tile k +
+// kInStages as soon as everyone has read it. The scales and zeros are 2-byte values whose
+// section need not start 16-byte aligned (n / G odd), so no bulk copy: threads i <
+// kCopyThreads copy 4-byte words with cp.async, the words around the tile's halves (a whole
+// buffer is a multiple of 4 bytes from a 16-byte aligned start, so they stay inside it;
+// zeros start 2 bytes into a word when n / G is odd, zoff), and each arrives on full[s]
+// once its copies have landed: full[s] counts 1 + kCopyThreads arrivals and the codes'
+// bytes. No loads through registers, so no fence below ever waits for one. The fp16 output
+// goes to stage[k & 1] and out by one bulk store per tile. One __syncthreads per tile
+// orders the rest: before it every thread has read input stage s and written stage[k & 1],
+// and thread 0 has waited until the bulk store of tile k - 1 (issued one tile earlier) has
+// read stage[(k + 1) & 1], which tile k + 1 writes. Contracts as int4_dequantize, and
+// n < 2^40 (32-bit tile indices; kernels.py checks).
+template <int G, int kTileVecs, int kInStages>
+__device__ __forceinline__ void dequantize_bulk_impl(const uint8_t* __restrict__ src,
+                                                     __half* __restrict__ dst,
+                                                     unsigned long long n) {
+  constexpr int V = G / kVec;
+  constexpr int kTileGroups = kTileVecs / V;
+  constexpr int kCopyThreads = kTileGroups / 2 + 1;  // zero words of a tile, at most
+  static_assert(kTileVecs % kThreads == 0 && kCopyThreads <= kThreads && kTileGroups % 2 == 0,
+                "tile shape");
+  static_assert(kInStages >= 2, "a stage is refilled while the next one is read");
+  __shared__ __align__(128) uint32_t codes[kInStages][kTileVecs];
+  __shared__ __align__(128) uint4 stage[2][kTileVecs];
+  __shared__ uint32_t scale_w[kInStages][kTileGroups / 2];
+  __shared__ uint32_t zero_w[kInStages][kTileGroups / 2 + 1];
+  __shared__ __align__(8) uint64_t full[kInStages];
+  const unsigned long long num_vec = n / kVec;
+  const unsigned long long num_groups = n / G;
+  const unsigned num_tiles = static_cast<unsigned>((num_vec + kTileVecs - 1) / kTileVecs);
+  const unsigned last_vecs = static_cast<unsigned>(num_vec - static_cast<unsigned long long>(num_tiles - 1) * kTileVecs);
+  const unsigned grid = gridDim.x;
+  const unsigned zoff = static_cast<unsigned>(num_groups & 1u);
+  const uint32_t* packed = reinterpret_cast<const uint32_t*>(src);
+  const uint32_t* scale_words = reinterpret_cast<const uint32_t*>(src + n / 2);
+  const uint32_t* zero_words = reinterpret_cast<const uint32_t*>(src + n / 2 + 2 * (num_groups - zoff));
+  uint4* out = reinterpret_cast<uint4*>(dst);
+  // every byte count is a multiple of 16: a tile holds whole groups of 4 or more vectors
+  auto tile_vecs = [&](unsigned t) { return t + 1 < num_tiles ? static_cast<unsigned>(kTileVecs) : last_vecs; };
+  auto load_input = [&](unsigned t, unsigned s) {
+    const unsigned vecs = tile_vecs(t);
+    if (threadIdx.x == 0) {
+      bulk_load(codes[s], packed + static_cast<unsigned long long>(t) * kTileVecs, vecs * 4u, &full[s]);
+    }
+    if (threadIdx.x < kCopyThreads) {
+      const unsigned i = threadIdx.x;
+      const unsigned m = vecs / V;  // groups
+      const unsigned long long w = static_cast<unsigned long long>(t) * (kTileGroups / 2) + i;
+      if (i < (m + 1) / 2) cp_async4(&scale_w[s][i], scale_words + w);
+      if (i < (m + zoff + 1) / 2) cp_async4(&zero_w[s][i], zero_words + w);
+      cp_async_arrive(&full[s]);
+    }
+  };
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kInStages; ++s) mbar_init_count(&full[s], 1 + kCopyThreads);
+    mbar_fence_init();
+  }
+  __syncthreads();  // the barriers' init, before anyone arrives on them
+  for (int s = 0; s < kInStages; ++s) {
+    const unsigned t = blockIdx.x + s * grid;
+    if (t < num_tiles) load_input(t, s);
+  }
+  unsigned k = 0;
+  for (unsigned t = blockIdx.x; t < num_tiles; t += grid, ++k) {
+    const unsigned s = k % kInStages;
+    const unsigned p = k & 1u;
+    const unsigned vecs = tile_vecs(t);
+    mbar_wait(&full[s], (k / kInStages) & 1u);
+    const __half* sc = reinterpret_cast<const __half*>(scale_w[s]);
+    const __half* ze = reinterpret_cast<const __half*>(zero_w[s]) + zoff;
+    auto decode = [&](unsigned v) {
+      stage[p][v] = decode_word_fma(codes[s][v], __half2float(ze[v / V]), __half2float(sc[v / V]));
+    };
+    if (vecs == kTileVecs) {  // all tiles but the last: no bounds test per vector
+#pragma unroll
+      for (int u = 0; u < kTileVecs / kThreads; ++u) decode(threadIdx.x + u * kThreads);
+    } else {
+#pragma unroll
+      for (int u = 0; u < kTileVecs / kThreads; ++u) {
+        if (threadIdx.x + u * kThreads < vecs) decode(threadIdx.x + u * kThreads);
+      }
+    }
+    fence_proxy_async();  // each writer: its shared stores before the TMA reads them
+    if (threadIdx.x == 0) bulk_wait_read<0>();  // tile k - 1's store has read stage[p ^ 1]
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      bulk_store(out + static_cast<unsigned long long>(t) * kTileVecs, stage[p], vecs * 16u);
+      fence_proxy_async();  // codes[s] was read by the threads (generic proxy): before the refill
+    }
+    const unsigned next = t + kInStages * grid;
+    if (next < num_tiles) load_input(next, s);
+  }
+  if (threadIdx.x == 0) bulk_wait_all();  // shared memory must outlive the stores' reads
+}
+
 #else  // below sm_90 the staged kernels exist but trap; kernels.py refuses to launch them
 
 template <int G>
@@ -807,6 +973,11 @@ __device__ __forceinline__ void quantize_staged_impl(const __half*, uint8_t*, un
 
 template <int G>
 __device__ __forceinline__ void dequantize_staged_impl(const uint8_t*, __half*, unsigned long long) {
+  __trap();
+}
+
+template <int G, int kTileVecs, int kInStages>
+__device__ __forceinline__ void dequantize_bulk_impl(const uint8_t*, __half*, unsigned long long) {
   __trap();
 }
 
@@ -885,6 +1056,16 @@ SYNAPSE_INT4_ENTRY(128)
       int4_dequantize_staged_g##G(const uint8_t* __restrict__ src, __half* __restrict__ dst, \
                                   unsigned long long n) {                              \
     dequantize_staged_impl<G>(src, dst, n);                                            \
+  }                                                                                    \
+  extern "C" __global__ void __launch_bounds__(kThreads)                               \
+      int4_dequantize_bulk_g##G(const uint8_t* __restrict__ src, __half* __restrict__ dst, \
+                                unsigned long long n) {                                \
+    dequantize_bulk_impl<G, kBulkVecs, kBulkInStages>(src, dst, n);                    \
+  }                                                                                    \
+  extern "C" __global__ void __launch_bounds__(kThreads, 8)                            \
+      int4_dequantize_bulk4k_g##G(const uint8_t* __restrict__ src, __half* __restrict__ dst, \
+                                  unsigned long long n) {                              \
+    dequantize_bulk_impl<G, kBulk4kVecs, kBulk4kInStages>(src, dst, n);                \
   }
 
 SYNAPSE_INT4_VARIANT_ENTRY(32)

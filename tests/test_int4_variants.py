@@ -268,3 +268,156 @@ def test_the_benchmark_picks_the_fastest_variant_whose_bytes_are_equal():
     assert bench.pick(results, "quantize")[0] == "lean"
     assert bench.pick(results[:1], "quantize")[0] == "warp"
     assert bench.pick([], "dequantize") == ("warp", "no variant was measured")
+
+
+# ----------------------------------------------------------------- "bulk" dequantize
+
+INT_MAGIC = f32(8388608.0)  # kIntMagic
+# name -> (vectors per tile, input stages): kBulkVecs / kBulkInStages, kBulk4k* in int4.cu
+BULK_SHAPES = {"bulk": (kernels.INT4_THREADS * kernels.BULK_VECS_PER_THREAD, 2),
+               "bulk4k": (kernels.INT4_THREADS * kernels.BULK4K_VECS_PER_THREAD, 4)}
+
+
+def fma_words(words, zf, sf) -> np.ndarray:
+    """decode_word_fma for uint32 code words [nv] with per-word zf, sf: fp16 [nv, 8]. Codes
+    to bytes by mask and shift, each under 2^23's exponent by a byte permute, minus 2^23;
+    then one rounding of zf + code * sf (exact in float64: every term is a multiple of 2^-24
+    below 2^20, so the float32 cast is fmaf_rn's single rounding), then to fp16."""
+    words = np.asarray(words, np.uint32)
+    even = words & np.uint32(0x0F0F0F0F)
+    odd = (words >> np.uint32(4)) & np.uint32(0x0F0F0F0F)
+    magic = np.full_like(words, 0x4B000000)
+    out = np.empty((words.size, 8), np.float16)
+    for b in range(4):
+        for e, nibbles in ((2 * b, even), (2 * b + 1, odd)):
+            code = byte_perm(magic, nibbles, 0x3004 + b).view(f32) - INT_MAGIC
+            exact = code.astype(np.float64) * np.asarray(sf, f32) + np.asarray(zf, f32)
+            out[:, e] = exact.astype(f32).astype(np.float16)
+    return out
+
+
+def bulk_dequantize(buf: np.ndarray, n: int, group_size: int, grid: int, tile_vecs: int,
+                    stages: int) -> bytes:
+    """dequantize_bulk_impl with `grid` CTAs, CTA by CTA: the input stages are filled from
+    the byte addresses the kernel computes (bulk load of the codes; 4-byte words of the
+    scales and zeros, from the 4-byte aligned word around the tile's first zero), each
+    transfer checked for alignment, size and bounds; each wait checked against the mbarrier
+    phase it would see; every output vector written once (asserted)."""
+    v_per_g = group_size // 8
+    num_vec, num_groups = n // 8, n // group_size
+    tile_groups = tile_vecs // v_per_g
+    copy_threads = tile_groups // 2 + 1  # kCopyThreads
+    num_tiles = -(-num_vec // tile_vecs)
+    last_vecs = num_vec - (num_tiles - 1) * tile_vecs
+    zoff = num_groups & 1
+    scale_base, zero_base = n // 2, n // 2 + 2 * (num_groups - zoff)  # byte offsets
+    assert scale_base % 16 == 0 and zero_base % 4 == 0 and buf.size % 4 == 0
+    out = np.zeros((num_vec, 8), np.float16)
+    hits = np.zeros(num_vec, int)
+
+    def word(byte_offset: int) -> np.ndarray:
+        assert byte_offset % 4 == 0 and 0 <= byte_offset and byte_offset + 4 <= buf.size
+        return buf[byte_offset: byte_offset + 4]
+
+    for cta in range(grid):
+        filled = [0] * stages  # completed phases of full[s]
+        content = [None] * stages
+
+        def load_input(t: int, s: int):
+            vecs = tile_vecs if t + 1 < num_tiles else last_vecs
+            code_bytes, code_off = vecs * 4, t * tile_vecs * 4
+            assert code_bytes % 16 == 0 and code_off % 16 == 0 and code_off + code_bytes <= n // 2
+            m = vecs // v_per_g
+            n_scale, n_zero = (m + 1) // 2, (m + zoff + 1) // 2
+            assert n_scale <= tile_groups // 2 and n_zero <= tile_groups // 2 + 1 <= copy_threads
+            w0 = t * (tile_groups // 2)
+            sc = np.concatenate([word(scale_base + 4 * (w0 + i)) for i in range(n_scale)])
+            ze = np.concatenate([word(zero_base + 4 * (w0 + i)) for i in range(n_zero)])
+            codes = buf[code_off: code_off + code_bytes].view("<u4")
+            content[s] = (t, vecs, codes, sc.view(np.float16), ze.view(np.float16))
+            filled[s] += 1
+
+        for s in range(stages):
+            if cta + s * grid < num_tiles:
+                load_input(cta + s * grid, s)
+        for k, t in enumerate(range(cta, num_tiles, grid)):
+            s, parity = k % stages, (k // stages) & 1
+            # mbarrier.try_wait.parity returns once the phase of that parity has completed:
+            # the fill for this tile is the (k // stages + 1)-th of the stage, no later one
+            assert filled[s] == k // stages + 1 and (filled[s] - 1) & 1 == parity
+            tt, vecs, codes, sc, ze = content[s]
+            assert tt == t and vecs * 16 % 16 == 0
+            v = np.arange(vecs)
+            g = v // v_per_g
+            out[t * tile_vecs + v] = fma_words(codes[v], ze[zoff + g].astype(f32), sc[g].astype(f32))
+            hits[t * tile_vecs + v] += 1
+            if t + stages * grid < num_tiles:
+                load_input(t + stages * grid, s)
+    assert (hits == 1).all()
+    return out.tobytes()
+
+
+@pytest.mark.parametrize("variant", sorted(BULK_SHAPES))
+@pytest.mark.parametrize("group_size", int4.GROUP_SIZES)
+@pytest.mark.parametrize("tiles, grid", [("one group", 1), ("odd groups", 1), ("even groups", 2),
+                                         (1, 1), (2, 3), (5.5, 2), (9.25, 2)])
+def test_bulk_tiles_give_the_spec_bytes(variant, group_size, tiles, grid):
+    """Sizes: one group; a partial tile with an odd and an even number of groups (zeros
+    starting 2 bytes into a word, or aligned); whole tiles; several tiles per CTA with a
+    tail, so every stage is refilled and the phases flip."""
+    tile_vecs, stages = BULK_SHAPES[variant]
+    per_tile = tile_vecs * 8
+    n = {"one group": group_size, "odd groups": group_size * 37,
+         "even groups": group_size * 38}.get(tiles)
+    if n is None:
+        n = int(tiles * per_tile) // group_size * group_size
+        n += group_size if tiles != int(tiles) else 0
+    rng = np.random.default_rng(n + group_size)
+    buf = int4.edge_case_buffer(rng, n, group_size)
+    want = int4.unpack_from(buf, n, group_size, np.float16).tobytes()
+    assert bulk_dequantize(buf, n, group_size, grid, tile_vecs, stages) == want
+
+
+def test_one_fma_rounds_like_the_product_then_the_sum():
+    """decode_word_fma's premise, for every finite fp16 scale of either sign, every code,
+    and zeros of every kind: fp32(zf + fp32(q * sf)) == fp32(zf + q * sf) (fp16 afterwards
+    either way), i.e. the product is exact."""
+    scales = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    scales = scales[np.isfinite(scales)].astype(f32)
+    rng = np.random.default_rng(5)
+    zeros = np.concatenate([np.array([0.0, -0.0, 2.0**-24, -(2.0**-24), 65504.0, -65504.0]),
+                            rng.standard_normal(26) * 10.0 ** rng.uniform(-6, 4, 26)])
+    zeros = zeros.astype(np.float16).astype(f32)
+    for q in range(16):
+        prod = f32(q) * scales  # float32 product, rounded
+        assert (prod.astype(np.float64) == float(q) * scales.astype(np.float64)).all(), q
+        for z in zeros:
+            with np.errstate(over="ignore"):  # sums past 65504 become inf, alike
+                two = (f32(z) + prod).astype(np.float16)
+                one = (np.float64(z) + float(q) * scales.astype(np.float64)).astype(f32).astype(np.float16)
+            assert (two.view(np.uint16) == one.view(np.uint16)).all(), (q, z)
+
+
+def test_bulk_shared_memory_fits_and_the_launch_plan_counts_the_reserved_kib():
+    """Static shared memory of the bulk kernels (as .ci/check-cuda reports it) stays under
+    the 48 KiB default, and the CTAs per SM that kernels.int4_grid plans for (no per-CTA
+    reservation) fit also with the 1 KiB every CTA reserves on sm_90: the grid is one
+    resident wave, never a second partial one."""
+    for variant, (tile_vecs, stages) in BULK_SHAPES.items():
+        for g in int4.GROUP_SIZES:
+            tile_groups = tile_vecs // (g // 8)
+            smem = (stages * tile_vecs * 4 + 2 * tile_vecs * 16 + stages * tile_groups // 2 * 4
+                    + stages * (tile_groups // 2 + 1) * 4 + 8 * stages)
+            assert smem <= kernels.DEFAULT_SHARED_BYTES_PER_BLOCK, (variant, g, smem)
+            regs = 32 if variant == "bulk4k" else 40  # launch bounds (8 CTAs) / at most, per check-cuda
+            planned = kernels.resident_blocks_per_sm(kernels.INT4_THREADS, regs, smem)
+            assert planned == kernels.resident_blocks_per_sm(kernels.INT4_THREADS, regs, smem + 1024)
+            assert planned == (8 if variant == "bulk4k" else 5), (variant, g, planned)
+
+
+def test_the_bulk_kernels_are_tma_variants_and_refuse_huge_sizes():
+    for name in BULK_SHAPES:
+        assert name in kernels.INT4_DEQUANT_VARIANTS and name in kernels.INT4_TMA_VARIANTS
+    assert kernels.INT4_DEQUANT_VARIANTS["bulk"][1] * kernels.INT4_THREADS == BULK_SHAPES["bulk"][0]
+    with pytest.raises(ValueError, match="too large"):
+        kernels.dequantize_int4(16, 16, kernels.MAX_INT4_NUMEL, 64, variant="bulk")

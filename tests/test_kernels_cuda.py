@@ -609,9 +609,10 @@ def gpu():
 
 
 def _skip_unless_supported(cuda, *variants):
-    """The staged INT4 kernels use TMA bulk copies: sm_90 and newer only."""
-    if any(v == "staged" for v in variants) and cuda.Context.get_device().compute_capability() < (9, 0):
-        pytest.skip("the staged INT4 kernels need sm_90 (TMA)")
+    """The staged and bulk INT4 kernels use TMA bulk copies: sm_90 and newer only."""
+    if (any(v in kernels.INT4_TMA_VARIANTS for v in variants)
+            and cuda.Context.get_device().compute_capability() < (9, 0)):
+        pytest.skip("the staged and bulk INT4 kernels need sm_90 (TMA)")
 
 
 def _upload(cuda, host: np.ndarray):
@@ -677,7 +678,8 @@ def test_quantize_is_bit_exact(gpu, rng, group_size, size, variant):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("quant, dequant", [("lean", "stream"), ("lean4", "warp"), ("staged", "staged")])
+@pytest.mark.parametrize("quant, dequant", [("lean", "stream"), ("lean4", "warp"), ("staged", "staged"),
+                                            ("staged", "bulk"), ("lean", "bulk4k")])
 def test_variants_agree_over_many_tiles_per_block(gpu, rng, quant, dequant):
     """2^25 elements: about 5 staged tiles per CTA on an H200-sized grid, so both stage
     buffers are reused and the mbarrier phases flip several times; each variant pair gives
@@ -720,6 +722,30 @@ def test_dequantize_is_bit_exact(gpu, rng, group_size, size, variant):
         kernels.dequantize_int4(src, dst, n, group_size, variant=variant)
         _assert_written(_download(gpu, dst, 2 * n), expected.tobytes(), poison,
                         f"dequantize ({variant})")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", sorted(kernels.INT4_TMA_VARIANTS & set(kernels.INT4_DEQUANT_VARIANTS)))
+@pytest.mark.parametrize("extra_groups", [5, 6])
+def test_tma_dequantize_over_many_phases_and_both_zero_alignments(gpu, rng, variant, extra_groups):
+    """2^26 + a few groups at G = 32: a partial last tile, 8 or more tiles per CTA on an
+    H200-sized grid (every input stage refilled, the mbarrier phases flip), and n / G odd
+    (zeros start 2 bytes into a word) or even; bytes equal the warp kernel's, nothing
+    written past the end."""
+    _skip_unless_supported(gpu, variant)
+    g = 32
+    n = (1 << 26) + extra_groups * g
+    x = (rng.standard_normal(n, dtype=np.float32) * 3).astype(np.float16)
+    src = _upload(gpu, x)
+    q = _poisoned(gpu, int4.int4_nbytes(n, g), 0x5A)
+    kernels.quantize_int4(src, q, n, g, variant="warp")
+    outs = {}
+    for name in ("warp", variant):
+        y = _poisoned(gpu, 2 * n, 0xA5)
+        kernels.dequantize_int4(q, y, n, g, variant=name)
+        outs[name] = _download(gpu, y, 2 * n)
+    assert (outs[variant][2 * n:] == 0xA5).all(), f"dequantize {variant}: wrote past the end"
+    assert (outs[variant] == outs["warp"]).all(), f"dequantize {variant}"
 
 
 @pytest.mark.cuda

@@ -67,6 +67,8 @@ INT4_VEC_ELEMS = 8  # elements per thread per vector (kVec)
 QUANT_VECS_PER_THREAD = 2  # kQuantUnroll
 DEQUANT_VECS_PER_THREAD = 4  # kDequantUnroll
 STAGED_VECS_PER_THREAD = 4  # kStageVecs / kThreads: one staged tile = 8192 elements
+BULK_VECS_PER_THREAD = 4  # kBulkVecs / kThreads: one "bulk" tile = 8192 elements
+BULK4K_VECS_PER_THREAD = 2  # kBulk4kVecs / kThreads: one "bulk4k" tile = 4096 elements
 # Variants of the INT4 kernels (int4.cu, "Faster variants"): name -> (kernel infix, vectors
 # per thread per tile). All write the same bytes; benchmarks/int4_kernels.py times them on
 # the GPU and prints which to put here. "warp" is the kernel measured on the H200 on
@@ -77,7 +79,12 @@ INT4_QUANT_VARIANTS = {"warp": ("", QUANT_VECS_PER_THREAD),
                        "staged": ("_staged", STAGED_VECS_PER_THREAD)}
 INT4_DEQUANT_VARIANTS = {"warp": ("", DEQUANT_VECS_PER_THREAD),
                          "stream": ("_stream", DEQUANT_VECS_PER_THREAD),
-                         "staged": ("_staged", STAGED_VECS_PER_THREAD)}
+                         "staged": ("_staged", STAGED_VECS_PER_THREAD),
+                         "bulk": ("_bulk", BULK_VECS_PER_THREAD),
+                         "bulk4k": ("_bulk4k", BULK4K_VECS_PER_THREAD)}
+# Variants built on the Tensor Memory Accelerator (bulk copies, mbarriers): sm_90 and newer.
+INT4_TMA_VARIANTS = frozenset({"staged", "bulk", "bulk4k"})
+MAX_INT4_NUMEL = 1 << 40  # the bulk kernels count tiles in 32 bits (int4.cu)
 # Defaults from benchmarks/int4_kernels.py on the H200 (2026-12-01, results in
 # benchmarks/results/h200-2026-12-01-s2/int4_kernels.json): quantize staged 3464 GB/s =
 # 82% of the device copy (warp 58%), dequantize staged 3761 GB/s = 89% (warp 81%), G=64.
@@ -347,6 +354,8 @@ def _check_int4_args(n, group_size) -> tuple[int, int]:
     n = _positive(n, "n")
     if n % group_size:
         raise ValueError(f"n = {n} is not divisible by group_size {group_size}")
+    if n >= MAX_INT4_NUMEL:
+        raise ValueError(f"n = {n} is too large for the INT4 kernels (limit {MAX_INT4_NUMEL})")
     return n, group_size
 
 
@@ -509,13 +518,14 @@ def _int4(direction: str, variant, src_ptr, dst_ptr, n, group_size, stream) -> N
     n, group_size = _check_int4_args(n, group_size)
     src = _ptr(src_ptr, "src_ptr", 16)
     dst = _ptr(dst_ptr, "dst_ptr", 16)
+    name = variant or (QUANT_VARIANT if direction == "quantize" else DEQUANT_VARIANT)
     if variant is None and int(_state().arch[3:]) < 90:
-        stem, vecs_per_thread = int4_kernel(direction, QUANT_VARIANT_PRE_SM90 if direction ==
-                                            "quantize" else DEQUANT_VARIANT_PRE_SM90)
+        name = QUANT_VARIANT_PRE_SM90 if direction == "quantize" else DEQUANT_VARIANT_PRE_SM90
+        stem, vecs_per_thread = int4_kernel(direction, name)
     family = f"int4_{direction}"
     fn, state = _function("int4.cu", f"{stem}_g{group_size}", family)
-    if stem.endswith("_staged") and int(state.arch[3:]) < 90:
-        raise KernelError(f"int4 {direction}: the staged variant needs TMA (sm_90 or newer); "
+    if name in INT4_TMA_VARIANTS and int(state.arch[3:]) < 90:
+        raise KernelError(f"int4 {direction}: the {name} variant needs TMA (sm_90 or newer); "
                           f"this device is {state.arch}")
     grid = int4_grid(n, vecs_per_thread, state.num_sms, _blocks_per_sm(fn, state, INT4_THREADS))
     _launch(f"int4 {direction}", fn, (grid, 1), (INT4_THREADS, 1, 1), stream, (src, dst, n))
