@@ -609,10 +609,12 @@ class TieredCache(BatchMode, CopiesAndCrops, HeldPass, Cache):
             values = torch.empty_like(keys)
             out = (keys.permute(1, 0, 2).unsqueeze(0), values.permute(1, 0, 2).unsqueeze(0),
                    keys.data_ptr(), values.data_ptr())
-        kernels.kv_assemble_int4(kp.data_ptr(), vp.data_ptr(), data.data_ptr(), out[2], out[3],
-                                 cut, m, self.block_tokens, self.kv_heads * self.head_dim,
-                                 total, sh.int4_group, key_channel=sh.int4_keys == "channel",
-                                 stream=None)
+        launch = st.get("asm_launch")
+        if launch is None:  # every layer of a step has the same shapes: resolved once
+            launch = st["asm_launch"] = kernels.kv_assemble_int4_launcher(
+                cut, m, self.block_tokens, self.kv_heads * self.head_dim, total, sh.int4_group,
+                key_channel=sh.int4_keys == "channel", stream=None)
+        launch(kp.data_ptr(), vp.data_ptr(), data.data_ptr(), out[2], out[3])
         return out[0], out[1]
 
     def _assembly_buffers(self, total: int):

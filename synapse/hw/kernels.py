@@ -645,19 +645,37 @@ def kv_assemble_int4(l1k_ptr, l1v_ptr, rows_ptr, outk_ptr, outv_ptr, cut: int, m
     the key row, per channel when ``key_channel`` else per token, then the value row);
     ``outk``/``outv``: fp16 [n_tok][tok_elems]. All pointers 16-byte aligned,
     ``tok_elems % 8 == 0``, ``bt % 4 == 0``."""
+    kv_assemble_int4_launcher(cut, m, bt, tok_elems, n_tok, group_size, key_channel,
+                              stream)(l1k_ptr, l1v_ptr, rows_ptr, outk_ptr, outv_ptr)
+
+
+_ASSEMBLE_PTRS = ("l1k", "l1v", "rows", "outk", "outv")
+
+
+def kv_assemble_int4_launcher(cut: int, m: int, bt: int, tok_elems: int, n_tok: int,
+                              group_size: int, key_channel: bool = False, stream=None):
+    """``kv_assemble_int4`` with its shape checks, kernel and grid resolved once, as
+    ``launch(l1k_ptr, l1v_ptr, rows_ptr, outk_ptr, outv_ptr)``: the layers of a decode step
+    differ only in their pointers, and resolving the kernel (the current context, the
+    occupancy) cost more host time than the launch itself. The context current when it
+    was made must be current at each launch."""
     if tok_elems % INT4_VEC_ELEMS or bt % 4 or group_size not in int4_ref.GROUP_SIZES:
         raise ValueError(f"kv_assemble_int4: tok_elems {tok_elems} must be a multiple of "
                          f"{INT4_VEC_ELEMS}, bt {bt} of 4 and group_size in "
                          f"{int4_ref.GROUP_SIZES}")
-    ptrs = [_ptr(p, name, 16) for p, name in ((l1k_ptr, "l1k"), (l1v_ptr, "l1v"),
-                                              (rows_ptr, "rows"), (outk_ptr, "outk"),
-                                              (outv_ptr, "outv"))]
     fn, state = _function("int4.cu", f"kv_assemble_int4_g{group_size}", "kv_assemble_int4")
     vecs = n_tok * tok_elems // INT4_VEC_ELEMS
     per_sm = _blocks_per_sm(fn, state, INT4_THREADS)
-    grid = max(1, min(-(-vecs // INT4_THREADS), state.num_sms * per_sm))
-    _launch("kv assemble", fn, (grid, 2), (INT4_THREADS, 1, 1), stream,
-            (*ptrs, cut, m, bt, tok_elems, n_tok, int(bool(key_channel))))
+    grid = (max(1, min(-(-vecs // INT4_THREADS), state.num_sms * per_sm)), 2)
+    tail = (cut, m, bt, tok_elems, n_tok, int(bool(key_channel)))
+    block = (INT4_THREADS, 1, 1)
+
+    def launch(l1k_ptr, l1v_ptr, rows_ptr, outk_ptr, outv_ptr) -> None:
+        ptrs = (l1k_ptr, l1v_ptr, rows_ptr, outk_ptr, outv_ptr)
+        if any(type(p) is not int or p <= 0 or p % 16 for p in ptrs):
+            ptrs = tuple(_ptr(p, name, 16) for p, name in zip(ptrs, _ASSEMBLE_PTRS))
+        _launch("kv assemble", fn, grid, block, stream, (*ptrs, *tail))
+    return launch
 
 
 @dataclass(frozen=True)
