@@ -19,6 +19,8 @@ Variants:
   tiered_full        TieredCache, fifo, full budget, as shipped (decode steps on flash)
   tiered_full_sdpa   the same with the decode steps left to SDPA (cuDNN, built plans)
   tiered_full_nogc   tiered_full with Python's garbage collector off during generate
+  tiered_h2o         TieredCache, h2o + INT4 at 25% of the prompt (``hf_caches.py``'s), its
+                     prompt in chunks: what the read-through, scores and policy add
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 VARIANTS = ("dynamic", "dynamic_flash", "view", "tiered_full", "tiered_full_sdpa",
-            "tiered_full_nogc")
+            "tiered_full_nogc", "tiered_h2o")
 
 
 def view_cache(cfg, device, dtype, max_tokens: int):
@@ -113,14 +115,14 @@ def run_variant(name, model, ids, args, cfg):
     from synapse.hf import decode_attention
 
     device = ids.device
-    specs = cache_specs(cfg, device, ids.shape[1] + args.new_tokens)
+    specs = cache_specs(cfg, device, ids.shape[1] + args.new_tokens, prompt=ids.shape[1])
 
     def make():
         if name.startswith("dynamic"):
             return DynamicCache(config=model.config), None
         if name == "view":
             return view_cache(cfg, device, model.dtype, ids.shape[1] + args.new_tokens + 16), None
-        cache = specs["tiered_full"][1](model)
+        cache = specs["tiered_h2o" if name == "tiered_h2o" else "tiered_full"][1](model)
         return cache, Timed(cache)
 
     class Steps(LogitsProcessor):
@@ -143,6 +145,8 @@ def run_variant(name, model, ids, args, cfg):
         hook = Steps(timer)
         kw = {cache_kwarg(): cache, "max_new_tokens": args.new_tokens, "do_sample": False,
               "logits_processor": LogitsProcessorList([hook])}
+        if name == "tiered_h2o":
+            kw["prefill_chunk_size"] = specs["tiered_h2o"][2]
         nogc = name.endswith("_nogc")
         if nogc:
             gc.collect()
