@@ -398,33 +398,48 @@ def release(cache, device) -> None:
         torch.cuda.empty_cache()
 
 
-def run_cache(spec, model, ids, args, ref, allowance_s: float | None) -> tuple[dict, dict]:
-    """Warm-up (the measurement run), then timed runs: as many of ``args.repeats`` as
-    ``allowance_s`` (this cache's share of what is left of --time-budget; None: no limit)
-    has room for after the warm-up. With no room at all, the warm-up's timings are
-    reported and marked as such, so that a slow cache cannot stretch the run unbounded."""
-    settings, make, chunk = spec
-    entry = {"settings": settings, "prefill_chunk": chunk}
-    device = ids.device
+def warm_cache(spec, model, ids, args) -> tuple[dict, dict | None, float]:
+    """The warm-up run (the measurement run): (its result, the cache's telemetry, seconds)."""
+    _, make, chunk = spec
     cache = make(model)
     t0 = time.perf_counter()
     try:
         warm = generate_once(model, ids, cache, args.new_tokens, chunk, measure=True)
         telemetry = cache.telemetry() if hasattr(cache, "telemetry") else None
     finally:
-        release(cache, device)
-    warm_s = time.perf_counter() - t0
+        release(cache, ids.device)
+    return warm, telemetry, time.perf_counter() - t0
+
+
+def timed_run(spec, model, ids, args) -> dict:
+    _, make, chunk = spec
+    cache = make(model)
+    try:
+        return generate_once(model, ids, cache, args.new_tokens, chunk, measure=False)
+    finally:
+        release(cache, ids.device)
+
+
+def run_cache(spec, model, ids, args, ref, allowance_s: float | None) -> tuple[dict, dict]:
+    """Warm-up (the measurement run), then timed runs: as many of ``args.repeats`` as
+    ``allowance_s`` (this cache's share of what is left of --time-budget; None: no limit)
+    has room for after the warm-up. With no room at all, the warm-up's timings are
+    reported and marked as such, so that a slow cache cannot stretch the run unbounded."""
+    warm, telemetry, warm_s = warm_cache(spec, model, ids, args)
     if allowance_s is None:
         repeats = args.repeats
     else:
         repeats = max(0, min(args.repeats, int((allowance_s - warm_s) // max(warm_s, 1e-9))))
-    runs = []
-    for _ in range(repeats):
-        cache = make(model)
-        try:
-            runs.append(generate_once(model, ids, cache, args.new_tokens, chunk, measure=False))
-        finally:
-            release(cache, device)
+    runs = [timed_run(spec, model, ids, args) for _ in range(repeats)]
+    return cache_entry(spec, warm, telemetry, warm_s, runs, ids, args, ref), warm
+
+
+def cache_entry(spec, warm, telemetry, warm_s: float, runs: list, ids, args, ref) -> dict:
+    """One cache's figures from its warm-up and its timed runs."""
+    settings, _, chunk = spec
+    entry = {"settings": settings, "prefill_chunk": chunk}
+    device = ids.device
+    repeats = len(runs)
     timed = runs or [warm]
     prefill = [r["prefill_s"] for r in timed]
     decode = [r["decode_s"] for r in timed]
@@ -450,7 +465,7 @@ def run_cache(spec, model, ids, args, ref, allowance_s: float | None) -> tuple[d
             "forced_evictions", "fetches", "prefetches", "bytes_h2d", "bytes_d2h", "int4_rel_rmse",
             "stall_s", "l1_arena", "l1_reserved_peak_bytes", "vmm", "read_through")}
     entry["agreement"] = agreement(ref, warm) if ref is not None else None
-    return entry, warm
+    return entry
 
 
 # -- report ---------------------------------------------------------------------------------
@@ -553,6 +568,10 @@ def parse_args(argv):
                          "alike (flash, cudnn, efficient, math; torch's sdpa_kernel with "
                          "set_priority): what the decode step's attention kernel choice costs. "
                          "Default: SDPA's own choice")
+    ap.add_argument("--order", choices=("interleaved", "sequential"), default="interleaved",
+                    help="interleaved: every cache's warm-up, then rounds of one timed run of "
+                         "each (a drifting host slows all alike); sequential: each cache's "
+                         "warm-up and repeats before the next cache's")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
     names = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
@@ -676,7 +695,10 @@ def run_all(a, model, ids, specs, res, t_start, section: str = "caches",
             runs_after: int = 0) -> None:
     """Every cache in turn, dynamic first (the reference); failures are recorded in
     ``res[section]``. ``runs_after``: cache runs still to come after this section (their
-    share of --time-budget is kept for them)."""
+    share of --time-budget is kept for them). ``--order interleaved``: see
+    ``run_interleaved``."""
+    if a.order == "interleaved":
+        return run_interleaved(a, model, ids, specs, res, t_start, section, runs_after)
     ref = None
     res.setdefault(section, {})
     for i, name in enumerate(a.caches):
@@ -705,6 +727,62 @@ def run_all(a, model, ids, specs, res, t_start, section: str = "caches",
               f"{entry['decode_tokens_per_s']:.2f} tok/s, {entry['repeats_run']} repeats", flush=True)
 
 
+def run_interleaved(a, model, ids, specs, res, t_start, section: str, runs_after: int) -> None:
+    """Every cache's warm-up in turn (dynamic first), then the timed runs in rounds, one
+    run of every cache a round, each round starting one cache later: a host whose speed
+    drifts during the run (other tenants of a shared machine) slows every cache's repeats
+    alike, instead of whichever cache ran during the slow spell. A round starts while
+    --time-budget has room for it (the warm-ups' durations are the estimate)."""
+    res.setdefault(section, {})
+    ref, warm = None, {}
+    for name in a.caches:
+        why = backend_missing(name)
+        if why is not None:
+            res[section][name] = {"status": f"not run: {why}"}
+            print(f"{name}: not run: {why}", flush=True)
+            continue
+        try:
+            warm[name] = warm_cache(specs[name], model, ids, a)
+        except Exception as e:  # noqa: BLE001 (recorded, the other caches still run)
+            if name == "dynamic":
+                raise
+            res[section][name] = {"settings": specs[name][0],
+                                  "status": not_run_reason(name, e, ids.device)}
+            print(f"{name}: {res[section][name]['status']}", flush=True)
+            continue
+        if name == "dynamic":
+            ref = warm[name][0]
+    names = list(warm)
+    runs = {n: [] for n in names}
+    round_s = sum(w[2] for w in warm.values())
+    for r in range(a.repeats):
+        left = a.time_budget - (time.perf_counter() - t_start)
+        if a.time_budget > 0 and left - runs_after * round_s / max(len(names), 1) < round_s:
+            break
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            if name not in warm:
+                continue
+            try:
+                runs[name].append(timed_run(specs[name], model, ids, a))
+            except Exception as e:  # noqa: BLE001
+                if name == "dynamic":
+                    raise
+                res[section][name] = {"settings": specs[name][0],
+                                      "status": not_run_reason(name, e, ids.device)}
+                del warm[name]
+    for name in names:
+        if name not in warm:
+            continue
+        w, telemetry, warm_s = warm[name]
+        entry = cache_entry(specs[name], w, telemetry, warm_s, runs[name], ids, a,
+                            None if name == "dynamic" else ref)
+        if name == "quanto":
+            entry["unpack"] = res["config"].get("quanto_unpack")
+        res[section][name] = entry
+        print(f"[batch {ids.shape[0]}] {name}: prefill {entry['prefill_s']:.3f} s, decode "
+              f"{entry['decode_tokens_per_s']:.2f} tok/s, {entry['repeats_run']} repeats", flush=True)
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     import torch
@@ -723,6 +801,7 @@ def main(argv=None) -> int:
     # length rounded up to a power of two (q, k, v in BSHD memory only; see
     # decode_sdpa_calls.py), for every cache of this run alike
     res["config"]["env"] = {k: os.environ.get(k) for k in ("TORCH_CUDNN_SDPA_AVOID_RECOMPILE",)}
+    res["config"]["order"] = a.order  # interleaved rounds of timed runs, or cache by cache
     if "quanto" in a.caches and backend_missing("quanto") is None:
         res["config"]["quanto_unpack"] = (
             route_quanto_unpack_to_torch() if a.quanto_unpack == "torch"
