@@ -691,6 +691,15 @@ def not_run_reason(name: str, exc: Exception, device) -> str:
     return f"not run: {msg}"
 
 
+def skipped(name: str, out: dict) -> bool:
+    """Whether ``name`` cannot run here (its peer library missing): recorded in ``out``."""
+    why = backend_missing(name)
+    if why is not None:
+        out[name] = {"status": f"not run: {why}"}
+        print(f"{name}: not run: {why}", flush=True)
+    return why is not None
+
+
 def run_all(a, model, ids, specs, res, t_start, section: str = "caches",
             runs_after: int = 0) -> None:
     """Every cache in turn, dynamic first (the reference); failures are recorded in
@@ -704,10 +713,7 @@ def run_all(a, model, ids, specs, res, t_start, section: str = "caches",
     for i, name in enumerate(a.caches):
         left = a.time_budget - (time.perf_counter() - t_start)
         allowance = left / (len(a.caches) - i + runs_after) if a.time_budget > 0 else None
-        why = backend_missing(name)
-        if why is not None:
-            res[section][name] = {"status": f"not run: {why}"}
-            print(f"{name}: not run: {why}", flush=True)
+        if skipped(name, res[section]):
             continue
         try:
             entry, warm = run_cache(specs[name], model, ids, a, ref, allowance)
@@ -736,10 +742,7 @@ def run_interleaved(a, model, ids, specs, res, t_start, section: str, runs_after
     res.setdefault(section, {})
     ref, warm = None, {}
     for name in a.caches:
-        why = backend_missing(name)
-        if why is not None:
-            res[section][name] = {"status": f"not run: {why}"}
-            print(f"{name}: not run: {why}", flush=True)
+        if skipped(name, res[section]):
             continue
         try:
             warm[name] = warm_cache(specs[name], model, ids, a)
