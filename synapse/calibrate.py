@@ -196,22 +196,26 @@ def counted_host_fit(prof: Profile, runs: dict, samples) -> dict | None:
     if timed:  # the arena's own timers: a cost per page measured, not fitted
         fixed["page_map_us"] = 1e6 * sum(v["map_s"] for v in timed) / sum(v["maps"] for v in timed)
         fixed["page_unmap_us"] = 1e6 * sum(v["unmap_s"] for v in timed) / sum(v["unmaps"] for v in timed)
-    if timed and all(s.decision_s is not None and s.vmm for s in samples):
+    # Pieces whose driver has a tier manager timed its planning calls (streaming has none:
+    # no decision_s, no calls in its replay); requiring every piece to have one left the
+    # H200 quick calibration of 2026-12-02 without a decision cost.
+    planned = [(s, c) for s, c in zip(samples, counts)
+               if s.decision_s is not None and s.vmm and c["decision_calls"]]
+    if timed and planned and all(s.decision_s is not None for s, c in zip(samples, counts)
+                                 if c["decision_calls"]):
         # planning calls map the L1 pages they allocate and zero the pinned L2 they free
         # (commit); what remains is the policy's and the manager's own time
         memset = prof.host.memset_gb_per_s * 1e9
         own = sum(s.decision_s - s.vmm["map_s"] - c["pinned_zero_bytes"] / memset
-                  for s, c in zip(samples, counts))
-        calls = sum(c["decision_calls"] for c in counts)
-        if calls:
-            fixed["decision_us"] = max(0.0, 1e6 * own / calls)
+                  for s, c in planned)
+        fixed["decision_us"] = max(0.0, 1e6 * own / sum(c["decision_calls"] for _, c in planned))
     fit = fit_host_counted(samples, counts, fixed)
     fit["page_bytes"] = int(page_bytes)
     fit["measured"] = {"attention_back_to_back": None if att is None else
                        {"us": att[0], "pairs": att[1]},
                        "page_costs_timed": bool(timed),
                        "decision_s": [s.decision_s for s in samples]
-                       if all(s.decision_s is not None for s in samples) else None}
+                       if planned else None}
     return fit
 
 

@@ -297,3 +297,25 @@ def test_a_cuda_piece_records_its_decisions_and_the_l1_arenas_page_timers():
     if s.vmm is None:
         pytest.skip("L1 is one allocation here (no CUDA virtual memory): no pages to time")
     assert s.vmm["maps"] > 0 and s.vmm["map_s"] > 0 and s.vmm["page_bytes"] > 0
+
+
+def test_a_piece_without_a_tier_manager_leaves_the_decision_cost_measured():
+    """Streaming has no tier manager (no decision_s, no planning calls in its replay):
+    the decision cost comes from the pieces that planned, not from none of them (the
+    H200 quick calibration of 2026-12-02 got 0 us per call so)."""
+    from synapse.calibrate import build_profile, counted_host_fit
+    m = json.loads((H200_RUNS / "profile-fitted" / "h200.measurements.json").read_text())
+    prof, _ = build_profile("h200", m)
+    runs = dict(m["driver_runs"], l1_page_bytes=2 << 20)
+    samples = []
+    for s in runs["host_samples"]:
+        smp = HostSample.from_dict(s)
+        if not smp.piece.startswith("streaming"):  # made-up round figures, as calibrate records
+            smp = replace(smp, decision_s=0.4 * smp.host_s, decision_calls=10,
+                          vmm={"page_bytes": 2 << 20, "maps": 100, "map_s": 0.008,
+                               "unmaps": 100, "unmap_s": 0.003})
+        samples.append(smp)
+    fit = counted_host_fit(prof, runs, samples)
+    assert fit["decision_us"] > 0.0 and fit["measured"]["decision_s"] is not None
+    assert [d is None for d in fit["measured"]["decision_s"]] == \
+        [s.piece.startswith("streaming") for s in samples]
