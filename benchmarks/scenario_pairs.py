@@ -32,7 +32,13 @@ def main(argv=None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args(argv)
-    hw, model = a.backends.split(",")
+    pair = a.backends.split(",")
+    if len(pair) != 2 or not all(pair):
+        ap.error(f"--backends: got {a.backends!r}, expected two backends (the hardware, then "
+                 f"the model), e.g. cuda,sim or cpu,sim; to predict recorded runs with another "
+                 f"profile, run `synapse run NAME --backend sim --set profile=...` and `synapse "
+                 f"compare` against the recorded run's folder")
+    hw, model = pair
     summary = {}
     for name in a.scenarios.split(","):
         runs = {}

@@ -170,3 +170,27 @@ def test_ingests_that_dma_from_a_pinned_pool_are_not_charged_a_staging_copy():
     # 64 MiB at 4 GB/s is 16.8 ms of host copying, on top of the 10 us submit
     assert ProfilePredictor(staged).submit_seconds(op) == pytest.approx(10e-6 + (64 << 20) / 4e9)
     assert ProfilePredictor(dma).submit_seconds(op) == pytest.approx(10e-6)
+
+
+def test_an_op_smaller_than_its_fit_saw_takes_the_profiles_model_not_the_extrapolation():
+    """A memset fit that saw 22 MB and up, with a negative intercept (as the H200's quick
+    calibration gave): at 5.5 MB its first segment says 0 s; the profile's fixed cost and
+    rate serve instead. Within the range the table serves; a link copy keeps its table."""
+    from synapse.ops import Copy, Region, Zero
+    from synapse.sim.predictor import KindFit
+    prof = load_profile("h100-sxm")
+    fit = KindFit(knots_mib=(32.0,), coef=(-8.4e-6, 1.49e-6, 0.0, 0.0),
+                  bytes_range=(22 << 20, 1 << 30), n=40, rel_error={})
+    queued = KindFit(knots_mib=(32.0,), coef=(40e-6, 1e-6, 0.0, 0.0),
+                     bytes_range=(22 << 20, 1 << 30), n=40, rel_error={})
+    pred = TablePredictor(prof, {"memset/zero_on_free": fit, "copy_h2d": queued})
+    small = Zero(purpose="zero_on_free", regions=(Region("l1", 0, int(5.5 * 2**20)),))
+    assert fit.seconds(small.nbytes) == 0.0  # what the table alone would charge
+    assert pred.op_seconds(small) == ProfilePredictor(prof).op_seconds(small) > 0
+    big = Zero(purpose="zero_on_free", regions=(Region("l1", 0, 64 << 20),))
+    assert pred.op_seconds(big) == pytest.approx(fit.seconds(64 << 20))
+    copy = Copy(purpose="ingest", direction="h2d", src_offsets=np.zeros(1, np.int64),
+                dst_offsets=np.zeros(1, np.int64), sizes=np.array([1 << 20]))
+    kept = pred.link_fixed_seconds(copy)
+    assert kept == pytest.approx(queued.seconds(1 << 20) - ProfilePredictor(prof).op_seconds(copy))
+    assert kept > ProfilePredictor(prof).link_fixed_seconds(copy)
