@@ -250,6 +250,37 @@ __device__ __forceinline__ void dequantize_impl(const uint8_t* __restrict__ src,
 // then a second for the codes (the row is small: the re-read hits the cache). Channels is
 // the arithmetic (WarpChannels below, LeanChannels of the faster variants): range() fills
 // each channel's fp16-rounded zero and scale and the reciprocal, word() one token's codes.
+// Column j of that row (channels 8j..8j+7): `seen(x, word, zf, sf)` is told each token's
+// values and code word (the layer-row kernel's error sums; a no-op for the block kernels).
+template <class Channels, class Seen>
+__device__ __forceinline__ void quantize_channel_column(const __half* __restrict__ src,
+                                                        uint8_t* __restrict__ dst,
+                                                        unsigned tokens, unsigned c,
+                                                        unsigned long long stride,
+                                                        unsigned long long j, Seen& seen) {
+  const unsigned long long half_n = static_cast<unsigned long long>(tokens) * c / 2;
+  uint32_t* packed = reinterpret_cast<uint32_t*>(dst);
+  uint4* scales = reinterpret_cast<uint4*>(dst + half_n);
+  uint4* zeros = reinterpret_cast<uint4*>(dst + half_n + 2ull * c);
+  const __half* col = src + j * kVec;
+  float sf[kVec], zf[kVec], inv[kVec];
+  Channels::range(col, tokens, stride, zf, sf, inv);
+  scales[j] = floats_to_halves(sf);  // exact: sf and zf are fp16 values
+  zeros[j] = floats_to_halves(zf);
+  for (unsigned t = 0; t < tokens; ++t) {
+    float x[kVec];
+    halves_to_floats(__ldg(reinterpret_cast<const uint4*>(col + t * stride)), x);
+    const uint32_t word = Channels::word(x, zf, sf, inv);
+    packed[(static_cast<unsigned long long>(t) * c) / kVec + j] = word;
+    seen(x, word, zf, sf);
+  }
+}
+
+struct Unseen {
+  __device__ __forceinline__ void operator()(const float (&)[kVec], uint32_t, const float (&)[kVec],
+                                             const float (&)[kVec]) const {}
+};
+
 template <class Channels>
 __device__ __forceinline__ void quantize_channels_impl(const __half* __restrict__ src,
                                                        uint8_t* __restrict__ dst,
@@ -257,22 +288,9 @@ __device__ __forceinline__ void quantize_channels_impl(const __half* __restrict_
                                                        unsigned long long stride,
                                                        unsigned long long first,
                                                        unsigned long long step) {
-  const unsigned long long half_n = static_cast<unsigned long long>(tokens) * c / 2;
-  uint32_t* packed = reinterpret_cast<uint32_t*>(dst);
-  uint4* scales = reinterpret_cast<uint4*>(dst + half_n);
-  uint4* zeros = reinterpret_cast<uint4*>(dst + half_n + 2ull * c);
-  const unsigned cv = c / kVec;
-  for (unsigned long long j = first; j < cv; j += step) {
-    const __half* col = src + j * kVec;
-    float sf[kVec], zf[kVec], inv[kVec];
-    Channels::range(col, tokens, stride, zf, sf, inv);
-    scales[j] = floats_to_halves(sf);  // exact: sf and zf are fp16 values
-    zeros[j] = floats_to_halves(zf);
-    for (unsigned t = 0; t < tokens; ++t) {
-      float x[kVec];
-      halves_to_floats(__ldg(reinterpret_cast<const uint4*>(col + t * stride)), x);
-      packed[(static_cast<unsigned long long>(t) * c) / kVec + j] = Channels::word(x, zf, sf, inv);
-    }
+  Unseen unseen;
+  for (unsigned long long j = first; j < c / kVec; j += step) {
+    quantize_channel_column<Channels>(src, dst, tokens, c, stride, j, unseen);
   }
 }
 
