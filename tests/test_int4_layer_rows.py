@@ -281,3 +281,22 @@ def test_without_pycuda_the_wrapper_says_so(monkeypatch):
     with pytest.raises(BackendUnavailable, match="PyCUDA"):
         kernels.quantize_layer_rows_int4(16, 16, 16, 8, 4, 16, 128, 64)
 
+
+def test_the_backend_quantizes_with_torch_ops_where_the_kernel_cannot_serve(monkeypatch):
+    """CPU, or a dtype other than fp16, or the switch off, or no PyCUDA: torch ops, and the
+    reason is kept."""
+    from synapse.kv.shape import KVShape
+    from synapse.kv.torch_backend import TorchBackend
+    shape = KVShape(2, 2, 64, 16, 64)
+    assert TorchBackend("cpu", shape, torch.float16)._quantize_kernel() is None
+    be = TorchBackend("cpu", shape, torch.float32)
+    assert be._quantize_kernel() is None and "fp16 on CUDA only" in be.fused_quantize_reason
+    be = TorchBackend("cpu", shape, torch.float16)
+    be.fused_quantize = False
+    assert be._quantize_kernel() is None and be.fused_quantize_reason == "fused_quantize is off"
+    monkeypatch.setattr(kernels, "_cuda", None)
+    monkeypatch.setattr(kernels, "_IMPORT_ERROR", ImportError("No module named 'pycuda'"))
+    be = TorchBackend("cpu", shape, torch.float16)
+    be.cuda = True  # as on a CUDA machine without PyCUDA
+    assert be._quantize_kernel() is None and "PyCUDA" in be.fused_quantize_reason
+    assert be._fused_quantize is False  # resolved once
