@@ -27,8 +27,9 @@
 // kv_block_quantize_int4_kc_lean_g* ("Faster variants" below);
 // kv_block_quantize_int4_kc_g{32,64,128} and
 // kv_block_dequantize_int4_kc_g{32,64,128}, a scenario KV block in the channel-key format;
-// kv_assemble_int4_g{32,64,128}, the read-through of one layer of the transformers cache
-// (see their comments below).
+// kv_assemble_int4_g{32,64,128}, the read-through of one layer of the transformers cache;
+// kv_quantize_layer_rows_int4_g{32,64,128}, that cache's demotions: the layer rows of
+// every layer's blocks and their squared error, in one launch (see their comments below).
 
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -250,6 +251,37 @@ __device__ __forceinline__ void dequantize_impl(const uint8_t* __restrict__ src,
 // then a second for the codes (the row is small: the re-read hits the cache). Channels is
 // the arithmetic (WarpChannels below, LeanChannels of the faster variants): range() fills
 // each channel's fp16-rounded zero and scale and the reciprocal, word() one token's codes.
+// Column j of that row (channels 8j..8j+7): `seen(x, word, zf, sf)` is told each token's
+// values and code word (the layer-row kernel's error sums; a no-op for the block kernels).
+template <class Channels, class Seen>
+__device__ __forceinline__ void quantize_channel_column(const __half* __restrict__ src,
+                                                        uint8_t* __restrict__ dst,
+                                                        unsigned tokens, unsigned c,
+                                                        unsigned long long stride,
+                                                        unsigned long long j, Seen& seen) {
+  const unsigned long long half_n = static_cast<unsigned long long>(tokens) * c / 2;
+  uint32_t* packed = reinterpret_cast<uint32_t*>(dst);
+  uint4* scales = reinterpret_cast<uint4*>(dst + half_n);
+  uint4* zeros = reinterpret_cast<uint4*>(dst + half_n + 2ull * c);
+  const __half* col = src + j * kVec;
+  float sf[kVec], zf[kVec], inv[kVec];
+  Channels::range(col, tokens, stride, zf, sf, inv);
+  scales[j] = floats_to_halves(sf);  // exact: sf and zf are fp16 values
+  zeros[j] = floats_to_halves(zf);
+  for (unsigned t = 0; t < tokens; ++t) {
+    float x[kVec];
+    halves_to_floats(__ldg(reinterpret_cast<const uint4*>(col + t * stride)), x);
+    const uint32_t word = Channels::word(x, zf, sf, inv);
+    packed[(static_cast<unsigned long long>(t) * c) / kVec + j] = word;
+    seen(x, word, zf, sf);
+  }
+}
+
+struct Unseen {
+  __device__ __forceinline__ void operator()(const float (&)[kVec], uint32_t, const float (&)[kVec],
+                                             const float (&)[kVec]) const {}
+};
+
 template <class Channels>
 __device__ __forceinline__ void quantize_channels_impl(const __half* __restrict__ src,
                                                        uint8_t* __restrict__ dst,
@@ -257,22 +289,9 @@ __device__ __forceinline__ void quantize_channels_impl(const __half* __restrict_
                                                        unsigned long long stride,
                                                        unsigned long long first,
                                                        unsigned long long step) {
-  const unsigned long long half_n = static_cast<unsigned long long>(tokens) * c / 2;
-  uint32_t* packed = reinterpret_cast<uint32_t*>(dst);
-  uint4* scales = reinterpret_cast<uint4*>(dst + half_n);
-  uint4* zeros = reinterpret_cast<uint4*>(dst + half_n + 2ull * c);
-  const unsigned cv = c / kVec;
-  for (unsigned long long j = first; j < cv; j += step) {
-    const __half* col = src + j * kVec;
-    float sf[kVec], zf[kVec], inv[kVec];
-    Channels::range(col, tokens, stride, zf, sf, inv);
-    scales[j] = floats_to_halves(sf);  // exact: sf and zf are fp16 values
-    zeros[j] = floats_to_halves(zf);
-    for (unsigned t = 0; t < tokens; ++t) {
-      float x[kVec];
-      halves_to_floats(__ldg(reinterpret_cast<const uint4*>(col + t * stride)), x);
-      packed[(static_cast<unsigned long long>(t) * c) / kVec + j] = Channels::word(x, zf, sf, inv);
-    }
+  Unseen unseen;
+  for (unsigned long long j = first; j < c / kVec; j += step) {
+    quantize_channel_column<Channels>(src, dst, tokens, c, stride, j, unseen);
   }
 }
 
@@ -983,6 +1002,171 @@ __device__ __forceinline__ void dequantize_bulk_impl(const uint8_t*, __half*, un
 
 #endif
 
+// =====================================================================================
+// Layer rows of the transformers cache's demotions (synapse/kv/torch_backend.py, Quantize),
+// every row of every layer in one launch: rows r in [0, rows) of keys k and values v, each
+// bt tokens x c fp16 (n = bt * c elements, C order), into layer rows of
+// synapse/hf/int4.py quantize_layer_rows, row r at dst + r * row_bytes:
+//   key row:   per channel (key_channel != 0): [codes n/2][scales fp16 c][zeros fp16 c],
+//              one group per column over the bt tokens; else per token, as the value row
+//   value row: [codes n/2][scales fp16 n/G][zeros fp16 n/G], groups of G along the row
+// bit for bit (lean's arithmetic: LeanChannels for a per-channel key row, LeanCodes for
+// per-token rows), and the telemetry of int4_rel_rmse: sums[0] += sum((x_hat - x)^2),
+// sums[1] += sum(x^2) over every element of both, x_hat = zf + q * sf in fp32 as
+// dequantize_layer_rows(..., float32) gives it. The sums are fp32 within a vector of 8 (a
+// column of bt x 8 for per-channel keys), fp64 per thread, then one fp64 atomicAdd per
+// warp: their last bits depend on the order in which warps finish (torch ops sum in
+// another order too); the bytes do not.
+// Where row r of k or v starts (RowRuns): in runs of run_rows rows n elements apart, runs
+// run_stride elements apart (the backend's gathered [L][2][blocks][n]: keys at k, values
+// at k + blocks * n, run_rows = blocks, run_stride = 2 * blocks * n; plain [rows][n]:
+// run_rows = rows). Contracts (kernels.py checks): c % G == 0, bt % 4 == 0 (so row_bytes,
+// the key row and the per-channel scales and zeros are multiples of 16 bytes, for the
+// 16-byte stores; per-token scales and zeros need 2), rows * n / 8 < 2^32,
+// run_stride % 8 == 0, k, v, dst 16-byte and sums 8-byte aligned, input finite, no
+// overlap of dst with k, v or sums. Launch: gridDim.y == 2 (0: keys, 1: values),
+// blockDim.x == kThreads, grid-stride in x.
+
+// Start of row r, in elements.
+struct RowRuns {
+  unsigned run_rows;
+  unsigned long long run_stride;
+  unsigned long long n;
+  __device__ __forceinline__ unsigned long long operator()(unsigned r) const {
+    const unsigned run = r / run_rows;
+    return static_cast<unsigned long long>(run) * run_stride +
+           static_cast<unsigned long long>(r - run * run_rows) * n;
+  }
+};
+
+// Squared reconstruction errors and squared values of one piece of work (a vector of 8,
+// or a column of a per-channel row: bt * 8 elements), in fp32.
+struct SquareSums {
+  float err = 0.0f;
+  float ref = 0.0f;
+  __device__ __forceinline__ void operator()(const float (&x)[kVec], uint32_t word,
+                                             const float (&zf)[kVec], const float (&sf)[kVec]) {
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+      const float d = __fsub_rn(dequant_value((word >> (4 * i)) & 0xFu, zf[i], sf[i]), x[i]);
+      err = fmaf(d, d, err);
+      ref = fmaf(x[i], x[i], ref);
+    }
+  }
+};
+
+// A thread's sums over its pieces, in fp64.
+struct ThreadSums {
+  double err = 0.0;
+  double ref = 0.0;
+  __device__ __forceinline__ void add(const SquareSums& piece) {
+    err += static_cast<double>(piece.err);
+    ref += static_cast<double>(piece.ref);
+  }
+  // the warp's sums into sums[0], sums[1]; every lane of the warp must call it
+  __device__ __forceinline__ void add_to(double* sums) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      err += __shfl_xor_sync(0xffffffffu, err, off);
+      ref += __shfl_xor_sync(0xffffffffu, ref, off);
+    }
+    if ((threadIdx.x & 31u) == 0u) {
+      atomicAdd(sums, err);
+      atomicAdd(sums + 1, ref);
+    }
+  }
+};
+
+// Per-token rows (groups of G along the row) of `rows` rows: quantize_impl's data mapping
+// (vector v of the launch = element 8v of the rows back to back, tiles warp-aligned, a
+// group's lanes one butterfly), each vector's row and place in it from v. A group never
+// spans two rows (n % G == 0), so the inactive lanes of the last tile form whole groups.
+// dst: the part's start in row 0 (the key row, or the value row at the key row's end).
+template <int G, int U>
+__device__ __forceinline__ void layer_rows_tokens(const __half* __restrict__ src,
+                                                  const RowRuns at, uint8_t* __restrict__ dst,
+                                                  unsigned long long row_bytes, unsigned rows,
+                                                  ThreadSums& sums) {
+  constexpr int kLanesPerGroup = G / kVec;
+  const unsigned long long n = at.n;
+  const unsigned row_vecs = static_cast<unsigned>(n / kVec);
+  const unsigned long long num_vec = static_cast<unsigned long long>(rows) * row_vecs;
+  const unsigned lane = threadIdx.x & 31u;
+  const unsigned long long tile = static_cast<unsigned long long>(U) * blockDim.x;
+  const unsigned long long stride = tile * gridDim.x;
+
+  for (unsigned long long base = tile * blockIdx.x; base < num_vec; base += stride) {
+    uint4 raw[U];
+    unsigned row[U], idx[U];
+    bool active[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {  // every load of the tile first, as in quantize_impl
+      const unsigned long long v = base + static_cast<unsigned long long>(u) * blockDim.x + threadIdx.x;
+      active[u] = v < num_vec;
+      row[u] = active[u] ? static_cast<unsigned>(v) / row_vecs : 0u;
+      idx[u] = active[u] ? static_cast<unsigned>(v) - row[u] * row_vecs : 0u;
+      raw[u] = active[u] ? __ldg(reinterpret_cast<const uint4*>(src + at(row[u])) + idx[u])
+                         : make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      __half scale_h, zero_h;
+      const uint32_t word = LeanCodes{}.template word<kLanesPerGroup>(raw[u], scale_h, zero_h);
+      if (active[u]) {
+        uint8_t* out = dst + row[u] * row_bytes;
+        reinterpret_cast<uint32_t*>(out)[idx[u]] = word;
+        if (lane % kLanesPerGroup == 0) {
+          __half* scales = reinterpret_cast<__half*>(out + n / 2);
+          scales[idx[u] / kLanesPerGroup] = scale_h;
+          scales[n / G + idx[u] / kLanesPerGroup] = zero_h;  // the zeros follow the scales
+        }
+        float x[kVec], zf[kVec], sf[kVec];
+        halves_to_floats(raw[u], x);
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) {
+          zf[i] = __half2float(zero_h);
+          sf[i] = __half2float(scale_h);
+        }
+        SquareSums piece;
+        piece(x, word, zf, sf);
+        sums.add(piece);
+      }
+    }
+  }
+}
+
+template <int G>
+__device__ __forceinline__ void layer_rows_impl(const __half* __restrict__ k,
+                                                const __half* __restrict__ v,
+                                                uint8_t* __restrict__ dst,
+                                                double* __restrict__ sums,
+                                                unsigned long long run_stride, unsigned rows,
+                                                unsigned bt, unsigned c, unsigned run_rows,
+                                                unsigned key_channel) {
+  const unsigned long long n = static_cast<unsigned long long>(bt) * c;
+  const unsigned long long token_row = n / 2 + 4 * (n / G);
+  const unsigned long long key_row = key_channel ? n / 2 + 4ull * c : token_row;
+  const unsigned long long row_bytes = key_row + token_row;
+  const RowRuns at{run_rows, run_stride, n};
+  ThreadSums thread_sums;
+  if (blockIdx.y == 1) {
+    layer_rows_tokens<G, kQuantUnroll>(v, at, dst + key_row, row_bytes, rows, thread_sums);
+  } else if (key_channel) {
+    // one thread per 8 channels of a row, as quantize_channels_impl, over every row
+    const unsigned cv = c / kVec;
+    const unsigned total = rows * cv;  // < 2^32: rows * n / 8 is
+    for (unsigned u = blockIdx.x * blockDim.x + threadIdx.x; u < total; u += gridDim.x * blockDim.x) {
+      const unsigned r = u / cv;
+      SquareSums column;
+      quantize_channel_column<LeanChannels>(k + at(r), dst + r * row_bytes, bt, c, c, u - r * cv, column);
+      thread_sums.add(column);
+    }
+  } else {
+    layer_rows_tokens<G, kQuantUnroll>(k, at, dst, row_bytes, rows, thread_sums);
+  }
+  thread_sums.add_to(sums);
+}
+
 }  // namespace
 
 #define SYNAPSE_ASSEMBLE_ENTRY(G)                                                      \
@@ -1071,3 +1255,15 @@ SYNAPSE_INT4_ENTRY(128)
 SYNAPSE_INT4_VARIANT_ENTRY(32)
 SYNAPSE_INT4_VARIANT_ENTRY(64)
 SYNAPSE_INT4_VARIANT_ENTRY(128)
+
+#define SYNAPSE_LAYER_ROWS_ENTRY(G)                                                    \
+  extern "C" __global__ void __launch_bounds__(kThreads) kv_quantize_layer_rows_int4_g##G( \
+      const __half* __restrict__ k, const __half* __restrict__ v, uint8_t* __restrict__ dst, \
+      double* __restrict__ sums, unsigned long long run_stride, unsigned rows, unsigned bt, \
+      unsigned c, unsigned run_rows, unsigned key_channel) {                            \
+    layer_rows_impl<G>(k, v, dst, sums, run_stride, rows, bt, c, run_rows, key_channel);  \
+  }
+
+SYNAPSE_LAYER_ROWS_ENTRY(32)
+SYNAPSE_LAYER_ROWS_ENTRY(64)
+SYNAPSE_LAYER_ROWS_ENTRY(128)

@@ -45,7 +45,7 @@ import numpy as np
 
 from synapse.errors import BackendUnavailable, KernelError
 from synapse.hw import int4 as int4_ref
-from synapse.hw.kv_layout import FMT_FP16, FMT_INT4
+from synapse.hw.kv_layout import FMT_FP16, FMT_INT4, check_key_format
 
 try:
     import pycuda.driver as _cuda
@@ -437,6 +437,7 @@ _ARG_FORMATS = {
     "attention_decode_segments_split": "PPPPPPiiiiifPPPP",
     "attention_decode_segments_combine": "PPPPiiP",
     "kv_assemble_int4": "PPPPPIIIIII",
+    "kv_quantize_layer_rows_int4": "PPPPQIIIII",
     "kv_block_quantize_int4_kc": "PPII",
     "kv_block_dequantize_int4_kc": "PPII",
     "kv_key_prefix": "PPPiii",
@@ -676,6 +677,91 @@ def kv_assemble_int4_launcher(cut: int, m: int, bt: int, tok_elems: int, n_tok: 
             ptrs = tuple(_ptr(p, name, 16) for p, name in zip(ptrs, _ASSEMBLE_PTRS))
         _launch("kv assemble", fn, grid, block, stream, (*ptrs, *tail))
     return launch
+
+
+def _check_layer_rows_shape(block_tokens, channels, group_size, key_format) -> tuple[int, int, int]:
+    group_size = int4_ref.check_group_size(group_size)
+    bt = _positive(block_tokens, "block_tokens")
+    c = _positive(channels, "channels")
+    check_key_format(key_format)
+    if bt % 4 or c % group_size:
+        raise ValueError(f"kv_quantize_layer_rows_int4 needs block_tokens % 4 == 0 and channels "
+                         f"% group_size == 0; got block_tokens {bt}, channels {c}, group_size "
+                         f"{group_size}")
+    return bt, c, group_size
+
+
+def _check_layer_rows_runs(rows, run_rows, run_stride, n: int) -> tuple[int, int, int]:
+    """(rows, run_rows, run_stride) checked: ``run_rows`` None means one run of every row."""
+    rows = _positive(rows, "rows")
+    run_rows = rows if run_rows is None else _positive(run_rows, "run_rows")
+    if not isinstance(run_stride, (int, np.integer)) or run_stride < 0 or run_stride % INT4_VEC_ELEMS:
+        raise ValueError(f"run_stride must be a non-negative multiple of {INT4_VEC_ELEMS} "
+                         f"elements, got {run_stride!r}")
+    if rows * n // INT4_VEC_ELEMS >= 1 << 32:
+        raise ValueError(f"{rows} rows of {n} elements are too many for one launch (2^32 vectors of 8)")
+    return rows, min(run_rows, rows), int(run_stride)
+
+
+def layer_rows_grid(rows: int, block_tokens: int, channels: int, key_channel: bool,
+                    num_sms: int, blocks_per_sm: int, threads: int = INT4_THREADS) -> int:
+    """x-size of the grid of ``kv_quantize_layer_rows_int4`` (``gridDim.y == 2``: keys,
+    values): enough CTAs for a thread per 8 channels of every key row (per-channel keys) or
+    for the rows' tiles, at most one full wave."""
+    vecs = rows * block_tokens * channels // INT4_VEC_ELEMS
+    tiles = -(-vecs // (QUANT_VECS_PER_THREAD * threads))
+    keys = -(-(rows * channels // INT4_VEC_ELEMS) // threads) if key_channel else tiles
+    return max(1, min(max(keys, tiles), num_sms * blocks_per_sm))
+
+
+_LAYER_ROWS_PTRS = (("k_ptr", 16), ("v_ptr", 16), ("dst_ptr", 16), ("sums_ptr", 8))
+
+
+def kv_quantize_layer_rows_launcher(block_tokens: int, channels: int, group_size: int,
+                                    key_format: str = int4_ref.DEFAULT_KEY_FORMAT, stream=None):
+    """``quantize_layer_rows_int4`` for one shape, its kernel and occupancy resolved once:
+    returns ``launch(k_ptr, v_ptr, dst_ptr, sums_ptr, rows, run_rows=None, run_stride=0)``
+    (the same contract). A backend's demotions all have one shape and differ in their rows."""
+    bt, c, group_size = _check_layer_rows_shape(block_tokens, channels, group_size, key_format)
+    n, key_channel = bt * c, key_format == "channel"
+    fn, state = _function("int4.cu", f"kv_quantize_layer_rows_int4_g{group_size}",
+                          "kv_quantize_layer_rows_int4")
+    per_sm = _blocks_per_sm(fn, state, INT4_THREADS)
+    block = (INT4_THREADS, 1, 1)
+
+    def launch(k_ptr, v_ptr, dst_ptr, sums_ptr, rows: int, run_rows=None, run_stride: int = 0) -> None:
+        rows, run_rows, run_stride = _check_layer_rows_runs(rows, run_rows, run_stride, n)
+        ptrs = tuple(_ptr(p, name, align)
+                     for p, (name, align) in zip((k_ptr, v_ptr, dst_ptr, sums_ptr), _LAYER_ROWS_PTRS))
+        grid = (layer_rows_grid(rows, bt, c, key_channel, state.num_sms, per_sm), 2)
+        _launch("kv quantize layer rows", fn, grid, block, stream,
+                (*ptrs, run_stride, rows, bt, c, run_rows, int(key_channel)))
+    return launch
+
+
+def quantize_layer_rows_int4(k_ptr, v_ptr, dst_ptr, sums_ptr, rows: int, block_tokens: int,
+                             channels: int, group_size: int,
+                             key_format: str = int4_ref.DEFAULT_KEY_FORMAT, run_rows=None,
+                             run_stride: int = 0, stream=None) -> None:
+    """Keys and values of ``rows`` blocks of one layer each into INT4 layer rows, and the
+    squared reconstruction error, in one launch (``kv_quantize_layer_rows_int4_g*`` in
+    int4.cu).
+
+    Device: current context. ``k``/``v``: fp16, finite; row ``r`` (``block_tokens x
+    channels`` elements, C order) starts at element ``(r // run_rows) * run_stride + (r %
+    run_rows) * block_tokens * channels`` (``run_rows`` None: ``[rows][bt * channels]``
+    back to back). ``dst``: ``rows`` layer rows back to back, bit-exact with
+    ``synapse.hf.int4.quantize_layer_rows(k, v, key_format, group_size)``. ``sums``: two
+    float64, to which the kernel adds sum((x_hat - x)^2) and sum(x^2) over every element
+    (x_hat: the float32 dequantization; the order of the additions varies from run to run).
+    ``block_tokens % 4 == 0``, ``channels % group_size == 0``, ``run_stride % 8 == 0``;
+    ``k``, ``v``, ``dst`` 16-byte and ``sums`` 8-byte aligned; ``dst`` overlaps nothing."""
+    bt, c, g = _check_layer_rows_shape(block_tokens, channels, group_size, key_format)
+    _check_layer_rows_runs(rows, run_rows, run_stride, bt * c)
+    for p, (name, align) in zip((k_ptr, v_ptr, dst_ptr, sums_ptr), _LAYER_ROWS_PTRS):
+        _ptr(p, name, align)
+    kv_quantize_layer_rows_launcher(bt, c, g, key_format, stream)(
+        k_ptr, v_ptr, dst_ptr, sums_ptr, rows, run_rows, run_stride)
 
 
 @dataclass(frozen=True)
@@ -1026,8 +1112,11 @@ __all__ = [
     "int4_kernel",
     "key_prefix",
     "kv_block_grid",
+    "kv_quantize_layer_rows_launcher",
+    "layer_rows_grid",
     "quantize_int4",
     "quantize_kv_block_int4",
+    "quantize_layer_rows_int4",
     "resident_blocks_per_sm",
     "segment_plan",
     "segments_launcher",

@@ -3,7 +3,10 @@
 The same seam as the simulator and the cuda backend: the tier manager plans moves, the
 mover turns them into ``Copy`` / ``Quantize`` / ``Dequantize`` / ``Zero`` ops with columns
 of offsets, and this backend carries each op out in a handful of torch calls, whatever
-the number of blocks (gather, one copy, scatter), on the current torch stream.
+the number of blocks (gather, one copy, scatter), on the current torch stream. On CUDA
+with fp16 and PyCUDA, a ``Quantize`` on torch's default stream is one fused kernel
+(``kv_quantize_layer_rows_int4`` in cuda/int4.cu: the layer rows of every layer's blocks
+and their squared error) instead of about 140 aten ops per 16 MiB of blocks.
 
 Memory is laid out in *planes* (``synapse.kv.shape``): a space of ``n`` bytes is a tensor
 ``[P, n / P]`` of bytes, plane ``p = 2 * layer + (0 for K, 1 for V)``, and a block at
@@ -40,6 +43,10 @@ from ..ops import (Copy, Dequantize, Op, OpRecord, Quantize, Stream, Zero, merge
                    merged_ranges)
 from ..hf.int4 import dequantize_layer_rows, quantize_layer_rows
 from .shape import KVShape
+
+# Whether a TorchBackend quantizes demotions with the fused CUDA kernel where it can
+# (``TorchBackend._quantize_kernel``); False: always torch ops.
+FUSED_QUANTIZE = True
 
 
 class PlaneMemory:
@@ -143,6 +150,10 @@ class TorchBackend(Backend):
         self.vmm_status = "not used (CPU)" if not self.cuda else "not requested"
         self.bytes_moved = {"h2d": 0, "d2h": 0, "d2d": 0, "h2h": 0}
         self._q_err: list[torch.Tensor] = []  # INT4 reconstruction error of what was demoted
+        # the fused quantize kernel where it can serve (``_quantize_kernel``); False: torch ops
+        self.fused_quantize = FUSED_QUANTIZE
+        self.fused_quantize_reason = ""
+        self._fused_quantize = None  # resolved at the first Quantize: a launcher or False
         self.q_count = 0
         # where L1's planes come from when not allocated here: a callable (nbytes, planes,
         # device) -> uint8 [planes, nbytes / planes] tensor or None (synapse.hf.batch: the
@@ -232,29 +243,21 @@ class TorchBackend(Backend):
             size = int(op.src_sizes[0])
             x = src.slots(size)[:, self._index(op.src_offsets, size).to(src.t.device)]
             sh, k = self.shape, x.shape[1]
-            layers, bt, c = sh.layers, sh.block_tokens, sh.kv_heads * sh.head_dim
-            kv = x.view(self.dtype).view(layers, 2, k, bt, c)
-            keys = kv[:, 0].reshape(layers * k, bt, c)
-            values = kv[:, 1].reshape(layers * k, bt, c)
-            q = torch.empty((layers * k, sh.layer_int4_bytes), dtype=torch.uint8,
-                            device=keys.device)
-            err = torch.zeros(2, dtype=torch.float64, device=keys.device)
-            # in pieces: the float32 temporaries of a whole round (a tenth of L1 demoted
-            # at once) were a third of the device memory a 32k-token decode held
-            step = max(1, (16 << 20) // (4 * bt * c))
-            for lo in range(0, layers * k, step):
-                pk, pv = keys[lo:lo + step], values[lo:lo + step]
-                q[lo:lo + step] = quantize_layer_rows(pk, pv, sh.int4_keys, sh.int4_group)
-                bk, bv = dequantize_layer_rows(q[lo:lo + step], bt, c, sh.int4_keys,
-                                               sh.int4_group, torch.float32)
-                rk = pk.reshape(bk.shape).to(torch.float32)
-                rv = pv.reshape(bv.shape).to(torch.float32)
-                err += torch.stack((((bk - rk) ** 2).sum() + ((bv - rv) ** 2).sum(),
-                                    (rk * rk).sum() + (rv * rv).sum())).double()
+            q = torch.empty((sh.layers * k, sh.layer_int4_bytes), dtype=torch.uint8,
+                            device=x.device)
+            err = torch.zeros(2, dtype=torch.float64, device=x.device)
+            launch = self._quantize_kernel()
+            if launch is None:
+                self._quantize_torch(x, q, err)
+            elif k:  # the gathered [L, 2, k, n] as it is: keys at 0, values k rows on
+                x = x.contiguous()
+                row = sh.plane_numel
+                launch(x.data_ptr(), x.data_ptr() + k * row * sh.itemsize,
+                       q.data_ptr(), err.data_ptr(), sh.layers * k, k, 2 * k * row)
             # kept on the device (no sync per demotion); read by ``int4_error``
             self._q_err.append(err)
-            self.q_count += 2 * keys.numel()
-            self._staged[tuple(op.dst_offsets.tolist())] = q.view(layers, k, -1)
+            self.q_count += 2 * sh.layers * k * sh.plane_numel
+            self._staged[tuple(op.dst_offsets.tolist())] = q.view(sh.layers, k, -1)
             return None
         if isinstance(op, Dequantize):
             q = self._staged.pop(tuple(op.src_offsets.tolist()))
@@ -280,6 +283,56 @@ class TorchBackend(Backend):
                 self._mem[space].zero(offset, nbytes)
             return None
         raise KernelError(f"the torch backend cannot run {type(op).__name__}")
+
+    def _quantize_torch(self, x: torch.Tensor, q: torch.Tensor, err: torch.Tensor) -> None:
+        """Gathered L1 blocks ``x`` [planes, k, slot / planes] -> layer rows ``q``, with the
+        squared reconstruction error and squared values added to ``err`` (torch ops)."""
+        sh, k = self.shape, x.shape[1]
+        layers, bt, c = sh.layers, sh.block_tokens, sh.kv_heads * sh.head_dim
+        kv = x.view(self.dtype).view(layers, 2, k, bt, c)
+        keys = kv[:, 0].reshape(layers * k, bt, c)
+        values = kv[:, 1].reshape(layers * k, bt, c)
+        # in pieces: the float32 temporaries of a whole round (a tenth of L1 demoted
+        # at once) were a third of the device memory a 32k-token decode held
+        step = max(1, (16 << 20) // (4 * bt * c))
+        for lo in range(0, layers * k, step):
+            pk, pv = keys[lo:lo + step], values[lo:lo + step]
+            q[lo:lo + step] = quantize_layer_rows(pk, pv, sh.int4_keys, sh.int4_group)
+            bk, bv = dequantize_layer_rows(q[lo:lo + step], bt, c, sh.int4_keys,
+                                           sh.int4_group, torch.float32)
+            rk = pk.reshape(bk.shape).to(torch.float32)
+            rv = pv.reshape(bv.shape).to(torch.float32)
+            err += torch.stack((((bk - rk) ** 2).sum() + ((bv - rv) ** 2).sum(),
+                                (rk * rk).sum() + (rv * rv).sum())).double()
+
+    def _quantize_kernel(self):
+        """The fused quantize (``kv_quantize_layer_rows_int4`` in cuda/int4.cu) as a
+        launcher, when it serves this backend: CUDA, fp16, PyCUDA present, a shape within
+        its contracts, torch on its default stream (the kernel launches there); else None
+        and torch ops quantize (``_quantize_torch``: about 140 aten ops per 16 MiB piece and
+        float32 temporaries). Same bytes either way; why not: ``fused_quantize_reason``."""
+        launch = self._fused_quantize
+        if launch is None:
+            launch = False
+            sh = self.shape
+            if not self.fused_quantize:
+                self.fused_quantize_reason = "fused_quantize is off"
+            elif not self.cuda or self.dtype != torch.float16:
+                self.fused_quantize_reason = f"{self.device.type}, {self.dtype}: fp16 on CUDA only"
+            else:
+                try:
+                    from ..hw import kernels
+                    kernels.use_primary_context(self.device.index or 0)
+                    launch = kernels.kv_quantize_layer_rows_launcher(
+                        sh.block_tokens, sh.kv_heads * sh.head_dim, sh.int4_group, sh.int4_keys)
+                except Exception as e:  # noqa: BLE001 (no PyCUDA, no driver, a shape outside
+                    # the kernel's contracts: torch ops)
+                    self.fused_quantize_reason = f"{type(e).__name__}: {e}"
+                    launch = False
+            self._fused_quantize = launch
+        if launch is False or torch.cuda.current_stream(self.device).cuda_stream != 0:
+            return None
+        return launch
 
     def _copy(self, op: Copy):
         size = int(op.sizes[0]) if len(op.sizes) else 0
