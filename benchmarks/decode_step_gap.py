@@ -4,8 +4,9 @@
 
 ``hf_caches.py`` measures the decode of whole ``generate`` calls; this one splits the
 difference. Every variant runs the same Qwen2-shaped model (``hf_caches.py --model
-qwen2``) and prompt: a warm-up ``generate``, then ``--repeats`` timed ones over the same
-lengths (so cuDNN's per-length plans are built, as in ``hf_caches.py``). Per decode step
+qwen2``) and prompt: a warm-up ``generate`` each, then ``--repeats`` rounds of one timed
+``generate`` of every variant over the same lengths (so cuDNN's per-length plans are
+built, as in ``hf_caches.py``; each round starts one variant later). Per decode step
 it records the host's wall time between two logits-processor calls (the step, including
 the model's one host-device synchronisation), and for a ``TieredCache`` the host time spent
 inside the cache's own calls (``update`` and ``get_mask_sizes``, timed by wrapping them).
@@ -108,7 +109,11 @@ class Timed:
         return call
 
 
-def run_variant(name, model, ids, args, cfg):
+def variant_runner(name, model, ids, args, cfg):
+    """``once()`` for variant ``name``: one ``generate`` with its cache and settings
+    (applied for that run only), returning the step hook with the run's timings."""
+    import contextlib
+
     import torch
     from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
     from hf_caches import cache_kwarg, cache_specs
@@ -140,6 +145,28 @@ def run_variant(name, model, ids, args, cfg):
             self.t.append(now)
             return scores
 
+    @contextlib.contextmanager
+    def settings():
+        orig_takes = decode_attention.takes
+        if name == "tiered_full_sdpa":
+            decode_attention.takes = lambda cache: False
+        ctx = contextlib.nullcontext()
+        if name == "dynamic_flash":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            ctx = sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                               SDPBackend.MATH])
+        nogc = name.endswith("_nogc")
+        if nogc:
+            gc.collect()
+            gc.disable()
+        try:
+            with ctx:
+                yield
+        finally:
+            if nogc:
+                gc.enable()
+            decode_attention.takes = orig_takes
+
     def once():
         cache, timer = make()
         hook = Steps(timer)
@@ -147,16 +174,11 @@ def run_variant(name, model, ids, args, cfg):
               "logits_processor": LogitsProcessorList([hook])}
         if name == "tiered_h2o":
             kw["prefill_chunk_size"] = specs["tiered_h2o"][2]
-        nogc = name.endswith("_nogc")
-        if nogc:
-            gc.collect()
-            gc.disable()
         try:
-            torch.cuda.synchronize(device) if device.type == "cuda" else None
-            hook.tokens = model.generate(ids, **kw)[0, ids.shape[1]:].cpu()
+            with settings():
+                torch.cuda.synchronize(device) if device.type == "cuda" else None
+                hook.tokens = model.generate(ids, **kw)[0, ids.shape[1]:].cpu()
         finally:
-            if nogc:
-                gc.enable()
             if hasattr(cache, "detach"):
                 cache.detach()
             del cache
@@ -164,25 +186,10 @@ def run_variant(name, model, ids, args, cfg):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         return hook
+    return once
 
-    orig_takes = decode_attention.takes
-    if name == "tiered_full_sdpa":
-        decode_attention.takes = lambda cache: False
-    try:
-        ctx = None
-        if name == "dynamic_flash":
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-            ctx = sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                               SDPBackend.MATH])
-            ctx.__enter__()
-        try:
-            once()  # warm-up: the lengths the timed runs repeat
-            runs = [once() for _ in range(args.repeats)]
-        finally:
-            if ctx is not None:
-                ctx.__exit__(None, None, None)
-    finally:
-        decode_attention.takes = orig_takes
+
+def summary(runs) -> dict:
     walls = [w for r in runs for w in r.walls]
     inside = [w for r in runs for w in r.inside]
     out = {"steps_timed": len(walls),
@@ -221,9 +228,17 @@ def main(argv=None) -> int:
            "config": {"prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
                       "repeats": a.repeats, "device": device.type, "tiny": a.tiny},
            "variants": {}}
+    # every variant's warm-up (the lengths the timed runs repeat), then rounds of one timed
+    # run of each, each round starting one variant later: a drifting host slows all alike
+    once = {name: variant_runner(name, model, ids, a, cfg) for name in names}
     for name in names:
-        r = run_variant(name, model, ids, a, cfg)
-        res["variants"][name] = r
+        once[name]()
+    runs = {name: [] for name in names}
+    for r in range(a.repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            runs[name].append(once[name]())
+    for name in names:
+        r = res["variants"][name] = summary(runs[name])
         ref = res["variants"].get("dynamic")
         if ref is not None:  # the same computation? (fp16 kernels over other layouts may tip a near tie)
             same = sum(x == y for x, y in zip(r["tokens"], ref["tokens"]))

@@ -87,10 +87,13 @@ INT4_TMA_VARIANTS = frozenset({"staged", "bulk", "bulk4k"})
 MAX_INT4_NUMEL = 1 << 40  # the bulk kernels count tiles in 32 bits (int4.cu)
 # Defaults from benchmarks/int4_kernels.py on the H200 (2026-12-01, results in
 # benchmarks/results/h200-2026-12-01-s2/int4_kernels.json): quantize staged 3464 GB/s =
-# 82% of the device copy (warp 58%), dequantize staged 3761 GB/s = 89% (warp 81%), G=64.
-# The staged kernels need TMA: before sm_90 the defaults fall back to the *_PRE_SM90 ones.
+# 82% of the device copy (warp 58%), G=64. Dequantize "bulk" since 2026-12-02
+# (benchmarks/results/h200-2026-12-02-s7/call3/int4_kernels.json): the fastest at the
+# largest size timed (64 Mi elements, launches back to back) for every G: 3505 GB/s at
+# G=64 against staged's 3401 (84% against 81% of the 1 GiB device copy), 1701 against
+# 1295 at 8 Mi elements. The TMA kernels need sm_90: before it the *_PRE_SM90 ones.
 QUANT_VARIANT = "staged"  # what quantize_int4 launches by default
-DEQUANT_VARIANT = "staged"  # what dequantize_int4 launches by default
+DEQUANT_VARIANT = "bulk"  # what dequantize_int4 launches by default
 QUANT_VARIANT_PRE_SM90, DEQUANT_VARIANT_PRE_SM90 = "lean", "stream"
 # The channel-key KV block quantize kernel: name -> kernel infix (same bytes). lean: 359
 # GB/s against warp's 181 at 256-token blocks of 32x8x128 (both launch-bound there).
