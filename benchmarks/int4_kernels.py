@@ -296,6 +296,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=9, help="timed repeats per point (median)")
     ap.add_argument("--batch", type=int, default=10, help="launches between events, kernel-only time")
     ap.add_argument("--child-timeout", type=int, default=90, help="seconds per variant process")
+    ap.add_argument("--variants", default=None,
+                    help="comma list of direction:variant to time (e.g. dequantize:bulk,"
+                         "quantize:staged); default every variant of every direction")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     try:
@@ -303,6 +306,16 @@ def main(argv=None) -> int:
         a.sizes = [int(x) for x in a.sizes.split(",")]
         if len(a.sizes) < 2 or min(a.sizes) < 128 or a.repeats < 1 or a.batch < 1:
             raise ValueError("need two or more sizes >= 128, --repeats >= 1, --batch >= 1")
+        tables = {"quantize": kernels.INT4_QUANT_VARIANTS, "dequantize": kernels.INT4_DEQUANT_VARIANTS,
+                  "kv_block_quantize": kernels.KV_QUANT_VARIANTS}
+        wanted = None
+        if a.variants is not None:
+            wanted = {tuple(x.split(":", 1)) for x in a.variants.split(",") if x}
+            bad = sorted(f"{d}:{v}" for d, v in (w if len(w) == 2 else (w[0], "") for w in wanted)
+                         if d not in tables or v not in tables[d])
+            if bad or not wanted:
+                raise ValueError(f"--variants: unknown {', '.join(bad) or 'empty list'}; expected "
+                                 f"direction:variant with direction in {', '.join(tables)}")
     except ValueError as exc:
         print(f"int4_kernels.py: bad arguments: {exc}", file=sys.stderr)
         return 2
@@ -319,6 +332,8 @@ def main(argv=None) -> int:
                              ("dequantize", kernels.INT4_DEQUANT_VARIANTS),
                              ("kv_block_quantize", kernels.KV_QUANT_VARIANTS)):
         for variant in table:
+            if wanted is not None and (direction, variant) not in wanted:
+                continue
             print(f"... {direction} {variant}", flush=True)
             results.append(_child(direction, variant, a))
             _write(a.out, {"results": results, "complete": False})  # survives a kill
@@ -328,6 +343,8 @@ def main(argv=None) -> int:
                                       ("dequantize", "DEQUANT_VARIANT", kernels.DEQUANT_VARIANT),
                                       ("kv_block_quantize", "KV_QUANT_VARIANT",
                                        kernels.KV_QUANT_VARIANT)):
+        if not any(r["direction"] == direction for r in results):
+            continue  # not timed in this run (--variants)
         best, why = pick(results, direction)
         choice[const] = {"variant": best, "why": why, "current": current}
         lines.append(f"set {const} = {best!r} in synapse/hw/kernels.py ({why}; now {current!r})")
