@@ -31,12 +31,13 @@ import time
 from itertools import repeat
 from operator import attrgetter
 from dataclasses import dataclass, field
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from .blocks import BlockSpec, Fmt, Tier
 from .errors import CapacityError
+from .moves import Move, MoveBatch, moves_of as _moves, _new_move
 from .page_table import PageTable
 from .policy import Demotion, EvictionPolicy, KVPrefetch, Watermarks
 
@@ -46,32 +47,8 @@ _FMT = {int(f): f for f in Fmt}  # int -> Fmt without the enum call (slow on the
 _T_NONE, _T_L1, _T_L2, _FP16, _INT4 = Tier.NONE, Tier.L1, Tier.L2, Fmt.FP16, Fmt.INT4
 
 
-class Move(NamedTuple):
-    """One block changing tier (or leaving the tiers, for a drop). A named tuple: the
-    manager builds one per block moved (``_new_move``, several times faster than a
-    dataclass's ``__init__``)."""
-
-    block: int
-    purpose: str            # demote | drop | fetch | prefetch
-    src_tier: Tier
-    dst_tier: Tier
-    src_fmt: Fmt
-    dst_fmt: Fmt
-    src: object             # slab the bytes are in now
-    dst: object | None      # slab they go to (None for a drop)
-    staging: object | None = None  # INT4 staging slab on the device (quantize on the way
-                                   # out, dequantize on the way in)
-
-
-_new_move = tuple.__new__  # Move(...) without the argument parsing: _new_move(Move, fields)
 _tenant_of = attrgetter("tenant")  # of a slab or a slot
 _nbytes_of = attrgetter("nbytes")
-
-
-def _moves(n: int, *columns) -> list[Move]:
-    """``n`` moves from columns (iterables of field values, ``repeat`` for a constant):
-    the tuples are built by ``map`` and ``zip`` in C, not by a Python loop per block."""
-    return list(map(_new_move, repeat(Move, n), zip(*columns)))
 
 
 @dataclass
@@ -362,7 +339,7 @@ class TierManager:
     # -- eviction -------------------------------------------------------------------
     @_decision
     def make_room(self, sizes: Sequence[int], protected: np.ndarray, step: int,
-                  arriving: np.ndarray | None = None) -> list[Move]:
+                  arriving: np.ndarray | None = None) -> Sequence[Move]:
         """Victims whose leaving frees at least ``sum(sizes)`` bytes of L1 (forced eviction).
         ``arriving``: positions of the new blocks the room is for (the policy counts them
         as the newest; H2O's recent window includes them).
@@ -402,12 +379,13 @@ class TierManager:
         return np.sort(chosen[:k])
 
     @_decision
-    def evict(self, victims: np.ndarray, step: int, forced: bool = False) -> list[Move]:
+    def evict(self, victims: np.ndarray, step: int, forced: bool = False) -> Sequence[Move]:
         """Moves for these L1 blocks, chosen by the caller (a scheduler swapping whole
         requests): demotions or drops as the demotion rule says; see ``_evict``."""
-        return self._evict(np.asarray(victims, np.int64), step, forced)
+        return self._evict(np.array(victims, np.int64), step, forced)  # (a copy: the
+        # moves keep the ids, and the caller may reuse its array)
 
-    def _evict(self, victims: np.ndarray, step: int, forced: bool) -> list[Move]:
+    def _evict(self, victims: np.ndarray, step: int, forced: bool) -> Sequence[Move]:
         """Moves for ``victims`` in order: drops, or demotions with their L2 (and INT4
         staging) slabs. The first victim that finds no staging slot ends the round; an
         L2 that cannot take a demotion raises CapacityError. Allocations are batched per
@@ -451,14 +429,15 @@ class TierManager:
             raise CapacityError(
                 f"L2 is full ({l2.stats().used_bytes} of {l2.capacity_bytes} bytes): "
                 f"cannot demote block {blocks[j]}; raise memory.l2_budget or use demote: drop")
-        staging_col = [staged.get(i) for i in range(n)] if staged else repeat(None)
         if uniform and plan0[0] == _T_NONE:
-            moves = _moves(n, blocks, repeat("drop"), repeat(_T_L1), repeat(_T_NONE), src_fmts,
-                           src_fmts, srcs, repeat(None), repeat(None))
+            fmts = src_fmts[:n]
+            moves = MoveBatch("drop", _T_L1, _T_NONE, victims[:n], blocks[:n], fmts, fmts,
+                              srcs[:n], None, 0, None) if n else []
             drops, demotes = blocks[:n], []
         elif uniform:
-            moves = _moves(n, blocks, repeat("demote"), repeat(_T_L1), repeat(_T_L2), src_fmts,
-                           repeat(plan0[1]), srcs, dsts, staging_col)
+            moves = MoveBatch("demote", _T_L1, _T_L2, victims[:n], blocks[:n], src_fmts[:n],
+                              [plan0[1]] * n, srcs[:n], dsts, sizes[plan0[1]],
+                              [staged[i] for i in range(n)] if staged else None) if n else []
             drops, demotes = [], blocks[:n]
         else:
             dst_of = dict(zip(demote, dsts))
@@ -488,7 +467,7 @@ class TierManager:
 
     # -- fetch ----------------------------------------------------------------------
     @_decision
-    def plan_fetch(self, ids: np.ndarray, step: int, purpose: str = "fetch") -> list[Move]:
+    def plan_fetch(self, ids: np.ndarray, step: int, purpose: str = "fetch") -> Sequence[Move]:
         """L1 destinations (full precision) for L2 blocks, in order, for as many as L1
         (and, for INT4 blocks, the device staging that takes them before dequantization)
         can take now."""
@@ -515,11 +494,13 @@ class TierManager:
         if len(dsts) < n and staged:
             spaces.staging.free_all([staged[i] for i in quant if len(dsts) <= i < n])
         k = len(dsts)
-        moves = _moves(k, blocks, repeat(purpose), repeat(_T_L2), repeat(_T_L1), fmts,
-                       repeat(_FP16), srcs, dsts,
-                       map(staged.get, range(k)) if staged else repeat(None))
-        done = blocks[: len(moves)]
-        self._mark_busy(ids[: len(done)])
+        if not k:
+            return []
+        done = blocks[:k]
+        moves = MoveBatch(purpose, _T_L2, _T_L1, ids[:k], done, fmts[:k], [_FP16] * k,
+                          srcs[:k], dsts, self.sizes[Fmt.FP16],
+                          list(map(staged.get, range(k))) if staged else None)
+        self._mark_busy(moves.ids)
         if purpose == "prefetch":
             self.counters.prefetches += len(done)
         else:
@@ -528,7 +509,7 @@ class TierManager:
         return moves
 
     @_decision
-    def plan_background(self, step: int, protected: np.ndarray) -> tuple[list[Move], list[Move]]:
+    def plan_background(self, step: int, protected: np.ndarray) -> tuple[Sequence[Move], Sequence[Move]]:
         """Demote down to the low watermark; then prefetch L2 blocks the policy ranks above
         L1's weakest into the headroom below the high watermark."""
         used = self.l1_used()
@@ -541,7 +522,7 @@ class TierManager:
         cand = self._evictable(protected) if to_free > 0 or prefetching else None
         demotions = self._evict(self._lowest_covering(cand, to_free, step), step, False) \
             if to_free > 0 else []
-        prefetches: list[Move] = []
+        prefetches: Sequence[Move] = []
         if prefetching and not demotions:
             headroom = self.watermarks.headroom_bytes(used, self.l1_capacity)
             l2 = self.table.ids_in(Tier.L2) if headroom > 0 and len(cand) else ()
@@ -553,7 +534,7 @@ class TierManager:
                 prefetches = self._plan_prefetch(l2, cand, headroom, step)
         return demotions, prefetches
 
-    def _plan_prefetch(self, l2, cand, headroom, step) -> list[Move]:
+    def _plan_prefetch(self, l2, cand, headroom, step) -> Sequence[Move]:
         k = min(len(l2), self.prefetch.max_blocks)
         s = self.policy.scores(l2, step)
         weakest = float(self.policy.scores(cand, step).min())
@@ -572,6 +553,8 @@ class TierManager:
         """The ops of these moves finished: the page table follows, sources are freed."""
         if not moves:
             return
+        if moves.__class__ is MoveBatch:  # the manager's own batches: their columns
+            return self._commit_batch(moves, step)
         table, spaces = self.table, self.spaces
         n = len(moves)
         # the moves as columns (one transpose in C); a batch of one kind (a round's
@@ -632,6 +615,36 @@ class TierManager:
             self.policy.on_fetch(np.asarray(fetched, np.int64), step)
         if len(prefetched):
             self.policy.on_prefetch(np.asarray(prefetched, np.int64), step)
+        if self.tail_last:
+            for p in self.pinned:  # a pinned tail fetched back stays last
+                if table.tier[p] == int(Tier.L1):
+                    spaces.l1.keep_last(table.handle[p])
+
+    def _commit_batch(self, b: MoveBatch, step: int) -> None:
+        """``commit`` of a ``MoveBatch``: the same changes, in the same order, read from
+        its columns."""
+        table, spaces = self.table, self.spaces
+        ids, srcs = b.ids, b.srcs
+        self._clear_busy(ids)
+        if b.dsts is None:  # drops
+            table.drop_all(ids)
+        else:
+            table.move_batch(ids, b.blocks, b.dst_tier, b.dst_fmts, b.dst_nbytes, b.dsts)
+        if b.src_tier == _T_L1:
+            spaces.l1.free_all(srcs)
+        else:
+            spaces.l2.free_all(srcs)
+        if b.stagings is not None:
+            staged = [s for s in b.stagings if s is not None]
+            if staged:
+                spaces.staging.free_all(staged)
+        if b.dsts is None:
+            self.policy.on_remove(ids)
+        elif b.dst_tier == _T_L1:
+            if b.purpose == "prefetch":
+                self.policy.on_prefetch(ids, step)
+            else:
+                self.policy.on_fetch(ids, step)
         if self.tail_last:
             for p in self.pinned:  # a pinned tail fetched back stays last
                 if table.tier[p] == int(Tier.L1):

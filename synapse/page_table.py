@@ -170,6 +170,29 @@ class PageTable:
                 Slot.assigned += 1
         self.offset[ids] = np.fromiter(map(_offset_of, handles), np.int64, len(handles))
 
+    def move_batch(self, ids: np.ndarray, blocks: list, tier: Tier, fmts: Sequence[Fmt],
+                   nbytes: int, handles: Sequence[object]) -> None:
+        """``move_all`` for blocks that all go to one tier at one size (a ``MoveBatch``),
+        ``handles`` all of one allocator: the same columns, without the passes over the
+        handles that find their types and sizes."""
+        self._require_all_live(ids)
+        self._account(self.tier[ids], self.nbytes[ids], -1)
+        self._bytes[Tier.L1 if int(tier) == _L1 else Tier.L2] += nbytes * len(ids)
+        self._version += 1
+        self.tier[ids] = int(tier)
+        self.fmt[ids] = _int8_column(fmts)
+        self.nbytes[ids] = nbytes
+        handle = self.handle
+        if handles and handles[0].__class__ is Slot:  # (one allocator: all Slots or none)
+            for b, h in zip(blocks, handles):  # as in move_all
+                handle[b] = h
+                h._block = b
+            Slot.assigned += 1
+        else:
+            for b, h in zip(blocks, handles):
+                handle[b] = h
+        self.offset[ids] = np.fromiter(map(_offset_of, handles), np.int64, len(handles))
+
     def relocate(self, blocks: Sequence[int], handles: Sequence[object]) -> None:
         """A compacting allocator moved these blocks' bytes: record their new offsets
         (the handles are the same objects, already updated)."""
