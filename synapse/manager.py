@@ -161,6 +161,10 @@ class TierManager:
         self._deciding = False
         self.on_decision = None  # called after each planning call (SimBackend.decision_done)
         policy.bind(spaces.l1.capacity_bytes // sizes[Fmt.FP16])
+        # the tiers whose allocator compacts (take_relocations asks them on every submit)
+        self._compacting = [(tier, space) for tier, space in ((_T_L1, spaces.l1),
+                                                              (_T_L2, spaces.l2))
+                            if hasattr(space, "take_relocations")]
 
     # -- queries --------------------------------------------------------------------
     @property
@@ -232,12 +236,10 @@ class TierManager:
         (gather, then scatter), then zeroes the ranges, before any other op touches the
         tier."""
         out = {}
-        spaces = self.spaces
-        for tier, space in ((_T_L1, spaces.l1), (_T_L2, spaces.l2)):  # on every submit
-            take = getattr(space, "take_relocations", None)
-            if take is None or not space.owes():  # most calls: nothing owed
+        for tier, space in self._compacting:  # on every submit
+            if not space.owes():  # most calls: nothing owed
                 continue
-            moves = take()
+            moves = space.take_relocations()
             zero = space.take_zero([dst for _, _, dst in moves])
             if moves:
                 self.table.relocate([s.block for s, _, _ in moves], [s for s, _, _ in moves])

@@ -174,13 +174,17 @@ class PageTable:
                    nbytes: int, handles: Sequence[object]) -> None:
         """``move_all`` for blocks that all go to one tier at one size (a ``MoveBatch``),
         ``handles`` all of one allocator: the same columns, without the passes over the
-        handles that find their types and sizes."""
-        self._require_all_live(ids)
+        handles that find their types and sizes. ``ids`` are block ids the manager
+        planned (non-negative, below ``len(self)``): only their state is checked here."""
+        if not (self.state[ids] == _LIVE).all():
+            self._require_all_live(ids)  # raises, naming the first block that is not live
         self._account(self.tier[ids], self.nbytes[ids], -1)
-        self._bytes[Tier.L1 if int(tier) == _L1 else Tier.L2] += nbytes * len(ids)
+        n = len(ids)
+        self._bytes[Tier.L1 if int(tier) == _L1 else Tier.L2] += nbytes * n
         self._version += 1
         self.tier[ids] = int(tier)
-        self.fmt[ids] = _int8_column(fmts)
+        f0 = fmts[0] if n else 0
+        self.fmt[ids] = int(f0) if fmts.count(f0) == n else np.fromiter(fmts, np.int8, n)
         self.nbytes[ids] = nbytes
         handle = self.handle
         if handles and handles[0].__class__ is Slot:  # (one allocator: all Slots or none)
