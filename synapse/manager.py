@@ -312,13 +312,18 @@ class TierManager:
         l1 = self.table.ids_in(Tier.L1)
         if len(l1) and int(l1[-1]) >= len(self._busy):
             self._set_busy(int(l1[-1]), False)
-        keep = ~self._busy[l1]
-        if len(protected):
-            # membership through a mask over block ids (np.isin sorts; this is O(n))
-            hit = np.zeros(max(len(self._busy), int(protected.max()) + 1), bool)
-            hit[protected] = True
-            keep &= ~hit[l1]
-        return l1[keep]
+        if not len(protected):
+            return l1[~self._busy[l1]]
+        # membership through a mask over block ids (np.isin sorts; this is O(n)): the busy
+        # marks and the protected ids in one mask, so L1's ids are gathered once
+        busy, top = self._busy, int(protected.max()) + 1
+        if top > len(busy):
+            off = np.zeros(top, bool)
+            off[: len(busy)] = busy
+        else:
+            off = busy.copy()
+        off[protected] = True
+        return l1[~off[l1]]
 
     # -- insertion ------------------------------------------------------------------
     @_decision
@@ -476,8 +481,10 @@ class TierManager:
         ids = np.asarray(ids, np.int64)
         if len(ids) == 0:
             return []
-        # a block already moving (planned, not yet committed) is not moved twice
-        ids = ids[~self._in_flight(ids)]
+        # a block already moving (planned, not yet committed) is not moved twice (a copy
+        # either way: the batch keeps the ids, and the caller may reuse its array)
+        busy = self._in_flight(ids)
+        ids = ids[~busy] if busy.any() else ids.copy()
         table, spaces = self.table, self.spaces
         blocks = ids.tolist()
         srcs = list(map(table.handle.__getitem__, blocks))
@@ -542,10 +549,13 @@ class TierManager:
         weakest = float(self.policy.scores(cand, step).min())
         if not s.max() > weakest:  # no L2 block outranks L1's weakest (LRU, FIFO: most steps)
             return []
-        neg = np.negative(s)  # once, for the partition and the sort
+        # negated once, for the partition and the sort, in place: ``scores`` hands out a
+        # new array, and a fresh one of thousands of scores costs more in cache misses
+        # than the arithmetic (``-s < -weakest`` is ``s > weakest`` exactly)
+        neg = np.negative(s, out=s)
         idx = neg.argpartition(k - 1)[:k] if k < len(l2) else np.arange(len(l2))
         order = idx[neg[idx].argsort(kind="stable")]
-        top = l2[order][s[order] > weakest]
+        top = l2[order][neg[order] < -weakest]
         chosen = self.prefetch.choose(top, self.table.nbytes[top], headroom)
         return self.plan_fetch(chosen, step, "prefetch")
 
