@@ -63,6 +63,7 @@ class NeedleTrace:
         self._needed = None
         self._next_use = None
         self._pool = None
+        self._rows = None  # logits' buffer of key rows
 
     # -- the model ------------------------------------------------------------------
     def _build_keys(self, rng) -> None:
@@ -119,11 +120,24 @@ class NeedleTrace:
 
     def n_valid(self, t: int, blocks: np.ndarray) -> np.ndarray:
         tokens = int(self._tokens[t])
-        return np.minimum(np.maximum(tokens - blocks * self.bt, 0), self.bt)  # np.clip, cheaper
+        # np.clip, cheaper; in place: one new array, not four (a fresh array of thousands
+        # of blocks costs more in cache misses than the arithmetic)
+        out = np.multiply(blocks, self.bt)
+        np.subtract(tokens, out, out=out)
+        np.maximum(out, 0, out=out)
+        return np.minimum(out, self.bt, out=out)
 
     def logits(self, t: int, blocks: np.ndarray) -> np.ndarray:
         """Per-token logit of each block at step t (the same for every token of a block)."""
-        return self.keys.take(blocks, axis=0) @ self.queries[t]  # take: same rows, cheaper
+        # take: same rows, cheaper; into a buffer kept between steps (the rows of every
+        # resident block each step: a new array of them was most of the cost)
+        n = len(blocks)
+        if self._rows is None or len(self._rows) < n:
+            self._rows = np.empty((max(n, 2 * len(self._rows) if self._rows is not None
+                                       else n), self.keys.shape[1]), self.keys.dtype)
+        rows = self._rows[:n]
+        self.keys.take(blocks, axis=0, out=rows)
+        return rows @ self.queries[t]
 
     def masses(self, t: int, blocks: np.ndarray, n_valid: np.ndarray | None = None) -> np.ndarray:
         """Attention mass of each block at step t, normalised over ``blocks`` only
@@ -133,10 +147,12 @@ class NeedleTrace:
             return np.zeros(0)
         nv = self.n_valid(t, blocks) if n_valid is None else n_valid
         with np.errstate(divide="ignore"):
-            z = self.logits(t, blocks) + np.log(nv)
+            z = self.logits(t, blocks)
+            z += np.log(nv)
         z -= z.max()
-        w = np.exp(z)
-        return w / w.sum()
+        w = np.exp(z, out=z)
+        w /= w.sum()
+        return w
 
     # -- ground truth over all blocks -------------------------------------------------
     _ROWS = 64  # steps per pass of the ground truth (a small buffer, reused)
