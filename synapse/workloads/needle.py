@@ -63,7 +63,7 @@ class NeedleTrace:
         self._needed = None
         self._next_use = None
         self._pool = None
-        self._rows = None  # logits' buffer of key rows
+        self._logits, self._logits_t = None, -1  # every block's logit at one step
 
     # -- the model ------------------------------------------------------------------
     def _build_keys(self, rng) -> None:
@@ -128,16 +128,19 @@ class NeedleTrace:
         return np.minimum(out, self.bt, out=out)
 
     def logits(self, t: int, blocks: np.ndarray) -> np.ndarray:
-        """Per-token logit of each block at step t (the same for every token of a block)."""
-        # take: same rows, cheaper; into a buffer kept between steps (the rows of every
-        # resident block each step: a new array of them was most of the cost)
-        n = len(blocks)
-        if self._rows is None or len(self._rows) < n:
-            self._rows = np.empty((max(n, 2 * len(self._rows) if self._rows is not None
-                                       else n), self.keys.shape[1]), self.keys.dtype)
-        rows = self._rows[:n]
-        self.keys.take(blocks, axis=0, out=rows)
-        return rows @ self.queries[t]
+        """Per-token logit of each block at step t (the same for every token of a block).
+
+        A block's logit is its key row times the step's query, whatever other blocks are
+        asked for (the BLAS product gives each row the same value in any batch of rows:
+        checked on random subsets, and by check_sim_parity); so for many blocks (every
+        resident one, each step) it is one product over all keys, kept for the step, and
+        a gather: the rows of thousands of blocks were most of the cost."""
+        if len(blocks) * 4 < len(self.keys):  # a few blocks: their rows (take: cheaper)
+            return self.keys.take(blocks, axis=0) @ self.queries[t]
+        if self._logits_t != t:
+            self._logits = self.keys @ self.queries[t]
+            self._logits_t = t
+        return self._logits.take(blocks)  # (a new array: callers change it in place)
 
     def masses(self, t: int, blocks: np.ndarray, n_valid: np.ndarray | None = None) -> np.ndarray:
         """Attention mass of each block at step t, normalised over ``blocks`` only
