@@ -518,7 +518,8 @@ class TierManager:
         return moves
 
     @_decision
-    def plan_background(self, step: int, protected: np.ndarray) -> tuple[Sequence[Move], Sequence[Move]]:
+    def plan_background(self, step: int,
+                        protected: np.ndarray) -> tuple[Sequence[Move], Sequence[Move]]:
         """Demote down to the low watermark; then prefetch L2 blocks the policy ranks above
         L1's weakest into the headroom below the high watermark."""
         used = self.l1_used()
@@ -641,7 +642,8 @@ class TierManager:
         if b.dsts is None:  # drops
             table.drop_all(ids)
         else:
-            table.move_batch(ids, b.blocks, b.dst_tier, b.dst_fmts, b.dst_nbytes, b.dsts)
+            table.move_batch(ids, b.blocks, b.src_tier, b.dst_tier, b.dst_fmts, b.dst_nbytes,
+                             b.dsts)
         if b.src_tier == _T_L1:
             spaces.l1.free_all(srcs)
         else:

@@ -170,15 +170,20 @@ class PageTable:
                 Slot.assigned += 1
         self.offset[ids] = np.fromiter(map(_offset_of, handles), np.int64, len(handles))
 
-    def move_batch(self, ids: np.ndarray, blocks: list, tier: Tier, fmts: Sequence[Fmt],
-                   nbytes: int, handles: Sequence[object]) -> None:
-        """``move_all`` for blocks that all go to one tier at one size (a ``MoveBatch``),
-        ``handles`` all of one allocator: the same columns, without the passes over the
-        handles that find their types and sizes. ``ids`` are block ids the manager
-        planned (non-negative, below ``len(self)``): only their state is checked here."""
-        if not (self.state[ids] == _LIVE).all():
+    def move_batch(self, ids: np.ndarray, blocks: list, src_tier: Tier, tier: Tier,
+                   fmts: Sequence[Fmt], nbytes: int, handles: Sequence[object]) -> None:
+        """``move_all`` for blocks that all go from ``src_tier`` to one tier at one size (a
+        ``MoveBatch``), ``handles`` all of one allocator: the same columns, without the
+        passes over the handles that find their types and sizes. ``ids`` are block ids
+        the manager planned (non-negative, below ``len(self)``)."""
+        # every block in src_tier (L1 or L2) is live (the invariant ``check`` asserts):
+        # one comparison checks both and leaves one byte count to subtract
+        if (self.tier[ids] == int(src_tier)).all():
+            src = Tier.L1 if int(src_tier) == _L1 else Tier.L2
+            self._bytes[src] -= int(self.nbytes[ids].sum())
+        else:
             self._require_all_live(ids)  # raises, naming the first block that is not live
-        self._account(self.tier[ids], self.nbytes[ids], -1)
+            self._account(self.tier[ids], self.nbytes[ids], -1)
         n = len(ids)
         self._bytes[Tier.L1 if int(tier) == _L1 else Tier.L2] += nbytes * n
         self._version += 1
