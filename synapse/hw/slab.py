@@ -371,18 +371,22 @@ class SlabAllocator:
                 or self._objects_per_page[ci] != 1:
             return False
         offsets = []
+        pop = live.pop
         try:  # a plain loop: on Python 3.11 faster than the same checks through map()
-            for s in slabs:
-                offset = s.offset
-                if live.get(offset) is not s or s.class_bytes != class_bytes:
-                    return False
+            for s in slabs:  # each leaves the live map as it is checked (a slab listed
+                offset = s.offset  # twice is not there the second time)
+                got = pop(offset, None)
+                if got is not s or s.class_bytes != class_bytes:
+                    if got is not None:
+                        live[offset] = got
+                    break
                 offsets.append(offset)
-        except (AttributeError, TypeError):
-            return False
-        if len(set(offsets)) != n:
+        except (AttributeError, TypeError):  # not a handle at all
+            pass
+        if len(offsets) < n:  # not all distinct live handles of the class: none is freed
+            live.update(zip(offsets, slabs))
             return False
         zero_ranges(list(zip(offsets, repeat(class_bytes))))
-        deque(map(live.pop, offsets), 0)
         page_bytes = self.page_bytes
         # full (one object) to empty: the pages stay _WHOLE, nothing per page to change
         self._free_pages.extend([o // page_bytes for o in offsets])

@@ -279,18 +279,19 @@ class SlotArena:
         if self._last is not None and self._last.index in holes:
             self._last = None
         n_new = n_old - len(holes)
-        placed = live[:n_new]  # holes below n_new are filled from the end next
+        # holes below n_new are filled from the end, in place (the slots moved come from
+        # at or past n_new, the places they go to are below it), then the end is cut off
         targets = iter(sorted(i for i in holes if i < n_new))
         for i in range(n_new, n_old):
             if i not in holes:
                 to = next(targets)
-                placed[to] = live[i]
-                self._move(live[i], to)
+                s = live[to] = live[i]
+                self._move(s, to)
+        del live[n_new:]
         for s in slots:  # a plain loop: attribute stores beat map(setattr, ...)
             s.index = -1
-        self.slots = placed  # type: ignore[assignment]
         if self._last is not None and self._last.index != n_new - 1:
-            self._swap(self._last, placed[n_new - 1])
+            self._swap(self._last, live[n_new - 1])
         self.num_frees += len(slots)
         self.version += 1
         if self.zero_on_free:  # after the relocations have read it: see take_relocations
