@@ -86,10 +86,11 @@ class _Page:
 
 
 class _Whole:
-    """The state of a page of one object (a size class as large as the page): free when
-    on the free-page stack, else holding that object. No ``_Page`` is kept for it, so
-    allocating or freeing one touches no per-page object (the simulator's L2 moves
-    thousands a step); without slots, writing to it fails loudly."""
+    """The state of a page that keeps no ``_Page``: free (on the free-page stack), or
+    holding one object of a size class as large as the page. So allocating or freeing
+    those touches no per-page object (the simulator's L2 moves thousands a step); a
+    page of smaller objects gets a ``_Page`` when a class takes it. Without slots:
+    writing to it fails loudly."""
 
     __slots__ = ()
 
@@ -135,8 +136,8 @@ class SlabAllocator:
         self.capacity_bytes = num_pages * page_bytes  # an arena tail shorter than a page is unused
         self.allocator_id = next(SlabAllocator._ids)
         self._objects_per_page = tuple(page_bytes // c for c in classes)
-        # grows on first use of a page, so P stays what was touched; _WHOLE for the pages of
-        # classes of one object per page
+        # grows on first use of a page, so P stays what was touched; _WHOLE for free pages
+        # and pages of one object (see _Whole)
         self._pages: list[_Page | _Whole] = []
         self._free_pages: list[int] = []  # indices below len(_pages) whose page is empty
         self._partial: list[list[int]] = [[] for _ in classes]  # pages with a free object
@@ -206,7 +207,6 @@ class SlabAllocator:
                     # never used) straight to full, and keeps no _Page (see _Whole).
                     if free_pages:
                         page_index = free_pages.pop()
-                        pages[page_index] = _WHOLE
                     elif len(pages) < self.num_pages:
                         page_index = len(pages)
                         pages.append(_WHOLE)
@@ -267,7 +267,6 @@ class SlabAllocator:
         taken = free_pages[len(free_pages) - k1:]
         taken.reverse()
         del free_pages[len(free_pages) - k1:]
-        deque(map(pages.__setitem__, taken, repeat(_WHOLE)), 0)  # (most are already)
         k2 = min(n - k1, self.num_pages - len(pages))
         if k2 > 0:
             first = len(pages)
@@ -331,10 +330,10 @@ class SlabAllocator:
                     ci = page.class_index
                     was_full = page.num_live == opp[ci]
                     page.num_live -= 1
-                    if page.num_live == 0:
+                    if page.num_live == 0:  # empty: a free page keeps no _Page either
                         if not was_full:
                             self._unlink_partial(page_index)
-                        page.num_carved, page.free_objects = 0, []
+                        pages[page_index] = _WHOLE
                         free_pages.append(page_index)
                     else:
                         page.free_objects.append(in_page // class_bytes)
@@ -517,10 +516,7 @@ class SlabAllocator:
     def _take_page(self, ci: int) -> int:
         if self._free_pages:
             page_index = self._free_pages.pop()
-            if self._pages[page_index] is _WHOLE:  # last held an object of its own
-                self._pages[page_index] = _Page(ci)
-            else:
-                self._pages[page_index].class_index = ci
+            self._pages[page_index] = _Page(ci)  # (a free page keeps none)
         elif len(self._pages) < self.num_pages:
             page_index = len(self._pages)
             self._pages.append(_Page(ci))
