@@ -138,6 +138,10 @@ class Mover:
                 return []  # drops: no bytes move
             b = moves
             blocks, srcs, dsts = b.blocks, b.srcs, b.dsts
+            # the sources' sizes from the page table's column (a block's size there is
+            # its handle's: the manager records the size it allocated), not a pass over
+            # the handles
+            src_sizes = table.nbytes[b.ids]
             stagings = b.stagings or repeat(None)
             purposes, src_tiers, dst_tiers = (b.purpose,), (b.src_tier,), (b.dst_tier,)
             unstaged = 0 if b.stagings else len(blocks)
@@ -145,6 +149,7 @@ class Mover:
             cols = (None, None, src_tiers, dst_tiers, None, None, srcs, dsts,
                     b.stagings or (None,))
         else:
+            src_sizes = None
             if moves.__class__ is MoveBatch:  # some staged, some not: as rows
                 moves = moves.rows()
             # the moves as columns: one transpose in C, then no Python loop per block for
@@ -203,7 +208,7 @@ class Mover:
             q = be.submit(Quantize(purpose="demote", src_space="l1", dst_space="staging",
                                    src_offsets=_offsets(q_srcs),
                                    dst_offsets=staging,
-                                   src_sizes=_sizes(q_srcs),
+                                   src_sizes=_sizes(q_srcs) if src_sizes is None else src_sizes,
                                    dst_sizes=staged_bytes,
                                    numel=self.numel, group_size=self.group_size,
                                    int4_keys=self.shape.int4_keys,
@@ -220,18 +225,20 @@ class Mover:
                                           dst_space="l2",
                                           src_offsets=_offsets(g_srcs),
                                           dst_offsets=_offsets(g_dsts),
-                                          sizes=_sizes(g_srcs)),
+                                          sizes=_sizes(g_srcs) if src_sizes is None
+                                          else src_sizes),
                                      Stream.D2H, after))
         for purpose, (g_srcs, g_dsts, _) in h2d.items():
             tickets.append(be.submit(Copy(purpose=purpose, direction="h2d", src_space="l2",
                                           dst_space="l1",
                                           src_offsets=_offsets(g_srcs),
                                           dst_offsets=_offsets(g_dsts),
-                                          sizes=_sizes(g_srcs)),
+                                          sizes=_sizes(g_srcs) if src_sizes is None
+                                          else src_sizes),
                                      Stream.H2D, after))
         for purpose, (g_srcs, g_dsts, g_stg) in dequant.items():
             staging = _offsets(g_stg)
-            q_bytes = _sizes(g_srcs)
+            q_bytes = _sizes(g_srcs) if src_sizes is None else src_sizes
             c = be.submit(Copy(purpose=purpose, direction="h2d", src_space="l2",
                                dst_space="staging", src_offsets=_offsets(g_srcs),
                                dst_offsets=staging, sizes=q_bytes), Stream.H2D, after)
