@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 import math
 import time
-from itertools import repeat
 from operator import attrgetter
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -37,7 +36,7 @@ import numpy as np
 
 from .blocks import BlockSpec, Fmt, Tier
 from .errors import CapacityError
-from .moves import Move, MoveBatch, moves_of as _moves, _new_move
+from .moves import Move, MoveBatch, _new_move
 from .page_table import PageTable
 from .policy import Demotion, EvictionPolicy, KVPrefetch, Watermarks
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections import deque
 from itertools import repeat
 from operator import attrgetter
 from collections.abc import Sequence
