@@ -28,15 +28,15 @@ from __future__ import annotations
 import functools
 import math
 import time
-from itertools import repeat
 from operator import attrgetter
 from dataclasses import dataclass, field
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from .blocks import BlockSpec, Fmt, Tier
 from .errors import CapacityError
+from .moves import Move, MoveBatch, _new_move
 from .page_table import PageTable
 from .policy import Demotion, EvictionPolicy, KVPrefetch, Watermarks
 
@@ -46,32 +46,8 @@ _FMT = {int(f): f for f in Fmt}  # int -> Fmt without the enum call (slow on the
 _T_NONE, _T_L1, _T_L2, _FP16, _INT4 = Tier.NONE, Tier.L1, Tier.L2, Fmt.FP16, Fmt.INT4
 
 
-class Move(NamedTuple):
-    """One block changing tier (or leaving the tiers, for a drop). A named tuple: the
-    manager builds one per block moved (``_new_move``, several times faster than a
-    dataclass's ``__init__``)."""
-
-    block: int
-    purpose: str            # demote | drop | fetch | prefetch
-    src_tier: Tier
-    dst_tier: Tier
-    src_fmt: Fmt
-    dst_fmt: Fmt
-    src: object             # slab the bytes are in now
-    dst: object | None      # slab they go to (None for a drop)
-    staging: object | None = None  # INT4 staging slab on the device (quantize on the way
-                                   # out, dequantize on the way in)
-
-
-_new_move = tuple.__new__  # Move(...) without the argument parsing: _new_move(Move, fields)
 _tenant_of = attrgetter("tenant")  # of a slab or a slot
 _nbytes_of = attrgetter("nbytes")
-
-
-def _moves(n: int, *columns) -> list[Move]:
-    """``n`` moves from columns (iterables of field values, ``repeat`` for a constant):
-    the tuples are built by ``map`` and ``zip`` in C, not by a Python loop per block."""
-    return list(map(_new_move, repeat(Move, n), zip(*columns)))
 
 
 @dataclass
@@ -142,6 +118,28 @@ def can_allocate_all(alloc, sizes: Sequence[int]) -> bool:
     return pages >= 0
 
 
+def _k_smallest(neg: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` smallest values (``0 < k < len(neg)``), smallest first: what
+    ``neg.argpartition(k - 1)[:k]``, then a stable sort of those, gives. Found among the
+    few hundred values below a threshold from a sample when no tie can decide the answer
+    (the k values distinct and below every other), else by exactly those two calls: on
+    thousands of scores a round, the partition's fresh index array was its cost."""
+    sample = np.partition(neg[::16], 2 * k + 2) if len(neg) > 32 * (k + 1) else None
+    if sample is not None:
+        below = np.flatnonzero(neg <= sample[2 * k + 2])  # (NaN is never below)
+        if len(below) > k:
+            v = neg[below]
+            part = v.argpartition(k)  # the k smallest, then the next one at [k]
+            first = part[:k]
+            vf = v[first]
+            o = vf.argsort(kind="stable")
+            ranked = vf[o].tolist()  # (k values: compared in Python)
+            if ranked[-1] < float(v[part[k]]) and all(map(float.__lt__, ranked, ranked[1:])):
+                return below[first[o]]
+    idx = neg.argpartition(k - 1)[:k]
+    return idx[neg[idx].argsort(kind="stable")]
+
+
 def _decision(fn):
     """Count the wall time of a planning call in ``TierManager.decision_s``: the policy's
     and the manager's share of a step's host time, reported apart from the rest."""
@@ -184,6 +182,10 @@ class TierManager:
         self._deciding = False
         self.on_decision = None  # called after each planning call (SimBackend.decision_done)
         policy.bind(spaces.l1.capacity_bytes // sizes[Fmt.FP16])
+        # the tiers whose allocator compacts (take_relocations asks them on every submit)
+        self._compacting = [(tier, space) for tier, space in ((_T_L1, spaces.l1),
+                                                              (_T_L2, spaces.l2))
+                            if hasattr(space, "take_relocations")]
 
     # -- queries --------------------------------------------------------------------
     @property
@@ -255,12 +257,10 @@ class TierManager:
         (gather, then scatter), then zeroes the ranges, before any other op touches the
         tier."""
         out = {}
-        spaces = self.spaces
-        for tier, space in ((_T_L1, spaces.l1), (_T_L2, spaces.l2)):  # on every submit
-            take = getattr(space, "take_relocations", None)
-            if take is None or not space.owes():  # most calls: nothing owed
+        for tier, space in self._compacting:  # on every submit
+            if not space.owes():  # most calls: nothing owed
                 continue
-            moves = take()
+            moves = space.take_relocations()
             zero = space.take_zero([dst for _, _, dst in moves])
             if moves:
                 self.table.relocate([s.block for s, _, _ in moves], [s for s, _, _ in moves])
@@ -333,13 +333,18 @@ class TierManager:
         l1 = self.table.ids_in(Tier.L1)
         if len(l1) and int(l1[-1]) >= len(self._busy):
             self._set_busy(int(l1[-1]), False)
-        keep = ~self._busy[l1]
-        if len(protected):
-            # membership through a mask over block ids (np.isin sorts; this is O(n))
-            hit = np.zeros(max(len(self._busy), int(protected.max()) + 1), bool)
-            hit[protected] = True
-            keep &= ~hit[l1]
-        return l1[keep]
+        if not len(protected):
+            return l1[~self._busy[l1]]
+        # membership through a mask over block ids (np.isin sorts; this is O(n)): the busy
+        # marks and the protected ids in one mask, so L1's ids are gathered once
+        busy, top = self._busy, int(protected.max()) + 1
+        if top > len(busy):
+            off = np.zeros(top, bool)
+            off[: len(busy)] = busy
+        else:
+            off = busy.copy()
+        off[protected] = True
+        return l1[~off[l1]]
 
     # -- insertion ------------------------------------------------------------------
     @_decision
@@ -362,7 +367,7 @@ class TierManager:
     # -- eviction -------------------------------------------------------------------
     @_decision
     def make_room(self, sizes: Sequence[int], protected: np.ndarray, step: int,
-                  arriving: np.ndarray | None = None) -> list[Move]:
+                  arriving: np.ndarray | None = None) -> Sequence[Move]:
         """Victims whose leaving frees at least ``sum(sizes)`` bytes of L1 (forced eviction).
         ``arriving``: positions of the new blocks the room is for (the policy counts them
         as the newest; H2O's recent window includes them).
@@ -402,12 +407,13 @@ class TierManager:
         return np.sort(chosen[:k])
 
     @_decision
-    def evict(self, victims: np.ndarray, step: int, forced: bool = False) -> list[Move]:
+    def evict(self, victims: np.ndarray, step: int, forced: bool = False) -> Sequence[Move]:
         """Moves for these L1 blocks, chosen by the caller (a scheduler swapping whole
         requests): demotions or drops as the demotion rule says; see ``_evict``."""
-        return self._evict(np.asarray(victims, np.int64), step, forced)
+        return self._evict(np.array(victims, np.int64), step, forced)  # (a copy: the
+        # moves keep the ids, and the caller may reuse its array)
 
-    def _evict(self, victims: np.ndarray, step: int, forced: bool) -> list[Move]:
+    def _evict(self, victims: np.ndarray, step: int, forced: bool) -> Sequence[Move]:
         """Moves for ``victims`` in order: drops, or demotions with their L2 (and INT4
         staging) slabs. The first victim that finds no staging slot ends the round; an
         L2 that cannot take a demotion raises CapacityError. Allocations are batched per
@@ -451,14 +457,15 @@ class TierManager:
             raise CapacityError(
                 f"L2 is full ({l2.stats().used_bytes} of {l2.capacity_bytes} bytes): "
                 f"cannot demote block {blocks[j]}; raise memory.l2_budget or use demote: drop")
-        staging_col = [staged.get(i) for i in range(n)] if staged else repeat(None)
         if uniform and plan0[0] == _T_NONE:
-            moves = _moves(n, blocks, repeat("drop"), repeat(_T_L1), repeat(_T_NONE), src_fmts,
-                           src_fmts, srcs, repeat(None), repeat(None))
+            fmts = src_fmts[:n]
+            moves = MoveBatch("drop", _T_L1, _T_NONE, victims[:n], blocks[:n], fmts, fmts,
+                              srcs[:n], None, 0, None) if n else []
             drops, demotes = blocks[:n], []
         elif uniform:
-            moves = _moves(n, blocks, repeat("demote"), repeat(_T_L1), repeat(_T_L2), src_fmts,
-                           repeat(plan0[1]), srcs, dsts, staging_col)
+            moves = MoveBatch("demote", _T_L1, _T_L2, victims[:n], blocks[:n], src_fmts[:n],
+                              [plan0[1]] * n, srcs[:n], dsts, sizes[plan0[1]],
+                              [staged[i] for i in range(n)] if staged else None) if n else []
             drops, demotes = [], blocks[:n]
         else:
             dst_of = dict(zip(demote, dsts))
@@ -488,15 +495,17 @@ class TierManager:
 
     # -- fetch ----------------------------------------------------------------------
     @_decision
-    def plan_fetch(self, ids: np.ndarray, step: int, purpose: str = "fetch") -> list[Move]:
+    def plan_fetch(self, ids: np.ndarray, step: int, purpose: str = "fetch") -> Sequence[Move]:
         """L1 destinations (full precision) for L2 blocks, in order, for as many as L1
         (and, for INT4 blocks, the device staging that takes them before dequantization)
         can take now."""
         ids = np.asarray(ids, np.int64)
         if len(ids) == 0:
             return []
-        # a block already moving (planned, not yet committed) is not moved twice
-        ids = ids[~self._in_flight(ids)]
+        # a block already moving (planned, not yet committed) is not moved twice (a copy
+        # either way: the batch keeps the ids, and the caller may reuse its array)
+        busy = self._in_flight(ids)
+        ids = ids[~busy] if busy.any() else ids.copy()
         table, spaces = self.table, self.spaces
         blocks = ids.tolist()
         srcs = list(map(table.handle.__getitem__, blocks))
@@ -515,11 +524,13 @@ class TierManager:
         if len(dsts) < n and staged:
             spaces.staging.free_all([staged[i] for i in quant if len(dsts) <= i < n])
         k = len(dsts)
-        moves = _moves(k, blocks, repeat(purpose), repeat(_T_L2), repeat(_T_L1), fmts,
-                       repeat(_FP16), srcs, dsts,
-                       map(staged.get, range(k)) if staged else repeat(None))
-        done = blocks[: len(moves)]
-        self._mark_busy(ids[: len(done)])
+        if not k:
+            return []
+        done = blocks[:k]
+        moves = MoveBatch(purpose, _T_L2, _T_L1, ids[:k], done, fmts[:k], [_FP16] * k,
+                          srcs[:k], dsts, self.sizes[Fmt.FP16],
+                          list(map(staged.get, range(k))) if staged else None)
+        self._mark_busy(moves.ids)
         if purpose == "prefetch":
             self.counters.prefetches += len(done)
         else:
@@ -528,7 +539,8 @@ class TierManager:
         return moves
 
     @_decision
-    def plan_background(self, step: int, protected: np.ndarray) -> tuple[list[Move], list[Move]]:
+    def plan_background(self, step: int,
+                        protected: np.ndarray) -> tuple[Sequence[Move], Sequence[Move]]:
         """Demote down to the low watermark; then prefetch L2 blocks the policy ranks above
         L1's weakest into the headroom below the high watermark."""
         used = self.l1_used()
@@ -541,7 +553,7 @@ class TierManager:
         cand = self._evictable(protected) if to_free > 0 or prefetching else None
         demotions = self._evict(self._lowest_covering(cand, to_free, step), step, False) \
             if to_free > 0 else []
-        prefetches: list[Move] = []
+        prefetches: Sequence[Move] = []
         if prefetching and not demotions:
             headroom = self.watermarks.headroom_bytes(used, self.l1_capacity)
             l2 = self.table.ids_in(Tier.L2) if headroom > 0 and len(cand) else ()
@@ -553,16 +565,22 @@ class TierManager:
                 prefetches = self._plan_prefetch(l2, cand, headroom, step)
         return demotions, prefetches
 
-    def _plan_prefetch(self, l2, cand, headroom, step) -> list[Move]:
+    def _plan_prefetch(self, l2, cand, headroom, step) -> Sequence[Move]:
         k = min(len(l2), self.prefetch.max_blocks)
         s = self.policy.scores(l2, step)
         weakest = float(self.policy.scores(cand, step).min())
         if not s.max() > weakest:  # no L2 block outranks L1's weakest (LRU, FIFO: most steps)
             return []
-        neg = np.negative(s)  # once, for the partition and the sort
-        idx = neg.argpartition(k - 1)[:k] if k < len(l2) else np.arange(len(l2))
-        order = idx[neg[idx].argsort(kind="stable")]
-        top = l2[order][s[order] > weakest]
+        # negated once, for the partition and the sort, in place: ``scores`` hands out a
+        # new array, and a fresh one of thousands of scores costs more in cache misses
+        # than the arithmetic (``-s < -weakest`` is ``s > weakest`` exactly)
+        neg = np.negative(s, out=s)
+        if k < len(l2):
+            order = _k_smallest(neg, k)
+        else:
+            idx = np.arange(len(l2))
+            order = idx[neg[idx].argsort(kind="stable")]
+        top = l2[order][neg[order] < -weakest]
         chosen = self.prefetch.choose(top, self.table.nbytes[top], headroom)
         return self.plan_fetch(chosen, step, "prefetch")
 
@@ -572,6 +590,8 @@ class TierManager:
         """The ops of these moves finished: the page table follows, sources are freed."""
         if not moves:
             return
+        if moves.__class__ is MoveBatch:  # the manager's own batches: their columns
+            return self._commit_batch(moves, step)
         table, spaces = self.table, self.spaces
         n = len(moves)
         # the moves as columns (one transpose in C); a batch of one kind (a round's
@@ -632,6 +652,37 @@ class TierManager:
             self.policy.on_fetch(np.asarray(fetched, np.int64), step)
         if len(prefetched):
             self.policy.on_prefetch(np.asarray(prefetched, np.int64), step)
+        if self.tail_last:
+            for p in self.pinned:  # a pinned tail fetched back stays last
+                if table.tier[p] == int(Tier.L1):
+                    spaces.l1.keep_last(table.handle[p])
+
+    def _commit_batch(self, b: MoveBatch, step: int) -> None:
+        """``commit`` of a ``MoveBatch``: the same changes, in the same order, read from
+        its columns."""
+        table, spaces = self.table, self.spaces
+        ids, srcs = b.ids, b.srcs
+        self._clear_busy(ids)
+        if b.dsts is None:  # drops
+            table.drop_all(ids)
+        else:
+            table.move_batch(ids, b.blocks, b.src_tier, b.dst_tier, b.dst_fmts, b.dst_nbytes,
+                             b.dsts)
+        if b.src_tier == _T_L1:
+            spaces.l1.free_all(srcs)
+        else:
+            spaces.l2.free_all(srcs)
+        if b.stagings is not None:
+            staged = [s for s in b.stagings if s is not None]
+            if staged:
+                spaces.staging.free_all(staged)
+        if b.dsts is None:
+            self.policy.on_remove(ids)
+        elif b.dst_tier == _T_L1:
+            if b.purpose == "prefetch":
+                self.policy.on_prefetch(ids, step)
+            else:
+                self.policy.on_fetch(ids, step)
         if self.tail_last:
             for p in self.pinned:  # a pinned tail fetched back stays last
                 if table.tier[p] == int(Tier.L1):

@@ -18,6 +18,7 @@ tier it was in) and propagates.
 
 from __future__ import annotations
 
+from itertools import repeat
 from operator import attrgetter
 from typing import Sequence
 
@@ -26,7 +27,8 @@ import numpy as np
 from .backend import Backend
 from .blocks import Fmt, Tier
 from .errors import KernelError
-from .manager import Move, TierManager
+from .manager import TierManager
+from .moves import Move, MoveBatch
 from .ops import Copy, Dequantize, Quantize, Region, Stream, Zero
 
 SPACE = {Tier.L1: "l1", Tier.L2: "l2"}
@@ -129,24 +131,46 @@ class Mover:
         self.relocate()
         if not moves:
             return []
-        # the moves as columns: one transpose in C, then no Python loop per block for a
-        # batch of one kind (a round's demotions, a step's fetches)
-        cols = tuple(zip(*moves))
-        if "drop" in cols[1]:
-            moves = [m for m in moves if m.purpose != "drop"]
-            if not moves:
-                return []
+        if moves.__class__ is MoveBatch and (moves.stagings is None or moves.all_staged):
+            # the manager's batch of one kind (a round's demotions, a step's fetches): its
+            # columns, no Python loop per block
+            if moves.dsts is None:
+                return []  # drops: no bytes move
+            b = moves
+            blocks, srcs, dsts = b.blocks, b.srcs, b.dsts
+            # the sources' sizes from the page table's column (a block's size there is
+            # its handle's: the manager records the size it allocated), not a pass over
+            # the handles
+            src_sizes = table.nbytes[b.ids]
+            stagings = b.stagings or repeat(None)
+            purposes, src_tiers, dst_tiers = (b.purpose,), (b.src_tier,), (b.dst_tier,)
+            unstaged = 0 if b.stagings else len(blocks)
+            uniform = True
+            cols = (None, None, src_tiers, dst_tiers, None, None, srcs, dsts,
+                    b.stagings or (None,))
+        else:
+            src_sizes = None
+            if moves.__class__ is MoveBatch:  # some staged, some not: as rows
+                moves = moves.rows()
+            # the moves as columns: one transpose in C, then no Python loop per block for
+            # a batch of one kind
             cols = tuple(zip(*moves))
-        blocks, purposes, src_tiers, dst_tiers, _, _, srcs, dsts, stagings = cols
-        n = len(moves)
+            if "drop" in cols[1]:
+                moves = [m for m in moves if m.purpose != "drop"]
+                if not moves:
+                    return []
+                cols = tuple(zip(*moves))
+            blocks, purposes, src_tiers, dst_tiers, _, _, srcs, dsts, stagings = cols
+            unstaged = stagings.count(None)
+            uniform = purposes.count(purposes[0]) == len(moves) \
+                and dst_tiers.count(dst_tiers[0]) == len(moves) \
+                and src_tiers.count(src_tiers[0]) == len(moves) and unstaged in (0, len(moves))
+        n = len(blocks)
         after = list(after) + self._barrier
         names = table.tenants
         tenants = [names[0]] * n if len(names) == 1 else \
             list(map(names.__getitem__, table.tenant[list(blocks)].tolist()))  # (one tenant:
         # every block's, without a gather)
-        unstaged = stagings.count(None)
-        uniform = purposes.count(purposes[0]) == n and dst_tiers.count(dst_tiers[0]) == n \
-            and src_tiers.count(src_tiers[0]) == n and unstaged in (0, n)
         self._check_access(moves, tenants, cols if uniform else None)
         # column groups (srcs, dsts, stagings) per kind of op, in the order they are submitted
         quant = d2h = None
@@ -184,7 +208,7 @@ class Mover:
             q = be.submit(Quantize(purpose="demote", src_space="l1", dst_space="staging",
                                    src_offsets=_offsets(q_srcs),
                                    dst_offsets=staging,
-                                   src_sizes=_sizes(q_srcs),
+                                   src_sizes=_sizes(q_srcs) if src_sizes is None else src_sizes,
                                    dst_sizes=staged_bytes,
                                    numel=self.numel, group_size=self.group_size,
                                    int4_keys=self.shape.int4_keys,
@@ -201,18 +225,20 @@ class Mover:
                                           dst_space="l2",
                                           src_offsets=_offsets(g_srcs),
                                           dst_offsets=_offsets(g_dsts),
-                                          sizes=_sizes(g_srcs)),
+                                          sizes=_sizes(g_srcs) if src_sizes is None
+                                          else src_sizes),
                                      Stream.D2H, after))
         for purpose, (g_srcs, g_dsts, _) in h2d.items():
             tickets.append(be.submit(Copy(purpose=purpose, direction="h2d", src_space="l2",
                                           dst_space="l1",
                                           src_offsets=_offsets(g_srcs),
                                           dst_offsets=_offsets(g_dsts),
-                                          sizes=_sizes(g_srcs)),
+                                          sizes=_sizes(g_srcs) if src_sizes is None
+                                          else src_sizes),
                                      Stream.H2D, after))
         for purpose, (g_srcs, g_dsts, g_stg) in dequant.items():
             staging = _offsets(g_stg)
-            q_bytes = _sizes(g_srcs)
+            q_bytes = _sizes(g_srcs) if src_sizes is None else src_sizes
             c = be.submit(Copy(purpose=purpose, direction="h2d", src_space="l2",
                                dst_space="staging", src_offsets=_offsets(g_srcs),
                                dst_offsets=staging, sizes=q_bytes), Stream.H2D, after)

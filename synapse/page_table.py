@@ -170,6 +170,38 @@ class PageTable:
                 Slot.assigned += 1
         self.offset[ids] = np.fromiter(map(_offset_of, handles), np.int64, len(handles))
 
+    def move_batch(self, ids: np.ndarray, blocks: list, src_tier: Tier, tier: Tier,
+                   fmts: Sequence[Fmt], nbytes: int, handles: Sequence[object]) -> None:
+        """``move_all`` for blocks that all go from ``src_tier`` to one tier at one size (a
+        ``MoveBatch``), ``handles`` all of one allocator: the same columns, without the
+        passes over the handles that find their types and sizes. ``ids`` are block ids
+        the manager planned (non-negative, below ``len(self)``)."""
+        # every block in src_tier (L1 or L2) is live (the invariant ``check`` asserts):
+        # one comparison checks both and leaves one byte count to subtract
+        if (self.tier[ids] == int(src_tier)).all():
+            src = Tier.L1 if int(src_tier) == _L1 else Tier.L2
+            self._bytes[src] -= int(self.nbytes[ids].sum())
+        else:
+            self._require_all_live(ids)  # raises, naming the first block that is not live
+            self._account(self.tier[ids], self.nbytes[ids], -1)
+        n = len(ids)
+        self._bytes[Tier.L1 if int(tier) == _L1 else Tier.L2] += nbytes * n
+        self._version += 1
+        self.tier[ids] = int(tier)
+        f0 = fmts[0] if n else 0
+        self.fmt[ids] = int(f0) if fmts.count(f0) == n else np.fromiter(fmts, np.int8, n)
+        self.nbytes[ids] = nbytes
+        handle = self.handle
+        if handles and handles[0].__class__ is Slot:  # (one allocator: all Slots or none)
+            for b, h in zip(blocks, handles):  # as in move_all
+                handle[b] = h
+                h._block = b
+            Slot.assigned += 1
+        else:
+            for b, h in zip(blocks, handles):
+                handle[b] = h
+        self.offset[ids] = np.fromiter(map(_offset_of, handles), np.int64, len(handles))
+
     def relocate(self, blocks: Sequence[int], handles: Sequence[object]) -> None:
         """A compacting allocator moved these blocks' bytes: record their new offsets
         (the handles are the same objects, already updated)."""

@@ -158,3 +158,22 @@ def test_belady_kept_scores_equal_the_recomputed_ones():
             np.testing.assert_array_equal(kept.scores(have, step), plain.scores(have, step))
     # back in time: every block's score is recomputed
     np.testing.assert_array_equal(kept.scores(have, 5), plain.scores(have, 5))
+
+
+@pytest.mark.parametrize("name", ["lru", "fifo", "h2o", "sinks", "belady"])
+def test_scores_are_the_callers_to_change(name):
+    """The manager negates the scores it ranks in place: a policy hands out a new array
+    each call, so changing it changes no later score."""
+    p = make_policy(name)
+    if p.needs_future:
+        p.bind_future(lambda ids, step: np.asarray(ids, np.int64) + 10 - step, None)
+    ids = np.arange(40, dtype=np.int64)
+    p.bind(20)
+    p.on_insert(ids, 0, ids)
+    p.on_access(ids[::3], 1)
+    if p.needs_attention:
+        p.on_attention(ids, np.linspace(0.0, 1.0, 40) / 20.0, 1)
+    first = p.scores(ids, 2)
+    kept = first.copy()
+    np.negative(first, out=first)
+    np.testing.assert_array_equal(p.scores(ids, 2), kept)

@@ -138,7 +138,8 @@ class NeedleDriver:
             yield from mover.finish(fetch, tickets, t)
             # 4. attention over L1
             resident = mgr.resident()
-            pos = table.token_start[resident] // bt
+            pos = table.token_start[resident]  # (a gather: a new array, divided in place)
+            pos //= bt
             nvalid = tr.n_valid(t, pos)
             att = self._attention(t, resident, nvalid)
             att_fmts = table.fmt[resident] if be.moves_data else None  # (for _check_output)

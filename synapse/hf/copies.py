@@ -55,9 +55,8 @@ class CopiesAndCrops:
         if self.stack is None:
             return
         for arena in (self.stack.manager.spaces.l1, self.stack.manager.spaces.l2):
-            if hasattr(arena, "_pending"):
-                arena._pending = {id(r[0]): r for r in arena._pending.values()}
-                arena._fresh = {id(s): s for s in arena._fresh.values()}
+            if hasattr(arena, "rekey"):
+                arena.rekey()
 
     def crop(self, max_length: int) -> None:
         """Keep the first ``max_length`` tokens (negative: drop that many from the end), as

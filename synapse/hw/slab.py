@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections import deque
 from itertools import repeat
 from operator import attrgetter
 from collections.abc import Sequence
@@ -85,6 +84,19 @@ class _Page:
         self.partial_pos: int | None = None  # position in its class's partial-page list
 
 
+class _Whole:
+    """The state of a page that keeps no ``_Page``: free (on the free-page stack), or
+    holding one object of a size class as large as the page. So allocating or freeing
+    those touches no per-page object (the simulator's L2 moves thousands a step); a
+    page of smaller objects gets a ``_Page`` when a class takes it. Without slots:
+    writing to it fails loudly."""
+
+    __slots__ = ()
+
+
+_WHOLE = _Whole()
+
+
 class SlabAllocator:
     """Size-class allocator over one arena; see the module docstring for costs."""
 
@@ -123,7 +135,9 @@ class SlabAllocator:
         self.capacity_bytes = num_pages * page_bytes  # an arena tail shorter than a page is unused
         self.allocator_id = next(SlabAllocator._ids)
         self._objects_per_page = tuple(page_bytes // c for c in classes)
-        self._pages: list[_Page] = []  # grows on first use of a page, so P stays what was touched
+        # grows on first use of a page, so P stays what was touched; _WHOLE for free pages
+        # and pages of one object (see _Whole)
+        self._pages: list[_Page | _Whole] = []
         self._free_pages: list[int] = []  # indices below len(_pages) whose page is empty
         self._partial: list[list[int]] = [[] for _ in classes]  # pages with a free object
         self._live: dict[int, Slab] = {}
@@ -187,12 +201,16 @@ class SlabAllocator:
                         break
                     class_cache[nbytes] = ci
                 partial = partial_of[ci]
-                if not partial and free_pages and opp[ci] == 1:
-                    # A page of one object goes from the free stack straight to full:
-                    # what _take_page and _unlink_partial do, without the round trip.
-                    page_index = free_pages.pop()
-                    page = pages[page_index]
-                    page.class_index, page.num_carved, page.num_live = ci, 1, 1
+                if opp[ci] == 1:
+                    # A page of one object goes from the free stack (or from the pages
+                    # never used) straight to full, and keeps no _Page (see _Whole).
+                    if free_pages:
+                        page_index = free_pages.pop()
+                    elif len(pages) < self.num_pages:
+                        page_index = len(pages)
+                        pages.append(_WHOLE)
+                    else:
+                        break
                     class_bytes = classes[ci]
                     offset = page_index * page_bytes
                 else:
@@ -248,15 +266,10 @@ class SlabAllocator:
         taken = free_pages[len(free_pages) - k1:]
         taken.reverse()
         del free_pages[len(free_pages) - k1:]
-        for page in map(pages.__getitem__, taken):
-            page.class_index, page.num_carved, page.num_live = ci, 1, 1
         k2 = min(n - k1, self.num_pages - len(pages))
         if k2 > 0:
             first = len(pages)
-            for _ in range(k2):
-                page = _Page(ci)
-                page.num_carved = page.num_live = 1
-                pages.append(page)
+            pages.extend(repeat(_WHOLE, k2))
             taken += range(first, first + k2)
         n = len(taken)  # fewer when the arena is full: the prefix that fits
         if n == 0:
@@ -309,18 +322,22 @@ class SlabAllocator:
                 del live[offset]
                 page_index, in_page = divmod(offset, page_bytes)
                 page = pages[page_index]
-                ci = page.class_index
-                was_full = page.num_live == opp[ci]
-                page.num_live -= 1
-                if page.num_live == 0:
-                    if not was_full:
-                        self._unlink_partial(page_index)
-                    page.num_carved, page.free_objects = 0, []
+                if page is _WHOLE:  # its one object: the page is free again
+                    ci = self._class_index_or_none(class_bytes)
                     free_pages.append(page_index)
                 else:
-                    page.free_objects.append(in_page // class_bytes)
-                    if was_full:
-                        self._link_partial(page_index)
+                    ci = page.class_index
+                    was_full = page.num_live == opp[ci]
+                    page.num_live -= 1
+                    if page.num_live == 0:  # empty: a free page keeps no _Page either
+                        if not was_full:
+                            self._unlink_partial(page_index)
+                        pages[page_index] = _WHOLE
+                        free_pages.append(page_index)
+                    else:
+                        page.free_objects.append(in_page // class_bytes)
+                        if was_full:
+                            self._link_partial(page_index)
                 live_per_class[ci] -= 1
                 left = per_tenant[slab.tenant] - class_bytes
                 if left:
@@ -352,24 +369,25 @@ class SlabAllocator:
                 or self._objects_per_page[ci] != 1:
             return False
         offsets = []
+        pop = live.pop
         try:  # a plain loop: on Python 3.11 faster than the same checks through map()
-            for s in slabs:
-                offset = s.offset
-                if live.get(offset) is not s or s.class_bytes != class_bytes:
-                    return False
+            for s in slabs:  # each leaves the live map as it is checked (a slab listed
+                offset = s.offset  # twice is not there the second time)
+                got = pop(offset, None)
+                if got is not s or s.class_bytes != class_bytes:
+                    if got is not None:
+                        live[offset] = got
+                    break
                 offsets.append(offset)
-        except (AttributeError, TypeError):
-            return False
-        if len(set(offsets)) != n:
+        except (AttributeError, TypeError):  # not a handle at all
+            pass
+        if len(offsets) < n:  # not all distinct live handles of the class: none is freed
+            live.update(zip(offsets, slabs))
             return False
         zero_ranges(list(zip(offsets, repeat(class_bytes))))
-        deque(map(live.pop, offsets), 0)
-        page_bytes, pages = self.page_bytes, self._pages
-        emptied = [o // page_bytes for o in offsets]
-        # full (one object) to empty; a page of one object has no free objects to clear
-        for page in map(pages.__getitem__, emptied):  # a plain loop: attribute stores
-            page.num_live = page.num_carved = 0       # beat map(setattr, ...)
-        self._free_pages.extend(emptied)
+        page_bytes = self.page_bytes
+        # full (one object) to empty: the pages stay _WHOLE, nothing per page to change
+        self._free_pages.extend([o // page_bytes for o in offsets])
         self._live_per_class[ci] -= n
         add_per_tenant(self._bytes_per_tenant, list(map(_tenant_of, slabs)), -class_bytes)
         self._used_bytes -= n * class_bytes
@@ -444,8 +462,15 @@ class SlabAllocator:
         for offset, slab in self._live.items():
             page_index, in_page = divmod(offset, self.page_bytes)
             page = self._pages[page_index] if page_index < len(self._pages) else None
-            if page is None or self.size_classes[page.class_index] != slab.class_bytes \
-                    or in_page % slab.class_bytes or offset + slab.class_bytes > self.capacity_bytes:
+            if page is _WHOLE:  # the page's one object: of a class as large as the page
+                ci = self._class_index_or_none(slab.class_bytes)
+                on_grid = ci is not None and self.size_classes[ci] == slab.class_bytes \
+                    and self._objects_per_page[ci] == 1 and in_page == 0
+            else:
+                on_grid = page is not None \
+                    and self.size_classes[page.class_index] == slab.class_bytes \
+                    and not in_page % slab.class_bytes
+            if not on_grid or offset + slab.class_bytes > self.capacity_bytes:
                 raise AllocatorError(f"audit: {slab} does not sit on its page's object grid")
             live_in_page.setdefault(page_index, set()).add(in_page // slab.class_bytes)
         free_pages = set(self._free_pages)
@@ -458,6 +483,12 @@ class SlabAllocator:
                     raise AllocatorError(f"audit: page {page_index} misfiled in class {ci} partial list")
         for page_index, page in enumerate(self._pages):
             live = live_in_page.get(page_index, set())
+            if page is _WHOLE:  # free, or holding its one object
+                if live != (set() if page_index in free_pages else {0}):
+                    raise AllocatorError(f"audit: page {page_index} of one object is "
+                                         f"inconsistent (live {sorted(live)}, "
+                                         f"free {page_index in free_pages})")
+                continue
             free = set(page.free_objects)
             per_page = self._objects_per_page[page.class_index]
             expect_partial = page_index not in free_pages and page.num_live < per_page
@@ -484,7 +515,7 @@ class SlabAllocator:
     def _take_page(self, ci: int) -> int:
         if self._free_pages:
             page_index = self._free_pages.pop()
-            self._pages[page_index].class_index = ci
+            self._pages[page_index] = _Page(ci)  # (a free page keeps none)
         elif len(self._pages) < self.num_pages:
             page_index = len(self._pages)
             self._pages.append(_Page(ci))

@@ -144,7 +144,11 @@ class SlotArena:
         self.slots: list[Slot] = []  # slot order: slots[i].index == i
         self._last: Slot | None = None
         self._pending: dict[int, tuple[Slot, int, int]] = {}  # id(slot) -> relocation
-        self._fresh: dict[int, Slot] = {}  # slots allocated since take_relocations, by id
+        # slots allocated since take_relocations (freed ones too: their index is -1); a
+        # slot is one of them when its generation is above ``_fresh_after`` (a list and a
+        # watermark: a dict by id cost a pass over every new slot and every freed one)
+        self._fresh: list[Slot] = []
+        self._fresh_after = 0
         self.zero_on_free = zero_on_free
         self.version = 0  # bumped by every change of the slot order
         self._blocks, self._blocks_version = np.zeros(0, np.int64), -1
@@ -220,7 +224,7 @@ class SlotArena:
                        range(g0 + 1, g0 + 1 + k)))
         self._generation = g0 + k
         slots.extend(out)
-        self._fresh.update(zip(map(id, out), out))
+        self._fresh.extend(out)
         per_tenant = self._bytes_per_tenant
         if k:
             add_per_tenant(per_tenant, tenants[:k], sb)
@@ -269,28 +273,25 @@ class SlotArena:
                 per_tenant[tenant] = left
             else:
                 del per_tenant[tenant]
-        fresh, pending = self._fresh, self._pending
-        if fresh or pending:
-            keys = list(map(id, slots))
-            if fresh:
-                deque(map(fresh.pop, keys, repeat(None)), 0)
-            if pending:
-                deque(map(pending.pop, keys, repeat(None)), 0)
+        pending = self._pending
+        if pending:
+            deque(map(pending.pop, map(id, slots), repeat(None)), 0)
         if self._last is not None and self._last.index in holes:
             self._last = None
         n_new = n_old - len(holes)
-        placed = live[:n_new]  # holes below n_new are filled from the end next
+        # holes below n_new are filled from the end, in place (the slots moved come from
+        # at or past n_new, the places they go to are below it), then the end is cut off
         targets = iter(sorted(i for i in holes if i < n_new))
         for i in range(n_new, n_old):
             if i not in holes:
                 to = next(targets)
-                placed[to] = live[i]
-                self._move(live[i], to)
+                s = live[to] = live[i]
+                self._move(s, to)
+        del live[n_new:]
         for s in slots:  # a plain loop: attribute stores beat map(setattr, ...)
             s.index = -1
-        self.slots = placed  # type: ignore[assignment]
         if self._last is not None and self._last.index != n_new - 1:
-            self._swap(self._last, placed[n_new - 1])
+            self._swap(self._last, live[n_new - 1])
         self.num_frees += len(slots)
         self.version += 1
         if self.zero_on_free:  # after the relocations have read it: see take_relocations
@@ -338,19 +339,25 @@ class SlotArena:
 
         Freed bytes are zeroed only after that copy has read them (they may be a
         relocation's source): ``take_zero`` gives the ranges, in the same batch."""
+        self._fresh_after = self._generation
         if not self._pending:  # the common case: nothing moved
             self._fresh.clear()
             return []
         out = list(self._pending.values())
         # a new slot placed where a relocated block's bytes were reads them until zeroed
         sources = {src for _, src, _ in out}
-        for s in self._fresh.values():
-            if s.offset in sources:
+        for s in self._fresh:
+            if s.index >= 0 and s.offset in sources:  # (a freed one reads nothing)
                 self._zero.append((s.offset, self.slot_bytes))
         self._pending = {}
-        self._fresh = {}
+        self._fresh = []
         self.num_relocations += len(out)
         return [r for r in out if r[1] != r[2]]
+
+    def rekey(self) -> None:
+        """After a deep copy of the arena: key the pending relocations by the copied
+        slots (their ids are new)."""
+        self._pending = {id(r[0]): r for r in self._pending.values()}
 
     def take_zero(self, keep: Sequence[int] = ()) -> list[tuple[int, int]]:
         """Freed ``(offset, nbytes)`` ranges owed a memset (zero-on-free), merged where
@@ -373,7 +380,7 @@ class SlotArena:
     def _move(self, s: Slot, to: int) -> None:
         """``s`` is now at slot ``to``; remember where its bytes were before this batch."""
         self.version += 1
-        if id(s) not in self._fresh:
+        if s.generation <= self._fresh_after:  # not a new slot (those hold no bytes yet)
             first = self._pending.get(id(s))
             src = first[1] if first is not None else s.offset
             self._pending[id(s)] = (s, src, to * self.slot_bytes)

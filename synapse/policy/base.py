@@ -107,6 +107,8 @@ class EvictionPolicy:
         """The blocks left the cache for good (dropped or freed)."""
 
     def scores(self, ids: np.ndarray, step: int) -> np.ndarray:
+        """Each block's score at ``step`` (the lowest go first), as a new float64 array
+        the caller may change (the manager's prefetch ranking negates it in place)."""
         raise NotImplementedError
 
     def victims(self, candidates: np.ndarray, n: int, step: int) -> np.ndarray:

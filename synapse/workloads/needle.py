@@ -63,6 +63,7 @@ class NeedleTrace:
         self._needed = None
         self._next_use = None
         self._pool = None
+        self._logits, self._logits_t = None, -1  # every block's logit at one step
 
     # -- the model ------------------------------------------------------------------
     def _build_keys(self, rng) -> None:
@@ -119,11 +120,27 @@ class NeedleTrace:
 
     def n_valid(self, t: int, blocks: np.ndarray) -> np.ndarray:
         tokens = int(self._tokens[t])
-        return np.minimum(np.maximum(tokens - blocks * self.bt, 0), self.bt)  # np.clip, cheaper
+        # np.clip, cheaper; in place: one new array, not four (a fresh array of thousands
+        # of blocks costs more in cache misses than the arithmetic)
+        out = np.multiply(blocks, self.bt)
+        np.subtract(tokens, out, out=out)
+        np.maximum(out, 0, out=out)
+        return np.minimum(out, self.bt, out=out)
 
     def logits(self, t: int, blocks: np.ndarray) -> np.ndarray:
-        """Per-token logit of each block at step t (the same for every token of a block)."""
-        return self.keys.take(blocks, axis=0) @ self.queries[t]  # take: same rows, cheaper
+        """Per-token logit of each block at step t (the same for every token of a block).
+
+        A block's logit is its key row times the step's query, whatever other blocks are
+        asked for (the BLAS product gives each row the same value in any batch of rows:
+        checked on random subsets, and by check_sim_parity); so for many blocks (every
+        resident one, each step) it is one product over all keys, kept for the step, and
+        a gather: the rows of thousands of blocks were most of the cost."""
+        if len(blocks) * 4 < len(self.keys):  # a few blocks: their rows (take: cheaper)
+            return self.keys.take(blocks, axis=0) @ self.queries[t]
+        if self._logits_t != t:
+            self._logits = self.keys @ self.queries[t]
+            self._logits_t = t
+        return self._logits.take(blocks)  # (a new array: callers change it in place)
 
     def masses(self, t: int, blocks: np.ndarray, n_valid: np.ndarray | None = None) -> np.ndarray:
         """Attention mass of each block at step t, normalised over ``blocks`` only
@@ -133,10 +150,12 @@ class NeedleTrace:
             return np.zeros(0)
         nv = self.n_valid(t, blocks) if n_valid is None else n_valid
         with np.errstate(divide="ignore"):
-            z = self.logits(t, blocks) + np.log(nv)
+            z = self.logits(t, blocks)
+            z += np.log(nv)
         z -= z.max()
-        w = np.exp(z)
-        return w / w.sum()
+        w = np.exp(z, out=z)
+        w /= w.sum()
+        return w
 
     # -- ground truth over all blocks -------------------------------------------------
     _ROWS = 64  # steps per pass of the ground truth (a small buffer, reused)
