@@ -4,9 +4,10 @@ The same seam as the simulator and the cuda backend: the tier manager plans move
 mover turns them into ``Copy`` / ``Quantize`` / ``Dequantize`` / ``Zero`` ops with columns
 of offsets, and this backend carries each op out in a handful of torch calls, whatever
 the number of blocks (gather, one copy, scatter), on the current torch stream. On CUDA
-with fp16 and PyCUDA, a ``Quantize`` on torch's default stream is one fused kernel
-(``kv_quantize_layer_rows_int4`` in cuda/int4.cu: the layer rows of every layer's blocks
-and their squared error) instead of about 140 aten ops per 16 MiB of blocks.
+with fp16 and PyCUDA, a ``Quantize`` of per-token keys on torch's default stream is one
+fused kernel (``kv_quantize_layer_rows_int4`` in cuda/int4.cu: the layer rows of every
+layer's blocks and their squared error) instead of about 140 aten ops per 16 MiB of
+blocks; per-channel keys stay on torch ops (``FUSED_CHANNEL_KEYS``).
 
 Memory is laid out in *planes* (``synapse.kv.shape``): a space of ``n`` bytes is a tensor
 ``[P, n / P]`` of bytes, plane ``p = 2 * layer + (0 for K, 1 for V)``, and a block at
@@ -316,7 +317,9 @@ class TorchBackend(Backend):
         launcher, when it serves this backend: CUDA, fp16, PyCUDA present, a shape within
         its contracts, torch on its default stream (the kernel launches there); else None
         and torch ops quantize (``_quantize_torch``: about 140 aten ops per 16 MiB piece and
-        float32 temporaries). Same bytes either way; why not: ``fused_quantize_reason``."""
+        float32 temporaries). The same bytes either way for per-token keys (the H200's
+        tests); per-channel keys are held back (``FUSED_CHANNEL_KEYS``); why not:
+        ``fused_quantize_reason``."""
         launch = self._fused_quantize
         if launch is None:
             launch = False

@@ -301,9 +301,11 @@ class TablePredictor(ProfilePredictor):
         queueing behind other copies that the link model does not have: a 0.69 MB fetch
         took 43 us on the H200, 15 us at the link's rate)."""
         f = self.fits.get(f"{op.kind}/{op.purpose}") or self.fits.get(op.kind)
+        # a purpose's fit out of its range does not fall back to the kind's: that one mixes
+        # purposes (a memset on free and pinned zeroing by D2H copies)
         if f is None or (op.nbytes < f.bytes_range[0] and not is_link_op(op)):
-            return None  # not the kind's fit either: it mixes purposes (a memset on free
-        return f.seconds(op.nbytes, op.count)  # and pinned zeroing by D2H copies)
+            return None
+        return f.seconds(op.nbytes, op.count)
 
     def link_fixed_seconds(self, op) -> float:
         t = self._table(op)
