@@ -63,7 +63,7 @@ fi
 
 if has tests; then
   stage "pytest -m cuda"
-  timeout ${TESTS_LIMIT_S:-240} python3 -m pytest -m cuda -q -rs ${CUDA_TESTS:-tests/} 2>&1 | tee "$OUT/logs/pytest_cuda.log" | tail -25
+  timeout ${TESTS_LIMIT_S:-240} python3 -m pytest -m cuda -q -rs ${PYTEST_ARGS:-} ${CUDA_TESTS:-tests/} 2>&1 | tee "$OUT/logs/pytest_cuda.log" | tail -25
 fi
 
 if has calibrate; then

@@ -47,6 +47,33 @@ def torch_reference(kt, vt, keys, g):
     return want, float(err), float(ref)
 
 
+def where_they_differ(got, want, bt, c, keys, g) -> str:
+    """Which sections of which rows differ (key codes / scales / zeros, value ...), for a
+    failure message that says what broke rather than that something did."""
+    from synapse.hf.int4 import key_row_bytes
+    n = bt * c
+    kb = key_row_bytes(bt, c, keys, g)
+    kg = c if keys == "channel" else n // g
+    vg = n // g
+    sections = [("key codes", 0, n // 2), ("key scales", n // 2, n // 2 + 2 * kg),
+                ("key zeros", n // 2 + 2 * kg, kb), ("value codes", kb, kb + n // 2),
+                ("value scales", kb + n // 2, kb + n // 2 + 2 * vg),
+                ("value zeros", kb + n // 2 + 2 * vg, kb + n // 2 + 4 * vg)]
+    diff = (got.view(want.shape[0], -1) != want.view(want.shape[0], -1)).cpu()
+    parts = []
+    for name, lo, hi in sections:
+        d = diff[:, lo:hi]
+        if d.any():
+            rows = d.any(dim=1).nonzero().flatten()
+            first = int(rows[0])
+            cols = d[first].nonzero().flatten()
+            parts.append(f"{name}: {int(d.sum())} bytes in {rows.numel()} of {diff.shape[0]} rows "
+                         f"(first row {first}, offsets {cols[:6].tolist()} of {hi - lo}; "
+                         f"got {got.view(want.shape[0], -1)[first, lo + cols[:6]].tolist()}, "
+                         f"want {want.view(want.shape[0], -1)[first, lo + cols[:6]].tolist()})")
+    return "; ".join(parts) or "no byte differs"
+
+
 # Per-channel keys failed on the H200 (seventh session, 2026-12-02: 10 of the 12 byte cases
 # and the cache run below; per-token keys passed every case); not yet diagnosed (the run's
 # log was cut before pytest's report), so TieredCache quantizes per-channel keys with torch
@@ -78,7 +105,8 @@ def test_the_kernel_writes_the_bytes_of_the_torch_ops(kernels, keys, g, layers, 
                                          sums.data_ptr(), rows, bt, c, g, keys,
                                          run_rows=blocks, run_stride=2 * blocks * n)
         torch.cuda.synchronize()
-        assert torch.equal(out[:want.numel()].view_as(want), want), (keys, g, poison)
+        got = out[:want.numel()].view_as(want)
+        assert torch.equal(got, want), (keys, g, poison, where_they_differ(got, want, bt, c, keys, g))
         assert (out[want.numel():] == poison).all(), "wrote past the last row"
         got_err, got_ref = sums.tolist()
         assert got_ref == pytest.approx(ref, rel=1e-6)
@@ -90,7 +118,7 @@ def test_the_kernel_writes_the_bytes_of_the_torch_ops(kernels, keys, g, layers, 
     kernels.quantize_layer_rows_int4(kc.data_ptr(), vc.data_ptr(), out.data_ptr(), sums.data_ptr(),
                                      rows, bt, c, g, keys)
     torch.cuda.synchronize()
-    assert torch.equal(out, want)
+    assert torch.equal(out, want), where_they_differ(out, want, bt, c, keys, g)
 
 
 @pytest.mark.parametrize("keys", KEYS)
@@ -136,7 +164,9 @@ def test_a_tiered_cache_run_on_the_kernel_equals_the_run_on_torch_ops(keys, monk
     slow_cache, slow, b = run(False)
     assert not launched and slow._fused_quantize is False
     torch.cuda.synchronize()
-    assert torch.equal(fast.space("l2").t, slow.space("l2").t)
+    fl, sl = fast.space("l2").t, slow.space("l2").t
+    assert torch.equal(fl, sl), f"{int((fl != sl).sum())} of {fl.numel()} L2 bytes differ"
+    assert fast.q_count == slow.q_count
     assert torch.equal(a.sequences, b.sequences)
     for x, y in zip(a.logits, b.logits):
         assert torch.equal(x, y)
