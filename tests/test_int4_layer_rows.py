@@ -283,8 +283,12 @@ def test_without_pycuda_the_wrapper_says_so(monkeypatch):
 
 
 def test_the_backend_quantizes_with_torch_ops_where_the_kernel_cannot_serve(monkeypatch):
-    """CPU, or a dtype other than fp16, or the switch off, or per-channel keys (held back
-    after the H200's tests), or no PyCUDA: torch ops, and the reason is kept."""
+    """CPU, or a dtype other than fp16, or the switch off, or per-channel keys where they
+    are held back (``FUSED_CHANNEL_KEYS = False``), or no PyCUDA: torch ops, and the reason
+    is kept."""
+    from dataclasses import replace
+
+    from synapse.kv import torch_backend
     from synapse.kv.shape import KVShape
     from synapse.kv.torch_backend import TorchBackend
     shape = KVShape(2, 2, 64, 16, 64)
@@ -296,12 +300,14 @@ def test_the_backend_quantizes_with_torch_ops_where_the_kernel_cannot_serve(monk
     assert be._quantize_kernel() is None and be.fused_quantize_reason == "fused_quantize is off"
     monkeypatch.setattr(kernels, "_cuda", None)
     monkeypatch.setattr(kernels, "_IMPORT_ERROR", ImportError("No module named 'pycuda'"))
+    monkeypatch.setattr(torch_backend, "FUSED_CHANNEL_KEYS", False)
     be = TorchBackend("cpu", shape, torch.float16)
-    be.cuda = True  # as on a CUDA machine: per-channel keys are held back (torch_backend)
+    be.cuda = True  # as on a CUDA machine, per-channel keys held back
     assert shape.int4_keys == "channel"
     assert be._quantize_kernel() is None and "per-channel keys" in be.fused_quantize_reason
-    from dataclasses import replace
-    be = TorchBackend("cpu", replace(shape, int4_keys="token"), torch.float16)
-    be.cuda = True  # as on a CUDA machine without PyCUDA
-    assert be._quantize_kernel() is None and "PyCUDA" in be.fused_quantize_reason
+    monkeypatch.setattr(torch_backend, "FUSED_CHANNEL_KEYS", True)
+    for keys in ("channel", "token"):
+        be = TorchBackend("cpu", replace(shape, int4_keys=keys), torch.float16)
+        be.cuda = True  # as on a CUDA machine without PyCUDA
+        assert be._quantize_kernel() is None and "PyCUDA" in be.fused_quantize_reason
     assert be._fused_quantize is False  # resolved once

@@ -81,7 +81,11 @@ def _quantize_groups(g: torch.Tensor):
     fp16 zeros, the latter without dim 1): the rounding rules of the module docstring."""
     mn = g.amin(dim=1, keepdim=True) + 0.0
     mx = g.amax(dim=1, keepdim=True) + 0.0
-    scales = ((mx - mn) / LEVELS).to(torch.float16)
+    # A CUDA tensor divided by a Python scalar is multiplied by the scalar's reciprocal
+    # (torch's div_true_kernel_cuda), which rounds differently from the division now and
+    # then: on the H200 one per-channel key scale in ~100 (2026-12-02, eighth session).
+    # A divisor on the input's device takes the IEEE division, the definition above.
+    scales = ((mx - mn) / torch.full((), LEVELS, dtype=torch.float32, device=g.device)).to(torch.float16)
     zeros = mn.to(torch.float16)
     sf = scales.to(torch.float32)
     zf = zeros.to(torch.float32)

@@ -7,7 +7,7 @@ the number of blocks (gather, one copy, scatter), on the current torch stream. O
 with fp16 and PyCUDA, a ``Quantize`` of per-token keys on torch's default stream is one
 fused kernel (``kv_quantize_layer_rows_int4`` in cuda/int4.cu: the layer rows of every
 layer's blocks and their squared error) instead of about 140 aten ops per 16 MiB of
-blocks; per-channel keys stay on torch ops (``FUSED_CHANNEL_KEYS``).
+blocks, for either key format (``FUSED_CHANNEL_KEYS`` holds per-channel keys back).
 
 Memory is laid out in *planes* (``synapse.kv.shape``): a space of ``n`` bytes is a tensor
 ``[P, n / P]`` of bytes, plane ``p = 2 * layer + (0 for K, 1 for V)``, and a block at
@@ -48,12 +48,13 @@ from .shape import KVShape
 # Whether a TorchBackend quantizes demotions with the fused CUDA kernel where it can
 # (``TorchBackend._quantize_kernel``); False: always torch ops.
 FUSED_QUANTIZE = True
-# Per-channel keys (the default key format) stay on torch ops: on the H200 (2026-12-02)
-# the kernel's per-channel bytes differed from quantize_layer_rows' in 10 of 12 of its
-# tests (tests/test_layer_rows_cuda.py; per-token keys passed all), not yet diagnosed.
-FUSED_CHANNEL_KEYS = False
-CHANNEL_KEYS_HELD_BACK = ("per-channel keys: the fused kernel's bytes differed from the torch "
-                          "ops' on the H200, so torch ops quantize them (FUSED_CHANNEL_KEYS)")
+# Per-channel keys (the default key format) on the kernel too. Held back in the seventh
+# session, when its tests' per-channel cases failed on the H200: the difference was the
+# torch ops' on CUDA, not the kernel's (a division by a Python scalar there multiplies by
+# its reciprocal; synapse.hf.int4._quantize_groups now divides by a device tensor).
+FUSED_CHANNEL_KEYS = True
+CHANNEL_KEYS_HELD_BACK = ("per-channel keys are held back from the fused kernel "
+                          "(torch_backend.FUSED_CHANNEL_KEYS = False): torch ops quantize them")
 
 
 class PlaneMemory:
@@ -317,8 +318,8 @@ class TorchBackend(Backend):
         launcher, when it serves this backend: CUDA, fp16, PyCUDA present, a shape within
         its contracts, torch on its default stream (the kernel launches there); else None
         and torch ops quantize (``_quantize_torch``: about 140 aten ops per 16 MiB piece and
-        float32 temporaries). The same bytes either way for per-token keys (the H200's
-        tests); per-channel keys are held back (``FUSED_CHANNEL_KEYS``); why not:
+        float32 temporaries). The same bytes either way (tests/test_layer_rows_cuda.py on
+        the GPU); ``FUSED_CHANNEL_KEYS = False`` holds per-channel keys back; why not:
         ``fused_quantize_reason``."""
         launch = self._fused_quantize
         if launch is None:
