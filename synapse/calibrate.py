@@ -254,13 +254,15 @@ def with_driver_fit(prof: Profile, runs: dict, op_table: Path) -> tuple[Profile,
                    page_bytes=host_fit.get("page_bytes", 0),
                    page_map_us=host_fit.get("page_map_us", 0.0),
                    page_unmap_us=host_fit.get("page_unmap_us", 0.0),
-                   decision_us=host_fit.get("decision_us", 0.0))
+                   decision_us=host_fit.get("decision_us", 0.0),
+                   request_us=host_fit.get("request_us", 0.0))
     report = {"host": host_fit, "op_kinds": kinds_report}
     measured = dict(prof.measured, driver_fit={
         "backend": runs["backend"],
         "host": {k: host_fit[k] for k in ("step_us", "submit_us", "per_item_us",
                                            "submit_us_by_kind", "page_bytes", "page_map_us",
-                                           "page_unmap_us", "decision_us", "terms_fitted", "rel_error",
+                                           "page_unmap_us", "decision_us", "request_us",
+                                           "terms_fitted", "rel_error",
                                            "measured") if k in host_fit},
         "host_micro_benchmark": {"submit_us": prof.host.submit_us,
                                  "per_item_us": prof.host.per_item_us},
@@ -278,6 +280,8 @@ def format_driver_fit(report: dict) -> list[str]:
              f"unmapped" if h.get("page_bytes") else "")
     decisions = (f" + {h['decision_us']:.1f} us per planning call" if h.get("decision_us")
                  else "")
+    if h.get("request_us"):
+        decisions += f" + {h['request_us']:.1f} us per request an attention op serves"
     lines = [f"host: {h['step_us']:.1f} us per step + {h['submit_us']:.2f} us per op{kinds} + "
              f"{h['per_item_us']:.2f} us per further row{pages}{decisions} (fitted: "
              f"{', '.join(h['terms_fitted'])}); "

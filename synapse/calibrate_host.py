@@ -240,8 +240,9 @@ def arena_stats(backend) -> dict | None:
 
 
 # -- the host model fitted to what the simulator counts ------------------------------------
-# Terms of the counted fit: per step, per op (other kinds), per L1 page mapped or unmapped.
-COUNTED_TERMS = ("step", "submit", "page")
+# Terms of the counted fit: per step, per op (other kinds), per L1 page mapped or unmapped,
+# per request an attention op serves (a serving step's Python per running request).
+COUNTED_TERMS = ("step", "submit", "page", "request")
 MIN_GAPS = 50  # back-to-back submits of a kind needed to take its submit cost from them
 
 
@@ -260,8 +261,9 @@ def replay_counts(sample: HostSample, backend_name: str, base_profile: str,
                   page_bytes: int) -> dict | None:
     """What the simulator charges host time for in this sample's piece, counted by
     running the piece on it (decisions are the same on every backend): steps, ops per
-    kind, further rows, L1 pages mapped and unmapped (an arena of ``page_bytes`` pages;
-    0: none) and bytes of pinned memory zeroed. None when the piece is not known."""
+    kind, further rows, requests served by attention ops, L1 pages mapped and unmapped (an
+    arena of ``page_bytes`` pages; 0: none) and bytes of pinned memory zeroed. None when
+    the piece is not known."""
     from dataclasses import replace
 
     from .runner import driver_for
@@ -309,8 +311,10 @@ def fit_host_counted(samples: list[HostSample], counts: list[dict], fixed: dict)
     ``page_unmap_us``, and where the runs timed their decisions, ``decision_us`` (a
     planning call's own time: decisions less the page maps and pinned zeroing they
     include). The rest is fitted as ``step_us * steps + submit_us * other ops +
-    page_us * pages`` (pages mapped plus unmapped where their costs were not measured),
-    least squares weighted for relative error, costs held at >= 0."""
+    page_us * pages + request_us * requests`` (pages mapped plus unmapped where their
+    costs were not measured; requests: those the attention ops serve, one per running
+    request of a serving step), least squares weighted for relative error, costs held at
+    >= 0."""
     by_kind = dict(fixed.get("submit_us_by_kind", {}))
     measured_pages = fixed.get("page_map_us") is not None
     a, y, known = [], [], []
@@ -326,7 +330,7 @@ def fit_host_counted(samples: list[HostSample], counts: list[dict], fixed: dict)
         other = c["ops"] - sum(c["ops_by_kind"].get(k, 0) for k in by_kind)
         if fixed.get("decision_us") is not None:
             fixed_s += c["decision_calls"] * fixed["decision_us"] * 1e-6
-        a.append([c["steps"], other, pages])
+        a.append([c["steps"], other, pages, c.get("requests", 0)])
         y.append(s.host_s - fixed_s)
         known.append(fixed_s)
     a, y = np.array(a, np.float64), np.array(y, np.float64)
@@ -340,6 +344,7 @@ def fit_host_counted(samples: list[HostSample], counts: list[dict], fixed: dict)
            "page_map_us": float(fixed["page_map_us"]) if measured_pages else page_us,
            "page_unmap_us": float(fixed["page_unmap_us"]) if measured_pages else page_us,
            "decision_us": float(fixed.get("decision_us") or 0.0),
+           "request_us": float(coef[3] * 1e6),
            "terms_fitted": [COUNTED_TERMS[j] for j in active],
            "rel_error": {"p50": float(np.median(err)), "max": float(err.max())},
            "runs": [{**s.as_dict(), "predicted_s": float(p), "rel_error": float((p - s.host_s) / s.host_s)}

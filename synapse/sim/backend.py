@@ -19,9 +19,10 @@ import simpy
 from simpy.events import PENDING, URGENT
 
 from ..backend import Backend
-from ..ops import PINNED_ZERO_BEFORE, ZERO_STREAM, Copy, Op, OpRecord, PinnedZero, Stream, Zero
+from ..ops import (PINNED_ZERO_BEFORE, ZERO_STREAM, Attention, Copy, Op, OpRecord, PinnedZero,
+                   Stream, Zero)
 from .link import LinkModel
-from .predictor import is_link_op, predictor_for
+from .predictor import attention_requests, is_link_op, predictor_for
 from .profile import Profile
 
 
@@ -254,7 +255,7 @@ class SimBackend(Backend):
         self._paged: SimPagedMemory | None = None
         # what the host was charged for, counted (calibrate fits the costs to these)
         self.host_counts = {"steps": 0, "decisions": 0, "pages_mapped": 0,
-                            "pages_unmapped": 0, "pinned_zero_bytes": 0}
+                            "pages_unmapped": 0, "pinned_zero_bytes": 0, "requests": 0}
         self._pending_pinned: dict[str, list] = {}  # pinned host ranges (PinnedZero)
 
     # -- memory -------------------------------------------------------------------
@@ -324,6 +325,8 @@ class SimBackend(Backend):
 
     def _enqueue(self, op: Op, stream: Stream, after: Sequence) -> simpy.Event:
         now = self.env.now
+        if isinstance(op, Attention):
+            self.host_counts["requests"] += attention_requests(op)
         cost = self.predictor.submit_seconds(op)
         self._host_s = max(self._host_s, now) + cost
         self._host_busy += cost

@@ -6,7 +6,8 @@ The SimPy backend never computes a duration itself; it asks its ``Predictor``:
   device and host copies, disk I/O);
 - ``link_fixed_seconds(op)``: a host-link copy's fixed part, held on a copy engine before
   its bytes flow through the shared link (``sim/link.py`` does the sharing);
-- ``submit_seconds(op)``: host time to enqueue an op;
+- ``submit_seconds(op)``: host time to enqueue an op (and, for an attention op, the
+  driver's work per request it serves);
 - ``step_seconds()``: host time a driver spends per step outside its submits (the Python
   around the ops: planning, bookkeeping), charged at the step's safe point;
 - ``decision_seconds()``: host time of one planning call of the manager (the policy's
@@ -44,6 +45,11 @@ _ROW_OPS = (Copy, Ingest, Zero, Quantize, Dequantize)
 LINK_KINDS = ("copy_h2d", "copy_d2h")
 
 
+def attention_requests(op: Attention) -> int:
+    """Requests an attention op serves: its segments (a serving step's batch), else one."""
+    return 1 if op.segments is None else len(op.segments) - 1
+
+
 def is_link_op(op) -> bool:
     return (isinstance(op, Copy) and op.direction in ("h2d", "d2h")) or \
         (isinstance(op, Ingest) and not isinstance(op, Prefill))
@@ -62,6 +68,7 @@ class ProfilePredictor:
         self._submit_by_kind = {k: us * 1e-6 for k, us in h.submit_us_by_kind.items()}
         self._item_s = h.per_item_us * 1e-6
         self._step_s = h.step_us * 1e-6
+        self._request_s = h.request_us * 1e-6
         self._stage_s_per_byte = (1.0 / (h.stage_gb_per_s * 1e9)
                                   if h.stage_gb_per_s and not h.ingest_dma else 0.0)
         self._memset_s_per_byte = 1.0 / (h.memset_gb_per_s * 1e9)
@@ -73,6 +80,8 @@ class ProfilePredictor:
         cost = by_kind.get(op.kind, self._submit_s) if by_kind else self._submit_s
         if op.count > 1 and isinstance(op, _ROW_OPS):
             cost += (op.count - 1) * self._item_s
+        if self._request_s and isinstance(op, Attention):
+            cost += attention_requests(op) * self._request_s
         if isinstance(op, Ingest) and not isinstance(op, Prefill):  # host fills pinned staging
             cost += op.nbytes * self._stage_s_per_byte
         if self.profile.host.runs_ops:  # the backend executes the op inside submit

@@ -105,6 +105,11 @@ class Host:
         doc="host time to enqueue one op of a kind (attention, copy_h2d, ...), where it "
         "differs from submit_us: the Python that builds the op differs by kind (calibrate "
         "measures attention's from back-to-back submits)")
+    request_us: float = checked(
+        0.0, within(0.0, 1e6), "host time per request an attention op serves (a serving "
+        "step's batched attention carries one segment per running request: the driver's "
+        "Python per request around it); calibrate fits it from driver runs; 0: not "
+        "modelled", _US)
     decision_us: float = checked(
         0.0, within(0.0, 1e6), "host time of one planning call of the tier manager (the "
         "policy choosing victims, fetches, prefetches; calibrate fits it from driver runs); "
