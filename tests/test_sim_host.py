@@ -142,6 +142,18 @@ def test_an_op_kind_with_its_own_submit_cost_is_charged_it(tmp_path):
         pytest.approx(n_att * 100e-6, rel=1e-9)
 
 
+def test_every_request_an_attention_op_serves_costs_the_profiles_request_time(tmp_path):
+    """tsunami batches its running requests into one attention op a step: the cost is per
+    request (segment) of each op, and the simulator counts them for calibrate's fit."""
+    a, seen = sim_run("tsunami", TINY_TSUNAMI, profile_file(tmp_path, "a"))
+    b, _ = sim_run("tsunami", TINY_TSUNAMI, profile_file(tmp_path, "b", request_us=40.0))
+    requests = seen["counts"]["requests"]
+    steps = a.ops["kind"].count("attention")
+    assert requests > steps > 0 and a.decisions == b.decisions  # several requests a step
+    assert b.metrics["host_busy_s"] - a.metrics["host_busy_s"] == \
+        pytest.approx(requests * 40e-6, rel=1e-9)
+
+
 def test_every_planning_call_costs_the_profiles_decision_time(tmp_path):
     a, _ = sim_run("needle", TINY_NEEDLE, profile_file(tmp_path, "a"))
     b, seen = sim_run("needle", TINY_NEEDLE, profile_file(tmp_path, "b", decision_us=50.0))
@@ -179,10 +191,10 @@ def test_a_bad_per_kind_submit_cost_is_one_line(tmp_path):
 
 
 # -- the counted fit ------------------------------------------------------------------
-def _counts(steps, ops, att, pages, rows=0, zero=0, calls=0):
+def _counts(steps, ops, att, pages, rows=0, zero=0, calls=0, requests=0):
     return {"steps": steps, "ops": ops, "ops_by_kind": {"attention": att},
             "pages_mapped": pages, "pages_unmapped": pages, "rows": rows,
-            "pinned_zero_bytes": zero, "decision_calls": calls}
+            "pinned_zero_bytes": zero, "decision_calls": calls, "requests": requests}
 
 
 def test_the_counted_fit_recovers_the_costs_left_after_what_was_measured():
@@ -203,6 +215,24 @@ def test_the_counted_fit_recovers_the_costs_left_after_what_was_measured():
     assert fit["submit_us"] == pytest.approx(200.0, rel=1e-6)
     assert fit["page_map_us"] == fit["page_unmap_us"] == pytest.approx(60.0, rel=1e-6)
     assert fit["submit_us_by_kind"] == {"attention": 100.0} and fit["rel_error"]["max"] < 1e-9
+    assert fit["request_us"] == 0.0 and "request" not in fit["terms_fitted"]  # none counted
+
+
+def test_the_counted_fit_tells_a_cost_per_request_from_one_per_op_and_per_step():
+    """Pieces with many requests per step (tsunami) and few (tenants) pull the per-request
+    cost apart from the per-op one."""
+    fixed = {"memset_gb_per_s": 10.0, "per_item_us": 0.0, "submit_us_by_kind": {}}
+    samples, counts = [], []
+    for i, (steps, ops, requests) in enumerate([(30, 70, 450), (60, 130, 1900), (400, 820, 1300),
+                                                 (800, 1700, 2500), (64, 200, 64)]):
+        c = _counts(steps, ops, 0, 0, requests=requests)
+        host = steps * 30e-6 + ops * 25e-6 + requests * 250e-6
+        samples.append(HostSample(f"p{i}", steps, ops, 0, host))
+        counts.append(c)
+    fit = fit_host_counted(samples, counts, fixed)
+    assert fit["terms_fitted"] == ["step", "submit", "request"]
+    assert (fit["step_us"], fit["submit_us"], fit["request_us"]) == \
+        (pytest.approx(30.0), pytest.approx(25.0), pytest.approx(250.0))
 
 
 def test_timed_page_costs_and_decisions_are_held_not_fitted():
