@@ -151,17 +151,19 @@ def build_profile_checked(name: str, m, source: str) -> tuple[Profile, dict]:
 
 
 def measure_driver_runs(backend_name: str, base_profile: str, progress=None,
-                        quick: bool = False) -> dict:
+                        quick: bool = False, repeats: int | None = None,
+                        pieces: str | None = None) -> dict:
     """Short pieces of every driver on the real backend (``calibrate_host.PIECES``; with
-    ``quick`` the smaller piece of each, once): the host samples and the op records, as
-    the plain data a measurements file keeps."""
+    ``quick`` the smaller piece of each, once; ``pieces`` "all" or "small" and
+    ``repeats`` say otherwise): the host samples and the op records, as the plain data a
+    measurements file keeps."""
     from .calibrate_host import PIECES, run_pieces
     from .telemetry import ops_table
-    pieces = PIECES[backend_name]
-    if quick:
-        pieces = [p for i, p in enumerate(pieces) if i == 0 or pieces[i - 1][0] != p[0]]
-    samples, records = run_pieces(backend_name, base_profile, progress, pieces,
-                                  repeats=1 if quick else 3)
+    chosen = PIECES[backend_name]
+    if (pieces or ("small" if quick else "all")) == "small":
+        chosen = [p for i, p in enumerate(chosen) if i == 0 or chosen[i - 1][0] != p[0]]
+    repeats = repeats or (1 if quick else 3)
+    samples, records = run_pieces(backend_name, base_profile, progress, chosen, repeats=repeats)
     # the L1 arena's page size (0: one allocation): the simulator replays the pieces with
     # it to count the page maps the host paid for
     page_bytes = next((s.vmm["page_bytes"] for s in samples if s.vmm), 0)

@@ -220,6 +220,12 @@ def validate(scenario, overrides, backend):
 @click.option("--name", help="Profile name scenarios refer to (default: the file's stem).")
 @click.option("--quick", is_flag=True, help="Smaller buffers and files, one short run per "
                                             "driver: about a quarter of the time.")
+@click.option("--repeats", type=click.IntRange(1, 20), default=None,
+              help="Runs of each driver piece (default 3; 1 with --quick): each run is one "
+                   "equation of the host fit.")
+@click.option("--pieces", type=click.Choice(["all", "small"]), default=None,
+              help="Which driver pieces run: all (two or more sizes of each driver; the "
+                   "default) or small (the smaller of each; the default with --quick).")
 @click.option("--disk-dir", "disk_dir", type=click.Path(file_okay=False, path_type=Path),
               help="A directory on the disk the L3 tier will use (default: the output's "
                    "directory); temporary files are written there and removed.")
@@ -228,7 +234,7 @@ def validate(scenario, overrides, backend):
 @click.option("--from-measurements", "from_json", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Fit a profile from a recorded .measurements.json instead of measuring.")
 @one_line_errors
-def calibrate(backend, output, name, quick, disk_dir, base, from_json):
+def calibrate(backend, output, name, quick, repeats, pieces, disk_dir, base, from_json):
     """Measure this GPU (link by transfer size, both directions, device copy, INT4 and
     attention kernels, GEMM, host overhead) and the local disk (sequential write and cold
     read), run short pieces of every scenario driver to fit the host's cost per step, op,
@@ -258,7 +264,7 @@ def calibrate(backend, output, name, quick, disk_dir, base, from_json):
         from .sim.profile import load_profile
         check_file(measurements, "-o")
         load_profile(base)  # a bad --base is refused before anything runs
-        raw = {"driver_runs": measure_driver_runs("cpu", base, progress, quick)}
+        raw = {"driver_runs": measure_driver_runs("cpu", base, progress, quick, repeats, pieces)}
     elif backend == "disk":
         raw = {"disk": _measure_disk(disk_dir, quick, progress)}
     else:
@@ -273,7 +279,8 @@ def calibrate(backend, output, name, quick, disk_dir, base, from_json):
         raw = measure_all(progress=progress, quick=quick)
         raw["disk"] = _measure_disk(disk_dir, quick, progress)
         from .calibrate import measure_driver_runs
-        raw["driver_runs"] = measure_driver_runs("cuda", base or "h200", progress, quick)
+        raw["driver_runs"] = measure_driver_runs("cuda", base or "h200", progress, quick,
+                                                 repeats, pieces)
     if not from_json:
         atomic_write(measurements, json.dumps(raw, indent=1, default=str))
     measured_on = None

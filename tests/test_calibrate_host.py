@@ -147,3 +147,22 @@ def test_every_cuda_piece_is_a_valid_scenario_on_the_simulator():
     for name, overrides, what in PIECES["cuda"]:
         sc = load_scenario(name, list(overrides) + ["profile=h200", "checks.data=false"])
         assert run_scenario(sc, "sim").result["metrics"]["run_time_s"] > 0, what
+
+
+def test_the_pieces_and_their_repeats_are_chosen_on_the_command_line(monkeypatch):
+    """--pieces and --repeats pick what run_pieces runs: every piece three times by
+    default, the smaller of each driver once with --quick, either way when told."""
+    from synapse import calibrate_host
+    from synapse.calibrate import measure_driver_runs
+    seen = []
+    monkeypatch.setattr(calibrate_host, "run_pieces",
+                        lambda backend, base, progress, pieces, repeats: seen.append(
+                            (len(pieces), repeats, {p[0] for p in pieces})) or ([], []))
+    every = calibrate_host.PIECES["cuda"]
+    drivers = {p[0] for p in every}
+    for kw, want in [({}, (len(every), 3)), ({"quick": True}, (len(drivers), 1)),
+                     ({"quick": True, "pieces": "all"}, (len(every), 1)),
+                     ({"pieces": "small", "repeats": 2}, (len(drivers), 2))]:
+        measure_driver_runs("cuda", "h200", None, **kw)
+        assert seen[-1][:2] == want, kw
+        assert seen[-1][2] == drivers  # every driver keeps a piece

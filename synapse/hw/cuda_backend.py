@@ -240,6 +240,13 @@ class _Ticket:
         self.future = None  # disk I/O: its worker's job (no CUDA events)
 
 
+# Copies of several rows as one cuMemcpyBatchAsync call where the driver has it (CUDA
+# 12.8+): a loop of driver calls between an op's start and end events made a many-row op
+# last as long as the host took to issue its rows (the H200's small ingests and fetches,
+# 2026-12-02), and cost the host a call per row. False: a driver call per row.
+BATCH_COPIES = True
+
+
 class CudaBackend(Backend):
     name = "cuda"
     moves_data = True
@@ -279,6 +286,10 @@ class CudaBackend(Backend):
             self._t0 = time.perf_counter()
             self._torch = None
             self.fail_next: dict[str, int] = {}  # fault injection for tests: op kind -> count
+            why = drv.batch_copy_unavailable() if BATCH_COPIES else "cuda_backend.BATCH_COPIES is off"
+            self._batched = why is None
+            self.copy_path = ("one cuMemcpyBatchAsync call per op" if why is None
+                              else f"a driver call per row ({why})")
         except Exception:
             self.close()
             raise
@@ -534,9 +545,10 @@ class CudaBackend(Backend):
             dev = self.staging.dev + off
             table = (off, dev, dev + p_ptr, dev + p_ptr + p_key, n, kd)
 
+        rows = self._rows(pairs, "h2d", s)
+
         def launch():
-            for d, h, nb in pairs:
-                drv.memcpy_htod_async(d, h, nb, s)
+            rows()
             if table is not None:
                 from . import kernels
                 off, ptrs, keys, ntok, n, kd = table
@@ -551,34 +563,42 @@ class CudaBackend(Backend):
                 drv.stream_wait_event(s, self._fill_events[1])
         return launch
 
+    def _rows(self, triples, direction: str, s: int):
+        """A callable queuing the copies ``(dst, src, nbytes)`` on stream ``s``: one
+        batched driver call for two or more where it can (``BATCH_COPIES``), else a call
+        per row."""
+        if self._batched and len(triples) > 1:
+            dsts, srcs, sizes = (list(col) for col in zip(*triples))
+            index = self.device_index
+            return lambda: drv.memcpy_batch_async(dsts, srcs, sizes, s, index, direction)
+        copy = {"h2d": drv.memcpy_htod_async, "d2h": drv.memcpy_dtoh_async,
+                "d2d": drv.memcpy_dtod_async}[direction]
+
+        def launch():
+            for d, so, n in triples:
+                copy(d, so, n, s)
+        return launch
+
     def _copy(self, op: Copy, s: int):
         src, dst = self._mem[op.src_space], self._mem[op.dst_space]
         triples = list(zip((dst.base + op.dst_offsets).tolist(),
                            (src.base + op.src_offsets).tolist(), op.sizes.tolist()))
         if op.direction in ("h2d", "d2h"):
-            copy = drv.memcpy_htod_async if op.direction == "h2d" else drv.memcpy_dtoh_async
-
-            def launch():
-                for d, so, n in triples:
-                    copy(d, so, n, s)
-            return launch
+            return self._rows(triples, op.direction, s)
         if op.direction != "d2d":
             raise KernelError(f"the cuda backend cannot copy {op.direction}")
         if not set(op.src_offsets.tolist()) & set(op.dst_offsets.tolist()):
-            def launch():
-                for d, so, n in triples:
-                    drv.memcpy_dtod_async(d, so, n, s)
-            return launch
+            return self._rows(triples, "d2d", s)
         # rows that take each other's places: gather every source first, then scatter
         total = int(op.sizes.sum())
         scratch = self._scratch(total)
         offs = np.concatenate([[0], np.cumsum(op.sizes)[:-1]]).tolist()
+        gather = self._rows([(scratch + o, so, n) for (_, so, n), o in zip(triples, offs)], "d2d", s)
+        scatter = self._rows([(d, scratch + o, n) for (d, _, n), o in zip(triples, offs)], "d2d", s)
 
         def launch():
-            for (_, so, n), o in zip(triples, offs):
-                drv.memcpy_dtod_async(scratch + o, so, n, s)
-            for (d, _, n), o in zip(triples, offs):
-                drv.memcpy_dtod_async(d, scratch + o, n, s)
+            gather()
+            scatter()
         return launch
 
     def _scratch(self, nbytes: int) -> int:
@@ -837,6 +857,7 @@ class CudaBackend(Backend):
 
     def environment(self) -> dict:
         env = {"device": str(self.device.name()), "l1_arena": self.l1_arena_kind,
+               "copies": self.copy_path,
                "compute_capability": "%d.%d" % self.device.compute_capability(),
                "driver": cuda.get_driver_version(),
                "cuda_runtime_headers": ".".join(map(str, cuda.get_version())),
