@@ -91,11 +91,12 @@ def view_cache(cfg, device, dtype, max_tokens: int):
 
 
 class Timed:
-    """Wraps a TieredCache's update and get_mask_sizes to sum the host time inside them."""
+    """Wraps a TieredCache's update and get_mask_sizes (or ``names``) to sum the host time
+    inside them."""
 
-    def __init__(self, cache):
+    def __init__(self, cache, names=("update", "get_mask_sizes")):
         self.cache, self.s = cache, 0.0
-        for name in ("update", "get_mask_sizes"):
+        for name in names:
             inner = getattr(cache, name)
             setattr(cache, name, self._wrap(inner))
 
