@@ -382,7 +382,9 @@ class TieredCache(BatchMode, CopiesAndCrops, HeldPass, Cache):
             return self.seen_tokens + query_length, 0
         if self.planner is not None and not self._begun:
             self._begin_step(query_length, lazy=True)
-        kept = self.kept_tokens()
+        st = self._step
+        # the step's layout counted them already (a held pass's has no such count)
+        kept = st["kept"] if st is not None and "kept" in st else self.kept_tokens()
         return kept + query_length, self.seen_tokens - kept
 
     def device_kv_bytes(self) -> int:
@@ -672,6 +674,8 @@ class TieredCache(BatchMode, CopiesAndCrops, HeldPass, Cache):
         else:
             for i in range(k):
                 dst[layer % 2][i].copy_(src[k * layer + i])
+            # copied already (no event to wait on): _l2_rows must not copy it again
+            st["l2_ready"][layer] = None
         self.read_h2d += nbytes
 
     def _l2_views(self) -> tuple:
@@ -767,7 +771,10 @@ class TieredCache(BatchMode, CopiesAndCrops, HeldPass, Cache):
         a = n - q
         cut = a - self.seen_tokens % bt       # where the tail block starts: a block boundary
         m = l2.num_live
+        # kept: the keys before this step's, = kept_tokens() (only the tail is partial, and
+        # it is in L1), without reading the page table again
         st = {"l1": self._l1_planes(), "new_at": a, "cut": cut, "l1_tokens": n, "l2_blocks": m,
+              "kept": n - q + m * bt,
               "l2_int4": self.demote == "l2_int4", "l2_ready": {}, "l2_done": set(),
               "copy_stream": None, "fused": False, "drv": None}
         if m:
