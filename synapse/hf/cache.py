@@ -460,8 +460,9 @@ class TieredCache(BatchMode, CopiesAndCrops, HeldPass, Cache):
         lazy = st.get("lazy")
         if lazy is not None:  # this layer's planes mapped as it comes (_begin_step)
             lazy.ensure((2 * layer_idx, 2 * layer_idx + 1))
-        new[2 * layer_idx].copy_(key_states)
-        new[2 * layer_idx + 1].copy_(value_states)
+        # one dispatch for both copies (each is still its own exact copy_ inside)
+        torch._foreach_copy_([new[2 * layer_idx], new[2 * layer_idx + 1]],
+                             [key_states, value_states])
         if st["l2_blocks"]:
             keys, values = self._read_through(layer_idx, st["l1"][2 * layer_idx],
                                               st["l1"][2 * layer_idx + 1], st["cut"],
