@@ -430,3 +430,30 @@ def test_the_read_through_on_driver_calls_and_reused_buffers_changes_no_bit():
     for x, y in zip(a.logits, b.logits):
         assert torch.equal(x, y)
     assert fast.decisions() == slow.decisions()
+
+
+@pytest.mark.parametrize("demote", ["int4", "l2"])
+def test_l2_views_kept_across_steps_change_no_bit(monkeypatch, demote):
+    """The read-through's views of L2 are kept while its block count stays (made again
+    when a demotion changes it): the logits, tokens and decisions of views made afresh
+    every step."""
+    m = tiny_model("llama", seed=6)
+    ids = prompt(48, seed=4)
+
+    def run():
+        cache = TieredCache(m.config, policy="h2o", l1_budget_tokens=32, demote=demote,
+                            block_tokens=8, model=m)
+        return cache, greedy(m, ids, cache, new=30, prefill_chunk_size=16)
+    kept, a = run()
+    orig = TieredCache._l2_views
+
+    def afresh(self):
+        self._l2_kept = None
+        return orig(self)
+    monkeypatch.setattr(TieredCache, "_l2_views", afresh)
+    fresh, b = run()
+    t = kept.telemetry()
+    assert t["l2_hits"] > 0 and t["demotions"] > 1  # read through, L2 grown on the way
+    assert torch.equal(a.sequences, b.sequences)
+    assert all(torch.equal(x, y) for x, y in zip(a.logits, b.logits))
+    assert kept.decisions() == fresh.decisions()
