@@ -8,13 +8,13 @@ on a model of its Qwen2 shape where the cache sees it (16 layers, 16 query heads
 heads of 128), narrow elsewhere (``--hidden``) so the CPU's model arithmetic stays small
 beside the cache's dispatch. The decode steps are fed as ``generate`` feeds them (the
 mask grows by one). Per step it sums the host time inside the cache's calls (``update``,
-``get_mask_sizes``, timed by wrapping them): median over the steps
-of each of ``--repeats`` runs, then the median of those; and, in one more run under
-torch.profiler, the top-level torch ops those calls dispatch (``cache_ops``) and all
-top-level ops of the step (``step_ops``, the model's included). Step wall times are
-printed too, with DynamicCache's for reference (``--with-dynamic``). On the CPU, so the
-figures are the cache's Python and dispatch (``--clock thread``, the default: this
-thread's CPU time, so other processes on a shared machine do not count), with a little CPU arithmetic (the INT4
+``get_mask_sizes``, timed by wrapping them): median over the steps of each of
+``--repeats`` runs, then the median of those; and, in one more run under torch.profiler,
+the top-level torch ops those calls dispatch (``cache_ops``) and all top-level ops of the
+step (``step_ops``, the model's included). Step wall times are printed too, with
+DynamicCache's for reference (``--with-dynamic``). On the CPU, so the figures are the
+cache's Python and dispatch (``--clock thread``, the default: this thread's CPU time, so
+other processes on a shared machine do not count), with a little CPU arithmetic (the INT4
 dequantization, the scores) that the GPU does not spend on the host; hence a short
 prompt by default (256 tokens): what is measured is dispatch, not arithmetic. The tokens
 of each cache are kept in the JSON (a change to the cache must leave them as they were).
