@@ -219,6 +219,27 @@ def test_device_kv_never_exceeds_the_budget(demote):
     assert cache.telemetry()["tokens"] == 64 + 40 - 1
 
 
+@pytest.mark.parametrize("policy,demote", [("h2o", "int4"), ("fifo", "l2"), ("sinks", "drop")])
+def test_the_mask_sizes_count_of_kept_keys_is_the_page_tables(policy, demote):
+    """``mask_sizes`` takes the keys kept before a step from the step's layout (L1's and
+    L2's slots); that is ``kept_tokens()``, the page table's count, at every step, with
+    blocks demoted, dropped and read through."""
+    m = tiny_model("llama", seed=2)
+    cache = TieredCache(m.config, policy=policy, l1_budget_tokens=48, demote=demote,
+                        block_tokens=8, model=m)
+    orig, seen = cache.mask_sizes, []
+
+    def spy(q):
+        out = orig(q)
+        if cache._step is not None:  # None: the first pass, before any block
+            seen.append((cache._step["kept"], cache.kept_tokens()))
+        return out
+    cache.mask_sizes = spy
+    greedy(m, prompt(64, seed=7), cache, new=30, prefill_chunk_size=16)
+    assert len(seen) == cache.step > 15 and all(a == b for a, b in seen), seen
+    assert cache.telemetry()["evictions"] > 0
+
+
 # -- H2O keeps a planted needle, LRU does not ------------------------------------------------
 def needle_run(policy):
     """The needle is planted in the weights (tests/hf_models.needle_model): ECHO queries
@@ -409,3 +430,30 @@ def test_the_read_through_on_driver_calls_and_reused_buffers_changes_no_bit():
     for x, y in zip(a.logits, b.logits):
         assert torch.equal(x, y)
     assert fast.decisions() == slow.decisions()
+
+
+@pytest.mark.parametrize("demote", ["int4", "l2"])
+def test_l2_views_kept_across_steps_change_no_bit(monkeypatch, demote):
+    """The read-through's views of L2 are kept while its block count stays (made again
+    when a demotion changes it): the logits, tokens and decisions of views made afresh
+    every step."""
+    m = tiny_model("llama", seed=6)
+    ids = prompt(48, seed=4)
+
+    def run():
+        cache = TieredCache(m.config, policy="h2o", l1_budget_tokens=32, demote=demote,
+                            block_tokens=8, model=m)
+        return cache, greedy(m, ids, cache, new=30, prefill_chunk_size=16)
+    kept, a = run()
+    orig = TieredCache._l2_views
+
+    def afresh(self):
+        self._l2_kept = None
+        return orig(self)
+    monkeypatch.setattr(TieredCache, "_l2_views", afresh)
+    fresh, b = run()
+    t = kept.telemetry()
+    assert t["l2_hits"] > 0 and t["demotions"] > 1  # read through, L2 grown on the way
+    assert torch.equal(a.sequences, b.sequences)
+    assert all(torch.equal(x, y) for x, y in zip(a.logits, b.logits))
+    assert kept.decisions() == fresh.decisions()

@@ -382,7 +382,9 @@ class TieredCache(BatchMode, CopiesAndCrops, HeldPass, Cache):
             return self.seen_tokens + query_length, 0
         if self.planner is not None and not self._begun:
             self._begin_step(query_length, lazy=True)
-        kept = self.kept_tokens()
+        st = self._step
+        # the step's layout counted them already (a held pass's has no such count)
+        kept = st["kept"] if st is not None and "kept" in st else self.kept_tokens()
         return kept + query_length, self.seen_tokens - kept
 
     def device_kv_bytes(self) -> int:
@@ -458,8 +460,9 @@ class TieredCache(BatchMode, CopiesAndCrops, HeldPass, Cache):
         lazy = st.get("lazy")
         if lazy is not None:  # this layer's planes mapped as it comes (_begin_step)
             lazy.ensure((2 * layer_idx, 2 * layer_idx + 1))
-        new[2 * layer_idx].copy_(key_states)
-        new[2 * layer_idx + 1].copy_(value_states)
+        # one dispatch for both copies (each is still its own exact copy_ inside)
+        torch._foreach_copy_([new[2 * layer_idx], new[2 * layer_idx + 1]],
+                             [key_states, value_states])
         if st["l2_blocks"]:
             keys, values = self._read_through(layer_idx, st["l1"][2 * layer_idx],
                                               st["l1"][2 * layer_idx + 1], st["cut"],
@@ -672,26 +675,40 @@ class TieredCache(BatchMode, CopiesAndCrops, HeldPass, Cache):
         else:
             for i in range(k):
                 dst[layer % 2][i].copy_(src[k * layer + i])
+            # copied already (no event to wait on): _l2_rows must not copy it again
+            st["l2_ready"][layer] = None
         self.read_h2d += nbytes
 
     def _l2_views(self) -> tuple:
         """This step's views for the L2 read-through: each plane's run of the L2 slots
         (``[blocks, bytes]``), the two device buffers cut into one destination per run of
         a layer, the two buffers' used parts (what ``_l2_rows`` returns) and the bytes a
-        layer copies; with driver calls, also their addresses."""
+        layer copies; with driver calls, also their addresses. Kept across steps while
+        the L2 count and the tensors under them stay (most steps: L2 changes only when a
+        block is demoted): some 40 views a step not made again."""
         st = self._step
         m, per = st["l2_blocks"], st["l2_plane_bytes"]
         mem = self._backend.space("l2")
+        slot_bytes = self.stack.manager.spaces.l2.slot_bytes
+        key = (m, per, slot_bytes, st["drv"] is not None)
+        got = getattr(self, "_l2_kept", None)
+        if got is not None and got[0] == key and got[1] is mem.t and got[2] is st["l2_buf"]:
+            st["l2_views"], ptrs = got[3]
+            if ptrs is not None:
+                st["l2_ptrs"] = ptrs
+            return st["l2_views"]
         k = mem.planes_per_layer
-        src = mem.slots(self.stack.manager.spaces.l2.slot_bytes)[:, :m]  # [runs, m, run]
+        src = mem.slots(slot_bytes)[:, :m]  # [runs, m, run]
         run = src.shape[-1]  # a run's bytes per block: a K or V plane's, or an INT4 layer row
         used = [b[: 2 * m * per] for b in st["l2_buf"].unbind(0)]
         dst = [u[: k * m * run].view(k, m, run).unbind(0) for u in used]
         src = src.unbind(0)
         st["l2_views"] = views = (src, dst, used, k * m * run)
+        ptrs = None
         if st["drv"] is not None:
-            st["l2_ptrs"] = (([x.data_ptr() for x in src], [[x.data_ptr() for x in d] for d in dst]),
-                             m * run)
+            st["l2_ptrs"] = ptrs = (([x.data_ptr() for x in src],
+                                     [[x.data_ptr() for x in d] for d in dst]), m * run)
+        self._l2_kept = (key, mem.t, st["l2_buf"], (views, ptrs))
         return views
 
     def _l2_rows(self, layer: int) -> torch.Tensor:
@@ -767,7 +784,10 @@ class TieredCache(BatchMode, CopiesAndCrops, HeldPass, Cache):
         a = n - q
         cut = a - self.seen_tokens % bt       # where the tail block starts: a block boundary
         m = l2.num_live
+        # kept: the keys before this step's, = kept_tokens() (only the tail is partial, and
+        # it is in L1), without reading the page table again
         st = {"l1": self._l1_planes(), "new_at": a, "cut": cut, "l1_tokens": n, "l2_blocks": m,
+              "kept": n - q + m * bt,
               "l2_int4": self.demote == "l2_int4", "l2_ready": {}, "l2_done": set(),
               "copy_stream": None, "fused": False, "drv": None}
         if m:

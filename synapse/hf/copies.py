@@ -10,7 +10,7 @@ from .errors import UnsupportedModel
 
 # not copied by copy.deepcopy: hooks, the model, streams and buffers made again on demand
 _NOT_COPIED = ("tap", "_model", "_hooks", "_attn_hooks", "_cs", "_l2_free", "_l2_buf",
-               "_monitor_probe", "_typed", "_l1_source", "_drv", "_asm_buf")
+               "_monitor_probe", "_typed", "_l1_source", "_drv", "_asm_buf", "_l2_kept")
 # a step's views of the L1 planes: made again by the next step (a batch's are views of
 # the batch's shared tensor, which a copy of one sequence must not take along)
 _STEP_NOT_COPIED = ("copy_stream", "l2_buf", "l2_views", "l2_ready", "l1", "new", "out", "drv",

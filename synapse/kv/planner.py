@@ -32,7 +32,6 @@ from ..blocks import BlockSpec, Fmt, State, Tier
 from ..errors import CapacityError
 from ..manager import TierManager
 
-_L1, _L2, _NONE = int(Tier.L1), int(Tier.L2), int(Tier.NONE)
 _LIVE = int(State.LIVE)
 
 
@@ -76,14 +75,18 @@ class SequencePlanner:
 
     # -- 1. reads -----------------------------------------------------------------------
     def begin(self, t: int) -> None:
-        tiers = self.mgr.tiers(np.arange(len(self.mgr.table)))
-        self.mgr.record_reads(l1=int((tiers == _L1).sum()), l2=int((tiers == _L2).sum()),
-                              misses=int((tiers == _NONE).sum()))
+        # counted from the page table's id lists (kept until a tier changes: most steps
+        # none does); a block in neither tier is in none (Tier has no fourth value)
+        table = self.mgr.table
+        l1, l2 = len(table.ids_in(Tier.L1)), len(table.ids_in(Tier.L2))
+        self.mgr.record_reads(l1=l1, l2=l2, misses=len(table) - l1 - l2)
 
     # -- 2. admission -------------------------------------------------------------------
     def step_blocks(self, q: int) -> int:
-        """L1 blocks a forward pass of ``q`` new tokens needs at once (new + the tail)."""
-        return len(self.new_positions(q)) + (1 if self.tail is not None else 0)
+        """L1 blocks a forward pass of ``q`` new tokens needs at once (new + the tail):
+        ``len(new_positions(q))`` by integer arithmetic (checked twice a step)."""
+        new = -(-(self.tokens + q) // self.bt) + (self.tokens // -self.bt)
+        return new + (1 if self.tail is not None else 0)
 
     def check_step(self, q: int) -> None:
         """CapacityError (before anything moves) when a step's new blocks cannot fit."""
