@@ -92,7 +92,7 @@ if has scenarios; then
       --out "$OUT/compare-$s" 2>&1 | tee "$OUT/logs/compare-$s.log" | tail -30
   done
   # each host model fitted on the calibration pieces only, against these full runs (CPU)
-  if [ -f "profiles/$PROFILE.measurements.json" ]; then
+  if [ -f "profiles/$PROFILE.measurements.json" ] && [ "${SIM_HOST_MODEL:-1}" = 1 ]; then  # 0: run it on the CPU later
     python3 benchmarks/sim_host_model.py --measurements "profiles/$PROFILE.measurements.json" \
       --runs "$OUT" --out "$OUT/sim_host_model.json" 2>&1 | tee "$OUT/logs/sim_host_model.log" | tail -24
   fi
