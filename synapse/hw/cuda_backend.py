@@ -567,17 +567,26 @@ class CudaBackend(Backend):
         """A callable queuing the copies ``(dst, src, nbytes)`` on stream ``s``: one
         batched driver call for two or more where it can (``BATCH_COPIES``), else a call
         per row."""
-        if self._batched and len(triples) > 1:
-            dsts, srcs, sizes = (list(col) for col in zip(*triples))
-            index = self.device_index
-            return lambda: drv.memcpy_batch_async(dsts, srcs, sizes, s, index, direction)
         copy = {"h2d": drv.memcpy_htod_async, "d2h": drv.memcpy_dtoh_async,
                 "d2d": drv.memcpy_dtod_async}[direction]
 
         def launch():
             for d, so, n in triples:
                 copy(d, so, n, s)
-        return launch
+        if not (self._batched and len(triples) > 1):
+            return launch
+        dsts, srcs, sizes = (list(col) for col in zip(*triples))
+
+        def batched():
+            if self._batched:
+                try:
+                    drv.memcpy_batch_async(dsts, srcs, sizes, s, self.device_index, direction)
+                    return
+                except KernelError as e:  # the loop does the same work; the run says why
+                    self._batched = False
+                    self.copy_path = f"a driver call per row (after {e})"
+            launch()
+        return batched
 
     def _copy(self, op: Copy, s: int):
         src, dst = self._mem[op.src_space], self._mem[op.dst_space]
