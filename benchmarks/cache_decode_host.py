@@ -140,6 +140,11 @@ def main(argv=None) -> int:
                          "machine's other processes) or wall time")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
+    small = [f"--{k.replace('_', '-')} {v}" for k, v in (("prompt_tokens", a.prompt_tokens),
+             ("steps", a.steps), ("repeats", a.repeats), ("layers", a.layers),
+             ("hidden", a.hidden)) if v < 1]
+    if small:
+        ap.error(f"{', '.join(small)}: each must be 1 or more")
     import torch
     from hf_caches import build_model, cache_specs, make_prompt
     device = torch.device("cpu")
@@ -148,6 +153,10 @@ def main(argv=None) -> int:
     ids = make_prompt(cfg, a.prompt_tokens, device)
     specs = cache_specs(cfg, device, a.prompt_tokens + a.steps + 2, prompt=a.prompt_tokens)
     names = [n for n in a.caches.split(",") if n] + (["dynamic"] if a.with_dynamic else [])
+    unknown = [n for n in names if n not in specs]
+    if unknown or not names:
+        ap.error(f"--caches: unknown {', '.join(unknown) or 'empty list'}; expected some of "
+                 f"{', '.join(s for s in specs if s.startswith('tiered'))}")
     res = {"benchmark": "cache_decode_host", "config": vars(a) | {"out": None},
            "torch_threads": torch.get_num_threads(), "caches": {}}
     with torch.no_grad():

@@ -4,7 +4,7 @@ The same seam as the simulator and the cuda backend: the tier manager plans move
 mover turns them into ``Copy`` / ``Quantize`` / ``Dequantize`` / ``Zero`` ops with columns
 of offsets, and this backend carries each op out in a handful of torch calls, whatever
 the number of blocks (gather, one copy, scatter), on the current torch stream. On CUDA
-with fp16 and PyCUDA, a ``Quantize`` of per-token keys on torch's default stream is one
+with fp16 and PyCUDA, a ``Quantize`` on torch's default stream is one
 fused kernel (``kv_quantize_layer_rows_int4`` in cuda/int4.cu: the layer rows of every
 layer's blocks and their squared error) instead of about 140 aten ops per 16 MiB of
 blocks, for either key format (``FUSED_CHANNEL_KEYS`` holds per-channel keys back).
